@@ -1,0 +1,213 @@
+"""Adapter-only checkpoints: the LoRA factors plus a JSON of metadata.
+
+Layout on disk::
+
+    directory/
+      lora_jax.json   # format, library version, config, and per adapter: path,
+                      # layout, scale, rank, kernel shape, factor shapes/dtypes
+      arrays/         # an orbax-checkpoint PyTree of {path...: {"a", "b"}}
+
+The JSON alone describes the adapter, so :func:`load` needs neither the base
+model nor the config. To checkpoint a training loop (delta *and* optimiser
+state, every N steps, keep the last K), use orbax's ``CheckpointManager``
+directly; see :func:`checkpoint_manager` and the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lora_jax.config import LoraConfig
+from lora_jax.delta import LoraDelta, deltas_by_path
+from lora_jax.layouts import Layout
+
+FORMAT = "lora_jax.adapter"
+FORMAT_VERSION = 1
+META_FILE = "lora_jax.json"
+ARRAYS_DIR = "arrays"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, incomplete, corrupt or does not match."""
+
+
+def _version() -> str:
+  from lora_jax import __version__  # pylint: disable=import-outside-toplevel
+  return __version__
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+  """``{"a/b/c": x}`` -> ``{"a": {"b": {"c": x}}}``."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    *parents, last = path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return out
+
+
+def _dtype_name(x) -> str:
+  return np.dtype(x.dtype).name
+
+
+def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
+  """The JSON-able description of a delta that :func:`save` writes."""
+  adapters = {}
+  for path, d in deltas_by_path(delta).items():
+    adapters[path] = {
+        "rank": int(d.rank), "scale": float(d.scale),
+        "layout": d.layout.to_json(),
+        "kernel_shape": list(d.kernel_shape),
+        "a": {"shape": list(d.a.shape), "dtype": _dtype_name(d.a)},
+        "b": {"shape": list(d.b.shape), "dtype": _dtype_name(d.b)},
+    }
+  return {"format": FORMAT, "format_version": FORMAT_VERSION,
+          "library_version": _version(),
+          "config": None if config is None else config.to_json(),
+          "adapters": adapters}
+
+
+def save(directory: str | os.PathLike, delta: Any,
+         config: LoraConfig | None = None, *, overwrite: bool = False) -> str:
+  """Saves the adapters of ``delta`` (not the base) to ``directory``.
+
+  Refuses to replace an existing directory unless ``overwrite=True``; even
+  then the old checkpoint is removed only after the new one is complete.
+  Returns the absolute path written.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
+  >>> cfg = lj.LoraConfig(rank=2)
+  >>> base, delta = lj.split({"w": {"kernel": jnp.ones((4, 4))}}, cfg,
+  ...                        jax.random.key(0))
+  >>> path = lj.save(os.path.join(tempfile.mkdtemp(), "adapter"), delta, cfg)
+  >>> restored = lj.load(path)
+  >>> bool((restored["w"]["kernel"].a == delta["w"]["kernel"].a).all())
+  True
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  deltas = deltas_by_path(delta)
+  if not deltas:
+    raise ValueError("lora_jax.save: the delta holds no LoraDelta to save.")
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(
+        f"lora_jax.save: {directory} already exists; pass overwrite=True to "
+        f"replace it (the old checkpoint is kept until the new one is "
+        f"complete).")
+  meta = metadata(delta, config)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".lora_jax-", dir=parent)
+  try:
+    arrays = _nest({p: {"a": d.a, "b": d.b} for p, d in deltas.items()})
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(staging, ARRAYS_DIR), arrays)
+      ckptr.wait_until_finished()
+    with open(os.path.join(staging, META_FILE), "w") as f:
+      json.dump(meta, f, indent=1)
+    if os.path.exists(directory):
+      old = staging + ".old"
+      os.rename(directory, old)
+      os.rename(staging, directory)
+      shutil.rmtree(old)
+    else:
+      os.rename(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return directory
+
+
+def load_metadata(directory: str | os.PathLike) -> dict:
+  """The metadata JSON of an adapter checkpoint, validated."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"lora_jax.load: no checkpoint at {directory}.")
+  meta_path = os.path.join(directory, META_FILE)
+  if not os.path.exists(meta_path):
+    raise CheckpointError(
+        f"lora_jax.load: {directory} has no {META_FILE}: it is not a lora_jax "
+        f"adapter checkpoint, or its save did not complete.")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(
+        f"lora_jax.load: {meta_path} is corrupt ({e}).") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(
+        f"lora_jax.load: {meta_path} is not a lora_jax adapter description.")
+  if meta.get("format_version", 0) > FORMAT_VERSION:
+    raise CheckpointError(
+        f"lora_jax.load: {directory} was written in format version "
+        f"{meta['format_version']} by lora_jax {meta.get('library_version')}; "
+        f"this lora_jax reads up to version {FORMAT_VERSION}. Upgrade lora_jax.")
+  return meta
+
+
+def load(directory: str | os.PathLike) -> dict:
+  """Restores a delta saved by :func:`save`; needs no base and no config.
+
+  Returns a nested dict mirroring the adapted leaves' paths with a
+  :class:`LoraDelta` at each (other leaves are absent, which
+  :func:`lora_jax.merge` and :func:`lora_jax.wrap` accept since they match
+  adapters to the base by path).
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  meta = load_metadata(directory)
+  try:
+    adapters = {
+        path: (info, Layout.from_json(info["layout"]))
+        for path, info in meta["adapters"].items()}
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(
+        f"lora_jax.load: the adapter list in {META_FILE} is corrupt ({e!r}).") from None
+  target = _nest({
+      path: {k: jax.ShapeDtypeStruct(tuple(info[k]["shape"]),
+                                     np.dtype(info[k]["dtype"]))
+             for k in ("a", "b")}
+      for path, (info, _) in adapters.items()})
+  arrays_dir = os.path.join(directory, ARRAYS_DIR)
+  if not os.path.isdir(arrays_dir):
+    raise CheckpointError(
+        f"lora_jax.load: {directory} has no {ARRAYS_DIR}/ directory: the "
+        f"checkpoint is incomplete.")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(arrays_dir, target)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"lora_jax.load: cannot read the factors in {arrays_dir}: the "
+        f"checkpoint is truncated, corrupt or does not match {META_FILE} "
+        f"({type(e).__name__}: {str(e)[:500]}).") from e
+  flat = {}
+  for path, (info, layout) in adapters.items():
+    node = restored
+    for part in path.split("/"):
+      node = node[part]
+    flat[path] = LoraDelta(node["a"], node["b"], scale=float(info["scale"]),
+                           layout=layout)
+  return _nest(flat)
+
+
+def checkpoint_manager(directory: str | os.PathLike, every: int = 1,
+                       keep: int | None = None) -> ocp.CheckpointManager:
+  """An orbax ``CheckpointManager`` saving every ``every`` steps, keeping the
+  last ``keep``. Save a training state (delta and optimiser state) with
+  ``mngr.save(step, args=ocp.args.StandardSave(state))`` and resume with
+  ``mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(
+  jax.eval_shape(lambda: state)))``; the restored state is bit-identical.
+  """
+  options = ocp.CheckpointManagerOptions(save_interval_steps=every,
+                                         max_to_keep=keep)
+  return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
+                               options=options)

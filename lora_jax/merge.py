@@ -1,0 +1,86 @@
+"""merge / unmerge: fold adapters into kernels for zero-overhead inference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.delta import LoraDelta, deltas_by_path, delta_weight
+from lora_jax.paths import map_with_paths, preview
+
+
+def _combine(path: str, w: Any, d: LoraDelta, sign: float) -> jax.Array:
+  shape = tuple(getattr(w, "shape", ()))
+  try:
+    want = d.kernel_shape
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"The adapter at {path!r} is malformed: {e}") from None
+  if shape != tuple(want):
+    raise ValueError(
+        f"Adapter/base mismatch at {path!r}: the adapter updates a kernel of "
+        f"shape {tuple(want)} (a {tuple(d.a.shape)}, b {tuple(d.b.shape)}), "
+        f"the base leaf has shape {shape}. Was the adapter trained on another "
+        f"model or config?")
+  # Add in the wider of the two dtypes, then round once into the base dtype.
+  dtype = jnp.result_type(w.dtype, d.a.dtype, d.b.dtype)
+  out = (w.astype(dtype) + sign * delta_weight(d, dtype)).astype(w.dtype)
+  sharding = getattr(w, "sharding", None)
+  if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer) and (
+      sharding is not None and out.sharding != sharding):
+    out = jax.device_put(out, sharding)
+  return out
+
+
+def _apply(params: Any, delta: Any, sign: float, what: str) -> Any:
+  deltas = deltas_by_path(delta)
+  seen = set()
+
+  def fn(path, w):
+    d = deltas.get(path)
+    if d is None:
+      return w
+    seen.add(path)
+    return _combine(path, w, d, sign)
+  out = map_with_paths(fn, params)
+  missing = [p for p in deltas if p not in seen]
+  if missing:
+    raise ValueError(
+        f"{what}: the delta has adapters at {preview(missing)} but the base "
+        f"has no leaf at those paths. Is this the adapter of another model?")
+  return out
+
+
+def merge(base: Any, delta: Any) -> Any:
+  """``base`` with ``W0 + scale * a @ b`` at every adapted kernel.
+
+  The result has the structure, dtypes and (for concrete arrays) shardings of
+  ``base``; the update is added in the factors' precision and rounded once.
+  Adapters are matched to base leaves by path, so a delta loaded with
+  :func:`lora_jax.load` merges into the model it was trained on.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> base = {"kernel": jnp.zeros((3, 2))}
+  >>> d = lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)), scale=2.0,
+  ...                  layout=lj.Layout.dense())
+  >>> lj.merge(base, {"kernel": d})["kernel"]
+  Array([[2., 2.],
+         [2., 2.],
+         [2., 2.]], dtype=float32)
+  """
+  return _apply(base, delta, 1.0, "merge")
+
+
+def unmerge(params: Any, delta: Any) -> Any:
+  """Inverse of :func:`merge`: subtracts ``scale * a @ b`` again.
+
+  Exact up to float rounding (two roundings into the base dtype).
+
+  >>> import jax.numpy as jnp, lora_jax as lj
+  >>> d = {"kernel": lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)))}
+  >>> base = {"kernel": jnp.zeros((3, 2))}
+  >>> float(abs(lj.unmerge(lj.merge(base, d), d)["kernel"]).max())
+  0.0
+  """
+  return _apply(params, delta, -1.0, "unmerge")

@@ -1,0 +1,84 @@
+"""summary / describe: what a user prints to see what LoRA did to a model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+
+from lora_jax.delta import deltas_by_path
+from lora_jax.paths import leaves_with_paths
+
+
+def _size(x: Any) -> int:
+  return math.prod(getattr(x, "shape", ()))
+
+
+def _nbytes(x: Any) -> int:
+  return _size(x) * getattr(getattr(x, "dtype", None), "itemsize", 0)
+
+
+def describe(delta: Any) -> str:
+  """One line per adapter: path, kernel shape, rank, scale, factor shapes.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> _, delta = lj.split({"fc": {"kernel": jnp.ones((8, 4))}},
+  ...                     lj.LoraConfig(rank=2), jax.random.key(0))
+  >>> print(lj.describe(delta))
+  fc/kernel  kernel (8, 4)  rank 2  scale 8  a f32[8,2]  b f32[2,4]
+  """
+  rows = []
+  for path, d in deltas_by_path(delta).items():
+    r = repr(d)
+    a_desc = r[r.index("a="):r.index(", b=")][2:]
+    b_desc = r[r.index("b="):r.index(", scale=")][2:]
+    rows.append((path, f"kernel {d.kernel_shape}", f"rank {d.rank}",
+                 f"scale {d.scale:g}", f"a {a_desc}", f"b {b_desc}"))
+  return _table(rows, header=None)
+
+
+def _table(rows, header) -> str:
+  all_rows = ([header] if header else []) + rows
+  if not all_rows:
+    return ""
+  widths = [max(len(str(r[i])) for r in all_rows) for i in range(len(all_rows[0]))]
+  lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+           for r in all_rows]
+  if header:
+    lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def summary(base: Any, delta: Any, trainable: Any = None) -> str:
+  """Trainable vs total parameter counts and a per-adapter table.
+
+  ``trainable`` (as in :func:`lora_jax.optimizer`) counts base leaves that are
+  trained alongside the adapters.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> params = {"fc": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+  >>> base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(0))
+  >>> print(lj.summary(base, delta).splitlines()[0])
+  trainable 24 / total 60 parameters (40.00%); frozen base 36, adapters 24
+  """
+  from lora_jax.config import selects  # pylint: disable=import-outside-toplevel
+  base_leaves = leaves_with_paths(base)
+  base_params = sum(_size(x) for _, x in base_leaves)
+  extra = sum(_size(x) for p, x in base_leaves if selects(trainable, p, x))
+  deltas = deltas_by_path(delta)
+  lora_params = sum(d.num_params for d in deltas.values())
+  trainable_n = lora_params + extra
+  total = base_params + lora_params
+  pct = 100.0 * trainable_n / total if total else 0.0
+  head = (f"trainable {trainable_n:,} / total {total:,} parameters "
+          f"({pct:.2f}%); frozen base {base_params - extra:,}, adapters "
+          f"{lora_params:,}")
+  if extra:
+    head += f", trained base leaves {extra:,}"
+  lora_bytes = sum(_nbytes(l) for l in jax.tree.leaves(delta))
+  head += f"\nadapter size {lora_bytes / 1024:,.1f} KiB in memory"
+  rows = [(p, str(d.kernel_shape), str(d.rank), f"{d.scale:g}",
+           f"{d.num_params:,}") for p, d in deltas.items()]
+  table = _table(rows, header=("path", "kernel", "rank", "scale", "params"))
+  return f"{head}\n{table}"
