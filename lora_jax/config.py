@@ -7,6 +7,7 @@ import math
 import re
 from typing import Any, Callable, Mapping, Sequence, Union
 
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.layouts import Layout
@@ -126,7 +127,7 @@ class LoraConfig:
                        f"got {self.init!r}.")
     if self.dtype is not None:
       dt = np.dtype(self.dtype)
-      if not np.issubdtype(dt, np.floating):
+      if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(
             f"LoraConfig.dtype must be a floating dtype, got {dt}.")
       set_("dtype", dt)

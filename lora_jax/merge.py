@@ -26,10 +26,12 @@ def _combine(path: str, w: Any, d: LoraDelta, sign: float) -> jax.Array:
   # Add in the wider of the two dtypes, then round once into the base dtype.
   dtype = jnp.result_type(w.dtype, d.a.dtype, d.b.dtype)
   out = (w.astype(dtype) + sign * delta_weight(d, dtype)).astype(w.dtype)
-  sharding = getattr(w, "sharding", None)
-  if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer) and (
-      sharding is not None and out.sharding != sharding):
-    out = jax.device_put(out, sharding)
+  # Eagerly computed results keep the base kernel's placement (under jit the
+  # compiler propagates it).
+  concrete = lambda x: isinstance(x, jax.Array) and not isinstance(
+      x, jax.core.Tracer)
+  if concrete(w) and concrete(out) and out.sharding != w.sharding:
+    out = jax.device_put(out, w.sharding)
   return out
 
 

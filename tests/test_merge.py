@@ -1,0 +1,75 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from cases import CASES
+from helpers import numpy_delta_weight, randomize
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_merge_equals_numpy_and_unmerge_inverts(name):
+  case = CASES[name]
+  base, delta = case.split(rank=2)
+  delta = randomize(delta)
+  merged = jax.jit(lj.merge)(base, delta)
+  deltas = lj.delta.deltas_by_path(delta)
+  flat_base = dict(lj.paths.leaves_with_paths(base))
+  for path, w in lj.paths.leaves_with_paths(merged):
+    w0 = np.asarray(flat_base[path], np.float64)
+    if path in deltas:
+      want = w0 + numpy_delta_weight(deltas[path])
+      np.testing.assert_allclose(np.asarray(w), want, rtol=1e-5, atol=1e-6)
+      assert not np.allclose(np.asarray(w), w0)  # the update is visible
+    else:
+      np.testing.assert_array_equal(np.asarray(w), w0)  # untouched leaves
+  restored = lj.unmerge(merged, delta)
+  for (p, x), (_, y) in zip(lj.paths.leaves_with_paths(restored),
+                            lj.paths.leaves_with_paths(base)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6,
+                               err_msg=p)
+
+
+def test_delta_weight_method_matches_numpy():
+  a = jax.random.normal(jax.random.key(0), (3, 5, 2))
+  b = jax.random.normal(jax.random.key(1), (3, 2, 4))
+  d = lj.LoraDelta(a, b, scale=0.5, layout=lj.Layout((0,), (1,), (2,)))
+  np.testing.assert_allclose(np.asarray(d.weight()), numpy_delta_weight(d),
+                             rtol=1e-5, atol=1e-6)
+  # a hand computation: layer 1, row 2, column 3
+  want = 0.5 * sum(float(a[1, 2, r]) * float(b[1, r, 3]) for r in range(2))
+  assert abs(float(d.weight()[1, 2, 3]) - want) < 1e-5
+
+
+def test_merge_keeps_base_dtype_and_rounds_once():
+  w = jax.random.normal(jax.random.key(0), (16, 16)).astype(jnp.bfloat16)
+  base, delta = lj.split({"k": w}, lj.LoraConfig(rank=4, targets="k"),
+                         jax.random.key(1))
+  delta = randomize(delta)
+  merged = lj.merge(base, delta)["k"]
+  assert merged.dtype == jnp.bfloat16
+  exact = np.asarray(w, np.float64) + numpy_delta_weight(delta["k"])
+  np.testing.assert_array_equal(
+      np.asarray(merged, np.float32),
+      np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16),
+                 np.float32))
+
+
+def test_merge_keeps_sharding():
+  w = jax.device_put(jnp.ones((8, 8)), jax.devices()[0])
+  base, delta = lj.split({"k": w}, lj.LoraConfig(rank=2, targets="k"),
+                         jax.random.key(1))
+  assert lj.merge(base, randomize(delta))["k"].sharding == w.sharding
+
+
+def test_mismatched_base_names_leaf():
+  _, delta = lj.split({"fc": {"kernel": jnp.ones((8, 4))}},
+                      lj.LoraConfig(rank=2), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"mismatch at 'fc/kernel'.*\(8, 4\).*\(8, 5\)"):
+    lj.merge({"fc": {"kernel": jnp.ones((8, 5))}}, delta)
+  with pytest.raises(ValueError, match=r"adapters at \['fc/kernel'\] but the base has no leaf"):
+    lj.merge({"other": {"kernel": jnp.ones((8, 4))}}, delta)
+  with pytest.raises(ValueError, match="mismatch at 'fc/kernel'"):
+    lj.wrap(lambda p, x: x @ p["fc"]["kernel"])(
+        {"fc": {"kernel": jnp.ones((8, 5))}}, delta, jnp.ones(8))
