@@ -17,12 +17,14 @@ from lora_jax.merge import merge, unmerge
 from lora_jax.optim import optimizer
 from lora_jax.split import split
 from lora_jax.summary import describe, summary
-from lora_jax.wrap import wrap
+from lora_jax.wrap import explain, wrap
+from lora_jax.factored import FallbackError, Report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALL_LINEAR", "CheckpointError", "Layout", "LoraConfig", "LoraDelta",
     "checkpoint_manager", "delta_weight", "describe", "load", "load_metadata",
-    "merge", "optimizer", "save", "split", "summary", "unmerge", "wrap",
+    "explain", "merge", "optimizer", "save", "split", "summary", "unmerge",
+    "wrap", "FallbackError", "Report",
 ]

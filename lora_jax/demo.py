@@ -1,4 +1,4 @@
-"""The lora_jax demo: pretrain a tiny transformer, then teach it a new task with LoRA.
+"""The demo: pretrain a tiny transformer, then teach it a new task with LoRA.
 
 A two-block decoder-only transformer (Flax Linen) learns to *copy* a sequence
 of digits (task 1, all parameters trained), then learns to *reverse* it (task
@@ -9,8 +9,8 @@ then it reloads the adapter, merges it into the base and checks that the
 merged model predicts exactly what the wrapped one does.
 
 Run it with ``python -m lora_jax demo`` (or ``lora-jax-demo``); ``--help``
-lists the flags. Everything is generated locally and runs on CPU in about a
-minute.
+lists the flags. The data is generated locally; with the default flags it
+runs in under a minute on two CPU cores.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class Progress:
     self.tty = self.stream.isatty()
     self.every = max(1, total // 10)
     self.start = self.last = None
+    self.drawn = 0  # length of the line on screen, to blank a longer one
 
   def update(self, step: int, loss: Callable[[], float]):
     """Reports ``step`` (1-based); ``loss`` is called only when drawing."""
@@ -140,7 +141,9 @@ class Progress:
     line = (f"{self.desc} [{bar:<{width}}] {step}/{self.total} "
             f"loss {loss():.4f} {rate:.1f} it/s")
     if self.tty:
-      self.stream.write("\r" + line + ("\n" if done else ""))
+      pad = " " * max(0, self.drawn - len(line))
+      self.drawn = len(line)
+      self.stream.write("\r" + line + pad + ("\n" if done else ""))
     else:
       self.stream.write(line + "\n")
     self.stream.flush()
@@ -174,6 +177,12 @@ def dir_bytes(path: str) -> int:
              for root, _, files in os.walk(path) for f in files)
 
 
+def same_bits(a, b) -> bool:
+  """Whether two arrays have the same shape, dtype and bytes."""
+  a, b = np.asarray(a), np.asarray(b)
+  return (a.shape, a.dtype, a.tobytes()) == (b.shape, b.dtype, b.tobytes())
+
+
 def flat_arrays(tree) -> dict[str, Any]:
   """``{key path: array}`` for the array leaves of ``tree`` (None dropped)."""
   return {jax.tree_util.keystr(k): x
@@ -189,20 +198,24 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
           "to reverse them with LoRA (base frozen). Prints accuracy before "
           "and after, trainable share, step times and adapter size, and "
           "checks that the reloaded, merged adapter predicts like the "
-          "wrapped one. Exits 1 if that check fails."),
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+          "wrapped one. Exits 1 if that check fails."))
   p.add_argument("--steps-pretrain", type=int, default=400, metavar="N",
-                 help="full-training steps on task 1 (copy)")
+                 help="full-training steps on task 1, copy (%(default)s)")
   p.add_argument("--steps-lora", type=int, default=300, metavar="N",
-                 help="LoRA steps on task 2 (reverse)")
-  p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
+                 help="LoRA steps on task 2, reverse (%(default)s)")
+  p.add_argument("--rank", type=int, default=4,
+                 help="LoRA rank r (%(default)s)")
   p.add_argument("--alpha", type=float, default=8.0,
-                 help="LoRA alpha; the update is scaled by alpha / r")
-  p.add_argument("--batch", type=int, default=64, help="sequences per step")
+                 help="LoRA alpha; updates are scaled by alpha / r "
+                 "(%(default)s)")
+  p.add_argument("--batch", type=int, default=64,
+                 help="sequences per step (%(default)s)")
   p.add_argument("--out", default="demo_out", metavar="DIR",
-                 help="where the adapter is saved (DIR/adapter, replaced)")
+                 help="the adapter is saved to DIR/adapter, replacing it "
+                 "(%(default)s)")
   p.add_argument("--seed", type=int, default=0,
-                 help="seeds init and training data; held-out data uses seed+1")
+                 help="seed of init and training data; the held-out sets use "
+                 "seed + 1 (%(default)s)")
   p.add_argument("--quiet", action="store_true",
                  help="print nothing (no report, no progress bar)")
   args = p.parse_args(argv)
@@ -218,7 +231,8 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   :func:`cli`, which prints and turns the result into an exit status.
   """
   args = parse_args(argv, prog)
-  say = (lambda *a: None) if args.quiet else functools.partial(print, flush=True)
+  say = ((lambda *a: None) if args.quiet
+         else functools.partial(print, flush=True))
   train_rng = np.random.default_rng(args.seed)
   test_rng = np.random.default_rng(args.seed + 1)
   test = {t: make_batch(t, test_rng, 1000) for t in TASKS}
@@ -274,7 +288,8 @@ def main(argv=None, prog=None) -> dict[str, Any]:
     updates, opt_state = lora_tx.update(g, opt_state, delta)
     return optax.apply_updates(delta, updates), opt_state, loss
 
-  lora_evaluate = jax.jit(lambda b, d, x, y: loss_and_accuracy(apply(b, d, x), y))
+  lora_evaluate = jax.jit(
+      lambda b, d, x, y: loss_and_accuracy(apply(b, d, x), y))
   bar = Progress(args.steps_lora, "lora    ", not args.quiet)
   (delta, _), lora_times = train(
       lora_step, (delta, lora_tx.init(delta)), (base,), "reverse",
@@ -294,8 +309,9 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say("[3] cost")
   say(f"    median step time: full fine-tuning {ms_full:.2f} ms, LoRA "
       f"{ms_lora:.2f} ms ({ms_lora / ms_full:.2f}x)")
-  say(f"    adapter on disk: {adapter_bytes:,} bytes ({adapter_bytes / 1024:.1f}"
-      f" KiB) in {adapter_dir}\n    full params:     {params_bytes:,} bytes "
+  say(f"    adapter on disk: {adapter_bytes:,} bytes "
+      f"({adapter_bytes / 1024:.1f} KiB) in {adapter_dir}\n"
+      f"    full params:     {params_bytes:,} bytes "
       f"({params_bytes / 1024:.1f} KiB) as float32 arrays; the adapter is "
       f"{adapter_bytes / params_bytes:.1%} of that\n")
 
@@ -303,7 +319,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   loaded = lj.load(adapter_dir)
   saved, restored = flat_arrays(delta), flat_arrays(loaded)
   factors_equal = saved.keys() == restored.keys() and all(
-      np.array_equal(saved[k], restored[k]) for k in saved)
+      same_bits(saved[k], restored[k]) for k in saved)
   merged = lj.merge(base, loaded)
   x = test["reverse"][0]
   wrapped_logits = jax.jit(apply)(base, delta, x)
@@ -334,7 +350,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
 
 
 def cli(argv=None, prog=None) -> int:
-  """Command-line entry point: runs :func:`main`; 0 if its checks pass, else 1."""
+  """The command-line entry point: runs :func:`main`; 0 if its checks pass."""
   return 0 if main(argv, prog)["ok"] else 1
 
 

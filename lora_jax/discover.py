@@ -20,6 +20,7 @@ import jax
 from jax.extend import core as jex
 
 from lora_jax.layouts import Layout
+from lora_jax.tracing import trace
 
 # Ops that return their operand's data in the same axis order.
 _IDENTITY_OPS = frozenset({
@@ -242,10 +243,8 @@ def trace_uses(apply_fn: Callable, params: Any, example_args: Sequence[Any],
                example_kwargs: dict | None, leaf_indices: Sequence[int]
                ) -> list[list[Use]]:
   """The consumers of selected leaves of ``params`` in ``apply_fn``."""
-  kwargs = dict(example_kwargs or {})
-  closed = jax.make_jaxpr(
-      lambda p, args, kw: apply_fn(p, *args, **kw))(params, tuple(example_args),
-                                                    kwargs)
+  closed, _, _ = trace(apply_fn, params, tuple(example_args),
+                       dict(example_kwargs or {}))
   jaxpr = closed.jaxpr
   tracked: list[_Tracked | None] = [None] * len(jaxpr.invars)
   for n, i in enumerate(leaf_indices):

@@ -8,21 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.delta import LoraDelta, deltas_by_path, delta_weight
-from lora_jax.paths import map_with_paths, preview
+from lora_jax.paths import leaves_with_paths, map_with_paths, preview
 
 
 def _combine(path: str, w: Any, d: LoraDelta, sign: float) -> jax.Array:
-  shape = tuple(getattr(w, "shape", ()))
-  try:
-    want = d.kernel_shape
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"The adapter at {path!r} is malformed: {e}") from None
-  if shape != tuple(want):
-    raise ValueError(
-        f"Adapter/base mismatch at {path!r}: the adapter updates a kernel of "
-        f"shape {tuple(want)} (a {tuple(d.a.shape)}, b {tuple(d.b.shape)}), "
-        f"the base leaf has shape {shape}. Was the adapter trained on another "
-        f"model or config?")
+  _check_shape(path, w, d)
   # Add in the wider of the two dtypes, then round once into the base dtype.
   dtype = jnp.result_type(w.dtype, d.a.dtype, d.b.dtype)
   out = (w.astype(dtype) + sign * delta_weight(d, dtype)).astype(w.dtype)
@@ -35,23 +25,38 @@ def _combine(path: str, w: Any, d: LoraDelta, sign: float) -> jax.Array:
   return out
 
 
-def _apply(params: Any, delta: Any, sign: float, what: str) -> Any:
-  deltas = deltas_by_path(delta)
-  seen = set()
-
-  def fn(path, w):
-    d = deltas.get(path)
-    if d is None:
-      return w
-    seen.add(path)
-    return _combine(path, w, d, sign)
-  out = map_with_paths(fn, params)
-  missing = [p for p in deltas if p not in seen]
+def check_matches(base: Any, deltas: dict, what: str) -> None:
+  """Raises, naming the leaf, unless every adapter fits a base kernel."""
+  flat = dict(leaves_with_paths(base))
+  missing = [p for p in deltas if p not in flat]
   if missing:
     raise ValueError(
         f"{what}: the delta has adapters at {preview(missing)} but the base "
         f"has no leaf at those paths. Is this the adapter of another model?")
-  return out
+  for path, d in deltas.items():
+    _check_shape(path, flat[path], d)
+
+
+def _check_shape(path: str, w: Any, d: LoraDelta) -> None:
+  shape = tuple(getattr(w, "shape", ()))
+  try:
+    want = d.kernel_shape
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"The adapter at {path!r} is malformed: {e}") from None
+  if shape != tuple(want):
+    raise ValueError(
+        f"Adapter/base mismatch at {path!r}: the adapter updates a kernel of "
+        f"shape {tuple(want)} (a {tuple(d.a.shape)}, b {tuple(d.b.shape)}), "
+        f"the base leaf has shape {shape}. Was the adapter trained on another "
+        f"model or config?")
+
+
+def _apply(params: Any, delta: Any, sign: float, what: str) -> Any:
+  deltas = deltas_by_path(delta)
+  check_matches(params, deltas, what)
+  return map_with_paths(
+      lambda path, w: w if path not in deltas else _combine(
+          path, w, deltas[path], sign), params)
 
 
 def merge(base: Any, delta: Any) -> Any:

@@ -5,18 +5,27 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from lora_jax.merge import merge
+from lora_jax import factored
+from lora_jax.delta import deltas_by_path
+from lora_jax.merge import check_matches, merge
 
 MODES = ("auto", "merge", "factored")
 
 
-def wrap(fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]:
+def wrap(fn: Callable[..., Any], mode: str = "auto", *,
+         strict: bool = False) -> Callable[..., Any]:
   """Returns ``g(base, delta, *args, **kwargs) == fn(merge(base, delta), ...)``.
 
-  ``mode="merge"`` builds ``W0 + scale * a @ b`` for every adapted kernel inside
-  the traced function and calls ``fn`` unchanged: under ``jit`` it is one
-  compiled program, and it works for any function. ``"auto"`` picks the best
-  available engine (today: merge).
+  Engines:
+    * ``"merge"`` builds ``W0 + scale * a @ b`` for every adapted kernel inside
+      the traced function and calls ``fn`` unchanged. Works for any function;
+      its backward pass computes a full-size gradient per adapted kernel.
+    * ``"factored"`` never materialises the update: it rewrites the ops that
+      consume each kernel to ``op(x, W0) + scale * op(op(x, a), b)``. Ops
+      without a factored rule get that kernel merged for that use, with a
+      warning (an error with ``strict=True``).
+    * ``"auto"`` is factored, except where the shapes make merging cheaper
+      (few tokens, large rank); see :func:`lora_jax.explain`.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> f = lambda p, x: x @ p["kernel"]
@@ -28,13 +37,50 @@ def wrap(fn: Callable[..., Any], mode: str = "auto") -> Callable[..., Any]:
   """
   if mode not in MODES:
     raise ValueError(f"lora_jax.wrap: mode must be one of {MODES}, got {mode!r}.")
-  if mode == "factored":
-    raise NotImplementedError(
-        "lora_jax.wrap(mode='factored') is not implemented yet; use "
-        "mode='merge' (or 'auto'), which computes the same values.")
+
+  if mode == "merge":
+    @functools.wraps(fn)
+    def merged(base, delta, *args, **kwargs):
+      return fn(merge(base, delta), *args, **kwargs)
+    return merged
+
+  choose = None if mode == "factored" else factored.cheaper_engine
 
   @functools.wraps(fn)
   def wrapped(base, delta, *args, **kwargs):
-    return fn(merge(base, delta), *args, **kwargs)
-
+    deltas = deltas_by_path(delta)
+    check_matches(base, deltas, "wrap")
+    return factored.factored_apply(fn, base, deltas, args, kwargs,
+                                   strict=strict, choose=choose)
   return wrapped
+
+
+def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
+            mode: str = "auto", **kwargs) -> factored.Report:
+  """Which rule handles each adapted kernel in ``wrap(fn, mode)``.
+
+  Traces abstractly (no FLOPs). ``str(report)`` gives one line per kernel.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> f = lambda p, x: jnp.tanh(x @ p["w"])
+  >>> base, delta = lj.split({"w": jnp.ones((8, 8))},
+  ...                        lj.LoraConfig(rank=2, targets="w"), jax.random.key(0))
+  >>> print(lj.explain(f, base, delta, jnp.ones((4, 8)), mode="factored"))
+  w  dot_general
+  0 merge fallback(s)
+  """
+  if mode == "merge":
+    raise ValueError("explain describes the factored/auto engines; mode='merge' "
+                     "merges every kernel.")
+  report = factored.Report()
+  deltas = deltas_by_path(delta)
+  check_matches(base, deltas, "explain")
+  choose = None if mode == "factored" else factored.cheaper_engine
+  import warnings  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.eval_shape(lambda b, d, a, k: factored.factored_apply(
+        fn, b, deltas_by_path(d), a, k, report=report, choose=choose),
+                   base, delta, args, kwargs)
+  return report

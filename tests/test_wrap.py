@@ -42,8 +42,6 @@ def test_wrap_equals_fn_of_merge(name):
 
 def test_modes():
   f = lambda p, x: x @ p["k"]
-  with pytest.raises(NotImplementedError, match="factored"):
-    lj.wrap(f, mode="factored")
   with pytest.raises(ValueError, match="mode must be one of"):
     lj.wrap(f, mode="fast")
 

@@ -1,0 +1,169 @@
+"""The factored engine computes what the merge engine computes."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from cases import CASES
+from helpers import randomize
+
+
+def _loss(apply, base, args):
+  def loss(delta):
+    out = apply(base, delta, *args)
+    return sum(jnp.sum(jnp.sin(o) * (1 + jnp.arange(o.size).reshape(o.shape) % 3))
+               for o in jax.tree.leaves(out))
+  return loss
+
+
+def _assert_close(x, y, rtol=1e-5, atol=None):
+  """Elementwise rtol, with an absolute floor of rtol * max|y| per leaf (the
+  two engines round differently, so tiny entries of a large gradient may
+  differ by more than rtol of themselves)."""
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    b = np.asarray(b)
+    floor = rtol * float(np.abs(b).max()) if atol is None else atol
+    np.testing.assert_allclose(np.asarray(a), b, rtol=rtol, atol=floor)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_factored_equals_merge_outputs_and_grads(name):
+  case = CASES[name]
+  base, delta = case.split(rank=2)
+  delta = randomize(delta)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no fallback anywhere in the suite
+    fact = jax.jit(lj.wrap(case.fn, "factored", strict=True))
+    out_f = fact(base, delta, *case.args)
+    g_f = jax.jit(jax.grad(_loss(lj.wrap(case.fn, "factored", strict=True),
+                                 base, case.args)))(delta)
+  out_m = lj.wrap(case.fn, "merge")(base, delta, *case.args)
+  g_m = jax.grad(_loss(lj.wrap(case.fn, "merge"), base, case.args))(delta)
+  _assert_close(out_f, out_m)
+  _assert_close(g_f, g_m)
+  assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(g_f))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_factored_identity_at_init(name):
+  case = CASES[name]
+  base, delta = case.split(rank=2)
+  got = jax.jit(lj.wrap(case.fn, "factored"))(base, delta, *case.args)
+  want = jax.jit(case.fn)(case.params, *case.args)
+  _assert_close(got, want, rtol=0, atol=0)
+
+
+def test_explain_names_rules():
+  case = CASES["tied_embedding"]
+  base, delta = case.split(rank=2)
+  report = lj.explain(case.fn, base, delta, *case.args, mode="factored")
+  assert report.rules == {
+      "Embed_0/embedding": ["gather", "dot_general (transposed use)"],
+      "Dense_0/kernel": ["dot_general"]}
+  assert report.fallbacks == {}
+
+
+def _cumsum_model():
+  params = {"w": jax.random.normal(jax.random.key(0), (6, 4))}
+  fn = lambda p, x: x @ jnp.cumsum(p["w"], axis=0) + x @ p["w"]
+  base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="w"),
+                         jax.random.key(1))
+  return fn, base, randomize(delta), jnp.ones((3, 6))
+
+
+def test_fallback_is_counted_warned_and_correct():
+  fn, base, delta, x = _cumsum_model()
+  with pytest.warns(UserWarning, match="'cumsum' consumes 'w'.*merging"):
+    got = lj.wrap(fn, "factored")(base, delta, x)
+  np.testing.assert_allclose(got, lj.wrap(fn, "merge")(base, delta, x), rtol=1e-5)
+  report = lj.explain(fn, base, delta, x, mode="factored")
+  assert report.fallbacks == {("w", "cumsum"): 1}
+  assert report.rules["w"] == ["merge-fallback (cumsum)", "dot_general"]
+  g = jax.grad(lambda d: lj.wrap(fn, "factored")(base, d, x).sum())(delta)
+  gm = jax.grad(lambda d: lj.wrap(fn, "merge")(base, d, x).sum())(delta)
+  _assert_close(g, gm)
+
+
+def test_strict_raises():
+  fn, base, delta, x = _cumsum_model()
+  with pytest.raises(lj.FallbackError, match="no factored rule for 'cumsum' consuming 'w'"):
+    lj.wrap(fn, "factored", strict=True)(base, delta, x)
+
+
+class _RematMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    block = nn.remat(nn.Dense)
+    return block(8)(nn.gelu(block(8)(x)))
+
+
+@pytest.mark.parametrize("policy", [None, jax.checkpoint_policies.nothing_saveable,
+                                    jax.checkpoint_policies.dots_saveable])
+def test_jax_checkpoint_and_nn_remat(policy):
+  model = _RematMLP()
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  params = model.init(jax.random.key(1), x)["params"]
+  fn = lambda p, x: jax.checkpoint(
+      lambda p, x: model.apply({"params": p}, x), policy=policy)(p, x)
+  base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(2),
+                         apply_fn=fn, example_args=(x,))
+  delta = randomize(delta)
+  for mode in ("factored", "auto"):
+    g_f = jax.jit(jax.grad(_loss(lj.wrap(fn, mode, strict=True), base, (x,))))(delta)
+    g_m = jax.grad(_loss(lj.wrap(fn, "merge"), base, (x,)))(delta)
+    _assert_close(g_f, g_m)
+  # the remat survives: the factored jaxpr still holds a checkpoint
+  jaxpr = jax.make_jaxpr(jax.grad(_loss(lj.wrap(fn, "factored"), base, (x,))))(delta)
+  assert "remat" in str(jaxpr) or "checkpoint" in str(jaxpr)
+
+
+def test_cond_and_while_loop():
+  params = {"w": jax.random.normal(jax.random.key(0), (5, 5)) * 0.3}
+  def fn(p, x, flag):
+    y = jax.lax.cond(flag, lambda x: x @ p["w"], lambda x: -x @ p["w"].T, x)
+    return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]), y)
+  base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="w"),
+                         jax.random.key(1))
+  delta = randomize(delta)
+  x = jnp.ones((2, 5))
+  for flag in (True, False):
+    args = (x, jnp.asarray(flag))
+    _assert_close(lj.wrap(fn, "factored", strict=True)(base, delta, *args),
+                  lj.wrap(fn, "merge")(base, delta, *args))
+    _assert_close(jax.grad(_loss(lj.wrap(fn, "factored", strict=True), base, args))(delta),
+                  jax.grad(_loss(lj.wrap(fn, "merge"), base, args))(delta))
+
+
+def test_static_python_arguments_stay_static():
+  model = nn.Dropout(rate=0.5)
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic):
+      return nn.Dropout(0.5)(nn.Dense(4)(x), deterministic=deterministic)
+  m = M()
+  x = jnp.ones((2, 4))
+  params = m.init(jax.random.key(0), x, True)["params"]
+  fn = lambda p, x, deterministic: m.apply({"params": p}, x, deterministic)
+  base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(1))
+  delta = randomize(delta)
+  _assert_close(lj.wrap(fn, "factored")(base, delta, x, deterministic=True),
+                lj.wrap(fn, "merge")(base, delta, x, deterministic=True))
+  del model
+
+
+def test_auto_picks_merge_for_few_tokens_and_high_rank():
+  params = {"w": jnp.ones((64, 64))}
+  fn = lambda p, x: x @ p["w"]
+  for rank, tokens, want in ((2, 512, "dot_general"), (32, 512, "merge (auto: cheaper)")):
+    base, delta = lj.split(params, lj.LoraConfig(rank=rank, targets="w"),
+                           jax.random.key(0))
+    report = lj.explain(fn, base, delta, jnp.ones((tokens, 64)), mode="auto")
+    assert report.rules["w"] == [want]
+    cost = lj.factored.extra_flops(tokens, 64, 64, rank)
+    assert (cost["merge"] < lj.factored.FACTORED_FLOP_WEIGHT * cost["factored"]) == (
+        want.startswith("merge"))
