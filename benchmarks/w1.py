@@ -1,0 +1,300 @@
+"""Reference workload W1 (BENCHMARKS.md): a GPT-style decoder, LoRA vs full.
+
+Runs every variant interleaved in one process, after compilation, and reports
+median step time, ratio to full fine-tuning, compile time and compiled memory
+(argument + temp bytes). Writes ``benchmarks/results/<name>.json`` and ``.md``.
+
+    python benchmarks/w1.py                 # W1 on this machine
+    python benchmarks/w1.py --size gpu      # the accelerator size (bf16 base)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import lora_jax as lj
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+  vocab: int = 4096
+  d_model: int = 512
+  layers: int = 4
+  heads: int = 8
+  mlp: int = 2048
+  batch: int = 8
+  seq: int = 128
+  dtype: str = "float32"  # of the base parameters and activations
+
+
+SIZES = {
+    "w1": Size(),
+    "gpu": Size(d_model=1024, layers=8, heads=16, mlp=4096, batch=16, seq=512,
+                dtype="bfloat16"),
+    "tiny": Size(vocab=256, d_model=64, layers=2, heads=4, mlp=256, batch=2,
+                 seq=16),
+}
+
+
+class Block(nn.Module):
+  size: Size
+
+  @nn.compact
+  def __call__(self, x):
+    s = self.size
+    dt = jnp.dtype(s.dtype)
+    dense = lambda n, name: nn.Dense(n, name=name, dtype=dt, param_dtype=dt)
+    h = nn.LayerNorm(dtype=dt, param_dtype=dt)(x)
+    b, t, _ = h.shape
+    split = lambda y: y.reshape(b, t, s.heads, s.d_model // s.heads)
+    q, k, v = (split(dense(s.d_model, n)(h)) for n in ("q", "k", "v"))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(dt)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    logits = jnp.where(mask, logits, jnp.finfo(dt).min)
+    att = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dt)
+    o = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, s.d_model)
+    x = x + dense(s.d_model, "o")(o)
+    h = nn.LayerNorm(dtype=dt, param_dtype=dt)(x)
+    h = dense(s.d_model, "fc2")(nn.gelu(dense(s.mlp, "fc1")(h)))
+    return x + h
+
+
+class FlaxBlock(nn.Module):
+  """The same block from Flax's own layers: MultiHeadDotProductAttention
+  (DenseGeneral q/k/v/out kernels of shape (512, 8, 64) / (8, 64, 512))."""
+  size: Size
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    s = self.size
+    dt = jnp.dtype(s.dtype)
+    h = nn.LayerNorm(dtype=dt, param_dtype=dt)(x)
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    x = x + nn.MultiHeadDotProductAttention(
+        num_heads=s.heads, dtype=dt, param_dtype=dt, name="attn")(h, mask=mask)
+    h = nn.LayerNorm(dtype=dt, param_dtype=dt)(x)
+    h = nn.Dense(s.d_model, dtype=dt, param_dtype=dt, name="fc2")(
+        nn.gelu(nn.Dense(s.mlp, dtype=dt, param_dtype=dt, name="fc1")(h)))
+    return x + h, None
+
+
+class Decoder(nn.Module):
+  size: Size
+  arch: str = "w1"  # "w1": BENCHMARKS.md's model; "flax_scan": FlaxBlock under nn.scan
+
+  @nn.compact
+  def __call__(self, tokens):
+    s = self.size
+    dt = jnp.dtype(s.dtype)
+    x = nn.Embed(s.vocab, s.d_model, dtype=dt, param_dtype=dt)(tokens)
+    pos = self.param("pos", nn.initializers.normal(0.02), (s.seq, s.d_model), dt)
+    x = x + pos[None, :tokens.shape[1]]
+    if self.arch == "flax_scan":
+      stack = nn.scan(FlaxBlock, variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=s.layers)
+      x, _ = stack(s, name="blocks")(x, None)
+    else:
+      for i in range(s.layers):
+        x = Block(s, name=f"block{i}")(x)
+    x = nn.LayerNorm(dtype=dt, param_dtype=dt)(x)
+    return nn.Dense(s.vocab, dtype=dt, param_dtype=dt, name="head")(x)
+
+
+TARGETS = r".*/(q|k|v|o|fc1|fc2)/kernel"
+ARCH_TARGETS = {"w1": TARGETS,
+                "flax_scan": r".*/(query|key|value|out|fc1|fc2)/kernel"}
+
+
+def setup(size: Size, rank: int = 8, targets: str | None = None, seed: int = 0,
+          arch: str = "w1"):
+  model = Decoder(size, arch)
+  targets = targets or ARCH_TARGETS[arch]
+  tokens = jax.random.randint(jax.random.key(seed), (size.batch, size.seq), 0,
+                              size.vocab)
+  params = model.init(jax.random.key(seed + 1), tokens)["params"]
+  apply = lambda p, x: model.apply({"params": p}, x)
+  config = lj.LoraConfig(rank=rank, alpha=16.0, targets=targets)
+  base, delta = lj.split(params, config, jax.random.key(seed + 2),
+                         apply_fn=apply, example_args=(tokens,))
+  return apply, params, base, delta, tokens
+
+
+def cross_entropy(logits, tokens):
+  logits = logits[:, :-1].astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, tokens[:, 1:]).mean()
+
+
+def make_steps(apply, params, base, delta, tokens, variants):
+  """``{name: (jitted step, state)}``; each step returns (state, loss)."""
+  tx = optax.adam(1e-4)
+  loss = lambda p, x: cross_entropy(apply(p, x), x)
+  steps: dict[str, tuple[Callable, Any]] = {}
+
+  def lora_step(mode):
+    wrapped = lj.wrap(apply, mode)
+
+    def step(state, base, x):
+      d, opt = state
+      l, g = jax.value_and_grad(lambda d: cross_entropy(wrapped(base, d, x), x))(d)
+      u, opt = tx.update(g, opt, d)
+      return (optax.apply_updates(d, u), opt), l
+    own = jax.tree.map(jnp.copy, delta)  # each variant donates its own state
+    return jax.jit(step, donate_argnums=0), (own, tx.init(own))
+
+  def full_step(state, base, x):
+    p, opt = state
+    l, g = jax.value_and_grad(loss)(p, x)
+    u, opt = tx.update(g, opt, p)
+    return (optax.apply_updates(p, u), opt), l
+
+  def floor_step(state, base, x):
+    # gradient w.r.t. the position table only: backward through every layer,
+    # no weight gradient (the lower bound for any LoRA step)
+    pos, opt = state
+    l, g = jax.value_and_grad(lambda pos: loss({**base, "pos": pos}, x))(pos)
+    u, opt = tx.update(g, opt, pos)
+    return (optax.apply_updates(pos, u), opt), l
+
+  for v in variants:
+    if v == "forward":
+      steps[v] = (jax.jit(lambda s, b, x: (s, loss(s, x))), base)
+    elif v == "merged_forward":
+      # inference after lj.merge: the merged params are an argument, as the
+      # base's are for "forward"
+      merged = lj.merge(base, jax.tree.map(jnp.copy, delta))
+      steps[v] = (jax.jit(lambda s, b, x: (s, loss(s, x))), merged)
+    elif v == "floor":
+      pos = jnp.copy(params["pos"])
+      steps[v] = (jax.jit(floor_step, donate_argnums=0), (pos, tx.init(pos)))
+    elif v == "full":
+      full_params = jax.tree.map(jnp.copy, params)
+      steps[v] = (jax.jit(full_step, donate_argnums=0),
+                  (full_params, tx.init(full_params)))
+    else:
+      steps[v] = lora_step(v)
+  return steps
+
+
+def measure(steps, base, tokens, reps: int, inner: int = 1):
+  """Compiles each step, then times them interleaved; returns stats."""
+  out = {}
+  compiled = {}
+  for name, (fn, state) in steps.items():
+    t0 = time.perf_counter()
+    lowered = fn.lower(state, base, tokens)
+    exe = lowered.compile()
+    out[name] = {"compile_s": time.perf_counter() - t0}
+    mem = exe.memory_analysis()
+    if mem is not None:
+      out[name]["argument_bytes"] = int(mem.argument_size_in_bytes)
+      out[name]["temp_bytes"] = int(mem.temp_size_in_bytes)
+      out[name]["memory_bytes"] = int(mem.argument_size_in_bytes
+                                      + mem.temp_size_in_bytes)
+    state, loss = exe(state, base, tokens)  # warm up
+    jax.block_until_ready(loss)
+    compiled[name] = [exe, state]
+    out[name]["loss"] = float(loss)
+  times = {name: [] for name in steps}
+  for _ in range(reps):
+    for name, cell in compiled.items():
+      exe, state = cell
+      t0 = time.perf_counter()
+      for _ in range(inner):
+        state, loss = exe(state, base, tokens)
+      jax.block_until_ready((state, loss))
+      times[name].append((time.perf_counter() - t0) / inner)
+      cell[1] = state
+  for name in steps:
+    out[name]["step_ms"] = 1e3 * statistics.median(times[name])
+    out[name]["step_ms_all"] = [round(1e3 * t, 3) for t in times[name]]
+  return out
+
+
+def environment() -> dict:
+  dev = jax.devices()[0]
+  return {"jax": jax.__version__, "device": dev.device_kind,
+          "platform": dev.platform, "cpu_count": os.cpu_count(),
+          "python": platform.python_version(),
+          "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def table(results: dict, baseline: str = "full") -> str:
+  base_ms = results[baseline]["step_ms"]
+  base_mem = results[baseline].get("memory_bytes")
+  base_compile = results[baseline]["compile_s"]
+  rows = ["| variant | step (ms, median) | / full | compile (s) | / full | "
+          "memory (MiB, arg+temp) | / full |",
+          "|---|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    mem = r.get("memory_bytes")
+    mem_s = f"{mem / 2**20:.1f}" if mem else "n/a"
+    mem_r = f"{mem / base_mem:.2f}" if mem and base_mem else "n/a"
+    rows.append(f"| {name} | {r['step_ms']:.1f} | {r['step_ms'] / base_ms:.2f} | "
+                f"{r['compile_s']:.2f} | {r['compile_s'] / base_compile:.2f} | "
+                f"{mem_s} | {mem_r} |")
+  return "\n".join(rows)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", choices=sorted(SIZES), default="w1")
+  ap.add_argument("--reps", type=int, default=15)
+  ap.add_argument("--rank", type=int, default=8)
+  ap.add_argument("--arch", choices=sorted(ARCH_TARGETS), default="w1",
+                  help="w1: BENCHMARKS.md's model; flax_scan: Flax attention "
+                       "(DenseGeneral kernels) with blocks under nn.scan")
+  ap.add_argument("--seq", type=int, default=None, help="override sequence length")
+  ap.add_argument("--variants", default="forward,merged_forward,floor,full,merge,factored,auto")
+  ap.add_argument("--name", default=None, help="results file stem")
+  args = ap.parse_args(argv)
+  size = SIZES[args.size]
+  if args.seq:
+    size = dataclasses.replace(size, seq=args.seq)
+  variants = args.variants.split(",")
+  apply, params, base, delta, tokens = setup(size, rank=args.rank, arch=args.arch)
+  steps = make_steps(apply, params, base, delta, tokens, variants)
+  results = measure(steps, base, tokens, args.reps)
+  for name, r in results.items():
+    r["ratio_to_full"] = r["step_ms"] / results["full"]["step_ms"] if "full" in results else None
+  if "merged_forward" in results and "forward" in results:
+    results["merged_forward"]["ratio_to_forward"] = (
+        results["merged_forward"]["step_ms"] / results["forward"]["step_ms"])
+  name = args.name or "_".join(
+      [args.size] + ([args.arch] if args.arch != "w1" else [])
+      + ([f"seq{args.seq}"] if args.seq else []) + [jax.devices()[0].platform])
+  report = {"workload": dataclasses.asdict(size), "arch": args.arch,
+            "rank": args.rank, "alpha": 16.0, "targets": ARCH_TARGETS[args.arch],
+            "reps": args.reps,
+            "environment": environment(), "results": results}
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  md = table(results) if "full" in results else ""
+  if "merged_forward" in results and "forward" in results:
+    md += (f"\n\nmerged inference / base forward: "
+           f"{results['merged_forward']['ratio_to_forward']:.3f}")
+  with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    f.write(f"# {name}\n\n{json.dumps(report['environment'])}\n\n{md}\n")
+  print(md)
+  return report
+
+
+if __name__ == "__main__":
+  sys.exit(0 if main() else 1)
