@@ -6,7 +6,8 @@ of digits (task 1, all parameters trained), then learns to *reverse* it (task
 The demo prints held-out accuracy before and after, what is trainable, the
 step time of full fine-tuning against LoRA, and the adapter's size on disk;
 then it reloads the adapter, merges it into the base and checks that the
-merged model predicts exactly what the wrapped one does.
+merged model predicts what the wrapped one does: bit for bit against wrap's
+merge engine, to float32 rounding against the engine used in training.
 
 Run it with ``python -m lora_jax demo`` (or ``lora-jax-demo``); ``--help``
 lists the flags. The data is generated locally; with the default flags it
@@ -154,27 +155,37 @@ class Progress:
 def train(step_fn, state, consts, task, steps, batch, rng, progress):
   """Runs ``*state, loss = step_fn(*state, *consts, x, y)`` on fresh batches.
 
-  Returns the final state and the time of every step but the first (which
-  compiles), in seconds.
+  Returns the final state.
   """
-  times = []
   for i in range(1, steps + 1):
-    x, y = make_batch(task, rng, batch)
-    t0 = time.perf_counter()
-    *state, loss = jax.block_until_ready(step_fn(*state, *consts, x, y))
-    times.append(time.perf_counter() - t0)
+    *state, loss = step_fn(*state, *consts, *make_batch(task, rng, batch))
     progress.update(i, lambda: float(loss))
-  return state, times[1:] or times  # the first step includes compilation
+  return state
 
 
-def median_ms(times) -> float:
-  return 1e3 * statistics.median(times)
+def interleaved_ms(*fns: Callable[[], Any], rounds: int = 20) -> list[float]:
+  """Median time in ms of each (compiled) function, called in turn.
+
+  Running A B A B ... rather than all A then all B makes a busy, shared
+  machine slow them alike, so their ratio holds.
+  """
+  times = [[] for _ in fns]
+  for _ in range(rounds):
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      ts.append(time.perf_counter() - t0)
+  return [1e3 * statistics.median(ts) for ts in times]
 
 
 def dir_bytes(path: str) -> int:
   """Sum of the sizes of all files under ``path``."""
   return sum(os.path.getsize(os.path.join(root, f))
              for root, _, files in os.walk(path) for f in files)
+
+
+def max_abs(x) -> float:
+  return float(jnp.abs(x).max())
 
 
 def same_bits(a, b) -> bool:
@@ -201,7 +212,7 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
           "wrapped one. Exits 1 if that check fails."))
   p.add_argument("--steps-pretrain", type=int, default=400, metavar="N",
                  help="full-training steps on task 1, copy (%(default)s)")
-  p.add_argument("--steps-lora", type=int, default=300, metavar="N",
+  p.add_argument("--steps-lora", type=int, default=500, metavar="N",
                  help="LoRA steps on task 2, reverse (%(default)s)")
   p.add_argument("--rank", type=int, default=4,
                  help="LoRA rank r (%(default)s)")
@@ -261,7 +272,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say(f"[1] pretraining all parameters on 'copy' ({args.steps_pretrain} "
       f"steps, batch {args.batch}, adam 3e-3)")
   bar = Progress(args.steps_pretrain, "pretrain", not args.quiet)
-  (params, _), full_times = train(
+  params, full_state = train(
       full_step, (params, tx.init(params)), (), "copy", args.steps_pretrain,
       args.batch, train_rng, bar)
   t1_loss, t1_acc = map(float, evaluate(params, *test["copy"]))
@@ -279,6 +290,12 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say(f"[2] LoRA on 'reverse' (rank {cfg.rank}, alpha {cfg.alpha:g}, "
       f"scale {cfg.scale:g}, {args.steps_lora} steps, adam 1e-2)")
   say("    " + lj.summary(base, delta).replace("\n", "\n    "))
+  # Which engine wrap() picks depends on shapes: ask for a training batch.
+  report = lj.explain(fn, base, delta, np.zeros((args.batch, 2 * LENGTH), int))
+  merged_kernels = sum(any(r.startswith("merge") for r in rules)
+                       for rules in report.rules.values())
+  say(f"    wrap() engine: factored for {len(report.rules) - merged_kernels}, "
+      f"merged for {merged_kernels} of {len(report.rules)} kernels")
   lora_tx = optax.adam(1e-2)
 
   @jax.jit
@@ -291,7 +308,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   lora_evaluate = jax.jit(
       lambda b, d, x, y: loss_and_accuracy(apply(b, d, x), y))
   bar = Progress(args.steps_lora, "lora    ", not args.quiet)
-  (delta, _), lora_times = train(
+  delta, lora_state = train(
       lora_step, (delta, lora_tx.init(delta)), (base,), "reverse",
       args.steps_lora, args.batch, train_rng, bar)
   t2_loss, t2_acc = map(float, lora_evaluate(base, delta, *test["reverse"]))
@@ -305,10 +322,13 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   adapter_dir = lj.save(os.path.join(args.out, "adapter"), delta, cfg,
                         overwrite=True)
   adapter_bytes = dir_bytes(adapter_dir)
-  ms_full, ms_lora = median_ms(full_times), median_ms(lora_times)
+  x, y = map(jnp.asarray, make_batch("reverse", train_rng, args.batch))
+  ms_full, ms_lora = interleaved_ms(
+      lambda: full_step(params, full_state, x, y),
+      lambda: lora_step(delta, lora_state, base, x, y))
   say("[3] cost")
-  say(f"    median step time: full fine-tuning {ms_full:.2f} ms, LoRA "
-      f"{ms_lora:.2f} ms ({ms_lora / ms_full:.2f}x)")
+  say(f"    median step time (20 of each, interleaved): full fine-tuning "
+      f"{ms_full:.2f} ms, LoRA {ms_lora:.2f} ms ({ms_lora / ms_full:.2f}x)")
   say(f"    adapter on disk: {adapter_bytes:,} bytes "
       f"({adapter_bytes / 1024:.1f} KiB) in {adapter_dir}\n"
       f"    full params:     {params_bytes:,} bytes "
@@ -320,19 +340,29 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   saved, restored = flat_arrays(delta), flat_arrays(loaded)
   factors_equal = saved.keys() == restored.keys() and all(
       same_bits(saved[k], restored[k]) for k in saved)
-  merged = lj.merge(base, loaded)
   x = test["reverse"][0]
-  wrapped_logits = jax.jit(apply)(base, delta, x)
-  merged_logits = jax.jit(fn)(merged, x)
-  max_diff = float(jnp.abs(wrapped_logits - merged_logits).max())
-  argmax_equal = bool((wrapped_logits.argmax(-1)
-                       == merged_logits.argmax(-1)).all())
-  ok = factors_equal and max_diff < 1e-5 and argmax_equal
+  merged = jax.jit(fn)(lj.merge(base, loaded), x)
+  # wrap's merge engine builds the very same weights as lj.merge: it agrees
+  # to rounding. The factored engine computes x @ W0 + s * (x @ a) @ b, which
+  # rounds differently, and this net turns a 1-ulp change of every kernel
+  # into ~1e-4 in the logits, so it gets a float32 bound relative to them.
+  same_weights = jax.jit(lj.wrap(fn, mode="merge"))(base, delta, x)
+  as_trained = jax.jit(apply)(base, delta, x)
+  max_diff = max_abs(merged - same_weights)
+  engine_diff = max_abs(merged - as_trained)
+  engine_tol = 5e-4 * max(1.0, max_abs(merged))
+  argmax_equal = all(bool((y.argmax(-1) == merged.argmax(-1)).all())
+                     for y in (same_weights, as_trained))
+  ok = (factors_equal and max_diff < 1e-5 and engine_diff < engine_tol
+        and argmax_equal)
   say("[4] reload and merge")
   say(f"    reloaded factors bitwise equal: {factors_equal} "
       f"({len(saved)} arrays)")
-  say(f"    merged vs wrapped logits: max |diff| {max_diff:.2e}, argmax "
-      f"identical: {argmax_equal}")
+  say(f"    merged vs wrap(mode='merge'): max |logit diff| {max_diff:.2e}"
+      f" (bound 1e-05)")
+  say(f"    merged vs wrap() as trained:  max |logit diff| {engine_diff:.2e}"
+      f" (float32 rounding; bound {engine_tol:.1e})")
+  say(f"    argmax predictions identical: {argmax_equal}")
   say("OK" if ok else "FAILED: the merged model does not match the wrapped one")
 
   return {
@@ -345,7 +375,8 @@ def main(argv=None, prog=None) -> dict[str, Any]:
       "step_ms_full": ms_full, "step_ms_lora": ms_lora,
       "adapter_dir": adapter_dir, "adapter_bytes": adapter_bytes,
       "params_bytes": params_bytes, "factors_equal": factors_equal,
-      "max_merge_diff": max_diff, "argmax_equal": argmax_equal, "ok": ok,
+      "max_merge_diff": max_diff, "max_engine_diff": engine_diff,
+      "argmax_equal": argmax_equal, "ok": ok,
   }
 
 

@@ -19,7 +19,8 @@ def results(tmp_path_factory):
 
 def test_merged_model_predicts_like_wrapped(results):
   assert results["factors_equal"]
-  assert results["max_merge_diff"] < 1e-5
+  assert results["max_merge_diff"] < 1e-5  # vs wrap(mode="merge")
+  assert results["max_engine_diff"] < 1e-2  # vs wrap() as trained: rounding
   assert results["argmax_equal"]
   assert results["ok"]
 
