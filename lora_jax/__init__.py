@@ -14,7 +14,7 @@ from lora_jax.config import ALL_LINEAR, LoraConfig
 from lora_jax.delta import LoraDelta, delta_weight
 from lora_jax.delta import deltas_by_path as adapters
 from lora_jax.layouts import Layout
-from lora_jax.merge import merge, unmerge
+from lora_jax.merge import dora_norms, merge, unmerge
 from lora_jax.optim import optimizer
 from lora_jax.split import split
 from lora_jax.summary import describe, summary
@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_LINEAR", "CheckpointError", "Layout", "LoraConfig", "LoraDelta",
     "adapters",
-    "checkpoint_manager", "delta_weight", "describe", "load", "load_metadata",
+    "checkpoint_manager", "delta_weight", "describe", "dora_norms", "load",
+    "load_metadata",
     "explain", "merge", "optimizer", "save", "split", "summary", "unmerge",
     "wrap", "FallbackError", "Report",
 ]

@@ -17,7 +17,14 @@ from lora_jax.layouts import Layout
 Selector = Union[str, Sequence[str], Callable[[str, Any], bool]]
 
 ALL_LINEAR = "all-linear"
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
+
+
+def _valid_init(init: Any) -> bool:
+  if callable(init) or init in INITS:
+    return True
+  return (isinstance(init, str) and init.startswith("pissa_niter_")
+          and init[len("pissa_niter_"):].isdigit())
 
 
 def _compile(pattern: str, field: str) -> re.Pattern:
@@ -96,8 +103,11 @@ class LoraConfig:
   # Leaves never adapted even if targeted; same forms as targets.
   exclude: Selector | None = None
   # Factor init: "default" (A kaiming-uniform(a=sqrt(5)) over fan-in, B = 0,
-  # as PEFT), "gaussian" (A ~ N(0, 1/rank^2), B = 0), or a callable
-  # (key, a_shape, b_shape, dtype, fan_in) -> (a, b).
+  # as PEFT), "gaussian" (A ~ N(0, 1/rank^2), B = 0), "pissa" (principal
+  # singular vectors of W0; the base becomes the residual), "pissa_niter_N"
+  # (the same by randomised SVD with N power iterations), "olora" (QR of W0;
+  # residual base), or a callable (key, a_shape, b_shape, dtype, fan_in) ->
+  # (a, b).
   init: str | Callable[..., Any] = "default"
   # Rank-stabilised scaling alpha / sqrt(rank).
   rslora: bool = False
@@ -107,6 +117,17 @@ class LoraConfig:
   # Explicit layouts for kernels tracing cannot resolve: {regex: Layout}.
   # The first regex that full-matches a path wins over a traced layout.
   layouts: Mapping[str, Layout] | Sequence[tuple[str, Layout]] = ()
+  # Dropout on the input of the LoRA branch only (as PEFT); active only when
+  # the wrapped function is called with lora_rng=key.
+  dropout: float = 0.0
+  # DoRA: a trainable magnitude per output unit; the adapted kernel is
+  # magnitude * (W0 + s*A@B) / ||W0 + s*A@B|| (norm over the input axes,
+  # treated as a constant in the backward pass, as PEFT and the paper).
+  dora: bool = False
+  # Per-leaf overrides, {regex: value}, full-matched on the path; the first
+  # match wins (PEFT's rank_pattern / alpha_pattern).
+  rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] = ()
+  alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] = ()
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -122,9 +143,18 @@ class LoraConfig:
     set_("alpha", float(self.alpha))
     set_("targets", _freeze_selector(self.targets, "targets", allow_none=False))
     set_("exclude", _freeze_selector(self.exclude, "exclude", allow_none=True))
-    if not callable(self.init) and self.init not in INITS:
-      raise ValueError(f"LoraConfig.init must be one of {INITS} or a callable, "
-                       f"got {self.init!r}.")
+    if not _valid_init(self.init):
+      raise ValueError(f"LoraConfig.init must be one of {INITS}, "
+                       f"'pissa_niter_<N>' or a callable, got {self.init!r}.")
+    if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+      raise ValueError(
+          f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+    set_("dropout", float(self.dropout))
+    set_("dora", bool(self.dora))
+    set_("rank_pattern", self._patterns("rank_pattern", self.rank_pattern, int,
+                                        lambda v: v >= 1, ">= 1"))
+    set_("alpha_pattern", self._patterns("alpha_pattern", self.alpha_pattern,
+                                         float, lambda v: v > 0, "> 0"))
     if self.dtype is not None:
       dt = np.dtype(self.dtype)
       if not jnp.issubdtype(dt, jnp.floating):
@@ -142,10 +172,37 @@ class LoraConfig:
       layouts.append((pattern, layout))
     set_("layouts", tuple(layouts))
 
+  @staticmethod
+  def _patterns(field, value, kind, ok, what):
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for pattern, v in items:
+      _compile(pattern, field)
+      if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or (
+          kind is int and int(v) != v) or not ok(v):
+        raise ValueError(f"LoraConfig.{field}[{pattern!r}] must be "
+                         f"{kind.__name__} {what}, got {v!r}.")
+      out.append((pattern, kind(v)))
+    return tuple(out)
+
   @property
   def scale(self) -> float:
     """alpha / rank, or alpha / sqrt(rank) with rslora."""
     return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  def rank_for(self, path: str) -> int:
+    """The rank of the adapter at ``path`` (``rank_pattern`` first)."""
+    for pattern, r in self.rank_pattern:
+      if re.fullmatch(pattern, path):
+        return r
+    return self.rank
+
+  def scale_for(self, path: str) -> float:
+    """The scale of the adapter at ``path`` (with ``alpha_pattern``)."""
+    alpha = next((a for p, a in self.alpha_pattern if re.fullmatch(p, path)),
+                 self.alpha)
+    r = self.rank_for(path)
+    return alpha / (math.sqrt(r) if self.rslora else r)
 
   def is_target(self, path: str, leaf: Any) -> bool:
     """Whether the leaf at ``path`` gets an adapter."""
@@ -174,4 +231,7 @@ class LoraConfig:
         "init": self.init if isinstance(self.init, str) else sel(self.init),
         "dtype": None if self.dtype is None else str(self.dtype),
         "layouts": [[p, l.to_json()] for p, l in self.layouts],
+        "dropout": self.dropout, "dora": self.dora,
+        "rank_pattern": [list(x) for x in self.rank_pattern],
+        "alpha_pattern": [list(x) for x in self.alpha_pattern],
     }

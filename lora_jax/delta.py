@@ -29,9 +29,10 @@ class LoraDelta:
   """Low-rank update ``scale * a @ b`` of one kernel.
 
   ``a`` has shape ``(*batch, *in, rank)`` and ``b`` ``(*batch, rank, *out)``
-  where the groups of axes are given by ``layout``. ``a`` and ``b`` are the
-  pytree children (what optimisers and checkpoints see); ``scale`` and
-  ``layout`` are static metadata.
+  where the groups of axes are given by ``layout``. With DoRA, ``magnitude``
+  has shape ``(*batch, *out)``. ``a``, ``b`` and ``magnitude`` are the pytree
+  children (what optimisers and checkpoints see); ``scale``, ``layout`` and
+  ``dropout`` are static metadata.
 
   >>> import jax.numpy as jnp
   >>> d = LoraDelta(jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=0.5,
@@ -46,26 +47,33 @@ class LoraDelta:
   b: Any
   scale: float = 1.0
   layout: Layout = Layout.dense()
+  magnitude: Any = None  # DoRA only: (*batch, *out)
+  dropout: float = 0.0   # on the LoRA branch's input, when given a key
 
   def tree_flatten_with_keys(self):
-    children = ((jax.tree_util.GetAttrKey("a"), self.a),
-                (jax.tree_util.GetAttrKey("b"), self.b))
-    return children, (self.scale, self.layout)
+    key = jax.tree_util.GetAttrKey
+    children = ((key("a"), self.a), (key("b"), self.b),
+                (key("magnitude"), self.magnitude))
+    return children, (self.scale, self.layout, self.dropout)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     # Skip __init__ checks: transformations rebuild nodes with placeholder
     # children (tracers, None, sentinels) that are not arrays.
     obj = object.__new__(cls)
-    object.__setattr__(obj, "a", children[0])
-    object.__setattr__(obj, "b", children[1])
-    object.__setattr__(obj, "scale", aux[0])
-    object.__setattr__(obj, "layout", aux[1])
+    for name, value in zip(("a", "b", "magnitude"), children):
+      object.__setattr__(obj, name, value)
+    for name, value in zip(("scale", "layout", "dropout"), aux):
+      object.__setattr__(obj, name, value)
     return obj
 
   def replace(self, **changes) -> "LoraDelta":
-    """A copy with some fields replaced (``a``, ``b``, ``scale``, ``layout``)."""
+    """A copy with some fields replaced."""
     return dataclasses.replace(self, **changes)
+
+  @property
+  def is_dora(self) -> bool:
+    return self.magnitude is not None
 
   @property
   def rank(self) -> int:
@@ -78,15 +86,20 @@ class LoraDelta:
 
   @property
   def num_params(self) -> int:
-    return math.prod(self.a.shape) + math.prod(self.b.shape)
+    return sum(math.prod(x.shape) for x in (self.a, self.b, self.magnitude)
+               if x is not None)
 
   def __repr__(self) -> str:
     try:
       head = f"rank={self.rank}, kernel={self.kernel_shape}, "
     except Exception:  # pylint: disable=broad-except  # placeholder children
       head = ""
+    extra = "" if self.magnitude is None else (
+        f", magnitude={_describe(self.magnitude)}")
+    if self.dropout:
+      extra += f", dropout={self.dropout:g}"
     return (f"LoraDelta({head}a={_describe(self.a)}, b={_describe(self.b)}, "
-            f"scale={self.scale:g})")
+            f"scale={self.scale:g}{extra})")
 
   def weight(self) -> jax.Array:
     """The full-size update ``scale * a @ b`` in the kernel's own layout."""
@@ -114,6 +127,64 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
   perm = sorted(range(len(order)), key=lambda k: order[k])
   w = jnp.transpose(w, perm)
   return w if dtype is None else w.astype(dtype)
+
+
+def _to_factor_order(w: jax.Array, layout: Layout) -> jax.Array:
+  """A kernel as ``(batch, in, out)`` groups flattened: ``(B, K, N)``."""
+  batch, ins, outs = layout.sizes(w.shape)
+  return jnp.transpose(w, layout.order).reshape(
+      math.prod(batch), math.prod(ins), math.prod(outs))
+
+
+def dora_norm(w0: jax.Array, delta: LoraDelta, dtype: Any = None) -> jax.Array:
+  """``||W0 + scale * a @ b||`` over the input axes, shape ``(*batch, *out)``.
+
+  Computed in low rank, never forming ``a @ b``: per output unit,
+  ``||w||^2 + 2 s <w, a b> + s^2 ||a b||^2`` with ``<w, a b> = sum_r (a^T w) b``
+  and ``||a b||^2 = b^T (a^T a) b``.
+  """
+  lay = delta.layout
+  dtype = dtype or jnp.result_type(w0.dtype, delta.a.dtype)
+  batch, ins, outs = lay.sizes(w0.shape)
+  g, k, n = math.prod(batch), math.prod(ins), math.prod(outs)
+  w = _to_factor_order(w0, lay).astype(dtype)
+  a = delta.a.reshape(g, k, -1).astype(dtype)
+  b = delta.b.reshape(g, -1, n).astype(dtype)
+  hi = jax.lax.Precision.HIGHEST
+  s = delta.scale
+  cross = jnp.einsum("gkr,gkn->grn", a, w, precision=hi)
+  gram = jnp.einsum("gkr,gkq->grq", a, a, precision=hi)
+  sq = (jnp.sum(w * w, axis=1) + 2 * s * jnp.sum(cross * b, axis=1)
+        + s * s * jnp.sum(b * jnp.einsum("grq,gqn->grn", gram, b, precision=hi),
+                          axis=1))
+  return jnp.sqrt(jnp.maximum(sq, 0)).reshape(*batch, *outs)
+
+
+def column_factor(values: jax.Array, layout: Layout, ndim: int) -> jax.Array:
+  """A ``(*batch, *out)`` array laid out to broadcast against the kernel."""
+  axes = layout.batch + layout.outputs
+  order = sorted(range(len(axes)), key=lambda i: axes[i])
+  v = jnp.transpose(values, order)
+  shape = [1] * ndim
+  for ax in sorted(axes):
+    shape[ax] = v.shape[sorted(axes).index(ax)]
+  return v.reshape(shape)
+
+
+def adapted_weight(w0: jax.Array, delta: LoraDelta, sign: float = 1.0
+                   ) -> jax.Array:
+  """The kernel the adapter stands for, in the base's dtype.
+
+  LoRA: ``W0 + s a b``. DoRA: ``m (W0 + s a b) / ||W0 + s a b||`` with the norm
+  held constant for gradients. ``sign=-1`` undoes plain LoRA.
+  """
+  dtype = jnp.result_type(w0.dtype, delta.a.dtype, delta.b.dtype)
+  v = w0.astype(dtype) + sign * delta_weight(delta, dtype)
+  if delta.magnitude is not None:
+    norm = jax.lax.stop_gradient(dora_norm(w0, delta, dtype))
+    v = v * column_factor(delta.magnitude.astype(dtype) / norm, delta.layout,
+                          w0.ndim)
+  return v.astype(w0.dtype)
 
 
 def is_delta_or_none(x: Any) -> bool:

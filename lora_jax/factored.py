@@ -19,6 +19,7 @@ about once, and an error under ``strict=True``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 from typing import Any, Callable
@@ -27,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from lora_jax.delta import LoraDelta, delta_weight
+from lora_jax.delta import LoraDelta, adapted_weight, dora_norm
 from lora_jax.layouts import Layout
+from lora_jax.paths import leaves_with_paths
 from lora_jax.tracing import bind_eqn, trace
 
 
@@ -49,17 +51,27 @@ class Lora:
   scale: float
   layout: Layout
   path: str
+  magnitude: Any = None
+  dropout: float = 0.0
 
   def flat(self):
-    return [self.w, self.a, self.b]
+    return [self.w, self.a, self.b, self.magnitude]
 
-  def rebuild(self, w, a, b) -> "Lora":
-    return dataclasses.replace(self, w=w, a=a, b=b)
+  def rebuild(self, w, a, b, magnitude=None) -> "Lora":
+    return dataclasses.replace(self, w=w, a=a, b=b, magnitude=magnitude)
+
+  @property
+  def delta(self) -> LoraDelta:
+    return LoraDelta(self.a, self.b, self.scale, self.layout, self.magnitude,
+                     self.dropout)
 
   def materialize(self) -> jax.Array:
-    d = LoraDelta(self.a, self.b, self.scale, self.layout)
-    dtype = jnp.result_type(self.w.dtype, self.a.dtype)
-    return (self.w.astype(dtype) + delta_weight(d, dtype)).astype(self.w.dtype)
+    return adapted_weight(self.w, self.delta)
+
+  def dora_factor(self, dtype) -> jax.Array:
+    """``magnitude / ||W0 + s a b||`` per output unit, norm held constant."""
+    norm = jax.lax.stop_gradient(dora_norm(self.w, self.delta, dtype))
+    return self.magnitude.astype(dtype) / norm
 
 
 @dataclasses.dataclass
@@ -86,10 +98,27 @@ class Report:
 class _Context:
   """Per-call settings and bookkeeping of the interpreter."""
 
-  def __init__(self, strict: bool, report: Report, choose: Callable | None):
+  def __init__(self, strict: bool, report: Report, choose: Callable | None,
+               rng: jax.Array | None = None):
     self.strict = strict
     self.report = report
     self.choose = choose  # (kind, cost numbers) -> "factored" | "merge"
+    self.rng = rng        # dropout key; None: no dropout (inference)
+    self.uses = 0
+    # id(eqn) -> scale * x @ a, computed jointly for kernels sharing an input
+    self.projected: dict[int, Any] = {}
+
+  def next_key(self) -> jax.Array:
+    self.uses += 1
+    return jax.random.fold_in(self.rng, self.uses)
+
+  def dropout(self, x: jax.Array, lora: Lora) -> jax.Array:
+    """Inverted dropout on the LoRA branch's input (as PEFT), if enabled."""
+    if self.rng is None or not lora.dropout:
+      return x
+    keep = 1.0 - lora.dropout
+    mask = jax.random.bernoulli(self.next_key(), keep, x.shape)
+    return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
 
   def fallback(self, lora: Lora, primitive: str) -> jax.Array:
     key = (lora.path, primitive)
@@ -124,9 +153,11 @@ def eval_jaxpr(jaxpr: jex.Jaxpr, consts, args, ctx: _Context) -> list:
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  for eqn in jaxpr.eqns:
+  for i, eqn in enumerate(jaxpr.eqns):
     invals = [_read(env, v) for v in eqn.invars]
     if any(isinstance(x, Lora) for x in invals):
+      if eqn.primitive.name == "dot_general" and id(eqn) not in ctx.projected:
+        _project_siblings(jaxpr.eqns, i, env, ctx)
       rule = _RULES.get(eqn.primitive.name, _fallback_rule)
       outs = rule(eqn, invals, ctx)
     else:
@@ -137,7 +168,71 @@ def eval_jaxpr(jaxpr: jex.Jaxpr, consts, args, ctx: _Context) -> list:
   return [_concrete(_read(env, v), ctx, "output") for v in jaxpr.outvars]
 
 
-def _fallback_rule(eqn, invals, ctx):
+def _plain_projection(eqn, env, ctx):
+  """``(x var, contraction, lora)`` if ``eqn`` is ``x @ kernel`` taking the 2-D
+  fast path of :func:`_lowrank_dot` with a plain (no DoRA, no dropout)
+  adapter, which the engine (auto) would factor; else None."""
+  if eqn.primitive.name != "dot_general":
+    return None
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  lhs, rhs = eqn.invars
+  if lb or rb or isinstance(lhs, jex.Literal) or isinstance(rhs, jex.Literal):
+    return None
+  lora, x = env.get(rhs), env.get(lhs)
+  if not isinstance(lora, Lora) or x is None or isinstance(x, Lora):
+    return None
+  nd = len(lhs.aval.shape)
+  lay = lora.layout
+  if (lora.magnitude is not None or (ctx.rng is not None and lora.dropout)
+      or lay.batch or set(lay.inputs) != set(rc)
+      or tuple(lc) != tuple(range(nd - len(lc), nd))):
+    return None
+  if ctx.choose is not None and ctx.choose("dot_general", x.shape, lc,
+                                           lora) == "merge":
+    return None
+  return lhs, tuple(lc), lora
+
+
+def _project_siblings(eqns, i, env, ctx):
+  """Kernels that read the same input (q, k, v; gate and up) get their
+  ``x @ a`` in one matmul against the concatenated ``a``s: one pass over
+  ``x`` forward and one for the gradients, instead of one per kernel."""
+  head = _plain_projection(eqns[i], env, ctx)
+  if head is None:
+    return
+  group = [(eqns[i], head[2])]
+  for eqn in eqns[i + 1:]:
+    other = _plain_projection(eqn, env, ctx)
+    if other is not None and other[:2] == head[:2]:
+      group.append((eqn, other[2]))
+  if len(group) < 2:
+    return
+  x = env[head[0]]
+  rc = eqns[i].params["dimension_numbers"][0][1]
+  dtype = jnp.result_type(x.dtype, *(l.a.dtype for _, l in group))
+  firsts = []
+  for eqn, lora in group:
+    in_a, _, r_a, _ = _factor_positions(lora.layout)
+    k_contract = eqn.params["dimension_numbers"][0][1]
+    f1 = jnp.transpose(lora.a, [in_a[k] for k in k_contract] + [r_a])
+    firsts.append(f1.reshape(-1, f1.shape[-1]).astype(dtype))
+  k_size = firsts[0].shape[0]
+  x2 = x.astype(dtype).reshape(-1, k_size)
+  t = _project(x2, jnp.concatenate(firsts, axis=1))
+  offsets = list(itertools.accumulate(f.shape[1] for f in firsts))[:-1]
+  for (eqn, lora), part in zip(group, jnp.split(t, offsets, axis=1)):
+    ctx.projected[id(eqn)] = part * jnp.asarray(lora.scale, dtype)
+  del rc
+
+
+def _fallback_rule(eqn, invals, ctx, dropping: bool = False):
+  if dropping:
+    lora = next(x for x in invals if isinstance(x, Lora))
+    raise FallbackError(
+        f"lora_jax: {lora.path!r} has LoRA dropout and is consumed by "
+        f"{eqn.primitive.name!r} in a way the factored engine cannot express; "
+        f"merging cannot apply input dropout. Set dropout=0 for this leaf or "
+        f"call without lora_rng.")
   invals = [_concrete(x, ctx, eqn.primitive.name) for x in invals]
   return bind_eqn(eqn, invals)
 
@@ -175,8 +270,41 @@ def _factor_positions(lay: Layout):
   return in_a, in_b, len(lay.batch) + len(lay.inputs), nb
 
 
+# On XLA:CPU, x^T @ g with x (M, K) and a skinny g (M, r) runs as a GEMM
+# contracting x's leading axis, 3-5x slower than the same sum written as a
+# fused multiply-reduce (measured for r <= 32 on W1's shapes; see
+# benchmarks/README.md). Other backends keep the GEMM.
+REDUCE_MAX_RANK = 32
+
+
+def _xt_dot(x, g):
+  """``x.T @ g`` for ``x (M, K)`` and ``g (M, r)``."""
+  if g.shape[1] <= REDUCE_MAX_RANK and jax.default_backend() == "cpu":
+    return jnp.sum(x[:, None, :] * g[:, :, None], axis=0).T
+  return x.T @ g
+
+
+@jax.custom_vjp
+def _project(x, a):
+  """``x @ a`` for 2-D ``x (M, K)`` and ``a (K, r)``; its VJP computes
+  ``dx = g @ a.T`` and ``da = x.T @ g`` by :func:`_xt_dot`."""
+  return x @ a
+
+
+def _project_fwd(x, a):
+  return x @ a, (x, a)
+
+
+def _project_bwd(res, g):
+  x, a = res
+  return g @ a.T, _xt_dot(x, g)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
 def _lowrank_dot(x, lora: Lora, x_contract, k_contract, x_batch, k_batch,
-                 kernel_is_lhs: bool, out_dtype):
+                 kernel_is_lhs: bool, out_dtype, projected=None):
   """``dot_general(x, scale * a @ b)`` (or with the kernel on the left) in low
   rank; None when the contraction does not line up with the layout."""
   lay = lora.layout
@@ -208,12 +336,16 @@ def _lowrank_dot(x, lora: Lora, x_contract, k_contract, x_batch, k_batch,
     f2 = f2.reshape(f2.shape[0], math.prod(n_shape))
     m_shape = x.shape[:x.ndim - len(x_contract)]
     x2 = x.reshape(math.prod(m_shape), k_size)
-    t = (x2 @ f1.astype(dtype)) * jnp.asarray(lora.scale, dtype)
-    u = (t @ f2.astype(dtype)).reshape(*m_shape, *n_shape)
+    if projected is None:
+      t = _project(x2, f1.astype(dtype)) * jnp.asarray(lora.scale, dtype)
+    else:
+      t = projected.astype(dtype)
+    u = t @ f2.astype(dtype)
+    u = u.reshape(*m_shape, *n_shape)
     if kernel_is_lhs:
       u = jnp.moveaxis(u, list(range(len(m_shape))),
                        list(range(len(n_shape), len(n_shape) + len(m_shape))))
-    return u.astype(out_dtype), rule
+    return (u if out_dtype is None else u.astype(out_dtype)), rule
   # General case: batched dot_generals.
   t = jax.lax.dot_general(
       x, first.astype(dtype),
@@ -235,7 +367,7 @@ def _lowrank_dot(x, lora: Lora, x_contract, k_contract, x_batch, k_batch,
     perm = (list(range(nbatch)) + list(range(base_nd, base_nd + nk))
             + list(range(nbatch, base_nd)))
     u = jnp.transpose(u, perm)
-  return u.astype(out_dtype), rule
+  return (u if out_dtype is None else u.astype(out_dtype)), rule
 
 
 def _dot_general(eqn, invals, ctx):
@@ -248,17 +380,45 @@ def _dot_general(eqn, invals, ctx):
   else:
     lora, x, args = lhs, rhs, (rc, lc, rb, lb, True)
   out_dtype = eqn.outvars[0].aval.dtype
-  if ctx.choose is not None and ctx.choose(
+  dropping = ctx.rng is not None and lora.dropout > 0
+  if not dropping and ctx.choose is not None and ctx.choose(
       "dot_general", x.shape, args[0], lora) == "merge":
     ctx.report.record(lora.path, "merge (auto: cheaper)")
     return bind_eqn(eqn, [lora.materialize() if v is lora else v
                           for v in invals])
-  low, rule = _lowrank_dot(x, lora, *args, out_dtype=out_dtype)
-  if low is None:
-    return _fallback_rule(eqn, invals, ctx)
+  x_lora = ctx.dropout(x, lora)
+  low, rule = _lowrank_dot(x_lora, lora, *args, out_dtype=None,
+                           projected=ctx.projected.pop(id(eqn), None))
+  if low is None or (lora.magnitude is not None and rule != "dot_general"):
+    return _fallback_rule(eqn, invals, ctx, dropping)
   base = bind_eqn(eqn, [lora.w if v is lora else v for v in invals])[0]
-  ctx.report.record(lora.path, rule)
-  return [base + low]
+  ctx.report.record(lora.path, rule + (" + DoRA" if lora.magnitude is not None
+                                       else ""))
+  if lora.magnitude is None:
+    return [base + low.astype(out_dtype)]
+  # DoRA: (m / ||W0 + s a b||) * (x W0 + s (x a) b), per output unit.
+  k_contract, k_batch, kernel_is_lhs = args[1], args[3], args[4]
+  factor = _output_factor(lora.dora_factor(low.dtype), lora.layout, k_batch,
+                          base.ndim, x.ndim - len(args[0]) - len(args[2]),
+                          kernel_is_lhs)
+  return [(factor * (base.astype(low.dtype) + low)).astype(out_dtype)]
+
+
+def _output_factor(values, lay: Layout, k_batch, out_ndim: int, n_x_free: int,
+                   kernel_is_lhs: bool):
+  """``(*batch, *out)`` values placed to broadcast against a dot's output:
+  batch dims first (in the dot's order), then x's free dims and the kernel's
+  free dims (ascending) in the order the dot emits them."""
+  axes = lay.batch + lay.outputs
+  outs_sorted = sorted(lay.outputs)
+  want = list(k_batch) + outs_sorted
+  v = jnp.transpose(values, [axes.index(k) for k in want])
+  nb, nk = len(k_batch), len(outs_sorted)
+  ones = (1,) * n_x_free
+  shape = (v.shape[:nb] + ((v.shape[nb:] + ones) if kernel_is_lhs
+                           else (ones + v.shape[nb:])))
+  del out_ndim, nk
+  return v.reshape(shape)
 
 
 def _conv(eqn, invals, ctx):
@@ -283,7 +443,7 @@ def _conv(eqn, invals, ctx):
   params = dict(p)
   params["preferred_element_type"] = None
   hidden = jax.lax.conv_general_dilated(
-      lhs.astype(dtype), a_kernel.astype(dtype), p["window_strides"],
+      ctx.dropout(lhs, lora).astype(dtype), a_kernel.astype(dtype), p["window_strides"],
       p["padding"], p["lhs_dilation"], p["rhs_dilation"],
       p["dimension_numbers"], precision=p["precision"])
   feat = p["dimension_numbers"].out_spec[1]
@@ -291,17 +451,22 @@ def _conv(eqn, invals, ctx):
   shape = hidden.shape
   low = (hidden.reshape(-1, r) @ lora.b.astype(dtype)).reshape(
       *shape[:-1], lora.b.shape[-1])
-  low = jnp.moveaxis(low, -1, feat).astype(base.dtype)
+  low = jnp.moveaxis(low, -1, feat)
+  if lora.magnitude is not None:
+    shape = [1] * low.ndim
+    shape[feat] = low.shape[feat]
+    factor = lora.dora_factor(dtype).reshape(shape)
+    ctx.report.record(lora.path, "conv_general_dilated + DoRA")
+    return [(factor * (base.astype(dtype) + low)).astype(base.dtype)]
   ctx.report.record(lora.path, "conv_general_dilated")
-  del r
-  return [base + low]
+  return [base + low.astype(base.dtype)]
 
 
 def _gather(eqn, invals, ctx):
   operand, indices = invals
-  if isinstance(indices, Lora):
-    return _fallback_rule(eqn, invals, ctx)
   lora = operand
+  if isinstance(indices, Lora) or lora.magnitude is not None:
+    return _fallback_rule(eqn, invals, ctx)
   lay = lora.layout
   dn = eqn.params["dimension_numbers"]
   sizes = eqn.params["slice_sizes"]
@@ -343,7 +508,7 @@ def _flatten(vals):
     out = []
     for start, lora in spec:
       out.append(flat_vals[start] if lora is None
-                 else lora.rebuild(*flat_vals[start:start + 3]))
+                 else lora.rebuild(*flat_vals[start:start + 4]))
     return out
   return flat, rebuild
 
@@ -372,10 +537,12 @@ def _drop_leading(lora: Lora) -> Lora:
   i = lay.batch.index(0)
   a = jnp.moveaxis(lora.a, i, 0)
   b = jnp.moveaxis(lora.b, i, 0)
+  m = None if lora.magnitude is None else jnp.moveaxis(lora.magnitude, i, 0)
   rest = lay.batch[:i] + lay.batch[i + 1:]
   dec = lambda axes: tuple(k - 1 for k in axes)
-  return Lora(lora.w, a, b, lora.scale,
-              Layout(dec(rest), dec(lay.inputs), dec(lay.outputs)), lora.path)
+  return dataclasses.replace(
+      lora, a=a, b=b, magnitude=m,
+      layout=Layout(dec(rest), dec(lay.inputs), dec(lay.outputs)))
 
 
 def _scan(eqn, invals, ctx):
@@ -395,17 +562,23 @@ def _scan(eqn, invals, ctx):
   # a and b of a stacked kernel are scanned along their (moved) leading axis.
   xs_flat, rebuild = _flatten(moved)
   closed = p["jaxpr"]
+  # Dropout draws a fresh key per scan step.
+  keys = (None if ctx.rng is None
+          else jax.random.split(ctx.next_key(), p["length"]))
 
-  def body(carry, x_slices):
-    step_xs = rebuild(list(x_slices))
-    fixed = []
-    for x in step_xs:
-      fixed.append(x)
-    outs = eval_jaxpr(closed.jaxpr, closed.consts,
-                      [*consts, *carry, *fixed], ctx)
+  def body(carry, step):
+    x_slices, key = step
+    outer = ctx.rng
+    ctx.rng = key
+    try:
+      outs = eval_jaxpr(closed.jaxpr, closed.consts,
+                        [*consts, *carry, *rebuild(list(x_slices))], ctx)
+    finally:
+      ctx.rng = outer
     return outs[:ncarry], outs[ncarry:]
-  carry, ys = jax.lax.scan(body, list(init), xs_flat, length=p["length"],
-                           reverse=p["reverse"], unroll=p["unroll"])
+  carry, ys = jax.lax.scan(body, list(init), (xs_flat, keys),
+                           length=p["length"], reverse=p["reverse"],
+                           unroll=p["unroll"])
   return [*carry, *ys]
 
 
@@ -451,16 +624,17 @@ _RULES = {
 
 def factored_apply(fn, base, delta_by_path: dict, args, kwargs, *,
                    strict=False, report: Report | None = None,
-                   choose: Callable | None = None):
+                   choose: Callable | None = None, rng=None):
   """Evaluates ``fn(merge(base, delta), *args, **kwargs)`` in factored form."""
   closed, inputs, out_tree = trace(fn, base, args, kwargs)
-  from lora_jax.paths import leaves_with_paths  # pylint: disable=import-outside-toplevel
-  ctx = _Context(strict, report if report is not None else Report(), choose)
+  ctx = _Context(strict, report if report is not None else Report(), choose,
+                 rng)
   paths = [p for p, _ in leaves_with_paths(base)]
   for i, path in enumerate(paths):
     d = delta_by_path.get(path)
     if d is not None:
-      inputs[i] = Lora(inputs[i], d.a, d.b, d.scale, d.layout, path)
+      inputs[i] = Lora(inputs[i], d.a, d.b, d.scale, d.layout, path,
+                       d.magnitude, d.dropout)
   outs = eval_jaxpr(closed.jaxpr, closed.consts, inputs, ctx)
   return jax.tree.unflatten(out_tree, outs)
 

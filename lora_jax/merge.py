@@ -7,15 +7,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.delta import LoraDelta, deltas_by_path, delta_weight
+from lora_jax.delta import (LoraDelta, adapted_weight, column_factor,
+                            delta_weight, deltas_by_path, dora_norm)
 from lora_jax.paths import leaves_with_paths, map_with_paths, preview
 
 
-def _combine(path: str, w: Any, d: LoraDelta, sign: float) -> jax.Array:
+def _combine(path: str, w: Any, d: LoraDelta, sign: float,
+             norm: Any = None) -> jax.Array:
   _check_shape(path, w, d)
-  # Add in the wider of the two dtypes, then round once into the base dtype.
-  dtype = jnp.result_type(w.dtype, d.a.dtype, d.b.dtype)
-  out = (w.astype(dtype) + sign * delta_weight(d, dtype)).astype(w.dtype)
+  if sign > 0:
+    out = adapted_weight(w, d)
+  elif d.magnitude is None:
+    out = adapted_weight(w, d, sign=-1.0)
+  else:
+    if norm is None:
+      raise ValueError(
+          f"unmerge: {path!r} is a DoRA adapter; undoing it needs the norms "
+          f"of W0 + s*A@B taken before merging: norms = "
+          f"lora_jax.dora_norms(base, delta), then unmerge(params, delta, "
+          f"norms).")
+    dtype = jnp.result_type(w.dtype, d.a.dtype)
+    factor = column_factor(norm.astype(dtype) / d.magnitude.astype(dtype),
+                           d.layout, w.ndim)
+    out = (w.astype(dtype) * factor - delta_weight(d, dtype)).astype(w.dtype)
   # Eagerly computed results keep the base kernel's placement (under jit the
   # compiler propagates it).
   concrete = lambda x: isinstance(x, jax.Array) and not isinstance(
@@ -51,12 +65,22 @@ def _check_shape(path: str, w: Any, d: LoraDelta) -> None:
         f"model or config?")
 
 
-def _apply(params: Any, delta: Any, sign: float, what: str) -> Any:
+def _apply(params: Any, delta: Any, sign: float, what: str,
+           norms: dict | None = None) -> Any:
   deltas = deltas_by_path(delta)
   check_matches(params, deltas, what)
+  norms = norms or {}
   return map_with_paths(
       lambda path, w: w if path not in deltas else _combine(
-          path, w, deltas[path], sign), params)
+          path, w, deltas[path], sign, norms.get(path)), params)
+
+
+def dora_norms(base: Any, delta: Any) -> dict:
+  """``{path: ||W0 + s*A@B||}`` (per output unit) of every DoRA adapter; what
+  :func:`unmerge` needs to undo a DoRA merge exactly."""
+  flat = dict(leaves_with_paths(base))
+  return {p: dora_norm(flat[p], d) for p, d in deltas_by_path(delta).items()
+          if d.magnitude is not None}
 
 
 def merge(base: Any, delta: Any) -> Any:
@@ -79,10 +103,11 @@ def merge(base: Any, delta: Any) -> Any:
   return _apply(base, delta, 1.0, "merge")
 
 
-def unmerge(params: Any, delta: Any) -> Any:
+def unmerge(params: Any, delta: Any, norms: dict | None = None) -> Any:
   """Inverse of :func:`merge`: subtracts ``scale * a @ b`` again.
 
-  Exact up to float rounding (two roundings into the base dtype).
+  Exact up to float rounding (two roundings into the base dtype). DoRA
+  adapters also need ``norms = dora_norms(base, delta)``, taken before merging.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> d = {"kernel": lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)))}
@@ -90,4 +115,4 @@ def unmerge(params: Any, delta: Any) -> Any:
   >>> float(abs(lj.unmerge(lj.merge(base, d), d)["kernel"]).max())
   0.0
   """
-  return _apply(params, delta, -1.0, "unmerge")
+  return _apply(params, delta, -1.0, "unmerge", norms)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig, selector_patterns, selects
-from lora_jax.delta import LoraDelta
+from lora_jax.delta import LoraDelta, dora_norm
 from lora_jax.discover import layout_from_uses, trace_uses
 from lora_jax.layouts import Layout
 from lora_jax.paths import leaves_with_paths, map_with_paths, preview
@@ -30,6 +30,46 @@ def _factor_dtype(config: LoraConfig, kernel_dtype) -> np.dtype:
   if config.dtype is not None:
     return config.dtype
   return np.dtype(jnp.promote_types(kernel_dtype, jnp.float32))
+
+
+def _principal(w: jax.Array, layout: Layout, rank: int, scale: float,
+               method: str, key: jax.Array):
+  """PiSSA / OLoRA factors of ``w`` and the residual ``w - scale * a @ b``.
+
+  Per batch entry, ``w`` is seen as a ``(K, N)`` matrix ``M`` (inputs by
+  outputs). PiSSA: ``M ~ U S V^T``, ``a = U_r sqrt(S_r / s)``, ``b = sqrt(S_r /
+  s) V_r^T``, so ``s a b`` is the best rank-r approximation of ``M``. OLoRA:
+  the QR of PEFT's ``(out, in)`` weight ``M^T = Q R``, ``b = Q_r^T``,
+  ``a = R_r^T`` (PEFT keeps ``s`` out of the factors there).
+  """
+  batch, ins, outs = layout.sizes(w.shape)
+  g, k, n = math.prod(batch), math.prod(ins), math.prod(outs)
+  m = jnp.transpose(w, layout.order).reshape(g, k, n).astype(jnp.float32)
+  if method == "olora":
+    q, r_ = jnp.linalg.qr(jnp.swapaxes(m, 1, 2))  # (g, n, min), (g, min, k)
+    b = jnp.swapaxes(q[:, :, :rank], 1, 2)        # (g, r, n)
+    a = jnp.swapaxes(r_[:, :rank, :], 1, 2)       # (g, k, r)
+  else:
+    if method == "pissa":
+      u, sv, vt = jnp.linalg.svd(m, full_matrices=False)
+    else:  # randomised SVD, Halko et al., with `niter` power iterations
+      niter = int(method[len("pissa_niter_"):])
+      p = min(rank + 8, k, n)
+      omega = jax.random.normal(key, (g, n, p), m.dtype)
+      y = m @ omega
+      for _ in range(niter):
+        y = m @ (jnp.swapaxes(m, 1, 2) @ jnp.linalg.qr(y)[0])
+      q = jnp.linalg.qr(y)[0]
+      ub, sv, vt = jnp.linalg.svd(jnp.swapaxes(q, 1, 2) @ m,
+                                  full_matrices=False)
+      u = q @ ub
+    root = jnp.sqrt(sv[:, :rank] / scale)
+    a = u[:, :, :rank] * root[:, None, :]
+    b = root[:, :, None] * vt[:, :rank, :]
+  a = a.reshape(*batch, *ins, rank)
+  b = b.reshape(*batch, rank, *outs)
+  residual = w - LoraDelta(a, b, scale, layout).weight().astype(w.dtype)
+  return a, b, residual
 
 
 def init_factors(init: str | Callable, key: jax.Array, a_shape, b_shape,
@@ -59,7 +99,9 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
           example_kwargs: dict | None = None) -> tuple[Any, Any]:
   """Partitions ``params`` into a frozen ``base`` and a LoRA ``delta``.
 
-  Pure: ``base`` holds the very arrays of ``params``; ``delta`` has the same
+  Pure: ``base`` holds the very arrays of ``params`` (for PiSSA / OLoRA inits,
+  the residual ``W0 - scale * a @ b`` at each adapted kernel, so that
+  ``merge(base, delta)`` still equals ``params``); ``delta`` has the same
   structure with a :class:`LoraDelta` at every targeted leaf and ``None``
   elsewhere. A 2-D kernel is taken as ``(in, out)`` unless ``config.layouts``
   says otherwise; with ``apply_fn`` (called as ``apply_fn(params,
@@ -124,21 +166,36 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
       layouts[p] = layout_from_uses(p, len(x.shape), u)
 
   deltas: dict[str, LoraDelta] = {}
+  residuals: dict[str, Any] = {}
   for n, (i, p, x) in enumerate(chosen):
     layout = layouts[p]
     shape = tuple(x.shape)
+    rank, scale = config.rank_for(p), config.scale_for(p)
     max_rank = layout.max_rank(shape)
-    if config.rank > max_rank:
+    if rank > max_rank:
       raise ValueError(
-          f"rank {config.rank} is larger than the smaller side ({max_rank}) of "
+          f"rank {rank} is larger than the smaller side ({max_rank}) of "
           f"{p!r} (shape {shape}, inputs {layout.inputs}, outputs "
           f"{layout.outputs}). Use rank <= {max_rank} or exclude the leaf.")
-    a_shape, b_shape = layout.factor_shapes(shape, config.rank)
+    a_shape, b_shape = layout.factor_shapes(shape, rank)
     fan_in = math.prod(layout.sizes(shape)[1])
-    a, b = init_factors(config.init, jax.random.fold_in(key, n), a_shape,
-                        b_shape, _factor_dtype(config, x.dtype), fan_in,
-                        config.rank)
-    deltas[p] = LoraDelta(a, b, scale=config.scale, layout=layout)
+    dtype = _factor_dtype(config, x.dtype)
+    leaf_key = jax.random.fold_in(key, n)
+    if isinstance(config.init, str) and config.init.startswith(("pissa", "olora")):
+      a, b, residuals[p] = _principal(x, layout, rank, scale, config.init,
+                                      leaf_key)
+      a, b = a.astype(dtype), b.astype(dtype)
+    else:
+      a, b = init_factors(config.init, leaf_key, a_shape, b_shape, dtype,
+                          fan_in, rank)
+    d = LoraDelta(a, b, scale=scale, layout=layout, dropout=config.dropout)
+    if config.dora:
+      # ||W0 + s a b|| over the input axes: the adapted kernel at init is W0.
+      w0 = residuals.get(p, x)
+      d = d.replace(magnitude=dora_norm(w0, d, dtype).astype(dtype))
+    deltas[p] = d
 
+  base = params if not residuals else map_with_paths(
+      lambda p, x: residuals.get(p, x), params)
   delta = map_with_paths(lambda p, x: deltas.get(p), params)
-  return params, delta
+  return base, delta

@@ -25,7 +25,10 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
       without a factored rule get that kernel merged for that use, with a
       warning (an error with ``strict=True``).
     * ``"auto"`` is factored, except where the shapes make merging cheaper
-      (few tokens, large rank); see :func:`lora_jax.explain`.
+      (many tokens and a large rank); see :func:`lora_jax.explain`.
+
+  LoRA dropout (``LoraConfig(dropout=p)``) is applied only when ``g`` is
+  called with ``lora_rng=key``; without a key the call is deterministic.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> f = lambda p, x: x @ p["kernel"]
@@ -40,18 +43,26 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
 
   if mode == "merge":
     @functools.wraps(fn)
-    def merged(base, delta, *args, **kwargs):
+    def merged(base, delta, *args, lora_rng=None, **kwargs):
+      if lora_rng is not None:
+        dropping = [p for p, d in deltas_by_path(delta).items() if d.dropout]
+        if dropping:
+          raise ValueError(
+              f"wrap(mode='merge') cannot apply LoRA dropout (it acts on the "
+              f"LoRA branch's input, which a merged kernel no longer has): "
+              f"{dropping[:3]} have dropout > 0. Use mode='factored' or "
+              f"'auto', or call without lora_rng.")
       return fn(merge(base, delta), *args, **kwargs)
     return merged
 
   choose = None if mode == "factored" else factored.cheaper_engine
 
   @functools.wraps(fn)
-  def wrapped(base, delta, *args, **kwargs):
+  def wrapped(base, delta, *args, lora_rng=None, **kwargs):
     deltas = deltas_by_path(delta)
     check_matches(base, deltas, "wrap")
     return factored.factored_apply(fn, base, deltas, args, kwargs,
-                                   strict=strict, choose=choose)
+                                   strict=strict, choose=choose, rng=lora_rng)
   return wrapped
 
 

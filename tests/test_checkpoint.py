@@ -29,8 +29,8 @@ def test_save_load_roundtrip_bitwise(tmp_path):
   case, cfg, base, delta = _trained()
   path = lj.save(tmp_path / "adapter", delta, cfg)
   loaded = lj.load(path)
-  want = lj.delta.deltas_by_path(delta)
-  got = lj.delta.deltas_by_path(loaded)
+  want = lj.adapters(delta)
+  got = lj.adapters(loaded)
   assert set(got) == set(want)
   for p in want:
     assert got[p].layout == want[p].layout and got[p].scale == want[p].scale
@@ -50,14 +50,14 @@ def test_load_in_a_fresh_process(tmp_path):
   path = lj.save(tmp_path / "adapter", delta, cfg)
   script = textwrap.dedent(f"""
       import numpy as np, lora_jax as lj
-      d = lj.delta.deltas_by_path(lj.load({str(path)!r}))
+      d = lj.adapters(lj.load({str(path)!r}))
       for p, x in sorted(d.items()):
           print(p, x.layout.batch, np.asarray(x.a).tobytes().hex(),
                 np.asarray(x.b).tobytes().hex())
   """)
   out = subprocess.run([sys.executable, "-c", script], capture_output=True,
                        text=True, check=True).stdout.split()
-  (p, d), = lj.delta.deltas_by_path(delta).items()
+  (p, d), = lj.adapters(delta).items()
   assert out[0] == p and out[1] == "(0,)"
   assert out[2] == np.asarray(d.a).tobytes().hex()
   assert out[3] == np.asarray(d.b).tobytes().hex()

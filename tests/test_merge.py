@@ -14,7 +14,7 @@ def test_merge_equals_numpy_and_unmerge_inverts(name):
   base, delta = case.split(rank=2)
   delta = randomize(delta)
   merged = jax.jit(lj.merge)(base, delta)
-  deltas = lj.delta.deltas_by_path(delta)
+  deltas = lj.adapters(delta)
   flat_base = dict(lj.paths.leaves_with_paths(base))
   for path, w in lj.paths.leaves_with_paths(merged):
     w0 = np.asarray(flat_base[path], np.float64)

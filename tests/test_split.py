@@ -15,14 +15,14 @@ from cases import CASES
 def test_traced_layouts(name):
   case = CASES[name]
   base, delta = case.split(rank=2)
-  found = {p: d.layout for p, d in lj.delta.deltas_by_path(delta).items()}
+  found = {p: d.layout for p, d in lj.adapters(delta).items()}
   assert found == case.layouts
   # base holds the very same arrays; delta mirrors the structure
   for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(case.params)):
     assert x is y
   assert (jax.tree.structure(delta, is_leaf=lj.delta.is_delta_or_none)
           == jax.tree.structure(jax.tree.map(lambda _: 0, case.params)))
-  for path, d in lj.delta.deltas_by_path(delta).items():
+  for path, d in lj.adapters(delta).items():
     kernel = dict(lj.paths.leaves_with_paths(case.params))[path]
     assert d.kernel_shape == kernel.shape
     a_shape, b_shape = d.layout.factor_shapes(kernel.shape, 2)
@@ -81,7 +81,7 @@ def test_nnx_state_paths_and_structure():
   assert isinstance(delta["fc1"]["kernel"], nnx.Param)
   assert isinstance(delta["fc1"]["kernel"].value, lj.LoraDelta)
   assert delta["fc1"]["bias"].value is None
-  assert set(lj.delta.deltas_by_path(delta)) == {"fc1/kernel", "fc2/kernel"}
+  assert set(lj.adapters(delta)) == {"fc1/kernel", "fc2/kernel"}
 
 
 def test_explicit_layout_wins_and_is_checked():

@@ -70,13 +70,13 @@ def test_training_moves_factors_only(name):
     updates, opt_state = tx.update(g, opt_state, delta)
     return optax.apply_updates(delta, updates), opt_state, value
 
-  a0 = {p: np.array(d.a) for p, d in lj.delta.deltas_by_path(delta).items()}
+  a0 = {p: np.array(d.a) for p, d in lj.adapters(delta).items()}
   losses = []
   for _ in range(8):
     delta, opt_state, value = step(delta, opt_state, base, case.args)
     losses.append(float(value))
   assert losses[-1] < losses[0]
-  for p, d in lj.delta.deltas_by_path(delta).items():
+  for p, d in lj.adapters(delta).items():
     assert not np.array_equal(np.asarray(d.a), a0[p]), p
     assert np.any(np.asarray(d.b)), p
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), base_before)
