@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench sweep clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/w1.py
+	$(BIN)/python benchmarks/w1.py --arch flax_scan --variants forward,merged_forward,floor,full,merge,factored,auto
+
+sweep: setup
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -69,7 +69,7 @@ def main(argv=None):
 
 
 def write_table(out, path):
-  lines = [f"# LoRA step / full fine-tuning step on W1 shapes\n",
+  lines = ["# LoRA step / full fine-tuning step on W1 shapes\n",
            json.dumps(out["environment"]), ""]
   for key, label in (("rank", "rank"), ("kernels", "kernels_per_block"),
                      ("seq", "seq")):

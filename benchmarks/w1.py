@@ -121,14 +121,14 @@ ARCH_TARGETS = {"w1": TARGETS,
 
 
 def setup(size: Size, rank: int = 8, targets: str | None = None, seed: int = 0,
-          arch: str = "w1"):
+          arch: str = "w1", **config):
   model = Decoder(size, arch)
   targets = targets or ARCH_TARGETS[arch]
   tokens = jax.random.randint(jax.random.key(seed), (size.batch, size.seq), 0,
                               size.vocab)
   params = model.init(jax.random.key(seed + 1), tokens)["params"]
   apply = lambda p, x: model.apply({"params": p}, x)
-  config = lj.LoraConfig(rank=rank, alpha=16.0, targets=targets)
+  config = lj.LoraConfig(rank=rank, alpha=16.0, targets=targets, **config)
   base, delta = lj.split(params, config, jax.random.key(seed + 2),
                          apply_fn=apply, example_args=(tokens,))
   return apply, params, base, delta, tokens
@@ -140,22 +140,27 @@ def cross_entropy(logits, tokens):
       logits, tokens[:, 1:]).mean()
 
 
-def make_steps(apply, params, base, delta, tokens, variants):
+def make_steps(apply, params, base, delta, tokens, variants,
+               variant_setup=None):
   """``{name: (jitted step, state)}``; each step returns (state, loss)."""
   tx = optax.adam(1e-4)
   loss = lambda p, x: cross_entropy(apply(p, x), x)
   steps: dict[str, tuple[Callable, Any]] = {}
 
-  def lora_step(mode):
+  def lora_step(mode, delta=delta, dropout=False):
     wrapped = lj.wrap(apply, mode)
 
     def step(state, base, x):
-      d, opt = state
-      l, g = jax.value_and_grad(lambda d: cross_entropy(wrapped(base, d, x), x))(d)
+      d, opt, key = state
+      key, sub = jax.random.split(key)
+      kw = {"lora_rng": sub} if dropout else {}
+      l, g = jax.value_and_grad(
+          lambda d: cross_entropy(wrapped(base, d, x, **kw), x))(d)
       u, opt = tx.update(g, opt, d)
-      return (optax.apply_updates(d, u), opt), l
+      return (optax.apply_updates(d, u), opt, key), l
     own = jax.tree.map(jnp.copy, delta)  # each variant donates its own state
-    return jax.jit(step, donate_argnums=0), (own, tx.init(own))
+    return (jax.jit(step, donate_argnums=0),
+            (own, tx.init(own), jax.random.key(0)))
 
   def full_step(state, base, x):
     p, opt = state
@@ -186,6 +191,11 @@ def make_steps(apply, params, base, delta, tokens, variants):
       full_params = jax.tree.map(jnp.copy, params)
       steps[v] = (jax.jit(full_step, donate_argnums=0),
                   (full_params, tx.init(full_params)))
+    elif v in ("dora", "dropout"):
+      # the same model and kernels, split with DoRA / LoRA dropout 0.1
+      cfg = {"dora": True} if v == "dora" else {"dropout": 0.1}
+      _, _, _, d, _ = variant_setup(**cfg)
+      steps[v] = lora_step("factored", d, dropout=v == "dropout")
     else:
       steps[v] = lora_step(v)
   return steps
@@ -261,7 +271,8 @@ def main(argv=None):
                   help="w1: BENCHMARKS.md's model; flax_scan: Flax attention "
                        "(DenseGeneral kernels) with blocks under nn.scan")
   ap.add_argument("--seq", type=int, default=None, help="override sequence length")
-  ap.add_argument("--variants", default="forward,merged_forward,floor,full,merge,factored,auto")
+  ap.add_argument("--variants", default="forward,merged_forward,floor,full,merge,"
+                  "factored,auto,dora,dropout")
   ap.add_argument("--name", default=None, help="results file stem")
   args = ap.parse_args(argv)
   size = SIZES[args.size]
@@ -269,7 +280,8 @@ def main(argv=None):
     size = dataclasses.replace(size, seq=args.seq)
   variants = args.variants.split(",")
   apply, params, base, delta, tokens = setup(size, rank=args.rank, arch=args.arch)
-  steps = make_steps(apply, params, base, delta, tokens, variants)
+  variant_setup = lambda **cfg: setup(size, rank=args.rank, arch=args.arch, **cfg)
+  steps = make_steps(apply, params, base, delta, tokens, variants, variant_setup)
   results = measure(steps, base, tokens, args.reps)
   for name, r in results.items():
     r["ratio_to_full"] = r["step_ms"] / results["full"]["step_ms"] if "full" in results else None
@@ -290,6 +302,11 @@ def main(argv=None):
   if "merged_forward" in results and "forward" in results:
     md += (f"\n\nmerged inference / base forward: "
            f"{results['merged_forward']['ratio_to_forward']:.3f}")
+  for v in ("dora", "dropout"):
+    if v in results and "factored" in results:
+      r = results[v]["step_ms"] / results["factored"]["step_ms"]
+      results[v]["overhead_over_factored"] = r - 1
+      md += f"\n\n{v} step / plain LoRA (factored) step: {r:.3f}"
   with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
     f.write(f"# {name}\n\n{json.dumps(report['environment'])}\n\n{md}\n")
   print(md)

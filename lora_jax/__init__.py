@@ -9,13 +9,16 @@ Array([8., 8., 8., 8.], dtype=float32)
 """
 
 from lora_jax.checkpoint import (CheckpointError, checkpoint_manager, load,
+                                 load_extras,
                                  load_metadata, save)
 from lora_jax.config import ALL_LINEAR, LoraConfig
 from lora_jax.delta import LoraDelta, delta_weight
 from lora_jax.delta import deltas_by_path as adapters
 from lora_jax.layouts import Layout
 from lora_jax.merge import dora_norms, merge, unmerge
-from lora_jax.optim import optimizer
+from lora_jax.optim import optimizer, trainable_leaves, with_leaves
+from lora_jax.inits import to_plain_lora
+from lora_jax.sharding import delta_shardings, factor_specs
 from lora_jax.split import split
 from lora_jax.summary import describe, summary
 from lora_jax.wrap import explain, wrap
@@ -29,5 +32,6 @@ __all__ = [
     "checkpoint_manager", "delta_weight", "describe", "dora_norms", "load",
     "load_metadata",
     "explain", "merge", "optimizer", "save", "split", "summary", "unmerge",
-    "wrap", "FallbackError", "Report",
+    "wrap", "FallbackError", "Report", "to_plain_lora", "load_extras",
+    "trainable_leaves", "with_leaves", "delta_shardings", "factor_specs",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -39,6 +38,13 @@ class CheckpointError(ValueError):
   """A checkpoint that is missing, incomplete, corrupt or does not match."""
 
 
+def _sync(name: str) -> None:
+  """A barrier across processes (no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def _version() -> str:
   from lora_jax import __version__  # pylint: disable=import-outside-toplevel
   return __version__
@@ -56,6 +62,22 @@ def _nest(flat: dict[str, Any]) -> dict:
   return out
 
 
+def _factors(d: LoraDelta) -> dict:
+  out = {"a": d.a, "b": d.b}
+  if d.magnitude is not None:
+    out["magnitude"] = d.magnitude
+  return out
+
+
+def _spec(info: dict, sharding: Any = None) -> jax.ShapeDtypeStruct:
+  # Without a placement, restore onto this process's first device: this works
+  # whatever topology (devices, processes) wrote the checkpoint.
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(tuple(info["shape"]), np.dtype(info["dtype"]),
+                              sharding=sharding)
+
+
 def _dtype_name(x) -> str:
   return np.dtype(x.dtype).name
 
@@ -70,7 +92,11 @@ def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
         "kernel_shape": list(d.kernel_shape),
         "a": {"shape": list(d.a.shape), "dtype": _dtype_name(d.a)},
         "b": {"shape": list(d.b.shape), "dtype": _dtype_name(d.b)},
+        "dropout": float(d.dropout),
     }
+    if d.magnitude is not None:
+      adapters[path]["magnitude"] = {"shape": list(d.magnitude.shape),
+                                     "dtype": _dtype_name(d.magnitude)}
   return {"format": FORMAT, "format_version": FORMAT_VERSION,
           "library_version": _version(),
           "config": None if config is None else config.to_json(),
@@ -78,8 +104,13 @@ def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
 
 
 def save(directory: str | os.PathLike, delta: Any,
-         config: LoraConfig | None = None, *, overwrite: bool = False) -> str:
+         config: LoraConfig | None = None, *, extras: dict | None = None,
+         overwrite: bool = False) -> str:
   """Saves the adapters of ``delta`` (not the base) to ``directory``.
+
+  ``extras`` (``{path: array}``, e.g. from :func:`lora_jax.trainable_leaves`)
+  are base leaves trained beside the adapters (biases, norms, a head); they are
+  saved too and restored by :func:`load_extras`.
 
   Refuses to replace an existing directory unless ``overwrite=True``; even
   then the old checkpoint is removed only after the new one is complete.
@@ -104,26 +135,41 @@ def save(directory: str | os.PathLike, delta: Any,
         f"replace it (the old checkpoint is kept until the new one is "
         f"complete).")
   meta = metadata(delta, config)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".lora_jax-", dir=parent)
+  extras = dict(extras or {})
+  meta["extras"] = {p: {"shape": list(x.shape), "dtype": _dtype_name(x)}
+                    for p, x in extras.items()}
+  arrays = {"adapters": _nest({p: _factors(d) for p, d in deltas.items()})}
+  if extras:
+    arrays["extras"] = _nest(extras)
+  # Write next to the target, then move it into place: a crash leaves the old
+  # checkpoint intact. Every process writes its shards into the same staging
+  # directory (orbax coordinates them); process 0 does the file moves.
+  staging = directory + ".lora_jax-staging"
+  lead = jax.process_index() == 0
+  if lead:
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+  _sync("lora_jax.save.start")
   try:
-    arrays = _nest({p: {"a": d.a, "b": d.b} for p, d in deltas.items()})
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(staging, ARRAYS_DIR), arrays)
       ckptr.wait_until_finished()
-    with open(os.path.join(staging, META_FILE), "w") as f:
-      json.dump(meta, f, indent=1)
-    if os.path.exists(directory):
-      old = staging + ".old"
-      os.rename(directory, old)
-      os.rename(staging, directory)
-      shutil.rmtree(old)
-    else:
-      os.rename(staging, directory)
+    if lead:
+      with open(os.path.join(staging, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+      if os.path.exists(directory):
+        old = directory + ".lora_jax-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(directory, old)
+        os.rename(staging, directory)
+        shutil.rmtree(old)
+      else:
+        os.rename(staging, directory)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if lead:
+      shutil.rmtree(staging, ignore_errors=True)
     raise
+  _sync("lora_jax.save.done")
   return directory
 
 
@@ -154,28 +200,27 @@ def load_metadata(directory: str | os.PathLike) -> dict:
   return meta
 
 
-def load(directory: str | os.PathLike) -> dict:
-  """Restores a delta saved by :func:`save`; needs no base and no config.
-
-  Returns a nested dict mirroring the adapted leaves' paths with a
-  :class:`LoraDelta` at each (other leaves are absent, which
-  :func:`lora_jax.merge` and :func:`lora_jax.wrap` accept since they match
-  adapters to the base by path).
-  """
-  directory = os.path.abspath(os.fspath(directory))
-  meta = load_metadata(directory)
+def _restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
+  """The arrays of a checkpoint, restored into the shapes the JSON records
+  (and onto ``shardings[path].a`` etc. where given)."""
+  shardings = shardings or {}
+  unknown = [p for p in shardings if p not in meta.get("adapters", {})]
+  if unknown:
+    raise CheckpointError(
+        f"lora_jax.load: shardings given for {unknown[:3]}, which the "
+        f"checkpoint in {directory} has no adapter for.")
   try:
     adapters = {
-        path: (info, Layout.from_json(info["layout"]))
+        path: {k: _spec(info[k], getattr(shardings.get(path), k, None))
+               for k in ("a", "b", "magnitude") if k in info}
         for path, info in meta["adapters"].items()}
+    extras = {p: _spec(i) for p, i in meta.get("extras", {}).items()}
   except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(
         f"lora_jax.load: the adapter list in {META_FILE} is corrupt ({e!r}).") from None
-  target = _nest({
-      path: {k: jax.ShapeDtypeStruct(tuple(info[k]["shape"]),
-                                     np.dtype(info[k]["dtype"]))
-             for k in ("a", "b")}
-      for path, (info, _) in adapters.items()})
+  target = {"adapters": _nest(adapters)}
+  if extras:
+    target["extras"] = _nest(extras)
   arrays_dir = os.path.join(directory, ARRAYS_DIR)
   if not os.path.isdir(arrays_dir):
     raise CheckpointError(
@@ -183,20 +228,53 @@ def load(directory: str | os.PathLike) -> dict:
         f"checkpoint is incomplete.")
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(arrays_dir, target)
+      return ckptr.restore(arrays_dir, target)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f"lora_jax.load: cannot read the factors in {arrays_dir}: the "
         f"checkpoint is truncated, corrupt or does not match {META_FILE} "
         f"({type(e).__name__}: {str(e)[:500]}).") from e
+
+
+def _lookup(tree: dict, path: str):
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
+  """Restores a delta saved by :func:`save`; needs no base and no config.
+
+  Returns a nested dict mirroring the adapted leaves' paths with a
+  :class:`LoraDelta` at each (other leaves are absent, which
+  :func:`lora_jax.merge` and :func:`lora_jax.wrap` accept since they match
+  adapters to the base by path). ``shardings`` (e.g. from
+  :func:`lora_jax.delta_shardings`) restores each factor straight onto its
+  placement across the mesh.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  meta = load_metadata(directory)
+  restored = _restore(directory, meta, deltas_by_path(shardings)
+                      if shardings is not None else None)["adapters"]
   flat = {}
-  for path, (info, layout) in adapters.items():
-    node = restored
-    for part in path.split("/"):
-      node = node[part]
+  for path, info in meta["adapters"].items():
+    node = _lookup(restored, path)
     flat[path] = LoraDelta(node["a"], node["b"], scale=float(info["scale"]),
-                           layout=layout)
+                           layout=Layout.from_json(info["layout"]),
+                           magnitude=node.get("magnitude"),
+                           dropout=float(info.get("dropout", 0.0)))
   return _nest(flat)
+
+
+def load_extras(directory: str | os.PathLike) -> dict:
+  """``{path: array}`` of the base leaves saved with ``save(..., extras=)``;
+  apply them with :func:`lora_jax.with_leaves`."""
+  directory = os.path.abspath(os.fspath(directory))
+  meta = load_metadata(directory)
+  if not meta.get("extras"):
+    return {}
+  restored = _restore(directory, meta)["extras"]
+  return {p: _lookup(restored, p) for p in meta["extras"]}
 
 
 def checkpoint_manager(directory: str | os.PathLike, every: int = 1,

@@ -255,8 +255,8 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   say(f"lora_jax demo: decoder-only transformer, {model.blocks} blocks, "
       f"d_model {model.d_model}, {model.heads} heads, {n_params:,} parameters")
-  say(f"task 1 'copy':    3 1 4 1 5 9 2 6 | -> 3 1 4 1 5 9 2 6\n"
-      f"task 2 'reverse': 3 1 4 1 5 9 2 6 | -> 6 2 9 5 1 4 1 3\n")
+  say("task 1 'copy':    3 1 4 1 5 9 2 6 | -> 3 1 4 1 5 9 2 6\n"
+      "task 2 'reverse': 3 1 4 1 5 9 2 6 | -> 6 2 9 5 1 4 1 3\n")
 
   # 1. Pretrain every parameter on task 1.
   tx = optax.adam(3e-3)

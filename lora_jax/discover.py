@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
-import jax
 from jax.extend import core as jex
 
 from lora_jax.layouts import Layout

@@ -208,7 +208,6 @@ def _project_siblings(eqns, i, env, ctx):
   if len(group) < 2:
     return
   x = env[head[0]]
-  rc = eqns[i].params["dimension_numbers"][0][1]
   dtype = jnp.result_type(x.dtype, *(l.a.dtype for _, l in group))
   firsts = []
   for eqn, lora in group:
@@ -222,7 +221,6 @@ def _project_siblings(eqns, i, env, ctx):
   offsets = list(itertools.accumulate(f.shape[1] for f in firsts))[:-1]
   for (eqn, lora), part in zip(group, jnp.split(t, offsets, axis=1)):
     ctx.projected[id(eqn)] = part * jnp.asarray(lora.scale, dtype)
-  del rc
 
 
 def _fallback_rule(eqn, invals, ctx, dropping: bool = False):
@@ -397,14 +395,13 @@ def _dot_general(eqn, invals, ctx):
   if lora.magnitude is None:
     return [base + low.astype(out_dtype)]
   # DoRA: (m / ||W0 + s a b||) * (x W0 + s (x a) b), per output unit.
-  k_contract, k_batch, kernel_is_lhs = args[1], args[3], args[4]
+  k_batch, kernel_is_lhs = args[3], args[4]
   factor = _output_factor(lora.dora_factor(low.dtype), lora.layout, k_batch,
-                          base.ndim, x.ndim - len(args[0]) - len(args[2]),
-                          kernel_is_lhs)
+                          x.ndim - len(args[0]) - len(args[2]), kernel_is_lhs)
   return [(factor * (base.astype(low.dtype) + low)).astype(out_dtype)]
 
 
-def _output_factor(values, lay: Layout, k_batch, out_ndim: int, n_x_free: int,
+def _output_factor(values, lay: Layout, k_batch, n_x_free: int,
                    kernel_is_lhs: bool):
   """``(*batch, *out)`` values placed to broadcast against a dot's output:
   batch dims first (in the dot's order), then x's free dims and the kernel's
@@ -413,11 +410,10 @@ def _output_factor(values, lay: Layout, k_batch, out_ndim: int, n_x_free: int,
   outs_sorted = sorted(lay.outputs)
   want = list(k_batch) + outs_sorted
   v = jnp.transpose(values, [axes.index(k) for k in want])
-  nb, nk = len(k_batch), len(outs_sorted)
+  nb = len(k_batch)
   ones = (1,) * n_x_free
   shape = (v.shape[:nb] + ((v.shape[nb:] + ones) if kernel_is_lhs
                            else (ones + v.shape[nb:])))
-  del out_ndim, nk
   return v.reshape(shape)
 
 
@@ -440,8 +436,6 @@ def _conv(eqn, invals, ctx):
   perm = sorted(range(len(order)), key=lambda i: order[i])
   a_kernel = jnp.transpose(lora.a, perm)
   dtype = jnp.result_type(lhs.dtype, lora.a.dtype)
-  params = dict(p)
-  params["preferred_element_type"] = None
   hidden = jax.lax.conv_general_dilated(
       ctx.dropout(lhs, lora).astype(dtype), a_kernel.astype(dtype), p["window_strides"],
       p["padding"], p["lhs_dilation"], p["rhs_dilation"],
@@ -482,7 +476,6 @@ def _gather(eqn, invals, ctx):
   a_sizes = list(sizes)
   a_sizes[lay.outputs[0]] = lora.a.shape[-1]
   params["slice_sizes"] = tuple(a_sizes)
-  params = {k: v for k, v in params.items()}
   rows = eqn.primitive.bind(lora.a, indices, **params)
   off = dn.offset_dims[0]
   rows = jnp.moveaxis(rows, off, -1) * jnp.asarray(lora.scale, rows.dtype)
@@ -641,10 +634,12 @@ def factored_apply(fn, base, delta_by_path: dict, args, kwargs, *,
 
 # ---- choosing an engine per consumer ----------------------------------------
 
-# Measured on XLA:CPU (benchmarks/sweep.py): the factored branch's small
-# matmuls run at a lower FLOP rate than the large weight gradient they replace,
-# so they are weighted by this factor before the two costs are compared.
-FACTORED_FLOP_WEIGHT = 2.0
+# Calibrated on XLA:CPU with benchmarks/sweep.py on W1's shapes (M = 1024
+# tokens, 512x512 and 512x2048 kernels): the factored engine stayed faster
+# than merging up to rank 256 (1.14x vs 1.29x of full fine-tuning), although
+# by raw FLOPs merging is cheaper from rank ~85 on. The factored FLOPs are
+# therefore weighted by 0.5, which puts the crossover near rank 340 there.
+FACTORED_FLOP_WEIGHT = 0.5
 
 
 def extra_flops(tokens: int, k: int, n: int, rank: int, batch: int = 1):

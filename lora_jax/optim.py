@@ -57,3 +57,48 @@ def optimizer(tx: optax.GradientTransformation,
   return optax.multi_transform(
       {TRAIN: tx, FREEZE: optax.set_to_zero()},
       lambda params: trainable_labels(params, trainable))
+
+
+def trainable_leaves(base: Any, trainable: Selector) -> dict[str, Any]:
+  """``{path: leaf}`` of the base leaves selected by ``trainable``.
+
+  With :func:`with_leaves`, this is the delta-only loop's recipe for training
+  biases, norms or a head beside the adapters (PEFT's ``bias`` and
+  ``modules_to_save``)::
+
+    extras = lj.trainable_leaves(base, r".*/bias|head/.*")
+    state = tx.init((delta, extras))
+    loss = lambda t: loss_fn(apply(lj.with_leaves(base, t[1]), t[0], x), y)
+    grads = jax.grad(loss)((delta, extras))
+
+  >>> import jax.numpy as jnp, lora_jax as lj
+  >>> base = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+  >>> list(lj.trainable_leaves(base, r".*/bias"))
+  ['fc/bias']
+  """
+  leaves = leaves_with_paths(base)
+  chosen = {p: x for p, x in leaves if selects(trainable, p, x)}
+  if not chosen:
+    raise ValueError(f"trainable={trainable!r} selects no base leaf. Some "
+                     f"paths that exist: {preview(p for p, _ in leaves)}.")
+  return chosen
+
+
+def with_leaves(base: Any, leaves: dict[str, Any]) -> Any:
+  """``base`` with the leaves at the given paths replaced (shapes checked)."""
+  seen = set()
+
+  def fn(path, x):
+    if path not in leaves:
+      return x
+    new = leaves[path]
+    if tuple(new.shape) != tuple(x.shape):
+      raise ValueError(f"with_leaves: {path!r} has shape {tuple(x.shape)} in "
+                       f"the base but {tuple(new.shape)} in the replacement.")
+    seen.add(path)
+    return new
+  out = map_with_paths(fn, base)
+  missing = [p for p in leaves if p not in seen]
+  if missing:
+    raise ValueError(f"with_leaves: the base has no leaf at {preview(missing)}.")
+  return out

@@ -12,8 +12,10 @@ import numpy as np
 from lora_jax.config import LoraConfig, selector_patterns, selects
 from lora_jax.delta import LoraDelta, dora_norm
 from lora_jax.discover import layout_from_uses, trace_uses
+from lora_jax.inits import init_factors, principal_factors
 from lora_jax.layouts import Layout
 from lora_jax.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax.sharding import place_like_kernel
 
 
 def _check_targets_match(config: LoraConfig, leaves: list[tuple[str, Any]]):
@@ -30,68 +32,6 @@ def _factor_dtype(config: LoraConfig, kernel_dtype) -> np.dtype:
   if config.dtype is not None:
     return config.dtype
   return np.dtype(jnp.promote_types(kernel_dtype, jnp.float32))
-
-
-def _principal(w: jax.Array, layout: Layout, rank: int, scale: float,
-               method: str, key: jax.Array):
-  """PiSSA / OLoRA factors of ``w`` and the residual ``w - scale * a @ b``.
-
-  Per batch entry, ``w`` is seen as a ``(K, N)`` matrix ``M`` (inputs by
-  outputs). PiSSA: ``M ~ U S V^T``, ``a = U_r sqrt(S_r / s)``, ``b = sqrt(S_r /
-  s) V_r^T``, so ``s a b`` is the best rank-r approximation of ``M``. OLoRA:
-  the QR of PEFT's ``(out, in)`` weight ``M^T = Q R``, ``b = Q_r^T``,
-  ``a = R_r^T`` (PEFT keeps ``s`` out of the factors there).
-  """
-  batch, ins, outs = layout.sizes(w.shape)
-  g, k, n = math.prod(batch), math.prod(ins), math.prod(outs)
-  m = jnp.transpose(w, layout.order).reshape(g, k, n).astype(jnp.float32)
-  if method == "olora":
-    q, r_ = jnp.linalg.qr(jnp.swapaxes(m, 1, 2))  # (g, n, min), (g, min, k)
-    b = jnp.swapaxes(q[:, :, :rank], 1, 2)        # (g, r, n)
-    a = jnp.swapaxes(r_[:, :rank, :], 1, 2)       # (g, k, r)
-  else:
-    if method == "pissa":
-      u, sv, vt = jnp.linalg.svd(m, full_matrices=False)
-    else:  # randomised SVD, Halko et al., with `niter` power iterations
-      niter = int(method[len("pissa_niter_"):])
-      p = min(rank + 8, k, n)
-      omega = jax.random.normal(key, (g, n, p), m.dtype)
-      y = m @ omega
-      for _ in range(niter):
-        y = m @ (jnp.swapaxes(m, 1, 2) @ jnp.linalg.qr(y)[0])
-      q = jnp.linalg.qr(y)[0]
-      ub, sv, vt = jnp.linalg.svd(jnp.swapaxes(q, 1, 2) @ m,
-                                  full_matrices=False)
-      u = q @ ub
-    root = jnp.sqrt(sv[:, :rank] / scale)
-    a = u[:, :, :rank] * root[:, None, :]
-    b = root[:, :, None] * vt[:, :rank, :]
-  a = a.reshape(*batch, *ins, rank)
-  b = b.reshape(*batch, rank, *outs)
-  residual = w - LoraDelta(a, b, scale, layout).weight().astype(w.dtype)
-  return a, b, residual
-
-
-def init_factors(init: str | Callable, key: jax.Array, a_shape, b_shape,
-                 dtype, fan_in: int, rank: int):
-  """Initial ``(a, b)``: B = 0 so the adapted model equals the base at init."""
-  if callable(init):
-    a, b = init(key, a_shape, b_shape, dtype, fan_in)
-    if tuple(a.shape) != tuple(a_shape) or tuple(b.shape) != tuple(b_shape):
-      raise ValueError(
-          f"LoraConfig.init callable returned shapes {a.shape}, {b.shape}; "
-          f"expected {tuple(a_shape)}, {tuple(b_shape)}.")
-    return a.astype(dtype), b.astype(dtype)
-  if init == "default":
-    # torch's kaiming_uniform_(a=sqrt(5)) over fan-in, as PEFT initialises
-    # lora_A: gain sqrt(2 / 6), bound = gain * sqrt(3 / fan_in) = 1/sqrt(fan_in).
-    bound = 1.0 / math.sqrt(fan_in)
-    a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-  elif init == "gaussian":
-    a = jax.random.normal(key, a_shape, dtype) / rank
-  else:
-    raise ValueError(f"Unknown init {init!r}.")
-  return a, jnp.zeros(b_shape, dtype)
 
 
 def split(params: Any, config: LoraConfig, key: jax.Array,
@@ -182,7 +122,7 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
     dtype = _factor_dtype(config, x.dtype)
     leaf_key = jax.random.fold_in(key, n)
     if isinstance(config.init, str) and config.init.startswith(("pissa", "olora")):
-      a, b, residuals[p] = _principal(x, layout, rank, scale, config.init,
+      a, b, residuals[p] = principal_factors(x, layout, rank, scale, config.init,
                                       leaf_key)
       a, b = a.astype(dtype), b.astype(dtype)
     else:
@@ -193,7 +133,7 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
       # ||W0 + s a b|| over the input axes: the adapted kernel at init is W0.
       w0 = residuals.get(p, x)
       d = d.replace(magnitude=dora_norm(w0, d, dtype).astype(dtype))
-    deltas[p] = d
+    deltas[p] = place_like_kernel(x, d)
 
   base = params if not residuals else map_with_paths(
       lambda p, x: residuals.get(p, x), params)

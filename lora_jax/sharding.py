@@ -1,0 +1,107 @@
+"""Shardings of the LoRA factors, derived from the base kernels' shardings.
+
+A kernel sharded ``P(s_0, ..., s_n)`` gives ``a`` the kernel's specs on its
+batch and input axes with the rank axis replicated, and ``b`` the kernel's
+specs on its batch and output axes with the rank axis replicated (DoRA's
+magnitude: batch and output axes). So ``x @ a`` contracts exactly like
+``x @ W0`` does, ``b`` splits the output like ``W0``, and the small rank axis
+is never split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lora_jax.delta import LoraDelta, deltas_by_path, is_delta_or_none
+from lora_jax.layouts import Layout
+from lora_jax.paths import leaves_with_paths, map_with_paths
+
+
+def _padded(spec: PartitionSpec | None, ndim: int) -> tuple:
+  entries = tuple(spec) if spec is not None else ()
+  if len(entries) > ndim:
+    raise ValueError(f"PartitionSpec {spec} has more entries than the kernel "
+                     f"has axes ({ndim}).")
+  return entries + (None,) * (ndim - len(entries))
+
+
+def factor_specs(spec: PartitionSpec | None, layout: Layout):
+  """``(a_spec, b_spec, magnitude_spec)`` for a kernel sharded by ``spec``.
+
+  >>> from jax.sharding import PartitionSpec as P
+  >>> import lora_jax as lj
+  >>> lj.factor_specs(P("data", "model"), lj.Layout.dense())
+  (PartitionSpec('data', None), PartitionSpec(None, 'model'), PartitionSpec('model',))
+  """
+  s = _padded(spec, layout.ndim)
+  pick = lambda axes: tuple(s[i] for i in axes)
+  batch = pick(layout.batch)
+  return (PartitionSpec(*batch, *pick(layout.inputs), None),
+          PartitionSpec(*batch, None, *pick(layout.outputs)),
+          PartitionSpec(*batch, *pick(layout.outputs)))
+
+
+def _factor_shardings(kernel_sharding: Any, d: LoraDelta) -> LoraDelta:
+  """A LoraDelta whose children are the shardings of ``d``'s children."""
+  if isinstance(kernel_sharding, NamedSharding):
+    mesh, spec = kernel_sharding.mesh, kernel_sharding.spec
+    wrap = lambda p: NamedSharding(mesh, p)
+  elif isinstance(kernel_sharding, PartitionSpec) or kernel_sharding is None:
+    spec, wrap = kernel_sharding, lambda p: p
+  else:
+    raise TypeError(
+        f"Expected a NamedSharding or a PartitionSpec for the kernel, got "
+        f"{kernel_sharding!r}. (A single-device or replicated kernel needs "
+        f"no derived sharding.)")
+  a, b, m = factor_specs(spec, d.layout)
+  return d.replace(a=wrap(a), b=wrap(b),
+                   magnitude=None if d.magnitude is None else wrap(m))
+
+
+def delta_shardings(delta: Any, base_shardings: Any) -> Any:
+  """Shardings for ``delta``, derived from the base kernels' shardings.
+
+  ``base_shardings`` is a tree like the base whose leaves are
+  ``NamedSharding``s or ``PartitionSpec``s (e.g. ``jax.tree.map(lambda x:
+  x.sharding, base)``, or the specs a model declares). ``delta`` may be
+  abstract (``jax.eval_shape`` of :func:`lora_jax.split`): only its layouts
+  are read. The result has ``delta``'s structure with a :class:`LoraDelta` of
+  shardings at each adapter, ready for ``jax.jit(..., out_shardings=...)``,
+  ``jax.device_put`` or :func:`lora_jax.load`.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> from jax.sharding import PartitionSpec as P
+  >>> _, delta = lj.split({"w": jnp.ones((8, 4))}, lj.LoraConfig(rank=2,
+  ...                     targets="w"), jax.random.key(0))
+  >>> lj.delta_shardings(delta, {"w": P(None, "model")})["w"].b
+  PartitionSpec(None, None, 'model')
+  """
+  specs = dict(leaves_with_paths(
+      base_shardings, is_leaf=lambda x: isinstance(x, (PartitionSpec,
+                                                       jax.sharding.Sharding))
+      or x is None))
+  deltas = deltas_by_path(delta)
+  missing = [p for p in deltas if p not in specs]
+  if missing:
+    raise ValueError(f"delta_shardings: no base sharding for {missing[:3]}.")
+  return map_with_paths(
+      lambda p, d: _factor_shardings(specs[p], d) if isinstance(
+          d, LoraDelta) else d, delta, is_leaf=is_delta_or_none)
+
+
+def place_like_kernel(kernel: Any, d: LoraDelta) -> LoraDelta:
+  """Puts ``d``'s factors on shardings derived from a concrete, sharded
+  ``kernel``; leaves ``d`` as it is otherwise (tracers, single device)."""
+  sharding = getattr(kernel, "sharding", None) if isinstance(
+      kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer) else None
+  if not isinstance(sharding, NamedSharding) or not isinstance(
+      d.a, jax.Array) or isinstance(d.a, jax.core.Tracer):
+    return d
+  target = _factor_shardings(sharding, d)
+  return d.replace(
+      a=jax.device_put(d.a, target.a), b=jax.device_put(d.b, target.b),
+      magnitude=None if d.magnitude is None else jax.device_put(
+          d.magnitude, target.magnitude))
