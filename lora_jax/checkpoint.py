@@ -174,7 +174,15 @@ def save(directory: str | os.PathLike, delta: Any,
 
 
 def load_metadata(directory: str | os.PathLike) -> dict:
-  """The metadata JSON of an adapter checkpoint, validated."""
+  """The metadata JSON of an adapter checkpoint, validated.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
+  >>> cfg = lj.LoraConfig(rank=2, alpha=4.0, targets="w")
+  >>> _, delta = lj.split({"w": jnp.ones((4, 4))}, cfg, jax.random.key(0))
+  >>> meta = lj.load_metadata(lj.save(os.path.join(tempfile.mkdtemp(), "a"), delta))
+  >>> meta["adapters"]["w"]["rank"], meta["adapters"]["w"]["scale"]
+  (2, 2.0)
+  """
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"lora_jax.load: no checkpoint at {directory}.")
@@ -251,6 +259,13 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   adapters to the base by path). ``shardings`` (e.g. from
   :func:`lora_jax.delta_shardings`) restores each factor straight onto its
   placement across the mesh.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
+  >>> _, delta = lj.split({"fc": {"kernel": jnp.ones((4, 4))}},
+  ...                     lj.LoraConfig(rank=2), jax.random.key(0))
+  >>> path = lj.save(os.path.join(tempfile.mkdtemp(), "a"), delta)
+  >>> lj.load(path)
+  {'fc': {'kernel': LoraDelta(rank=2, kernel=(4, 4), a=f32[4,2], b=f32[2,4], scale=8)}}
   """
   directory = os.path.abspath(os.fspath(directory))
   meta = load_metadata(directory)
@@ -268,7 +283,16 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
 
 def load_extras(directory: str | os.PathLike) -> dict:
   """``{path: array}`` of the base leaves saved with ``save(..., extras=)``;
-  apply them with :func:`lora_jax.with_leaves`."""
+  apply them with :func:`lora_jax.with_leaves`.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
+  >>> base = {"fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.full(4, 0.5)}}
+  >>> base, delta = lj.split(base, lj.LoraConfig(rank=2), jax.random.key(0))
+  >>> extras = lj.trainable_leaves(base, r".*/bias")
+  >>> path = lj.save(os.path.join(tempfile.mkdtemp(), "a"), delta, extras=extras)
+  >>> lj.load_extras(path)["fc/bias"]
+  Array([0.5, 0.5, 0.5, 0.5], dtype=float32)
+  """
   directory = os.path.abspath(os.fspath(directory))
   meta = load_metadata(directory)
   if not meta.get("extras"):
@@ -284,6 +308,15 @@ def checkpoint_manager(directory: str | os.PathLike, every: int = 1,
   ``mngr.save(step, args=ocp.args.StandardSave(state))`` and resume with
   ``mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(
   jax.eval_shape(lambda: state)))``; the restored state is bit-identical.
+
+  >>> import jax.numpy as jnp, lora_jax as lj, tempfile
+  >>> import orbax.checkpoint as ocp
+  >>> mngr = lj.checkpoint_manager(tempfile.mkdtemp(), every=2, keep=1)
+  >>> for step in range(1, 5):
+  ...   _ = mngr.save(step, args=ocp.args.StandardSave({"x": jnp.ones(2) * step}))
+  >>> mngr.wait_until_finished(); mngr.all_steps()
+  [4]
+  >>> mngr.close()
   """
   options = ocp.CheckpointManagerOptions(save_interval_steps=every,
                                          max_to_keep=keep)

@@ -111,6 +111,13 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
 
   The product is taken as one batched 2-D matmul (flattening the input and
   output groups), then reshaped and transposed back to the kernel's layout.
+
+  >>> import jax.numpy as jnp, lora_jax as lj
+  >>> d = lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)), scale=0.5,
+  ...                  layout=lj.Layout.transposed())   # kernel stored (2, 3)
+  >>> lj.delta_weight(d)
+  Array([[0.5, 0.5, 0.5],
+         [0.5, 0.5, 0.5]], dtype=float32)
   """
   layout = delta.layout
   a, b = delta.a, delta.b
@@ -193,6 +200,15 @@ def is_delta_or_none(x: Any) -> bool:
 
 
 def deltas_by_path(delta_tree: Any) -> dict[str, LoraDelta]:
-  """``{path: LoraDelta}`` for every adapter in a delta tree."""
+  """``{path: LoraDelta}`` for every adapter in a delta tree
+  (``lora_jax.adapters``): the same for a delta from ``split`` (with ``None``
+  slots, or NNX ``State``) and one from ``load``.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> _, delta = lj.split({"a": {"kernel": jnp.ones((4, 4))}, "b": jnp.ones(4)},
+  ...                     lj.LoraConfig(rank=2), jax.random.key(0))
+  >>> list(lj.adapters(delta))
+  ['a/kernel']
+  """
   return {p: d for p, d in leaves_with_paths(delta_tree, is_leaf=is_delta_or_none)
           if isinstance(d, LoraDelta)}

@@ -20,6 +20,7 @@ import argparse
 import functools
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 import lora_jax as lj
 
@@ -178,6 +180,29 @@ def interleaved_ms(*fns: Callable[[], Any], rounds: int = 20) -> list[float]:
   return [1e3 * statistics.median(ts) for ts in times]
 
 
+def plot_curves(curves: dict[str, list[float]], path: str) -> str | None:
+  """Writes the training-loss curves to a PNG; None without matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, curve in curves.items():
+    ax.plot(np.arange(1, len(curve) + 1), curve, label=name, lw=1.2)
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (answer tokens)")
+  ax.set_title("task 2 'reverse' from the model pretrained on 'copy'")
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return os.path.abspath(path)
+
+
 def dir_bytes(path: str) -> int:
   """Sum of the sizes of all files under ``path``."""
   return sum(os.path.getsize(os.path.join(root, f))
@@ -219,11 +244,15 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
   p.add_argument("--alpha", type=float, default=8.0,
                  help="LoRA alpha; updates are scaled by alpha / r "
                  "(%(default)s)")
+  p.add_argument("--targets", default=TARGETS, metavar="REGEX",
+                 help="kernels to adapt, a regex on '/'-joined parameter "
+                 "paths (default: every attention and MLP kernel)")
   p.add_argument("--batch", type=int, default=64,
                  help="sequences per step (%(default)s)")
   p.add_argument("--out", default="demo_out", metavar="DIR",
-                 help="the adapter is saved to DIR/adapter, replacing it "
-                 "(%(default)s)")
+                 help="DIR/adapter (the LoRA adapter), DIR/full (the fully "
+                 "fine-tuned params, for comparison) and DIR/loss_curves.png "
+                 "are written there, replacing old ones (%(default)s)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of init and training data; the held-out sets use "
                  "seed + 1 (%(default)s)")
@@ -281,59 +310,119 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say(f"    held-out 'reverse': loss {t2_loss0:7.4f}  accuracy {t2_acc0:6.1%}"
       f"  (before LoRA)\n")
 
-  # 2. LoRA on task 2: train the delta only, the base stays frozen.
-  cfg = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS)
-  base, delta = lj.split(params, cfg, jax.random.key(args.seed + 1),
-                         apply_fn=fn, example_args=(test["copy"][0][:1],))
-  apply = lj.wrap(fn)
-  n_lora = sum(x.size for x in jax.tree.leaves(delta))
-  say(f"[2] LoRA on 'reverse' (rank {cfg.rank}, alpha {cfg.alpha:g}, "
-      f"scale {cfg.scale:g}, {args.steps_lora} steps, adam 1e-2)")
-  say("    " + lj.summary(base, delta).replace("\n", "\n    "))
-  # Which engine wrap() picks depends on shapes: ask for a training batch.
-  report = lj.explain(fn, base, delta, np.zeros((args.batch, 2 * LENGTH), int))
-  merged_kernels = sum(any(r.startswith("merge") for r in rules)
-                       for rules in report.rules.values())
-  say(f"    wrap() engine: factored for {len(report.rules) - merged_kernels}, "
-      f"merged for {merged_kernels} of {len(report.rules)} kernels")
+  # 2. Task 2 three ways, from the same pretrained model and the same data:
+  #    LoRA with each engine (base frozen, delta trained) and full fine-tuning.
+  cfg = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets)
+  base, delta0 = lj.split(params, cfg, jax.random.key(args.seed + 1),
+                          apply_fn=fn, example_args=(test["copy"][0][:1],))
+  n_lora = sum(x.size for x in jax.tree.leaves(delta0))
+  say(f"[2] 'reverse' three ways, {args.steps_lora} steps each, same data: "
+      f"LoRA (factored engine), LoRA (merge engine), full fine-tuning")
+  say(f"    LoRA rank {cfg.rank}, alpha {cfg.alpha:g} (scale {cfg.scale:g}) "
+      f"on {args.targets}")
+  say("    " + lj.summary(base, delta0).replace("\n", "\n    "))
   lora_tx = optax.adam(1e-2)
 
+  def lora_step_for(mode):
+    apply = lj.wrap(fn, mode)
+
+    @jax.jit
+    def step(delta, opt_state, base, x, y):
+      loss, g = jax.value_and_grad(
+          lambda d: loss_and_accuracy(apply(base, d, x), y)[0])(delta)
+      updates, opt_state = lora_tx.update(g, opt_state, delta)
+      return optax.apply_updates(delta, updates), opt_state, loss
+    return apply, step
+
+  full_tx = optax.adam(1e-3)
+
   @jax.jit
-  def lora_step(delta, opt_state, base, x, y):
+  def full_ft_step(params, opt_state, x, y):
     loss, g = jax.value_and_grad(
-        lambda d: loss_and_accuracy(apply(base, d, x), y)[0])(delta)
-    updates, opt_state = lora_tx.update(g, opt_state, delta)
-    return optax.apply_updates(delta, updates), opt_state, loss
+        lambda p: loss_and_accuracy(fn(p, x), y)[0])(params)
+    updates, opt_state = full_tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
-  lora_evaluate = jax.jit(
-      lambda b, d, x, y: loss_and_accuracy(apply(b, d, x), y))
-  bar = Progress(args.steps_lora, "lora    ", not args.quiet)
-  delta, lora_state = train(
-      lora_step, (delta, lora_tx.init(delta)), (base,), "reverse",
-      args.steps_lora, args.batch, train_rng, bar)
-  t2_loss, t2_acc = map(float, lora_evaluate(base, delta, *test["reverse"]))
+  runs = {}
+  for name in ("LoRA factored", "LoRA merge", "full fine-tuning"):
+    rng = np.random.default_rng(args.seed + 7)  # the same batches for all
+    curve = []
+    bar = Progress(args.steps_lora, f"{name:<16}", not args.quiet)
+
+    def track(i, loss, curve=curve, bar=bar):
+      curve.append(loss)
+      bar.update(i, lambda: float(loss))
+    if name == "full fine-tuning":
+      state = (jax.tree.map(jnp.copy, params), None)
+      state = (state[0], full_tx.init(state[0]))
+      step, consts = full_ft_step, ()
+    else:
+      apply, step = lora_step_for("factored" if "factored" in name else "merge")
+      state, consts = (delta0, lora_tx.init(delta0)), (base,)
+    for i in range(1, args.steps_lora + 1):
+      *state, loss = step(*state, *consts, *make_batch("reverse", rng, args.batch))
+      track(i, loss)
+    runs[name] = {"state": state, "step": step, "consts": consts,
+                  "curve": [float(l) for l in curve]}
+    if name == "full fine-tuning":
+      runs[name]["eval"] = lambda st=state: evaluate(st[0], *test["reverse"])
+    else:
+      lora_eval = jax.jit(lambda b, d, x, y, apply=apply:
+                          loss_and_accuracy(apply(b, d, x), y))
+      runs[name]["eval"] = lambda st=state, ev=lora_eval: ev(base, st[0],
+                                                             *test["reverse"])
+  for r in runs.values():
+    r["loss"], r["accuracy"] = map(float, r["eval"]())
+  delta = runs["LoRA factored"]["state"][0]
+  t2_loss, t2_acc = runs["LoRA factored"]["loss"], runs["LoRA factored"]["accuracy"]
   _, t1_acc_base = map(float, evaluate(base, *test["copy"]))
-  say(f"    held-out 'reverse': loss {t2_loss:7.4f}  accuracy {t2_acc:6.1%}"
-      f"  (after LoRA; before {t2_acc0:.1%})")
-  say(f"    held-out 'copy' with the adapter off: accuracy {t1_acc_base:6.1%}"
-      f"  (the base is untouched)\n")
 
-  # 3. What it costs: step time and bytes on disk.
+  # 3. What it costs: step time (interleaved), compiled memory, bytes on disk.
   adapter_dir = lj.save(os.path.join(args.out, "adapter"), delta, cfg,
                         overwrite=True)
   adapter_bytes = dir_bytes(adapter_dir)
+  full_dir = os.path.abspath(os.path.join(args.out, "full"))
+  shutil.rmtree(full_dir, ignore_errors=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(full_dir, runs["full fine-tuning"]["state"][0])
+  full_bytes = dir_bytes(full_dir)
   x, y = map(jnp.asarray, make_batch("reverse", train_rng, args.batch))
-  ms_full, ms_lora = interleaved_ms(
-      lambda: full_step(params, full_state, x, y),
-      lambda: lora_step(delta, lora_state, base, x, y))
-  say("[3] cost")
-  say(f"    median step time (20 of each, interleaved): full fine-tuning "
-      f"{ms_full:.2f} ms, LoRA {ms_lora:.2f} ms ({ms_lora / ms_full:.2f}x)")
-  say(f"    adapter on disk: {adapter_bytes:,} bytes "
-      f"({adapter_bytes / 1024:.1f} KiB) in {adapter_dir}\n"
-      f"    full params:     {params_bytes:,} bytes "
-      f"({params_bytes / 1024:.1f} KiB) as float32 arrays; the adapter is "
-      f"{adapter_bytes / params_bytes:.1%} of that\n")
+  calls = [functools.partial(r["step"], *r["state"], *r["consts"], x, y)
+           for r in runs.values()]
+  times = interleaved_ms(*calls)
+  for r, ms, call in zip(runs.values(), times, calls):
+    r["step_ms"] = ms
+    mem = r["step"].lower(*r["state"], *r["consts"], x, y).compile(
+        ).memory_analysis()
+    r["memory_bytes"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                         if mem is not None else None)
+  ms_full, ms_lora = runs["full fine-tuning"]["step_ms"], runs["LoRA factored"]["step_ms"]
+  rows = [("", "trainable params", "loss", "accuracy", "step (ms)",
+           "vs full", "memory (KiB)", "on disk (KiB)")]
+  for name, r in runs.items():
+    trainable = n_params if name == "full fine-tuning" else n_lora
+    disk = full_bytes if name == "full fine-tuning" else adapter_bytes
+    mem = f"{r['memory_bytes'] / 1024:,.0f}" if r["memory_bytes"] else "n/a"
+    rows.append((name, f"{trainable:,} ({trainable / n_params:.1%})",
+                 f"{r['loss']:.4f}", f"{r['accuracy']:.1%}",
+                 f"{r['step_ms']:.2f}", f"{r['step_ms'] / ms_full:.2f}x", mem,
+                 f"{disk / 1024:,.1f}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  say("\n[3] side by side on held-out 'reverse' (before: accuracy "
+      f"{t2_acc0:.1%})")
+  for i, row in enumerate(rows):
+    say("    " + "  ".join(c.rjust(w) if j else c.ljust(w)
+                           for j, (c, w) in enumerate(zip(row, widths))))
+    if i == 0:
+      say("    " + "  ".join("-" * w for w in widths))
+  say("    memory: compiled argument + temp bytes of one step; on disk: "
+      "lj.save's adapter vs an orbax checkpoint of all params")
+  say(f"    held-out 'copy' with the adapter off: accuracy {t1_acc_base:6.1%}"
+      f"  (the base is untouched)")
+  plot_path = plot_curves({k: r["curve"] for k, r in runs.items()},
+                          os.path.join(args.out, "loss_curves.png"))
+  say(f"    loss curves: {plot_path}\n" if plot_path else
+      "    (matplotlib is not installed: no loss-curve plot)\n")
 
   # 4. Reload, merge, and check the merged model predicts like the wrapped one.
   loaded = lj.load(adapter_dir)
@@ -347,7 +436,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   # rounds differently, and this net turns a 1-ulp change of every kernel
   # into ~1e-4 in the logits, so it gets a float32 bound relative to them.
   same_weights = jax.jit(lj.wrap(fn, mode="merge"))(base, delta, x)
-  as_trained = jax.jit(apply)(base, delta, x)
+  as_trained = jax.jit(lj.wrap(fn, mode="factored"))(base, delta, x)
   max_diff = max_abs(merged - same_weights)
   engine_diff = max_abs(merged - as_trained)
   engine_tol = 5e-4 * max(1.0, max_abs(merged))
@@ -366,6 +455,10 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say("OK" if ok else "FAILED: the merged model does not match the wrapped one")
 
   return {
+      "runs": {k: {m: r[m] for m in ("loss", "accuracy", "step_ms",
+                                     "memory_bytes", "curve")}
+               for k, r in runs.items()},
+      "full_checkpoint_bytes": full_bytes, "plot": plot_path,
       "task1_loss": t1_loss, "task1_accuracy": t1_acc,
       "task1_accuracy_base_after_lora": t1_acc_base,
       "task2_loss_before": t2_loss0, "task2_accuracy_before": t2_acc0,

@@ -77,7 +77,18 @@ def _apply(params: Any, delta: Any, sign: float, what: str,
 
 def dora_norms(base: Any, delta: Any) -> dict:
   """``{path: ||W0 + s*A@B||}`` (per output unit) of every DoRA adapter; what
-  :func:`unmerge` needs to undo a DoRA merge exactly."""
+  :func:`unmerge` needs to undo a DoRA merge exactly.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> base, delta = lj.split({"w": jnp.eye(3) * 2}, lj.LoraConfig(
+  ...     rank=1, targets="w", dora=True), jax.random.key(0))
+  >>> lj.dora_norms(base, delta)["w"]
+  Array([2., 2., 2.], dtype=float32)
+  >>> merged = lj.merge(base, delta)
+  >>> bool(jnp.allclose(lj.unmerge(merged, delta, lj.dora_norms(base, delta))["w"],
+  ...                   base["w"]))
+  True
+  """
   flat = dict(leaves_with_paths(base))
   return {p: dora_norm(flat[p], d) for p, d in deltas_by_path(delta).items()
           if d.magnitude is not None}

@@ -85,7 +85,13 @@ def trainable_leaves(base: Any, trainable: Selector) -> dict[str, Any]:
 
 
 def with_leaves(base: Any, leaves: dict[str, Any]) -> Any:
-  """``base`` with the leaves at the given paths replaced (shapes checked)."""
+  """``base`` with the leaves at the given paths replaced (shapes checked).
+
+  >>> import jax.numpy as jnp, lora_jax as lj
+  >>> base = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+  >>> lj.with_leaves(base, {"fc/bias": jnp.ones(2)})["fc"]["bias"]
+  Array([1., 1.], dtype=float32)
+  """
   seen = set()
 
   def fn(path, x):

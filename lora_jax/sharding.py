@@ -34,7 +34,7 @@ def factor_specs(spec: PartitionSpec | None, layout: Layout):
   >>> from jax.sharding import PartitionSpec as P
   >>> import lora_jax as lj
   >>> lj.factor_specs(P("data", "model"), lj.Layout.dense())
-  (PartitionSpec('data', None), PartitionSpec(None, 'model'), PartitionSpec('model',))
+  (P('data', None), P(None, 'model'), P('model',))
   """
   s = _padded(spec, layout.ndim)
   pick = lambda axes: tuple(s[i] for i in axes)
@@ -77,7 +77,7 @@ def delta_shardings(delta: Any, base_shardings: Any) -> Any:
   >>> _, delta = lj.split({"w": jnp.ones((8, 4))}, lj.LoraConfig(rank=2,
   ...                     targets="w"), jax.random.key(0))
   >>> lj.delta_shardings(delta, {"w": P(None, "model")})["w"].b
-  PartitionSpec(None, None, 'model')
+  P(None, 'model')
   """
   specs = dict(leaves_with_paths(
       base_shardings, is_leaf=lambda x: isinstance(x, (PartitionSpec,

@@ -96,3 +96,16 @@ def test_exit_status_is_1_when_merged_and_wrapped_disagree(monkeypatch,
   argv = ["--steps-pretrain", "1", "--steps-lora", "1", "--batch", "4",
           "--out", str(tmp_path), "--quiet"]
   assert demo.cli(argv) == 1
+
+
+def test_three_way_table(results):
+  runs = results["runs"]
+  assert set(runs) == {"LoRA factored", "LoRA merge", "full fine-tuning"}
+  for r in runs.values():
+    assert len(r["curve"]) == 100 and r["curve"][-1] < r["curve"][0]
+    assert r["step_ms"] > 0 and r["memory_bytes"] > 0
+  # the two engines train the same model on the same batches
+  lf, lm = runs["LoRA factored"]["curve"], runs["LoRA merge"]["curve"]
+  assert abs(lf[0] - lm[0]) < 1e-4 * abs(lm[0])
+  assert results["adapter_bytes"] < results["full_checkpoint_bytes"]
+  assert results["plot"] is None or os.path.getsize(results["plot"]) > 1000
