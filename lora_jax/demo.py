@@ -41,6 +41,7 @@ VOCAB = NUM_DIGITS + 1
 LENGTH = 8             # digits per question
 TASKS = {"copy": lambda x: x, "reverse": lambda x: x[:, ::-1]}
 TARGETS = r".*/(query|key|value|out|fc1|fc2)/kernel"
+LORA_LR = 5e-3
 
 
 # --- model ------------------------------------------------------------------
@@ -235,7 +236,7 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
           "and after, trainable share, step times and adapter size, and "
           "checks that the reloaded, merged adapter predicts like the "
           "wrapped one. Exits 1 if that check fails."))
-  p.add_argument("--steps-pretrain", type=int, default=400, metavar="N",
+  p.add_argument("--steps-pretrain", type=int, default=300, metavar="N",
                  help="full-training steps on task 1, copy (%(default)s)")
   p.add_argument("--steps-lora", type=int, default=500, metavar="N",
                  help="LoRA steps on task 2, reverse (%(default)s)")
@@ -247,7 +248,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
   p.add_argument("--targets", default=TARGETS, metavar="REGEX",
                  help="kernels to adapt, a regex on '/'-joined parameter "
                  "paths (default: every attention and MLP kernel)")
-  p.add_argument("--batch", type=int, default=64,
+  p.add_argument("--width", type=int, default=128, metavar="D",
+                 help="the transformer's d_model (%(default)s)")
+  p.add_argument("--batch", type=int, default=128,
                  help="sequences per step (%(default)s)")
   p.add_argument("--out", default="demo_out", metavar="DIR",
                  help="DIR/adapter (the LoRA adapter), DIR/full (the fully "
@@ -277,7 +280,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   test_rng = np.random.default_rng(args.seed + 1)
   test = {t: make_batch(t, test_rng, 1000) for t in TASKS}
 
-  model = TinyGPT()
+  model = TinyGPT(d_model=args.width)
   fn = lambda p, x: model.apply({"params": p}, x)
   params = model.init(jax.random.key(args.seed), test["copy"][0][:1])["params"]
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -319,9 +322,9 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say(f"[2] 'reverse' three ways, {args.steps_lora} steps each, same data: "
       f"LoRA (factored engine), LoRA (merge engine), full fine-tuning")
   say(f"    LoRA rank {cfg.rank}, alpha {cfg.alpha:g} (scale {cfg.scale:g}) "
-      f"on {args.targets}")
+      f"on {args.targets}; adam {LORA_LR:g} for LoRA, 1e-3 for full")
   say("    " + lj.summary(base, delta0).replace("\n", "\n    "))
-  lora_tx = optax.adam(1e-2)
+  lora_tx = optax.adam(LORA_LR)
 
   def lora_step_for(mode):
     apply = lj.wrap(fn, mode)
