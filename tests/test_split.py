@@ -140,3 +140,22 @@ def test_conflicting_uses_are_an_error():
   with pytest.raises(ValueError, match="'w' is consumed with conflicting layouts"):
     lj.split(params, lj.LoraConfig(rank=2, targets="w"), jax.random.key(0),
              apply_fn=f, example_args=(jnp.ones(4),))
+
+
+def test_more_error_messages():
+  with pytest.raises(TypeError, match="split expects a lora_jax.LoraConfig"):
+    lj.split({"w": jnp.ones((4, 4))}, {"rank": 2}, jax.random.key(0))
+  bad_init = lambda key, a_shape, b_shape, dtype, fan_in: (
+      jnp.zeros((1, 1)), jnp.zeros(b_shape))
+  with pytest.raises(ValueError, match=r"init callable returned shapes \(1, 1\)"):
+    lj.split({"w": jnp.ones((4, 4))}, lj.LoraConfig(rank=2, targets="w",
+                                                    init=bad_init),
+             jax.random.key(0))
+  ok_init = lambda key, a_shape, b_shape, dtype, fan_in: (
+      jnp.full(a_shape, 1.0 / fan_in), jnp.zeros(b_shape))
+  _, d = lj.split({"w": jnp.ones((4, 4))}, lj.LoraConfig(rank=2, targets="w",
+                                                         init=ok_init),
+                  jax.random.key(0))
+  np.testing.assert_array_equal(d["w"].a, np.full((4, 2), 0.25))
+  with pytest.raises(ValueError, match="the delta holds no LoraDelta"):
+    lj.save("/tmp/never-written", {"w": None})

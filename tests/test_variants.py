@@ -1,6 +1,7 @@
 """Variants (rsLoRA, dropout, DoRA, PiSSA/OLoRA, per-leaf rank and alpha,
 mixed precision, extra trainables) against formulas computed in numpy."""
 
+import math
 
 import jax
 import jax.numpy as jnp
@@ -309,3 +310,43 @@ def test_delta_only_loop_trains_extras_and_saves_them(tmp_path):
   np.testing.assert_allclose(y, apply(lj.with_leaves(base, extras), delta, x), rtol=1e-6)
   with pytest.raises(ValueError, match="'fc1/bias' has shape"):
     lj.with_leaves(base, {"fc1/bias": jnp.zeros(3)})
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_rslora_on_every_layout(name):
+  case, base, delta = _split(name, rslora=True)
+  delta = randomize(delta)
+  flat = dict(lj.paths.leaves_with_paths(base))
+  merged = dict(lj.paths.leaves_with_paths(lj.merge(base, delta)))
+  for path, d in lj.adapters(delta).items():
+    assert d.scale == 3.0 / math.sqrt(2)
+    np.testing.assert_allclose(
+        merged[path], np.asarray(flat[path], np.float64) + numpy_delta_weight(d),
+        rtol=1e-5, atol=1e-6)
+  _close(lj.wrap(case.fn, "factored", strict=True)(base, delta, *case.args),
+         lj.wrap(case.fn, "merge")(base, delta, *case.args))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_mixed_precision_on_every_layout(name):
+  case = CASES[name]
+  params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), case.params)
+  cfg = lj.LoraConfig(rank=2, alpha=3.0, targets=case.targets)
+  base, delta = lj.split(params16, cfg, jax.random.key(1), apply_fn=case.fn,
+                         example_args=case.args)
+  delta = randomize(delta)
+  assert all(d.a.dtype == jnp.float32 for d in lj.adapters(delta).values())
+  merged = dict(lj.paths.leaves_with_paths(lj.merge(base, delta)))
+  flat = dict(lj.paths.leaves_with_paths(base))
+  for path, d in lj.adapters(delta).items():  # rounded once from float64
+    want = np.asarray(flat[path], np.float64) + numpy_delta_weight(d)
+    np.testing.assert_array_equal(
+        np.asarray(merged[path], np.float32),
+        np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16), np.float32))
+  # both engines agree to bf16 precision on the bf16 model
+  x16 = [a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a
+         for a in case.args]
+  out_f = lj.wrap(case.fn, "factored", strict=True)(base, delta, *x16)
+  out_m = lj.wrap(case.fn, "merge")(base, delta, *x16)
+  _close(jax.tree.map(lambda o: o.astype(jnp.float32), out_f),
+         jax.tree.map(lambda o: o.astype(jnp.float32), out_m), rtol=3e-2)
