@@ -13,7 +13,8 @@ from lora_jax.layouts import Layout
 from lora_jax.paths import leaves_with_paths
 
 
-def _describe(x: Any) -> str:
+def describe_array(x: Any) -> str:
+  """``f32[4,2]``: dtype and shape, without the values."""
   shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
   if shape is None:
     return repr(x)
@@ -95,10 +96,10 @@ class LoraDelta:
     except Exception:  # pylint: disable=broad-except  # placeholder children
       head = ""
     extra = "" if self.magnitude is None else (
-        f", magnitude={_describe(self.magnitude)}")
+        f", magnitude={describe_array(self.magnitude)}")
     if self.dropout:
       extra += f", dropout={self.dropout:g}"
-    return (f"LoraDelta({head}a={_describe(self.a)}, b={_describe(self.b)}, "
+    return (f"LoraDelta({head}a={describe_array(self.a)}, b={describe_array(self.b)}, "
             f"scale={self.scale:g}{extra})")
 
   def weight(self) -> jax.Array:

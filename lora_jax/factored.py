@@ -302,9 +302,10 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 
 def _lowrank_dot(x, lora: Lora, x_contract, k_contract, x_batch, k_batch,
-                 kernel_is_lhs: bool, out_dtype, projected=None):
+                 kernel_is_lhs: bool, projected=None):
   """``dot_general(x, scale * a @ b)`` (or with the kernel on the left) in low
-  rank; None when the contraction does not line up with the layout."""
+  rank, in the factors' precision; None when the contraction does not line up
+  with the layout. ``projected``: ``scale * x @ a`` already computed."""
   lay = lora.layout
   sets = lambda t: frozenset(t)
   free = sets(range(lora.w.ndim)) - sets(k_contract) - sets(k_batch)
@@ -343,7 +344,7 @@ def _lowrank_dot(x, lora: Lora, x_contract, k_contract, x_batch, k_batch,
     if kernel_is_lhs:
       u = jnp.moveaxis(u, list(range(len(m_shape))),
                        list(range(len(n_shape), len(n_shape) + len(m_shape))))
-    return (u if out_dtype is None else u.astype(out_dtype)), rule
+    return u, rule
   # General case: batched dot_generals.
   t = jax.lax.dot_general(
       x, first.astype(dtype),
@@ -365,7 +366,7 @@ def _lowrank_dot(x, lora: Lora, x_contract, k_contract, x_batch, k_batch,
     perm = (list(range(nbatch)) + list(range(base_nd, base_nd + nk))
             + list(range(nbatch, base_nd)))
     u = jnp.transpose(u, perm)
-  return (u if out_dtype is None else u.astype(out_dtype)), rule
+  return u, rule
 
 
 def _dot_general(eqn, invals, ctx):
@@ -385,7 +386,7 @@ def _dot_general(eqn, invals, ctx):
     return bind_eqn(eqn, [lora.materialize() if v is lora else v
                           for v in invals])
   x_lora = ctx.dropout(x, lora)
-  low, rule = _lowrank_dot(x_lora, lora, *args, out_dtype=None,
+  low, rule = _lowrank_dot(x_lora, lora, *args,
                            projected=ctx.projected.pop(id(eqn), None))
   if low is None or (lora.magnitude is not None and rule != "dot_general"):
     return _fallback_rule(eqn, invals, ctx, dropping)

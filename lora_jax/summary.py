@@ -7,7 +7,8 @@ from typing import Any
 
 import jax
 
-from lora_jax.delta import deltas_by_path
+from lora_jax.config import selects
+from lora_jax.delta import deltas_by_path, describe_array
 from lora_jax.paths import leaves_with_paths
 
 
@@ -28,13 +29,10 @@ def describe(delta: Any) -> str:
   >>> print(lj.describe(delta))
   fc/kernel  kernel (8, 4)  rank 2  scale 8  a f32[8,2]  b f32[2,4]
   """
-  rows = []
-  for path, d in deltas_by_path(delta).items():
-    r = repr(d)
-    a_desc = r[r.index("a="):r.index(", b=")][2:]
-    b_desc = r[r.index("b="):r.index(", scale=")][2:]
-    rows.append((path, f"kernel {d.kernel_shape}", f"rank {d.rank}",
-                 f"scale {d.scale:g}", f"a {a_desc}", f"b {b_desc}"))
+  rows = [(path, f"kernel {d.kernel_shape}", f"rank {d.rank}",
+           f"scale {d.scale:g}", f"a {describe_array(d.a)}",
+           f"b {describe_array(d.b)}")
+          for path, d in deltas_by_path(delta).items()]
   return _table(rows, header=None)
 
 
@@ -62,7 +60,6 @@ def summary(base: Any, delta: Any, trainable: Any = None) -> str:
   >>> print(lj.summary(base, delta).splitlines()[0])
   trainable 24 / total 60 parameters (40.00%); frozen base 36, adapters 24
   """
-  from lora_jax.config import selects  # pylint: disable=import-outside-toplevel
   base_leaves = leaves_with_paths(base)
   base_params = sum(_size(x) for _, x in base_leaves)
   extra = sum(_size(x) for p, x in base_leaves if selects(trainable, p, x))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable
+
+import jax
 
 from lora_jax import factored
 from lora_jax.delta import deltas_by_path
@@ -87,10 +90,8 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
   deltas = deltas_by_path(delta)
   check_matches(base, deltas, "explain")
   choose = None if mode == "factored" else factored.cheaper_engine
-  import warnings  # pylint: disable=import-outside-toplevel
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import jax  # pylint: disable=import-outside-toplevel
+    warnings.simplefilter("ignore")  # fallbacks are in the report instead
     jax.eval_shape(lambda b, d, a, k: factored.factored_apply(
         fn, b, deltas_by_path(d), a, k, report=report, choose=choose),
                    base, delta, args, kwargs)
