@@ -290,15 +290,19 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say("task 1 'copy':    3 1 4 1 5 9 2 6 | -> 3 1 4 1 5 9 2 6\n"
       "task 2 'reverse': 3 1 4 1 5 9 2 6 | -> 6 2 9 5 1 4 1 3\n")
 
+  def full_step_for(tx):
+    """A jitted step that trains every parameter with ``tx``."""
+    @jax.jit
+    def step(params, opt_state, x, y):
+      loss, g = jax.value_and_grad(
+          lambda p: loss_and_accuracy(fn(p, x), y)[0])(params)
+      updates, opt_state = tx.update(g, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+    return step
+
   # 1. Pretrain every parameter on task 1.
   tx = optax.adam(3e-3)
-
-  @jax.jit
-  def full_step(params, opt_state, x, y):
-    loss, g = jax.value_and_grad(
-        lambda p: loss_and_accuracy(fn(p, x), y)[0])(params)
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  full_step = full_step_for(tx)
 
   evaluate = jax.jit(lambda p, x, y: loss_and_accuracy(fn(p, x), y))
   say(f"[1] pretraining all parameters on 'copy' ({args.steps_pretrain} "
@@ -338,13 +342,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
     return apply, step
 
   full_tx = optax.adam(1e-3)
-
-  @jax.jit
-  def full_ft_step(params, opt_state, x, y):
-    loss, g = jax.value_and_grad(
-        lambda p: loss_and_accuracy(fn(p, x), y)[0])(params)
-    updates, opt_state = full_tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  full_ft_step = full_step_for(full_tx)
 
   runs = {}
   for name in ("LoRA factored", "LoRA merge", "full fine-tuning"):
