@@ -73,10 +73,6 @@ class LoraDelta:
     return dataclasses.replace(self, **changes)
 
   @property
-  def is_dora(self) -> bool:
-    return self.magnitude is not None
-
-  @property
   def rank(self) -> int:
     return self.a.shape[-1]
 

@@ -308,7 +308,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   say(f"[1] pretraining all parameters on 'copy' ({args.steps_pretrain} "
       f"steps, batch {args.batch}, adam 3e-3)")
   bar = Progress(args.steps_pretrain, "pretrain", not args.quiet)
-  params, full_state = train(
+  params, _ = train(
       full_step, (params, tx.init(params)), (), "copy", args.steps_pretrain,
       args.batch, train_rng, bar)
   t1_loss, t1_acc = map(float, evaluate(params, *test["copy"]))
@@ -391,7 +391,7 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   calls = [functools.partial(r["step"], *r["state"], *r["consts"], x, y)
            for r in runs.values()]
   times = interleaved_ms(*calls)
-  for r, ms, call in zip(runs.values(), times, calls):
+  for r, ms in zip(runs.values(), times):
     r["step_ms"] = ms
     mem = r["step"].lower(*r["state"], *r["consts"], x, y).compile(
         ).memory_analysis()
