@@ -43,7 +43,7 @@ def main(reps: int = 7):
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(auto, auto))
   size = w1.SIZES["w1"]
   apply, params, base, delta, tokens = w1.setup(size)
-  sharded_params = lj.paths.map_with_paths(
+  sharded_params = lj.map_with_paths(
       lambda p, x: jax.device_put(x, NamedSharding(mesh, kernel_spec(p, x.ndim))),
       params)
   sbase, sdelta = lj.split(sharded_params, lj.LoraConfig(

@@ -8,30 +8,73 @@
 Array([8., 8., 8., 8.], dtype=float32)
 """
 
-from lora_jax.checkpoint import (CheckpointError, checkpoint_manager, load,
-                                 load_extras,
-                                 load_metadata, save)
-from lora_jax.config import ALL_LINEAR, LoraConfig
-from lora_jax.delta import LoraDelta, delta_weight
-from lora_jax.delta import deltas_by_path as adapters
-from lora_jax.layouts import Layout
-from lora_jax.merge import dora_norms, merge, unmerge
-from lora_jax.optim import optimizer, trainable_leaves, with_leaves
-from lora_jax.inits import to_plain_lora
-from lora_jax.sharding import delta_shardings, factor_specs
-from lora_jax.split import split
-from lora_jax.summary import describe, summary
-from lora_jax.wrap import explain, wrap
-from lora_jax.factored import FallbackError, Report
+from importlib import metadata as _metadata
 
-__version__ = "0.1.0"
+from lora_jax._src.checkpoint import CheckpointError
+from lora_jax._src.checkpoint import checkpoint_manager
+from lora_jax._src.checkpoint import load
+from lora_jax._src.checkpoint import load_extras
+from lora_jax._src.checkpoint import load_metadata
+from lora_jax._src.checkpoint import save
+from lora_jax._src.config import ALL_LINEAR
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import delta_weight
+from lora_jax._src.factored import FallbackError
+from lora_jax._src.factored import Report
+from lora_jax._src.inits import to_plain_lora
+from lora_jax._src.layouts import Layout
+from lora_jax._src.merge import dora_norms
+from lora_jax._src.merge import merge
+from lora_jax._src.merge import unmerge
+from lora_jax._src.optim import optimizer
+from lora_jax._src.optim import trainable_leaves
+from lora_jax._src.optim import with_leaves
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
+from lora_jax._src.sharding import delta_shardings
+from lora_jax._src.sharding import factor_specs
+from lora_jax._src.split import split
+from lora_jax._src.summary import describe
+from lora_jax._src.summary import summary
+from lora_jax._src.wrap import explain
+from lora_jax._src.wrap import wrap
 
-__all__ = [
-    "ALL_LINEAR", "CheckpointError", "Layout", "LoraConfig", "LoraDelta",
+try:
+  __version__ = _metadata.version("lora_jax")
+except _metadata.PackageNotFoundError:  # a source tree that is not installed
+  __version__ = "0+unknown"
+
+__all__ = (
+    "ALL_LINEAR",
+    "CheckpointError",
+    "FallbackError",
+    "Layout",
+    "LoraConfig",
+    "LoraDelta",
+    "Report",
     "adapters",
-    "checkpoint_manager", "delta_weight", "describe", "dora_norms", "load",
+    "checkpoint_manager",
+    "delta_shardings",
+    "delta_weight",
+    "describe",
+    "dora_norms",
+    "explain",
+    "factor_specs",
+    "leaves_with_paths",
+    "load",
+    "load_extras",
     "load_metadata",
-    "explain", "merge", "optimizer", "save", "split", "summary", "unmerge",
-    "wrap", "FallbackError", "Report", "to_plain_lora", "load_extras",
-    "trainable_leaves", "with_leaves", "delta_shardings", "factor_specs",
-]
+    "map_with_paths",
+    "merge",
+    "optimizer",
+    "save",
+    "split",
+    "summary",
+    "to_plain_lora",
+    "trainable_leaves",
+    "unmerge",
+    "with_leaves",
+    "wrap",
+)

@@ -1,8 +1,8 @@
-"""``python -m lora_jax [demo] [flags]``: runs the demo (lora_jax/demo.py)."""
+"""``python -m lora_jax [demo] [flags]``: runs the demo (lora_jax/examples/demo.py)."""
 
 import sys
 
-from lora_jax import demo
+from lora_jax.examples import demo
 
 
 def _main(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import lora_jax as lj
-from lora_jax import demo
+from lora_jax.examples import demo
 from lora_jax.__main__ import _main
 
 

@@ -15,8 +15,8 @@ def test_merge_equals_numpy_and_unmerge_inverts(name):
   delta = randomize(delta)
   merged = jax.jit(lj.merge)(base, delta)
   deltas = lj.adapters(delta)
-  flat_base = dict(lj.paths.leaves_with_paths(base))
-  for path, w in lj.paths.leaves_with_paths(merged):
+  flat_base = dict(lj.leaves_with_paths(base))
+  for path, w in lj.leaves_with_paths(merged):
     w0 = np.asarray(flat_base[path], np.float64)
     if path in deltas:
       want = w0 + numpy_delta_weight(deltas[path])
@@ -25,8 +25,8 @@ def test_merge_equals_numpy_and_unmerge_inverts(name):
     else:
       np.testing.assert_array_equal(np.asarray(w), w0)  # untouched leaves
   restored = lj.unmerge(merged, delta)
-  for (p, x), (_, y) in zip(lj.paths.leaves_with_paths(restored),
-                            lj.paths.leaves_with_paths(base)):
+  for (p, x), (_, y) in zip(lj.leaves_with_paths(restored),
+                            lj.leaves_with_paths(base)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6,
                                err_msg=p)
 

@@ -34,7 +34,7 @@ def test_trainable_base_leaves_get_state_and_updates():
   case, base, delta = _mlp()
   tx = lj.optimizer(optax.adam(1e-2), trainable=r".*/bias")
   state = tx.init((base, delta))
-  bias_bytes = sum(x.nbytes for p, x in lj.paths.leaves_with_paths(base)
+  bias_bytes = sum(x.nbytes for p, x in lj.leaves_with_paths(base)
                    if p.endswith("bias"))
   assert _nbytes(state) == 2 * (_nbytes(delta) + bias_bytes) + 4
 
@@ -47,8 +47,8 @@ def test_trainable_base_leaves_get_state_and_updates():
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
   # frozen kernels: bitwise unchanged; biases and factors moved
-  for (p, x0), (_, x1) in zip(lj.paths.leaves_with_paths(before[0]),
-                              lj.paths.leaves_with_paths(params[0])):
+  for (p, x0), (_, x1) in zip(lj.leaves_with_paths(before[0]),
+                              lj.leaves_with_paths(params[0])):
     if p.endswith("kernel"):
       np.testing.assert_array_equal(x0, np.asarray(x1))
     else:

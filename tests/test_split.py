@@ -20,10 +20,10 @@ def test_traced_layouts(name):
   # base holds the very same arrays; delta mirrors the structure
   for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(case.params)):
     assert x is y
-  assert (jax.tree.structure(delta, is_leaf=lj.delta.is_delta_or_none)
+  assert (jax.tree.structure(delta, is_leaf=lambda x: x is None or isinstance(x, lj.LoraDelta))
           == jax.tree.structure(jax.tree.map(lambda _: 0, case.params)))
   for path, d in lj.adapters(delta).items():
-    kernel = dict(lj.paths.leaves_with_paths(case.params))[path]
+    kernel = dict(lj.leaves_with_paths(case.params))[path]
     assert d.kernel_shape == kernel.shape
     a_shape, b_shape = d.layout.factor_shapes(kernel.shape, 2)
     assert d.a.shape == a_shape and d.b.shape == b_shape

@@ -126,7 +126,7 @@ def _numpy_dora(w0, d: lj.LoraDelta):
 @pytest.mark.parametrize("name", LAYERS)
 def test_dora_init_merge_and_engines(name):
   case, base, delta = _split(name, dora=True)
-  flat = dict(lj.paths.leaves_with_paths(base))
+  flat = dict(lj.leaves_with_paths(base))
   for path, d in lj.adapters(delta).items():
     w0 = np.asarray(flat[path], np.float64)
     want = np.sqrt(np.sum(w0 ** 2, axis=d.layout.inputs))
@@ -143,7 +143,7 @@ def test_dora_init_merge_and_engines(name):
                        is_leaf=lambda x: isinstance(x, lj.LoraDelta))
   merged = lj.merge(base, delta)
   for path, d in lj.adapters(delta).items():
-    np.testing.assert_allclose(np.asarray(dict(lj.paths.leaves_with_paths(merged))[path]),
+    np.testing.assert_allclose(np.asarray(dict(lj.leaves_with_paths(merged))[path]),
                                _numpy_dora(flat[path], d), rtol=1e-5, atol=1e-6)
   out_f = lj.wrap(case.fn, "factored", strict=True)(base, delta, *case.args)
   out_m = lj.wrap(case.fn, "merge")(base, delta, *case.args)
@@ -316,8 +316,8 @@ def test_delta_only_loop_trains_extras_and_saves_them(tmp_path):
 def test_rslora_on_every_layout(name):
   case, base, delta = _split(name, rslora=True)
   delta = randomize(delta)
-  flat = dict(lj.paths.leaves_with_paths(base))
-  merged = dict(lj.paths.leaves_with_paths(lj.merge(base, delta)))
+  flat = dict(lj.leaves_with_paths(base))
+  merged = dict(lj.leaves_with_paths(lj.merge(base, delta)))
   for path, d in lj.adapters(delta).items():
     assert d.scale == 3.0 / math.sqrt(2)
     np.testing.assert_allclose(
@@ -336,8 +336,8 @@ def test_mixed_precision_on_every_layout(name):
                          example_args=case.args)
   delta = randomize(delta)
   assert all(d.a.dtype == jnp.float32 for d in lj.adapters(delta).values())
-  merged = dict(lj.paths.leaves_with_paths(lj.merge(base, delta)))
-  flat = dict(lj.paths.leaves_with_paths(base))
+  merged = dict(lj.leaves_with_paths(lj.merge(base, delta)))
+  flat = dict(lj.leaves_with_paths(base))
   for path, d in lj.adapters(delta).items():  # rounded once from float64
     want = np.asarray(flat[path], np.float64) + numpy_delta_weight(d)
     np.testing.assert_array_equal(

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import jax
 
-from lora_jax import factored
-from lora_jax.delta import deltas_by_path
-from lora_jax.merge import check_matches, merge
+from lora_jax._src import factored
+from lora_jax._src.delta import adapters
+from lora_jax._src.merge import check_matches, merge
 
 MODES = ("auto", "merge", "factored")
 
@@ -48,7 +48,7 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
     @functools.wraps(fn)
     def merged(base, delta, *args, lora_rng=None, **kwargs):
       if lora_rng is not None:
-        dropping = [p for p, d in deltas_by_path(delta).items() if d.dropout]
+        dropping = [p for p, d in adapters(delta).items() if d.dropout]
         if dropping:
           raise ValueError(
               f"wrap(mode='merge') cannot apply LoRA dropout (it acts on the "
@@ -62,7 +62,7 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
 
   @functools.wraps(fn)
   def wrapped(base, delta, *args, lora_rng=None, **kwargs):
-    deltas = deltas_by_path(delta)
+    deltas = adapters(delta)
     check_matches(base, deltas, "wrap")
     return factored.factored_apply(fn, base, deltas, args, kwargs,
                                    strict=strict, choose=choose, rng=lora_rng)
@@ -87,12 +87,12 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
     raise ValueError("explain describes the factored/auto engines; mode='merge' "
                      "merges every kernel.")
   report = factored.Report()
-  deltas = deltas_by_path(delta)
+  deltas = adapters(delta)
   check_matches(base, deltas, "explain")
   choose = None if mode == "factored" else factored.cheaper_engine
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # fallbacks are in the report instead
     jax.eval_shape(lambda b, d, a, k: factored.factored_apply(
-        fn, b, deltas_by_path(d), a, k, report=report, choose=choose),
+        fn, b, adapters(d), a, k, report=report, choose=choose),
                    base, delta, args, kwargs)
   return report

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import jax
 import optax
 
-from lora_jax.config import Selector, selects, selector_patterns
-from lora_jax.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.config import Selector, selects, selector_patterns
+from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
 
 TRAIN, FREEZE = "lora_train", "lora_freeze"
 

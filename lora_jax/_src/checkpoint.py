@@ -24,9 +24,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax.config import LoraConfig
-from lora_jax.delta import LoraDelta, deltas_by_path
-from lora_jax.layouts import Layout
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.delta import LoraDelta, adapters
+from lora_jax._src.layouts import Layout
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
@@ -84,9 +84,9 @@ def _dtype_name(x) -> str:
 
 def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
   """The JSON-able description of a delta that :func:`save` writes."""
-  adapters = {}
-  for path, d in deltas_by_path(delta).items():
-    adapters[path] = {
+  entries = {}
+  for path, d in adapters(delta).items():
+    entries[path] = {
         "rank": int(d.rank), "scale": float(d.scale),
         "layout": d.layout.to_json(),
         "kernel_shape": list(d.kernel_shape),
@@ -95,12 +95,12 @@ def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
         "dropout": float(d.dropout),
     }
     if d.magnitude is not None:
-      adapters[path]["magnitude"] = {"shape": list(d.magnitude.shape),
+      entries[path]["magnitude"] = {"shape": list(d.magnitude.shape),
                                      "dtype": _dtype_name(d.magnitude)}
   return {"format": FORMAT, "format_version": FORMAT_VERSION,
           "library_version": _version(),
           "config": None if config is None else config.to_json(),
-          "adapters": adapters}
+          "adapters": entries}
 
 
 def save(directory: str | os.PathLike, delta: Any,
@@ -126,7 +126,7 @@ def save(directory: str | os.PathLike, delta: Any,
   True
   """
   directory = os.path.abspath(os.fspath(directory))
-  deltas = deltas_by_path(delta)
+  deltas = adapters(delta)
   if not deltas:
     raise ValueError("lora_jax.save: the delta holds no LoraDelta to save.")
   if os.path.exists(directory) and not overwrite:
@@ -218,7 +218,7 @@ def _restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
         f"lora_jax.load: shardings given for {unknown[:3]}, which the "
         f"checkpoint in {directory} has no adapter for.")
   try:
-    adapters = {
+    specs = {
         path: {k: _spec(info[k], getattr(shardings.get(path), k, None))
                for k in ("a", "b", "magnitude") if k in info}
         for path, info in meta["adapters"].items()}
@@ -226,7 +226,7 @@ def _restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
   except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(
         f"lora_jax.load: the adapter list in {META_FILE} is corrupt ({e!r}).") from None
-  target = {"adapters": _nest(adapters)}
+  target = {"adapters": _nest(specs)}
   if extras:
     target["extras"] = _nest(extras)
   arrays_dir = os.path.join(directory, ARRAYS_DIR)
@@ -269,7 +269,7 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   """
   directory = os.path.abspath(os.fspath(directory))
   meta = load_metadata(directory)
-  restored = _restore(directory, meta, deltas_by_path(shardings)
+  restored = _restore(directory, meta, adapters(shardings)
                       if shardings is not None else None)["adapters"]
   flat = {}
   for path, info in meta["adapters"].items():

@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 from jax.extend import core as jex
 
-from lora_jax.layouts import Layout
-from lora_jax.tracing import trace
+from lora_jax._src.layouts import Layout
+from lora_jax._src.tracing import trace
 
 # Ops that return their operand's data in the same axis order.
 _IDENTITY_OPS = frozenset({

@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 
-from lora_jax.config import selects
-from lora_jax.delta import deltas_by_path, describe_array
-from lora_jax.paths import leaves_with_paths
+from lora_jax._src.config import selects
+from lora_jax._src.delta import adapters, describe_array
+from lora_jax._src.paths import leaves_with_paths
 
 
 def _size(x: Any) -> int:
@@ -32,7 +32,7 @@ def describe(delta: Any) -> str:
   rows = [(path, f"kernel {d.kernel_shape}", f"rank {d.rank}",
            f"scale {d.scale:g}", f"a {describe_array(d.a)}",
            f"b {describe_array(d.b)}")
-          for path, d in deltas_by_path(delta).items()]
+          for path, d in adapters(delta).items()]
   return _table(rows, header=None)
 
 
@@ -63,7 +63,7 @@ def summary(base: Any, delta: Any, trainable: Any = None) -> str:
   base_leaves = leaves_with_paths(base)
   base_params = sum(_size(x) for _, x in base_leaves)
   extra = sum(_size(x) for p, x in base_leaves if selects(trainable, p, x))
-  deltas = deltas_by_path(delta)
+  deltas = adapters(delta)
   lora_params = sum(d.num_params for d in deltas.values())
   trainable_n = lora_params + extra
   total = base_params + lora_params

@@ -10,9 +10,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lora_jax.delta import LoraDelta, deltas_by_path, is_delta_or_none
-from lora_jax.layouts import Layout
-from lora_jax.paths import map_with_paths
+from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
+from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import map_with_paths
 
 
 def principal_factors(w: jax.Array, layout: Layout, rank: int, scale: float,
@@ -98,7 +98,7 @@ def to_plain_lora(initial: Any, trained: Any) -> Any:
   ...                   atol=1e-5))
   True
   """
-  init = deltas_by_path(initial)
+  init = adapters(initial)
 
   def convert(path, d):
     d0 = init.get(path)

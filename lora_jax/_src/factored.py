@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from lora_jax.delta import LoraDelta, adapted_weight, dora_norm
-from lora_jax.layouts import Layout
-from lora_jax.paths import leaves_with_paths
-from lora_jax.tracing import bind_eqn, trace
+from lora_jax._src.delta import LoraDelta, adapted_weight, dora_norm
+from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.tracing import bind_eqn, trace
 
 
 class FallbackError(RuntimeError):

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.layouts import Layout
+from lora_jax._src.layouts import Layout
 
 # A selector of leaves: a regex full-matched on the leaf path, several of them,
 # or a predicate ``(path, leaf) -> bool``.

@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.layouts import Layout
-from lora_jax.paths import leaves_with_paths
+from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import leaves_with_paths
 
 
 def describe_array(x: Any) -> str:
@@ -196,7 +196,7 @@ def is_delta_or_none(x: Any) -> bool:
   return x is None or isinstance(x, LoraDelta)
 
 
-def deltas_by_path(delta_tree: Any) -> dict[str, LoraDelta]:
+def adapters(delta_tree: Any) -> dict[str, LoraDelta]:
   """``{path: LoraDelta}`` for every adapter in a delta tree
   (``lora_jax.adapters``): the same for a delta from ``split`` (with ``None``
   slots, or NNX ``State``) and one from ``load``.

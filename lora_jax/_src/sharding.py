@@ -15,9 +15,9 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_jax.delta import LoraDelta, deltas_by_path, is_delta_or_none
-from lora_jax.layouts import Layout
-from lora_jax.paths import leaves_with_paths, map_with_paths
+from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
+from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import leaves_with_paths, map_with_paths
 
 
 def _padded(spec: PartitionSpec | None, ndim: int) -> tuple:
@@ -83,7 +83,7 @@ def delta_shardings(delta: Any, base_shardings: Any) -> Any:
       base_shardings, is_leaf=lambda x: isinstance(x, (PartitionSpec,
                                                        jax.sharding.Sharding))
       or x is None))
-  deltas = deltas_by_path(delta)
+  deltas = adapters(delta)
   missing = [p for p in deltas if p not in specs]
   if missing:
     raise ValueError(f"delta_shardings: no base sharding for {missing[:3]}.")

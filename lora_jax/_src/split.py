@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import LoraConfig, selector_patterns, selects
-from lora_jax.delta import LoraDelta, dora_norm
-from lora_jax.discover import layout_from_uses, trace_uses
-from lora_jax.inits import init_factors, principal_factors
-from lora_jax.layouts import Layout
-from lora_jax.paths import leaves_with_paths, map_with_paths, preview
-from lora_jax.sharding import place_like_kernel
+from lora_jax._src.config import LoraConfig, selector_patterns, selects
+from lora_jax._src.delta import LoraDelta, dora_norm
+from lora_jax._src.discover import layout_from_uses, trace_uses
+from lora_jax._src.inits import init_factors, principal_factors
+from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.sharding import place_like_kernel
 
 
 def _check_targets_match(config: LoraConfig, leaves: list[tuple[str, Any]]):

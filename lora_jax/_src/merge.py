@@ -7,9 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.delta import (LoraDelta, adapted_weight, column_factor,
-                            delta_weight, deltas_by_path, dora_norm)
-from lora_jax.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.delta import (LoraDelta, adapted_weight, column_factor,
+                            delta_weight, adapters, dora_norm)
+from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
 
 
 def _combine(path: str, w: Any, d: LoraDelta, sign: float,
@@ -67,7 +67,7 @@ def _check_shape(path: str, w: Any, d: LoraDelta) -> None:
 
 def _apply(params: Any, delta: Any, sign: float, what: str,
            norms: dict | None = None) -> Any:
-  deltas = deltas_by_path(delta)
+  deltas = adapters(delta)
   check_matches(params, deltas, what)
   norms = norms or {}
   return map_with_paths(
@@ -90,7 +90,7 @@ def dora_norms(base: Any, delta: Any) -> dict:
   True
   """
   flat = dict(leaves_with_paths(base))
-  return {p: dora_norm(flat[p], d) for p, d in deltas_by_path(delta).items()
+  return {p: dora_norm(flat[p], d) for p, d in adapters(delta).items()
           if d.magnitude is not None}
 
 

@@ -1,0 +1,1 @@
+"""lora_jax's implementation. Private: import names from ``lora_jax``."""
