@@ -1,12 +1,20 @@
 """Layout discovery: how an apply function consumes each kernel.
 
-``discover_layouts`` traces the function abstractly (``jax.make_jaxpr``: no
-FLOPs) and follows every kernel through the program: through views that keep
-its data (``transpose``, ``reshape``, ``convert_element_type``, slicing, ...)
-and into sub-programs (``jit``, ``scan``, ``remat``, ``cond``, ``while``,
-``custom_jvp``/``custom_vjp``), up to the op that consumes it: a
-``dot_general``, a ``conv_general_dilated`` or a row ``gather``. Those ops say
-which kernel axes are contracted (inputs), kept (outputs) or batched.
+``analyze`` traces the function abstractly (``jax.make_jaxpr``: no FLOPs)
+and follows every kernel through the program: through views that keep its
+data (``transpose``, ``reshape``, ``convert_element_type``, slicing a stacked
+axis, ...) and into sub-programs (``jit``, ``scan``, ``remat``, ``cond``,
+``while``, ``custom_jvp``/``custom_vjp``, ``shard_map``), up to the op that
+consumes it: a ``dot_general``, a ``conv_general_dilated``, a
+``ragged_dot_general`` or a row ``gather``. Those ops say which kernel axes
+are contracted (inputs), kept (outputs) or batched.
+
+It also follows what each matmul *produces*, to tell a hidden layer (its
+result reaches another matmul) from an output layer such as an LM head or a
+classifier (its result reaches the function's output with no further
+matmul): ``targets="all-linear"`` adapts the former only, as PEFT does.
+
+Everything about equation parameters is read through ``jaxpr_core``.
 """
 
 from __future__ import annotations
@@ -15,18 +23,10 @@ import bisect
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from jax.extend import core as jex
-
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.layouts import Layout
-from lora_jax._src.tracing import trace
 
-# Ops that return their operand's data in the same axis order.
-_IDENTITY_OPS = frozenset({
-    "convert_element_type", "copy", "copy_p", "reduce_precision",
-    "sharding_constraint", "optimization_barrier", "stop_gradient",
-    "device_put", "pvary", "mesh_cast", "reshard",
-})
-_SLICE_OPS = frozenset({"slice", "dynamic_slice"})
+_EMPTY = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,19 @@ class Use:
   """One consumer of a kernel: the op and the role of every kernel axis."""
   primitive: str
   roles: dict | None  # kernel axis -> "batch" | "inputs" | "outputs"; None: no rule
+
+
+@dataclasses.dataclass
+class Analysis:
+  """What :func:`analyze` found for the selected leaves (indexed like them).
+
+  Attributes:
+    uses: per leaf, its consumers.
+    hidden: leaves consumed as the weight of a matmul / conv whose result
+      reaches a further matmul (not an output layer, not a lookup table).
+  """
+  uses: list[list[Use]]
+  hidden: set[int]
 
 
 def _reshape(t: _Tracked, old: Sequence[int], new: Sequence[int]) -> _Tracked:
@@ -86,113 +99,162 @@ def _roles(t: _Tracked, role_of_axis: dict[int, str]) -> dict | None:
   return roles
 
 
-class _Analysis:
+class _Walker:
+  """Walks a program tracking kernel views (``_Tracked``) and, per value,
+  which kernels' matmul results reached it with no matmul since (taint)."""
 
   def __init__(self, num_leaves: int):
     self.uses: list[list[Use]] = [[] for _ in range(num_leaves)]
+    self.weights: set[int] = set()  # consumed as a matmul / conv weight
+    self.hidden: set[int] = set()   # ... whose result feeds another matmul
 
-  def use(self, t: _Tracked, prim: str, role_of_axis: dict[int, str] | None):
+  def use(self, t: _Tracked, prim: str, role_of_axis: dict[int, str] | None,
+          batch_axes: frozenset = _EMPTY):
     roles = None if role_of_axis is None else _roles(t, role_of_axis)
+    if roles is not None:
+      for k in batch_axes:
+        if roles.get(k, "batch") != "batch":
+          roles = None
+          break
+        roles[k] = "batch"
     self.uses[t.leaf].append(Use(prim, roles))
+    return roles is not None
 
-  def run(self, jaxpr: jex.Jaxpr, tracked_in: Sequence[_Tracked | None]):
-    """Walks ``jaxpr``; returns the tracked values of its outputs."""
+  def run(self, program: jc.Program, tracked_in: Sequence[_Tracked | None],
+          taint_in: Sequence[frozenset]):
+    """Walks ``program``; returns tracked values and taints of its outputs."""
+    jaxpr = program.jaxpr
     env: dict[Any, _Tracked] = {}
-    for v, t in zip(jaxpr.invars, tracked_in):
+    taint: dict[Any, frozenset] = {}
+    for v in jaxpr.constvars:
+      taint[v] = _EMPTY
+    for v, t, s in zip(jaxpr.invars, tracked_in, taint_in):
       if t is not None:
         env[v] = t
-    get = lambda v: None if isinstance(v, jex.Literal) else env.get(v)
+      taint[v] = s
+    get = lambda v: None if jc.is_literal(v) else env.get(v)
+    get_taint = lambda v: _EMPTY if jc.is_literal(v) else taint.get(v, _EMPTY)
     for eqn in jaxpr.eqns:
       ins = [get(v) for v in eqn.invars]
-      if not any(t is not None for t in ins):
-        continue
-      outs = self.eqn(eqn, ins)
-      for v, t in zip(eqn.outvars, outs):
-        if t is not None and not isinstance(v, jex.DropVar):
+      in_taint = [get_taint(v) for v in eqn.invars]
+      outs, out_taint = self.eqn(eqn, ins, in_taint)
+      for v, t, s in zip(eqn.outvars, outs, out_taint):
+        if jc.is_dropvar(v):
+          continue
+        if t is not None:
           env[v] = t
-    return [get(v) for v in jaxpr.outvars]
+        taint[v] = s
+    return ([get(v) for v in jaxpr.outvars],
+            [get_taint(v) for v in jaxpr.outvars])
 
-  def eqn(self, eqn, ins) -> list:
-    name = eqn.primitive.name
-    p = eqn.params
-    none = [None] * len(eqn.outvars)
+  # -- one equation ---------------------------------------------------------
+
+  def eqn(self, eqn, ins, in_taint):
+    n_out = len(eqn.outvars)
+    sub = jc.higher_order(eqn)
+    if sub is not None:
+      return self.higher_order(eqn, sub, ins, in_taint)
+    prim = eqn.primitive
+    union = _EMPTY.union(*in_taint)
+    if prim in jc.DOT or prim in jc.CONV or prim in jc.RAGGED_DOT:
+      return [None] * n_out, [self.matmul(eqn, ins, in_taint)] * n_out
+    if not any(t is not None for t in ins):
+      return [None] * n_out, [union] * n_out
     t = next(t for t in ins if t is not None)
-    if name in _IDENTITY_OPS:
+    if prim in jc.GATHER and ins[0] is t:
+      self.gather(eqn, t)
+      return [None], [_EMPTY]
+    view = self.view(eqn, ins, t)
+    if view is not None:
+      return view, [union] * n_out
+    for x in ins:
+      if x is not None:
+        self.use(x, prim.name, None)
+    return [None] * n_out, [union] * n_out
+
+  def view(self, eqn, ins, t):
+    """Tracked outputs of a view of kernel value ``t``, or None."""
+    prim = eqn.primitive
+    if prim in jc.PASS or prim in jc.ON_KERNEL or prim in jc.ON_EVERY_PART or (
+        prim in jc.CAST):
       return list(ins[:len(eqn.outvars)])
-    if name == "transpose":
-      perm = p["permutation"]
+    if ins[0] is not t:
+      return None
+    if prim in jc.TRANSPOSE:
+      perm = jc.transpose_perm(eqn)
       return [dataclasses.replace(t, axes=tuple(t.axes[i] for i in perm))]
-    if name == "reshape":
-      old = eqn.invars[0].aval.shape
-      return [_reshape(t, old, eqn.outvars[0].aval.shape)]
-    if name == "squeeze":
-      dims = set(d % len(t.axes) for d in p["dimensions"])
+    if prim in jc.RESHAPE or prim in jc.EXPAND_DIMS:
+      return [_reshape(t, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)]
+    if prim in jc.SQUEEZE:
+      dims = jc.squeeze_dims(eqn)
       dropped = t.dropped.union(*(t.axes[d] for d in dims))
       return [_Tracked(t.leaf, tuple(a for i, a in enumerate(t.axes)
                                      if i not in dims), dropped)]
-    if name == "expand_dims":
-      return [_reshape(t, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape)]
-    if name == "broadcast_in_dim" and ins[0] is t:
-      axes = [frozenset()] * len(p["shape"])
-      for k, d in enumerate(p["broadcast_dimensions"]):
+    if prim in jc.BROADCAST:
+      axes = [frozenset()] * len(eqn.outvars[0].aval.shape)
+      for k, d in enumerate(jc.broadcast_dims(eqn)):
         axes[d] = t.axes[k]
       return [_Tracked(t.leaf, tuple(axes), t.dropped)]
-    if name in _SLICE_OPS and ins[0] is t:
+    if prim in jc.SLICE or prim in jc.DYNAMIC_SLICE:
+      # A part of a stacked kernel (one layer, one expert) or of a fused one
+      # (q of a fused qkv): the consumer says what each axis is.
       return [t]
-    if name == "dot_general":
-      return self.dot_general(eqn, ins)
-    if name == "conv_general_dilated":
-      return self.conv(eqn, ins)
-    if name == "gather" and ins[0] is t:
-      return self.gather(eqn, t)
-    if name == "scan":
-      return self.scan(eqn, ins)
-    if name == "while":
-      return self.while_(eqn, ins)
-    if name == "cond":
-      for branch in p["branches"]:
-        self.run(branch.jaxpr, ins[1:])
-      return none
-    sub = _call_jaxpr(eqn)
-    if sub is not None:
-      return self.run(sub, ins)
-    for t in ins:
+    return None
+
+  def matmul(self, eqn, ins, in_taint) -> frozenset:
+    """Records the kernel use(s) of a dot / conv / ragged dot; returns the
+    taint of its result."""
+    prim = eqn.primitive
+    kernels = []
+    if prim in jc.DOT:
+      dims = jc.dot_dims(eqn)
+      for side, t in enumerate(ins):
+        if t is None:
+          continue
+        _, contract, _, batch = dims.side(kernel_is_lhs=side == 0)
+        role = {a: "outputs" for a in range(len(t.axes))}
+        role.update({a: "inputs" for a in contract})
+        role.update({a: "batch" for a in batch})
+        kernels.append((side, self.use(t, "dot_general", role), t))
+    elif prim in jc.CONV:
+      if ins[0] is not None:
+        self.use(ins[0], "conv_general_dilated (kernel as lhs)", None)
+      if ins[1] is not None:
+        spec = jc.conv_dims(eqn).rhs_spec
+        role = {a: "inputs" for a in spec[1:]}
+        role[spec[0]] = "outputs"
+        kernels.append((1, self.use(ins[1], "conv_general_dilated", role),
+                        ins[1]))
+    else:  # ragged dot: the rhs (g, k, n) is a stack of kernels
+      rd = jc.ragged_dims(eqn)
+      if ins[0] is not None:
+        self.use(ins[0], "ragged_dot_general (kernel as lhs)", None)
+      t = ins[1]
       if t is not None:
-        self.use(t, name, None)
-    return none
-
-  def dot_general(self, eqn, ins):
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    for t, contract, batch in ((ins[0], lc, lb), (ins[1], rc, rb)):
-      if t is None:
-        continue
-      role = {a: "outputs" for a in range(len(t.axes))}
-      role.update({a: "inputs" for a in contract})
-      role.update({a: "batch" for a in batch})
-      self.use(t, "dot_general", role)
-    return [None]
-
-  def conv(self, eqn, ins):
-    if ins[0] is not None:
-      self.use(ins[0], "conv_general_dilated (kernel as lhs)", None)
-    if ins[1] is not None:
-      rhs_spec = eqn.params["dimension_numbers"].rhs_spec
-      role = {a: "inputs" for a in rhs_spec[1:]}
-      role[rhs_spec[0]] = "outputs"
-      self.use(ins[1], "conv_general_dilated", role)
-    return [None]
+        role = {a: "outputs" for a in range(len(t.axes))}
+        role.update({a: "inputs" for a in rd.rhs_contract})
+        role.update({a: "batch" for a in rd.rhs_batch + rd.rhs_group})
+        kernels.append((1, self.use(t, "ragged_dot_general", role), t))
+    weight_sides = {side for side, ok, _ in kernels}
+    for side, taint in enumerate(in_taint[:2]):
+      if side not in weight_sides:
+        self.hidden |= taint  # an activation operand: its producers feed this
+    resolved = [t.leaf for _, ok, t in kernels if ok]
+    self.weights.update(resolved)
+    if kernels:
+      return frozenset(resolved)
+    return _EMPTY
 
   def gather(self, eqn, t):
-    dn = eqn.params["dimension_numbers"]
-    sizes = eqn.params["slice_sizes"]
+    g = jc.gather_dims(eqn)
     shape = eqn.invars[0].aval.shape
     role = {}
     for a in range(len(shape)):
-      if a in dn.operand_batching_dims:
+      if a in g.operand_batching_dims:
         role[a] = "batch"
-      elif a in dn.start_index_map:
+      elif a in g.start_index_map:
         role[a] = "inputs"
-      elif sizes[a] == shape[a]:
+      elif g.slice_sizes[a] == shape[a]:
         role[a] = "outputs"
       else:
         role = None
@@ -200,57 +262,87 @@ class _Analysis:
     if role is not None and "inputs" not in role.values():
       role = None
     self.use(t, "gather", role)
-    return [None]
 
-  def scan(self, eqn, ins):
-    p = eqn.params
-    nc, ncarry = p["num_consts"], p["num_carry"]
-    body_in = list(ins[:nc])
-    for t in ins[nc:nc + ncarry]:
-      if t is not None:
-        self.use(t, "scan (kernel in the carry)", None)
-      body_in.append(None)
-    for t in ins[nc + ncarry:]:
-      body_in.append(None if t is None else _Tracked(
-          t.leaf, t.axes[1:], t.dropped | t.axes[0]))
-    self.run(p["jaxpr"].jaxpr, body_in)
-    return [None] * len(eqn.outvars)
+  # -- sub-programs -------------------------------------------------------
 
-  def while_(self, eqn, ins):
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    carry = ins[cn + bn:]
-    for t in carry:
-      if t is not None:
-        self.use(t, "while (kernel in the carry)", None)
-    self.run(p["cond_jaxpr"].jaxpr, list(ins[:cn]) + [None] * len(carry))
-    self.run(p["body_jaxpr"].jaxpr, list(ins[cn:cn + bn]) + [None] * len(carry))
-    return [None] * len(eqn.outvars)
+  def higher_order(self, eqn, sub, ins, in_taint):
+    n_out = len(eqn.outvars)
+    if isinstance(sub, (jc.Call, jc.Remat, jc.ShardMap)):
+      return self.run(sub.body, ins, in_taint)
+    if isinstance(sub, jc.Cond):
+      outs_taint = [_EMPTY] * n_out
+      for branch in sub.branches:
+        _, taint = self.run(branch, ins[1:], in_taint[1:])
+        outs_taint = [a | b for a, b in zip(outs_taint, taint)]
+      return [None] * n_out, outs_taint
+    if isinstance(sub, jc.Scan):
+      nc, ncarry = sub.num_consts, sub.num_carry
+      body_in = list(ins[:nc])
+      for t in ins[nc:nc + ncarry]:
+        if t is not None:
+          self.use(t, "scan (kernel in the carry)", None)
+        body_in.append(None)
+      for t in ins[nc + ncarry:]:
+        body_in.append(None if t is None else _Tracked(
+            t.leaf, t.axes[1:], t.dropped | t.axes[0]))
+      return self._loop(sub.body, body_in, list(in_taint), nc, ncarry,
+                        n_out)
+    if isinstance(sub, jc.While):
+      cn, bn = sub.cond_nconsts, sub.body_nconsts
+      carry = ins[cn + bn:]
+      for t in carry:
+        if t is not None:
+          self.use(t, "while (kernel in the carry)", None)
+      none = [None] * len(carry)
+      self.run(sub.cond, list(ins[:cn]) + none,
+               list(in_taint[:cn]) + list(in_taint[cn + bn:]))
+      return self._loop(sub.body, list(ins[cn:cn + bn]) + none,
+                        list(in_taint[cn:]), bn, len(carry), n_out)
+    raise AssertionError(sub)
+
+  def _loop(self, body, body_in, taint_in, nc, ncarry, n_out):
+    """Runs a loop body until the carry's taint stops growing."""
+    taint_in = list(taint_in)
+    for _ in range(4):
+      _, out_taint = self.run(body, body_in, taint_in)
+      carry = [a | b for a, b in zip(taint_in[nc:nc + ncarry],
+                                     out_taint[:ncarry])]
+      if carry == taint_in[nc:nc + ncarry]:
+        break
+      taint_in[nc:nc + ncarry] = carry
+    return [None] * n_out, list(out_taint)[:n_out]
 
 
-def _call_jaxpr(eqn) -> jex.Jaxpr | None:
-  """The sub-program of a call-like op whose inputs are the op's inputs."""
-  for value in eqn.params.values():
-    jaxpr = value.jaxpr if isinstance(value, jex.ClosedJaxpr) else value
-    if isinstance(jaxpr, jex.Jaxpr) and len(jaxpr.invars) == len(eqn.invars):
-      return jaxpr
-  return None
+def analyze(apply_fn: Callable, params: Any, example_args: Sequence[Any],
+            example_kwargs: dict | None, leaf_indices: Sequence[int]
+            ) -> Analysis:
+  """How ``apply_fn(params, *example_args)`` uses selected leaves of
+  ``params`` (given by their index in ``tree_leaves`` order)."""
+  closed, _, _ = jc.trace(apply_fn, params, tuple(example_args),
+                          dict(example_kwargs or {}))
+  jaxpr = closed.jaxpr
+  tracked: list[_Tracked | None] = [None] * len(jaxpr.invars)
+  for n, i in enumerate(leaf_indices):
+    ndim = len(jaxpr.invars[i].aval.shape)
+    tracked[i] = _Tracked(n, tuple(frozenset({k}) for k in range(ndim)))
+  walker = _Walker(len(leaf_indices))
+  try:
+    _, out_taint = walker.run(jc.Program(jaxpr, tuple(closed.consts)),
+                              tracked, [_EMPTY] * len(jaxpr.invars))
+  except jc.UnknownSchemaError as e:
+    raise jc.UnknownSchemaError(
+        f"{e} Layout discovery cannot follow the kernels through it: give "
+        f"their layouts explicitly, LoraConfig(layouts={{path_regex: "
+        f"lora_jax.Layout(batch=..., inputs=..., outputs=...)}}).") from None
+  return Analysis(walker.uses, walker.weights & walker.hidden)
 
 
 def trace_uses(apply_fn: Callable, params: Any, example_args: Sequence[Any],
                example_kwargs: dict | None, leaf_indices: Sequence[int]
                ) -> list[list[Use]]:
   """The consumers of selected leaves of ``params`` in ``apply_fn``."""
-  closed, _, _ = trace(apply_fn, params, tuple(example_args),
-                       dict(example_kwargs or {}))
-  jaxpr = closed.jaxpr
-  tracked: list[_Tracked | None] = [None] * len(jaxpr.invars)
-  for n, i in enumerate(leaf_indices):
-    ndim = len(jaxpr.invars[i].aval.shape)
-    tracked[i] = _Tracked(n, tuple(frozenset({k}) for k in range(ndim)))
-  analysis = _Analysis(len(leaf_indices))
-  analysis.run(jaxpr, tracked)
-  return analysis.uses
+  return analyze(apply_fn, params, example_args, example_kwargs,
+                 leaf_indices).uses
 
 
 def layout_from_uses(path: str, ndim: int, uses: list[Use]) -> Layout:
@@ -282,4 +374,8 @@ def layout_from_uses(path: str, ndim: int, uses: list[Use]) -> Layout:
     raise ValueError(f"Cannot infer the role of every axis of {path!r}: "
                      f"got {roles}. {hint}")
   pick = lambda r: tuple(a for a in range(ndim) if roles[a] == r)
-  return Layout(pick("batch"), pick("inputs"), pick("outputs"))
+  try:
+    return Layout(pick("batch"), pick("inputs"), pick("outputs"))
+  except ValueError as e:
+    raise ValueError(f"The traced use of {path!r} gives no valid layout: {e} "
+                     f"{hint}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Callable
 
@@ -13,6 +12,19 @@ from lora_jax._src.delta import adapters
 from lora_jax._src.merge import check_matches, merge
 
 MODES = ("auto", "merge", "factored")
+
+
+def _named_like(fn: Callable, impl: Callable) -> Callable:
+  """``impl`` with ``fn``'s name and docstring but its own signature:
+  ``jax.jit(..., static_argnames=...)`` and ``donate_argnames`` read the
+  signature, which is ``(base, delta, *args, lora_rng=None, **kwargs)``, not
+  ``fn``'s (so no ``__wrapped__``, which ``inspect.signature`` follows)."""
+  for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+    try:
+      setattr(impl, attr, getattr(fn, attr))
+    except (AttributeError, TypeError):
+      pass
+  return impl
 
 
 def wrap(fn: Callable[..., Any], mode: str = "auto", *,
@@ -45,7 +57,6 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
     raise ValueError(f"lora_jax.wrap: mode must be one of {MODES}, got {mode!r}.")
 
   if mode == "merge":
-    @functools.wraps(fn)
     def merged(base, delta, *args, lora_rng=None, **kwargs):
       if lora_rng is not None:
         dropping = [p for p, d in adapters(delta).items() if d.dropout]
@@ -56,17 +67,16 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
               f"{dropping[:3]} have dropout > 0. Use mode='factored' or "
               f"'auto', or call without lora_rng.")
       return fn(merge(base, delta), *args, **kwargs)
-    return merged
+    return _named_like(fn, merged)
 
   choose = None if mode == "factored" else factored.cheaper_engine
 
-  @functools.wraps(fn)
   def wrapped(base, delta, *args, lora_rng=None, **kwargs):
     deltas = adapters(delta)
     check_matches(base, deltas, "wrap")
     return factored.factored_apply(fn, base, deltas, args, kwargs,
                                    strict=strict, choose=choose, rng=lora_rng)
-  return wrapped
+  return _named_like(fn, wrapped)
 
 
 def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,

@@ -1,0 +1,220 @@
+"""Rules for the ops that consume a kernel.
+
+Every rule has the same skeleton (:func:`consumer`): a *plan* function reads
+the equation and says how to compute the LoRA branch ``scale * op'(op''(x,
+a), b)`` in low rank and where the kernel's output units land in the result;
+the skeleton does the rest, once for all rules: the engine choice of
+``mode="auto"``, dtype promotion, LoRA dropout on the branch's input, DoRA's
+per-output factor, the base op on ``W0``, and the report. A new consumer is a
+new plan function and one line in ``interpreter.RULES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.lowrank import lowrank_dot, output_factor
+from lora_jax._src.factored.values import Context, FallbackError, Lora
+
+
+@dataclasses.dataclass
+class Plan:
+  """How one consumer computes its LoRA branch.
+
+  Attributes:
+    lora: the kernel value consumed.
+    x: the other operand (the activation), or None where the branch has no
+      activation input (an embedding lookup: no dropout there, as PEFT).
+    rule: the name the report gives this use.
+    lowrank: ``x -> scale * op'(op''(x, a), b)`` laid out like the op's
+      result, for ``x`` already in the compute dtype (and dropped out).
+    place_outputs: ``(*batch, *out) values -> array broadcasting against the
+      op's result`` (for DoRA); None where the kernel's output units are not
+      axes of the result (a transposed use).
+    cost: ``(x_shape, x_contract)`` for ``mode="auto"``'s cost model, or
+      None if the use is always factored.
+  """
+  lora: Lora
+  x: Any
+  rule: str
+  lowrank: Callable[[Any], Any]
+  place_outputs: Callable[[Any], Any] | None = None
+  cost: tuple | None = None
+
+
+def fallback(eqn, invals, ctx: Context) -> list:
+  """Merges every kernel among ``invals`` for this one use."""
+  for x in invals:
+    if isinstance(x, Lora) and ctx.dropping(x):
+      raise FallbackError(
+          f"lora_jax: {x.path!r} has LoRA dropout and is consumed by "
+          f"{eqn.primitive.name!r} in a way the factored engine cannot "
+          f"express; merging cannot apply input dropout. Set dropout=0 for "
+          f"this leaf or call without lora_rng.")
+  return jc.bind(eqn, [ctx.concrete(x, eqn.primitive.name) for x in invals])
+
+
+def consumer(plan_fn: Callable) -> Callable:
+  """A rule from a plan function ``(eqn, invals, ctx) -> Plan | None``."""
+  def rule(eqn, invals, ctx: Context) -> list:
+    plan = plan_fn(eqn, invals, ctx)
+    if plan is None:
+      return fallback(eqn, invals, ctx)
+    lora = plan.lora
+    with_w0 = [lora.w if v is lora else v for v in invals]
+    if (plan.cost is not None and not ctx.dropping(lora)
+        and ctx.choose is not None
+        and ctx.choose(*plan.cost, lora) == "merge"):
+      ctx.report.record(lora.path, "merge (auto: cheaper)")
+      return jc.bind(eqn, [lora.materialize() if v is lora else v
+                           for v in invals])
+    if lora.magnitude is not None and plan.place_outputs is None:
+      return fallback(eqn, invals, ctx)
+    x = plan.x
+    dtype = jnp.result_type(lora.a.dtype, *([] if x is None else [x.dtype]))
+    low = plan.lowrank(None if x is None
+                       else ctx.dropout(x, lora).astype(dtype))
+    if low is None:
+      return fallback(eqn, invals, ctx)
+    base = jc.bind(eqn, with_w0)[0]
+    out_dtype = eqn.outvars[0].aval.dtype
+    if lora.magnitude is None:
+      ctx.report.record(lora.path, plan.rule)
+      return [base + low.astype(out_dtype)]
+    # DoRA: (m / ||W0 + s a b||) * (op(x, W0) + s op'(op''(x, a), b)).
+    factor = plan.place_outputs(lora.dora_factor(dtype))
+    ctx.report.record(lora.path, plan.rule + " + DoRA")
+    return [(factor * (base.astype(dtype) + low)).astype(out_dtype)]
+  return rule
+
+
+# ---- dot_general ----------------------------------------------------------------
+
+def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
+  lhs, rhs = invals
+  if isinstance(lhs, Lora) == isinstance(rhs, Lora):
+    return None
+  kernel_is_lhs = isinstance(lhs, Lora)
+  lora, x = (lhs, rhs) if kernel_is_lhs else (rhs, lhs)
+  x_contract, k_contract, x_batch, k_batch = jc.dot_dims(eqn).side(
+      kernel_is_lhs)
+  projected = ctx.projected.pop(id(eqn), None)
+  lowrank = lambda x_in: lowrank_dot(
+      x_in, lora, x_contract, k_contract, x_batch, k_batch, kernel_is_lhs,
+      projected=projected)[0]
+  lay = lora.layout
+  transposed = set(lay.outputs) == set(k_contract)
+  n_x_free = x.ndim - len(x_contract) - len(x_batch)
+  place = None if transposed else (
+      lambda v: output_factor(v, lay, k_batch, n_x_free, kernel_is_lhs))
+  rule = "dot_general (transposed use)" if transposed else "dot_general"
+  return Plan(lora, x, rule, lowrank, place, cost=(x.shape, x_contract))
+
+
+# ---- conv_general_dilated -------------------------------------------------------
+
+def _conv_plan(eqn, invals, ctx: Context) -> Plan | None:
+  del ctx
+  lhs, rhs = invals
+  dims = jc.conv_dims(eqn)
+  if isinstance(lhs, Lora) or dims.groups != 1:
+    return None
+  lora = rhs
+  lay = lora.layout
+  out_axis = dims.rhs_spec[0]
+  if (lay.batch or lay.outputs != (out_axis,)
+      or set(lay.inputs) != set(dims.rhs_spec[1:])):
+    return None
+  feat = dims.out_feature_axis
+  p = eqn.params
+
+  def lowrank(x):
+    # a as a conv kernel with r output features, in the view's axis order
+    r = lora.a.shape[-1]
+    order = list(lay.inputs) + [out_axis]
+    perm = sorted(range(len(order)), key=lambda i: order[i])
+    a_kernel = jnp.transpose(lora.a, perm).astype(x.dtype)
+    hidden = jax.lax.conv_general_dilated(
+        x, a_kernel, p["window_strides"], p["padding"], p["lhs_dilation"],
+        p["rhs_dilation"], p["dimension_numbers"], precision=p["precision"])
+    hidden = jnp.moveaxis(hidden, feat, -1) * jnp.asarray(lora.scale, x.dtype)
+    shape = hidden.shape
+    low = (hidden.reshape(-1, r) @ lora.b.astype(x.dtype)).reshape(
+        *shape[:-1], lora.b.shape[-1])
+    return jnp.moveaxis(low, -1, feat)
+
+  def place(values):
+    shape = [1] * len(eqn.outvars[0].aval.shape)
+    shape[feat] = values.shape[0]
+    return values.reshape(shape)
+  return Plan(lora, lhs, "conv_general_dilated", lowrank, place)
+
+
+# ---- gather (embedding lookup) ----------------------------------------------------
+
+def _gather_plan(eqn, invals, ctx: Context) -> Plan | None:
+  del ctx
+  operand, indices = invals
+  if isinstance(indices, Lora):
+    return None
+  lora = operand
+  lay = lora.layout
+  g = jc.gather_dims(eqn)
+  ok = (lora.w.ndim == 2 and not lay.batch
+        and g.collapsed_slice_dims == lay.inputs
+        and g.start_index_map == lay.inputs and len(g.offset_dims) == 1
+        and g.slice_sizes[lay.outputs[0]] == lora.w.shape[lay.outputs[0]]
+        and not g.operand_batching_dims)
+  if not ok:
+    return None
+  off = g.offset_dims[0]
+
+  def lowrank(_):
+    # Gather rows of a (vocab, r) with the same indices, then project with b.
+    sizes = list(g.slice_sizes)
+    sizes[lay.outputs[0]] = lora.a.shape[-1]
+    rows = jc.gather_with_slice_sizes(eqn, lora.a, indices, sizes)
+    rows = jnp.moveaxis(rows, off, -1) * jnp.asarray(lora.scale, rows.dtype)
+    return jnp.moveaxis(rows @ lora.b, -1, off)
+
+  def place(values):
+    shape = [1] * len(eqn.outvars[0].aval.shape)
+    shape[off] = values.shape[0]
+    return values.reshape(shape)
+  return Plan(lora, None, "gather", lowrank, place)
+
+
+# ---- ragged_dot_general (grouped matmul: MoE experts) -------------------------
+
+def _ragged_plan(eqn, invals, ctx: Context) -> Plan | None:
+  del ctx
+  lhs, rhs, group_sizes = invals[0], invals[1], invals[2]
+  if isinstance(lhs, Lora) or not isinstance(rhs, Lora) or isinstance(
+      group_sizes, Lora) or len(invals) != 3:
+    return None
+  lora = rhs
+  lay = lora.layout
+  d = jc.ragged_dims(eqn)
+  ndim = lora.w.ndim
+  # The form jax.lax.ragged_dot emits: x (m, k) ragged along m, w (g, k, n).
+  if (ndim != 3 or d.rhs_group != (0,) or d.rhs_contract != (1,)
+      or d.lhs_contract != (lhs.ndim - 1,) or d.lhs_batch or d.rhs_batch
+      or lay != type(lay)((0,), (1,), (2,))):
+    return None
+  # a (g, k, r) and b (g, r, n) are ragged-dot kernels of the same form.
+  def lowrank(x):
+    t = jc.bind(eqn, [x, lora.a.astype(x.dtype), group_sizes])[0]
+    t = t.astype(x.dtype) * jnp.asarray(lora.scale, x.dtype)
+    return jc.bind(eqn, [t, lora.b.astype(x.dtype), group_sizes])[0]
+  return Plan(lora, lhs, "ragged_dot_general", lowrank)
+
+
+dot_general = consumer(_dot_plan)
+conv_general_dilated = consumer(_conv_plan)
+gather = consumer(_gather_plan)
+ragged_dot_general = consumer(_ragged_plan)

@@ -1,0 +1,102 @@
+"""The interpreter: evaluates a traced program with adapted kernels carried
+as symbolic :class:`Lora` values, dispatching each equation that touches one
+to its rule (one table, :data:`RULES`); everything else is bound as traced."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored import consumers, programs, views
+from lora_jax._src.factored.siblings import project_siblings
+from lora_jax._src.factored.values import Context, Lora, Report
+from lora_jax._src.paths import leaves_with_paths
+
+# (primitives, rule(eqn, invals, ctx) -> outputs), first match wins.
+RULES: list[tuple[jc.Primitives, Callable]] = [
+    (jc.DOT, consumers.dot_general),
+    (jc.CONV, consumers.conv_general_dilated),
+    (jc.GATHER, consumers.gather),
+    (jc.RAGGED_DOT, consumers.ragged_dot_general),
+    (jc.TRANSPOSE, views.transpose),
+    (jc.CAST, views.on_kernel),
+    (jc.ON_KERNEL, views.on_kernel),
+    (jc.ON_EVERY_PART, views.on_every_part),
+    (jc.PASS, views.pass_through),
+    (jc.SLICE, views.slice_),
+    (jc.DYNAMIC_SLICE, views.dynamic_slice),
+    (jc.SQUEEZE, views.squeeze),
+]
+
+# Sub-program structure (from jaxpr_core.higher_order) -> rule.
+PROGRAM_RULES = {
+    jc.Call: programs.call,
+    jc.Remat: programs.remat,
+    jc.Scan: programs.scan,
+    jc.Cond: programs.cond,
+    jc.While: programs.while_,
+    jc.ShardMap: programs.shard_map,
+}
+
+_cache: dict = {}
+
+
+def rule_for(primitive) -> Callable:
+  """The rule for an equation with a kernel among its operands."""
+  try:
+    return _cache[primitive]
+  except KeyError:
+    pass
+  rule = next((r for prims, r in RULES if primitive in prims),
+              consumers.fallback)
+  _cache[primitive] = rule
+  return rule
+
+
+def _apply(eqn, invals, ctx: Context) -> list:
+  try:
+    sub = jc.higher_order(eqn)
+  except jc.UnknownSchemaError:
+    return consumers.fallback(eqn, invals, ctx)
+  if sub is not None:
+    return PROGRAM_RULES[type(sub)](eqn, sub, invals, ctx, evaluate)
+  return rule_for(eqn.primitive)(eqn, invals, ctx)
+
+
+def evaluate(program: jc.Program, args, ctx: Context) -> list:
+  """Evaluates ``program`` where some inputs may be :class:`Lora` values;
+  its outputs are plain arrays (a kernel returned as such is merged)."""
+  jaxpr = program.jaxpr
+  env: dict = dict(zip(jaxpr.constvars, program.consts))
+  env.update(zip(jaxpr.invars, args))
+  for i, eqn in enumerate(jaxpr.eqns):
+    invals = [jc.read(env, v) for v in eqn.invars]
+    if any(isinstance(x, Lora) for x in invals):
+      if eqn.primitive in jc.DOT and id(eqn) not in ctx.projected:
+        project_siblings(jaxpr.eqns, i, env, ctx)
+      outs = _apply(eqn, invals, ctx)
+    else:
+      outs = jc.bind(eqn, invals)
+    for v, x in zip(eqn.outvars, outs):
+      if not jc.is_dropvar(v):
+        env[v] = x
+  return [ctx.concrete(jc.read(env, v), "output") for v in jaxpr.outvars]
+
+
+def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
+                   report: Report | None = None, choose: Callable | None = None,
+                   rng=None):
+  """Evaluates ``fn(merge(base, delta), *args, **kwargs)`` in factored form;
+  ``deltas`` is ``{path: LoraDelta}``."""
+  closed, inputs, out_tree = jc.trace(fn, base, args, kwargs)
+  ctx = Context(strict, report if report is not None else Report(), choose,
+                rng)
+  for i, (path, _) in enumerate(leaves_with_paths(base)):
+    d = deltas.get(path)
+    if d is not None:
+      inputs[i] = Lora(inputs[i], d.a, d.b, d.scale, d.layout, path,
+                       d.magnitude, d.dropout)
+  outs = evaluate(jc.Program(closed.jaxpr, tuple(closed.consts)), inputs, ctx)
+  return jax.tree.unflatten(out_tree, outs)

@@ -1,0 +1,150 @@
+"""Low-rank products: ``x @ a`` with a backward pass that suits XLA:CPU, and
+the LoRA branch of a ``dot_general`` reshaped to 2-D matmuls."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+# On XLA:CPU, x^T @ g with x (M, K) and a skinny g (M, r) runs as a GEMM
+# contracting x's leading axis, 3-5x slower than the same sum written as a
+# fused multiply-reduce (measured for r <= 32 on W1's shapes; see
+# benchmarks/README.md). Other backends keep the GEMM.
+REDUCE_MAX_RANK = 32
+
+
+def _fused_reduce(r: int) -> bool:
+  return r <= REDUCE_MAX_RANK and jax.default_backend() == "cpu"
+
+
+@jax.custom_jvp
+def project(x, a):
+  """``x @ a`` for 2-D ``x (M, K)`` and ``a (K, r)``.
+
+  Its JVP is ``dx @ a + x @ da`` with ``x @ da`` written as a broadcast
+  multiply and a sum over ``K`` on CPU at small rank: reverse mode transposes
+  that into ``da = sum_m x[m, :, None] * g[m, None, :]``, a fused
+  multiply-reduce, instead of the slow ``x.T @ g`` GEMM. Forward mode
+  (``jvp``, ``jacfwd``) works as for any JAX function.
+  """
+  return x @ a
+
+
+def _project_jvp(primals, tangents):
+  x, a = primals
+  dx, da = tangents
+  out = x @ a
+  terms = []
+  if not isinstance(dx, SymbolicZero):
+    terms.append(dx @ a)
+  if not isinstance(da, SymbolicZero):
+    if _fused_reduce(a.shape[1]):
+      terms.append(jnp.sum(x[:, :, None] * da[None, :, :], axis=1))
+    else:
+      terms.append(x @ da)
+  if not terms:
+    return out, jnp.zeros_like(out)
+  tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+  return out, tangent
+
+
+project.defjvp(_project_jvp, symbolic_zeros=True)
+
+
+def factor_positions(lay):
+  """Axis of each kernel-view axis in ``a`` and in ``b``, and the rank axis
+  of each: ``(in_a, in_b, r_a, r_b)``."""
+  nb = len(lay.batch)
+  in_a = {k: i for i, k in enumerate(lay.batch + lay.inputs)}
+  in_b = {k: i for i, k in enumerate(lay.batch)}
+  in_b.update({k: nb + 1 + i for i, k in enumerate(lay.outputs)})
+  return in_a, in_b, nb + len(lay.inputs), nb
+
+
+def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
+                kernel_is_lhs: bool, projected=None):
+  """``dot_general(x, scale * a @ b)`` (or with the kernel on the left) in
+  low rank, in ``x``'s dtype (the caller casts ``x`` to the compute dtype).
+
+  Returns ``(result, rule)``, or ``(None, None)`` when the contraction does
+  not line up with the layout. ``projected``: ``scale * x @ a`` already
+  computed (for kernels sharing an input).
+  """
+  lay = lora.layout
+  sets = frozenset
+  free = sets(range(lora.w.ndim)) - sets(k_contract) - sets(k_batch)
+  if sets(lay.batch) != sets(k_batch):
+    return None, None
+  in_a, in_b, r_a, r_b = factor_positions(lay)
+  if sets(lay.inputs) == sets(k_contract) and sets(lay.outputs) == free:
+    first, f_pos, f_r, second, s_pos, s_r = lora.a, in_a, r_a, lora.b, in_b, r_b
+    rule = "dot_general"
+  elif sets(lay.outputs) == sets(k_contract) and sets(lay.inputs) == free:
+    first, f_pos, f_r, second, s_pos, s_r = lora.b, in_b, r_b, lora.a, in_a, r_a
+    rule = "dot_general (transposed use)"
+  else:
+    return None, None
+  dtype = x.dtype
+  scale = jnp.asarray(lora.scale, dtype)
+  free_sorted = sorted(free)  # dot_general emits kernel free dims ascending
+  nbatch = len(k_batch)
+  x_free = [d for d in range(x.ndim) if d not in x_contract and d not in x_batch]
+  if not k_batch and tuple(x_contract) == tuple(
+      range(x.ndim - len(x_contract), x.ndim)):
+    # 2-D fast path: (M, K) @ (K, r) @ (r, N), no transposes of activations.
+    f1 = jnp.transpose(first, [f_pos[k] for k in k_contract] + [f_r])
+    k_size = math.prod(f1.shape[:-1])
+    f1 = f1.reshape(k_size, f1.shape[-1])
+    f2 = jnp.transpose(second, [s_r] + [s_pos[k] for k in free_sorted])
+    n_shape = f2.shape[1:]
+    f2 = f2.reshape(f2.shape[0], math.prod(n_shape))
+    m_shape = x.shape[:x.ndim - len(x_contract)]
+    if projected is None:
+      x2 = x.reshape(math.prod(m_shape), k_size)
+      t = project(x2, f1.astype(dtype)) * scale
+    else:
+      t = projected.astype(dtype)
+    u = (t @ f2.astype(dtype)).reshape(*m_shape, *n_shape)
+    if kernel_is_lhs:
+      u = jnp.moveaxis(u, list(range(len(m_shape))),
+                       list(range(len(n_shape), len(n_shape) + len(m_shape))))
+    return u, rule
+  # General case: batched dot_generals.
+  t = jax.lax.dot_general(
+      x, first.astype(dtype),
+      ((tuple(x_contract), tuple(f_pos[k] for k in k_contract)),
+       (tuple(x_batch), tuple(f_pos[k] for k in k_batch))))
+  t = t * scale  # (batch, x_free, r)
+  u = jax.lax.dot_general(
+      t, second.astype(dtype),
+      (((t.ndim - 1,), (s_r,)),
+       (tuple(range(nbatch)), tuple(s_pos[k] for k in k_batch))))
+  # u: (batch, x_free, second's free axes in factor order) -> ascending view
+  second_free = [k for k in sorted(s_pos, key=s_pos.get) if k in free]
+  order = [second_free.index(k) for k in free_sorted]
+  base_nd = nbatch + len(x_free)
+  perm = list(range(base_nd)) + [base_nd + i for i in order]
+  u = jnp.transpose(u, perm)
+  if kernel_is_lhs:
+    nk = len(free_sorted)
+    perm = (list(range(nbatch)) + list(range(base_nd, base_nd + nk))
+            + list(range(nbatch, base_nd)))
+    u = jnp.transpose(u, perm)
+  return u, rule
+
+
+def output_factor(values, lay, k_batch, n_x_free: int, kernel_is_lhs: bool):
+  """``(*batch, *out)`` values placed to broadcast against a dot's output:
+  batch dims first (in the dot's order), then x's free dims and the kernel's
+  free dims (ascending) in the order the dot emits them."""
+  axes = lay.batch + lay.outputs
+  want = list(k_batch) + sorted(lay.outputs)
+  v = jnp.transpose(values, [axes.index(k) for k in want])
+  nb = len(k_batch)
+  ones = (1,) * n_x_free
+  shape = (v.shape[:nb] + ((v.shape[nb:] + ones) if kernel_is_lhs
+                           else (ones + v.shape[nb:])))
+  return v.reshape(shape)

@@ -1,0 +1,133 @@
+"""Sub-programs that a kernel flows into, re-emitted through public API with
+the interpreter inside: calls are inlined, ``scan`` becomes
+``jax.lax.scan`` (stacked kernels sliced per step), ``remat`` becomes
+``jax.checkpoint`` (same policy), ``cond`` ``jax.lax.switch``, ``while``
+``jax.lax.while_loop`` and ``shard_map`` ``shard_map`` (the factors enter
+split like their kernel). Each rule gets the structure that
+``jaxpr_core.higher_order`` read off the equation, and ``evaluate(program,
+args, ctx)``, the interpreter itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.values import Context, Lora, flatten
+from lora_jax._src.layouts import Layout
+from lora_jax._src.sharding import factor_specs
+
+
+def call(eqn, sub: jc.Call, invals, ctx: Context, evaluate):
+  """jit / closed_call are inlined. A custom_jvp / custom_vjp function that a
+  kernel flows into is inlined too: the kernel's gradient is taken through
+  its primal computation, as the merge engine would need a rule for a
+  symbolic kernel that the custom rule cannot know."""
+  del eqn
+  return evaluate(sub.body, invals, ctx)
+
+
+def remat(eqn, sub: jc.Remat, invals, ctx: Context, evaluate):
+  del eqn
+  flat, rebuild = flatten(invals)
+
+  def body(*flat_vals):
+    return evaluate(sub.body, rebuild(list(flat_vals)), ctx)
+  return list(jax.checkpoint(body, prevent_cse=sub.prevent_cse,
+                             policy=sub.policy)(*flat))
+
+
+def _drop_leading(lora: Lora) -> Lora | None:
+  """The per-step slice of a kernel stacked along view axis 0 (None if axis
+  0 is not a batch axis)."""
+  lay = lora.layout
+  if 0 not in lay.batch:
+    return None
+  i = lay.batch.index(0)
+  move = lambda v: None if v is None else jnp.moveaxis(v, i, 0)
+  rest = lay.batch[:i] + lay.batch[i + 1:]
+  dec = lambda axes: tuple(k - 1 for k in axes)
+  # w stays stacked in the scanned operand; a, b (and magnitude) are scanned
+  # along their (moved) leading axis.
+  return dataclasses.replace(
+      lora, a=move(lora.a), b=move(lora.b), magnitude=move(lora.magnitude),
+      layout=Layout(dec(rest), dec(lay.inputs), dec(lay.outputs)))
+
+
+def scan(eqn, sub: jc.Scan, invals, ctx: Context, evaluate):
+  del eqn
+  nc, ncarry = sub.num_consts, sub.num_carry
+  consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
+  init = [ctx.concrete(x, "scan carry") for x in init]
+  moved = []
+  for x in xs:
+    if isinstance(x, Lora):
+      stepped = _drop_leading(x)
+      moved.append(stepped if stepped is not None
+                   else ctx.concrete(x, "scan over a non-batch axis"))
+    else:
+      moved.append(x)
+  xs_flat, rebuild = flatten(moved)
+  # Dropout draws a fresh key per scan step.
+  keys = (None if ctx.rng is None
+          else jax.random.split(ctx.next_key(), sub.length))
+
+  def body(carry, step):
+    x_slices, key = step
+    outer = ctx.rng
+    ctx.rng = key
+    try:
+      outs = evaluate(sub.body, [*consts, *carry, *rebuild(list(x_slices))],
+                      ctx)
+    finally:
+      ctx.rng = outer
+    return outs[:ncarry], outs[ncarry:]
+  carry, ys = jax.lax.scan(body, list(init), (xs_flat, keys),
+                           length=sub.length, reverse=sub.reverse,
+                           unroll=sub.unroll)
+  return [*carry, *ys]
+
+
+def cond(eqn, sub: jc.Cond, invals, ctx: Context, evaluate):
+  del eqn
+  index, ops = invals[0], invals[1:]
+  flat, rebuild = flatten(ops)
+  branches = [
+      (lambda br: lambda *f: evaluate(br, rebuild(list(f)), ctx))(br)
+      for br in sub.branches]
+  return list(jax.lax.switch(index, branches, *flat))
+
+
+def while_(eqn, sub: jc.While, invals, ctx: Context, evaluate):
+  del eqn
+  cn, bn = sub.cond_nconsts, sub.body_nconsts
+  cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
+  init = [ctx.concrete(x, "while carry") for x in invals[cn + bn:]]
+  cond_fn = lambda c: evaluate(sub.cond, [*cconsts, *c], ctx)[0]
+  body_fn = lambda c: evaluate(sub.body, [*bconsts, *c], ctx)
+  return list(jax.lax.while_loop(cond_fn, body_fn, init))
+
+
+def shard_map(eqn, sub: jc.ShardMap, invals, ctx: Context, evaluate):
+  """The factors enter split like their kernel (``lj.factor_specs``)."""
+  del eqn
+  in_specs = []
+  for x, spec in zip(invals, sub.in_specs):
+    if isinstance(x, Lora):
+      a_spec, b_spec, m_spec = factor_specs(spec, x.layout)
+      in_specs += [spec, a_spec, b_spec, m_spec]
+    else:
+      in_specs.append(spec)
+  flat, rebuild = flatten(invals)
+  # A kernel without DoRA has no magnitude: its None slot does not enter.
+  present = [i for i, v in enumerate(flat) if v is not None]
+
+  def body(present_vals):
+    full = [None] * len(flat)
+    for i, v in zip(present, present_vals):
+      full[i] = v
+    return evaluate(sub.body, rebuild(full), ctx)
+  return list(sub.emit(body)([in_specs[i] for i in present], sub.out_specs)(
+      *[flat[i] for i in present]))

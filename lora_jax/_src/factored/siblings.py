@@ -1,0 +1,68 @@
+"""Kernels that read the same input (q, k, v; gate and up) get their
+``x @ a`` in one matmul against the concatenated ``a``s: one pass over ``x``
+forward and one for the gradients, instead of one per kernel."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+
+from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.lowrank import factor_positions, project
+from lora_jax._src.factored.values import Context, Lora
+
+
+def _plain_projection(eqn, env, ctx: Context):
+  """``(x var, contraction, lora)`` if ``eqn`` is ``x @ kernel`` taking the
+  2-D fast path of ``lowrank_dot`` with a plain (no DoRA, no dropout)
+  adapter that the engine would factor; else None."""
+  if eqn.primitive not in jc.DOT:
+    return None
+  dims = jc.dot_dims(eqn)
+  lhs, rhs = eqn.invars
+  if (dims.lhs_batch or dims.rhs_batch or jc.is_literal(lhs)
+      or jc.is_literal(rhs)):
+    return None
+  lora, x = env.get(rhs), env.get(lhs)
+  if not isinstance(lora, Lora) or x is None or isinstance(x, Lora):
+    return None
+  nd = len(lhs.aval.shape)
+  lc = dims.lhs_contract
+  lay = lora.layout
+  if (lora.magnitude is not None or ctx.dropping(lora) or lay.batch
+      or set(lay.inputs) != set(dims.rhs_contract)
+      or lc != tuple(range(nd - len(lc), nd))):
+    return None
+  if ctx.choose is not None and ctx.choose(x.shape, lc, lora) == "merge":
+    return None
+  return lhs, lc, lora
+
+
+def project_siblings(eqns, i: int, env: dict, ctx: Context) -> None:
+  """Computes ``scale * x @ a`` jointly for ``eqns[i]`` and every later
+  equation of the same program that projects the same ``x``; leaves the
+  results in ``ctx.projected`` keyed by equation."""
+  head = _plain_projection(eqns[i], env, ctx)
+  if head is None:
+    return
+  group = [(eqns[i], head[2])]
+  for eqn in eqns[i + 1:]:
+    other = _plain_projection(eqn, env, ctx)
+    if other is not None and other[:2] == head[:2]:
+      group.append((eqn, other[2]))
+  if len(group) < 2:
+    return
+  x = env[head[0]]
+  dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, lora in group))
+  firsts = []
+  for eqn, lora in group:
+    in_a, _, r_a, _ = factor_positions(lora.layout)
+    f1 = jnp.transpose(lora.a, [in_a[k] for k in jc.dot_dims(eqn).rhs_contract]
+                       + [r_a])
+    firsts.append(f1.reshape(-1, f1.shape[-1]).astype(dtype))
+  x2 = x.astype(dtype).reshape(-1, firsts[0].shape[0])
+  t = project(x2, jnp.concatenate(firsts, axis=1))
+  offsets = list(itertools.accumulate(f.shape[1] for f in firsts))[:-1]
+  for (eqn, lora), part in zip(group, jnp.split(t, offsets, axis=1)):
+    ctx.projected[id(eqn)] = part * jnp.asarray(lora.scale, dtype)

@@ -1,0 +1,153 @@
+"""The symbolic kernel value the factored engine carries, and its bookkeeping
+(the report, fallbacks, dropout keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src.delta import LoraDelta, adapted_weight, dora_norm
+from lora_jax._src.layouts import Layout
+
+
+class FallbackError(RuntimeError):
+  """Raised under ``strict=True`` when a kernel would have to be merged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+  """A kernel value ``w + scale * a @ b`` kept in factored form.
+
+  ``layout`` refers to the axes of ``w`` (a view of the stored kernel); ``a``
+  and ``b`` keep their stored axis order, which the layout's tuples follow.
+  Views (transpose, cast, slicing a stacked axis) change ``w`` and the layout
+  and keep every other field, DoRA's ``magnitude`` included.
+  """
+  w: Any
+  a: Any
+  b: Any
+  scale: float
+  layout: Layout
+  path: str
+  magnitude: Any = None
+  dropout: float = 0.0
+
+  def parts(self) -> list:
+    """The arrays of this value, for passing it through a sub-program."""
+    return [self.w, self.a, self.b, self.magnitude]
+
+  def with_parts(self, parts) -> "Lora":
+    w, a, b, magnitude = parts
+    return dataclasses.replace(self, w=w, a=a, b=b, magnitude=magnitude)
+
+  @property
+  def delta(self) -> LoraDelta:
+    return LoraDelta(self.a, self.b, self.scale, self.layout, self.magnitude,
+                     self.dropout)
+
+  def materialize(self) -> jax.Array:
+    return adapted_weight(self.w, self.delta)
+
+  def dora_factor(self, dtype) -> jax.Array:
+    """``magnitude / ||W0 + s a b||`` per output unit, norm held constant."""
+    norm = jax.lax.stop_gradient(dora_norm(self.w, self.delta, dtype))
+    return self.magnitude.astype(dtype) / norm
+
+
+def flatten(values: list) -> tuple[list, Callable[[list], list]]:
+  """Splits values into flat arrays plus a function that rebuilds them."""
+  flat, spec = [], []
+  for x in values:
+    if isinstance(x, Lora):
+      spec.append((len(flat), x))
+      flat.extend(x.parts())
+    else:
+      spec.append((len(flat), None))
+      flat.append(x)
+
+  def rebuild(flat_vals):
+    return [flat_vals[start] if lora is None
+            else lora.with_parts(flat_vals[start:start + 4])
+            for start, lora in spec]
+  return flat, rebuild
+
+
+@dataclasses.dataclass
+class Report:
+  """What the engine did with each adapted kernel: ``{path: [rule, ...]}``
+  and the merge fallbacks ``{(path, primitive): count}``.
+
+  ``str(report)`` gives one line per kernel and the fallback count.
+  """
+  rules: dict = dataclasses.field(default_factory=dict)
+  fallbacks: dict = dataclasses.field(default_factory=dict)
+
+  def record(self, path: str, rule: str):
+    self.rules.setdefault(path, [])
+    if rule not in self.rules[path]:
+      self.rules[path].append(rule)
+
+  def __str__(self) -> str:
+    width = max((len(p) for p in self.rules), default=0)
+    lines = [f"{p.ljust(width)}  {', '.join(r)}" for p, r in self.rules.items()]
+    n = sum(self.fallbacks.values())
+    lines.append(f"{n} merge fallback(s)" + (
+        ": " + ", ".join(f"{p} ({prim})" for (p, prim) in self.fallbacks)
+        if n else ""))
+    return "\n".join(lines)
+
+
+class Context:
+  """Per-call settings and bookkeeping of the interpreter."""
+
+  def __init__(self, strict: bool, report: Report, choose: Callable | None,
+               rng: jax.Array | None = None):
+    self.strict = strict
+    self.report = report
+    self.choose = choose  # (x_shape, x_contract, lora) -> "factored" | "merge"
+    self.rng = rng        # dropout key; None: no dropout (inference)
+    self.uses = 0
+    # id(eqn) -> scale * x @ a, computed jointly for kernels sharing an input
+    self.projected: dict[int, Any] = {}
+
+  def dropping(self, lora: Lora) -> bool:
+    return self.rng is not None and lora.dropout > 0
+
+  def next_key(self) -> jax.Array:
+    self.uses += 1
+    return jax.random.fold_in(self.rng, self.uses)
+
+  def dropout(self, x: jax.Array, lora: Lora) -> jax.Array:
+    """Inverted dropout on the LoRA branch's input (as PEFT), if enabled."""
+    if not self.dropping(lora):
+      return x
+    keep = 1.0 - lora.dropout
+    mask = jax.random.bernoulli(self.next_key(), keep, x.shape)
+    return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
+
+  def fallback(self, lora: Lora, primitive: str) -> jax.Array:
+    """``lora`` merged into a plain kernel for one use: counted and warned
+    about, an error under ``strict``."""
+    key = (lora.path, primitive)
+    if self.strict:
+      raise FallbackError(
+          f"lora_jax.wrap(mode='factored', strict=True): no factored rule for "
+          f"{primitive!r} consuming {lora.path!r}. Use strict=False to merge "
+          f"this kernel for that use (counted and warned about), or "
+          f"mode='merge'.")
+    if key not in self.report.fallbacks:
+      warnings.warn(
+          f"lora_jax factored engine: {primitive!r} consumes {lora.path!r} and "
+          f"has no factored rule; merging that kernel for this use.",
+          stacklevel=4)
+    self.report.fallbacks[key] = self.report.fallbacks.get(key, 0) + 1
+    self.report.record(lora.path, f"merge-fallback ({primitive})")
+    return lora.materialize()
+
+  def concrete(self, x: Any, what: str) -> Any:
+    """``x`` as a plain array (merging a :class:`Lora` by :meth:`fallback`)."""
+    return self.fallback(x, what) if isinstance(x, Lora) else x

@@ -1,0 +1,128 @@
+"""Rules for ops that re-view a kernel: the result stays a symbolic
+:class:`Lora` with its layout (and factors, where the view cuts them)
+adjusted, so the consumer further down still gets the factored form."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.consumers import fallback
+from lora_jax._src.factored.lowrank import factor_positions
+from lora_jax._src.factored.values import Lora
+from lora_jax._src.layouts import Layout
+
+
+def pass_through(eqn, invals, ctx):
+  """copy, optimization_barrier: the kernel value itself."""
+  del ctx
+  return list(invals[:len(eqn.outvars)])
+
+
+def on_kernel(eqn, invals, ctx):
+  """casts, sharding constraints, device_put: applied to ``W0`` alone; the
+  factors keep their own dtype and placement."""
+  del ctx
+  outs = jc.bind(eqn, [x.w if isinstance(x, Lora) else x for x in invals])
+  return [dataclasses.replace(x, w=o) if isinstance(x, Lora) else o
+          for x, o in zip(invals, outs)]
+
+
+def on_every_part(eqn, invals, ctx):
+  """``pvary``, ``stop_gradient``: applied to ``W0`` and to each factor."""
+  del ctx
+  (x,) = invals
+  apply = lambda v: None if v is None else jc.bind(eqn, [v])[0]
+  return [x.with_parts([apply(v) for v in x.parts()])]
+
+
+def transpose(eqn, invals, ctx):
+  del ctx
+  (x,) = invals
+  perm = jc.transpose_perm(eqn)
+  pos = {old: new for new, old in enumerate(perm)}
+  lay = x.layout
+  layout = Layout(tuple(pos[k] for k in lay.batch),
+                  tuple(pos[k] for k in lay.inputs),
+                  tuple(pos[k] for k in lay.outputs))
+  return [dataclasses.replace(x, w=jax.numpy.transpose(x.w, perm),
+                              layout=layout)]
+
+
+def _magnitude_axis(lay: Layout, k: int) -> int | None:
+  """Axis of kernel-view axis ``k`` in DoRA's ``(*batch, *out)`` magnitude."""
+  if k in lay.batch:
+    return lay.batch.index(k)
+  if k in lay.outputs:
+    return len(lay.batch) + lay.outputs.index(k)
+  return None
+
+
+def _cut(x: Lora, cuts: dict, cut_fn) -> Lora | None:
+  """``x`` with ``cut_fn(array, axis, k)`` applied along each kernel-view
+  axis ``k`` in ``cuts`` to ``w`` and to the factor (and magnitude) axis
+  that holds it; None where DoRA forbids it (an input axis)."""
+  lay = x.layout
+  in_a, in_b, _, _ = factor_positions(lay)
+  w, a, b, m = x.parts()
+  for k in cuts:
+    w = cut_fn(w, k, k)
+    if k in in_a:
+      a = cut_fn(a, in_a[k], k)
+    if k in in_b:
+      b = cut_fn(b, in_b[k], k)
+    if m is not None:
+      axis = _magnitude_axis(lay, k)
+      if axis is None:
+        return None
+      m = cut_fn(m, axis, k)
+  return x.with_parts([w, a, b, m])
+
+
+def slice_(eqn, invals, ctx):
+  """A static slice of any kernel axes: the same slice of the factor that
+  holds each axis (a stacked layer, an expert, q out of a fused qkv)."""
+  (x,) = invals
+  start, limit, strides = jc.slice_params(eqn)
+  cuts = {k: (s, l, st) for k, (s, l, st, d) in enumerate(
+      zip(start, limit, strides, x.w.shape)) if (s, l, st) != (0, d, 1)}
+  out = _cut(x, cuts, lambda v, axis, k: jax.lax.slice_in_dim(
+      v, cuts[k][0], cuts[k][1], cuts[k][2], axis))
+  return fallback(eqn, invals, ctx) if out is None else [out]
+
+
+def dynamic_slice(eqn, invals, ctx):
+  """A dynamic slice (``w[i]`` with a traced ``i``) of any kernel axes."""
+  x, *starts = invals
+  if any(isinstance(s, Lora) for s in starts):
+    return fallback(eqn, invals, ctx)
+  sizes = jc.dynamic_slice_sizes(eqn)
+  cuts = {k: (s, n) for k, (s, n, d) in enumerate(
+      zip(starts, sizes, x.w.shape)) if n != d}
+  out = _cut(x, cuts, lambda v, axis, k: jax.lax.dynamic_slice_in_dim(
+      v, cuts[k][0], cuts[k][1], axis))
+  return fallback(eqn, invals, ctx) if out is None else [out]
+
+
+def squeeze(eqn, invals, ctx):
+  """Dropping size-1 stacked axes (after slicing one layer or expert)."""
+  (x,) = invals
+  dims = jc.squeeze_dims(eqn)
+  lay = x.layout
+  if not set(dims) <= set(lay.batch):
+    return fallback(eqn, invals, ctx)
+  in_a, in_b, _, _ = factor_positions(lay)
+  w, a, b, m = x.parts()
+  w = jax.lax.squeeze(w, dims)
+  a = jax.lax.squeeze(a, [in_a[k] for k in dims])
+  b = jax.lax.squeeze(b, [in_b[k] for k in dims])
+  if m is not None:
+    m = jax.lax.squeeze(m, [_magnitude_axis(lay, k) for k in dims])
+
+  def renumber(axes):
+    return tuple(k - sum(d < k for d in dims) for k in axes if k not in dims)
+  layout = Layout(renumber(lay.batch), renumber(lay.inputs),
+                  renumber(lay.outputs))
+  return [dataclasses.replace(x.with_parts([w, a, b, m]), layout=layout)]

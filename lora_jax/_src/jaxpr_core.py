@@ -1,0 +1,455 @@
+"""What lora_jax knows about JAX's program vocabulary, in one place.
+
+Layout discovery (``discover.py``) and the factored engine (``factored/``)
+read traced programs; this module is the only one that looks at
+``eqn.params`` or at which primitive an equation binds. It answers three
+questions about an equation:
+
+* is it a *view* of its operand (the same data re-laid out: ``transpose``,
+  ``reshape``, ``convert_element_type``, slicing a stacked axis, ...)?
+* does it *consume* a kernel (``dot_general``, ``conv_general_dilated``,
+  ``gather``, ``ragged_dot_general``)?
+* is it a *higher-order* primitive, and if so how do its operands split
+  between its sub-programs (:func:`higher_order`)?
+
+JAX changes these parameters between releases (``scan``'s ``num_consts`` /
+``num_carry`` became ``ft_in`` / ``ft_out`` in 0.11; ``jit``'s ``jaxpr``
+went from ``ClosedJaxpr`` to ``Jaxpr``; ``custom_vjp_call_jaxpr`` became
+``custom_vjp_call``; ``shard_map``'s ``in_names`` became ``in_specs``). Each
+schema is read here, once, and every version in the supported range is
+tested (``tests/test_jaxpr_core.py``). Rules are keyed by the primitive
+objects that ``jax.extend.core.primitives`` exposes, and by name only where
+JAX exposes no object (``pjit`` on old JAX, ``shard_map``, ``pvary``, ...).
+
+Only public API: ``jax.make_jaxpr``, ``jax.extend.core``, ``jax.lax``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.extend import core as jex
+from jax.extend.core import primitives as _prims
+
+JAX_VERSION = jax.__version__
+
+
+class UnknownSchemaError(RuntimeError):
+  """An equation whose parameters this lora_jax does not know how to read."""
+
+
+def schema_error(eqn, what: str) -> UnknownSchemaError:
+  return UnknownSchemaError(
+      f"lora_jax cannot read the parameters of {eqn.primitive.name!r} in JAX "
+      f"{JAX_VERSION} ({what}; parameters: {sorted(eqn.params)}). Please "
+      f"report this with your JAX version.")
+
+
+# ---- matching primitives ------------------------------------------------------
+
+class Primitives:
+  """A set of primitives, matched by object where ``jax.extend`` exposes one
+  and by name otherwise (and for names that older JAX used)."""
+
+  def __init__(self, *objects: str, names: Sequence[str] = ()):
+    self.objects = frozenset(
+        getattr(_prims, o) for o in objects if hasattr(_prims, o))
+    self.names = frozenset(names) | frozenset(
+        o[:-2] for o in objects if not hasattr(_prims, o))
+
+  def __contains__(self, primitive) -> bool:
+    return primitive in self.objects or primitive.name in self.names
+
+
+# Views: the result holds the operand's data in the same axis order. The
+# factored engine applies PASS as the identity to a kernel, ON_KERNEL to the
+# frozen kernel alone (the factors stay as they are) and ON_EVERY_PART to the
+# kernel and each factor alike.
+PASS = Primitives("copy_p", "optimization_barrier_p",
+                  names=("copy", "optimization_barrier"))
+ON_KERNEL = Primitives("reduce_precision_p", "sharding_constraint_p",
+                       "device_put_p", names=("mesh_cast", "reshard"))
+ON_EVERY_PART = Primitives("stop_gradient_p", names=("pvary",))
+CAST = Primitives("convert_element_type_p")
+TRANSPOSE = Primitives("transpose_p")
+RESHAPE = Primitives("reshape_p")
+SQUEEZE = Primitives("squeeze_p")
+EXPAND_DIMS = Primitives(names=("expand_dims",))
+BROADCAST = Primitives("broadcast_in_dim_p")
+SLICE = Primitives("slice_p")
+DYNAMIC_SLICE = Primitives("dynamic_slice_p")
+# Consumers of a kernel.
+DOT = Primitives("dot_general_p")
+CONV = Primitives("conv_general_dilated_p")
+GATHER = Primitives("gather_p")
+RAGGED_DOT = Primitives("ragged_dot_general_p", names=("ragged_dot_general",))
+
+
+# ---- reading consumer parameters --------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DotDims:
+  """``dot_general``'s dimension numbers."""
+  lhs_contract: tuple[int, ...]
+  rhs_contract: tuple[int, ...]
+  lhs_batch: tuple[int, ...]
+  rhs_batch: tuple[int, ...]
+
+  def side(self, kernel_is_lhs: bool):
+    """``(x_contract, k_contract, x_batch, k_batch)`` with the kernel on the
+    given side."""
+    if kernel_is_lhs:
+      return (self.rhs_contract, self.lhs_contract, self.rhs_batch,
+              self.lhs_batch)
+    return self.lhs_contract, self.rhs_contract, self.lhs_batch, self.rhs_batch
+
+
+def dot_dims(eqn) -> DotDims:
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  return DotDims(tuple(lc), tuple(rc), tuple(lb), tuple(rb))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvDims:
+  rhs_spec: tuple[int, ...]   # (out feature axis, in feature axis, *spatial)
+  out_feature_axis: int       # axis of the result holding the features
+  groups: int                 # feature_group_count * batch_group_count
+
+
+def conv_dims(eqn) -> ConvDims:
+  dn = eqn.params["dimension_numbers"]
+  return ConvDims(tuple(dn.rhs_spec), dn.out_spec[1],
+                  eqn.params["feature_group_count"]
+                  * eqn.params["batch_group_count"])
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherDims:
+  offset_dims: tuple[int, ...]
+  collapsed_slice_dims: tuple[int, ...]
+  start_index_map: tuple[int, ...]
+  operand_batching_dims: tuple[int, ...]
+  slice_sizes: tuple[int, ...]
+
+
+def gather_dims(eqn) -> GatherDims:
+  dn = eqn.params["dimension_numbers"]
+  return GatherDims(tuple(dn.offset_dims), tuple(dn.collapsed_slice_dims),
+                    tuple(dn.start_index_map),
+                    tuple(getattr(dn, "operand_batching_dims", ())),
+                    tuple(eqn.params["slice_sizes"]))
+
+
+def gather_with_slice_sizes(eqn, operand, indices, slice_sizes):
+  """The equation's gather applied to another operand (other slice sizes)."""
+  params = dict(eqn.params)
+  params["slice_sizes"] = tuple(slice_sizes)
+  return eqn.primitive.bind(operand, indices, **params)
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedDims:
+  """``ragged_dot_general`` in the form ``jax.lax.ragged_dot`` emits: lhs
+  ``(m, k)`` ragged along m, rhs ``(g, k, n)`` with a group axis."""
+  lhs_contract: tuple[int, ...]
+  rhs_contract: tuple[int, ...]
+  lhs_batch: tuple[int, ...]
+  rhs_batch: tuple[int, ...]
+  lhs_ragged: tuple[int, ...]
+  rhs_group: tuple[int, ...]
+
+
+def ragged_dims(eqn) -> RaggedDims:
+  rd = eqn.params["ragged_dot_dimension_numbers"]
+  (lc, rc), (lb, rb) = rd.dot_dimension_numbers
+  return RaggedDims(tuple(lc), tuple(rc), tuple(lb), tuple(rb),
+                    tuple(rd.lhs_ragged_dimensions),
+                    tuple(rd.rhs_group_dimensions))
+
+
+def slice_params(eqn):
+  """``(start, limit, strides)`` of a ``slice``."""
+  p = eqn.params
+  strides = p["strides"] or (1,) * len(p["start_indices"])
+  return tuple(p["start_indices"]), tuple(p["limit_indices"]), tuple(strides)
+
+
+def transpose_perm(eqn) -> tuple[int, ...]:
+  return tuple(eqn.params["permutation"])
+
+
+def squeeze_dims(eqn) -> tuple[int, ...]:
+  nd = len(eqn.invars[0].aval.shape)
+  return tuple(sorted(d % nd for d in eqn.params["dimensions"]))
+
+
+def broadcast_dims(eqn) -> tuple[int, ...]:
+  return tuple(eqn.params["broadcast_dimensions"])
+
+
+def dynamic_slice_sizes(eqn) -> tuple[int, ...]:
+  return tuple(eqn.params["slice_sizes"])
+
+
+# ---- higher-order primitives --------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A sub-program and the values of its constvars."""
+  jaxpr: jex.Jaxpr
+  consts: tuple = ()
+
+
+def _program(value, eqn) -> Program:
+  if isinstance(value, jex.ClosedJaxpr):
+    return Program(value.jaxpr, tuple(value.consts))
+  if isinstance(value, jex.Jaxpr):
+    if value.constvars:
+      raise schema_error(eqn, "an open Jaxpr with constvars")
+    return Program(value)
+  raise schema_error(eqn, f"a sub-program of type {type(value).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """Operands map one to one onto ``body``'s inputs (jit, closed_call,
+  custom_jvp / custom_vjp primal)."""
+  body: Program
+  kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+  """Operands are ``consts + carry + xs``; results ``carry + ys``."""
+  body: Program
+  num_consts: int
+  num_carry: int
+  length: int
+  reverse: bool
+  unroll: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class While:
+  """Operands are ``cond_consts + body_consts + carry``; results ``carry``."""
+  cond: Program
+  body: Program
+  cond_nconsts: int
+  body_nconsts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cond:
+  """Operands are ``index, *ops``; each branch takes ``ops``."""
+  branches: tuple[Program, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Remat:
+  body: Program
+  prevent_cse: bool
+  policy: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardMap:
+  """``shard_map``: each operand enters ``body`` split by ``in_specs``."""
+  body: Program
+  mesh: Any
+  in_specs: tuple
+  out_specs: tuple
+  check: bool
+  axis_names: frozenset
+
+  def emit(self, fn: Callable) -> Callable:
+    """``fn`` (taking and returning flat lists) as a ``shard_map`` with this
+    one's mesh and checks, for operands of ``in_specs`` (possibly others
+    than the equation's)."""
+    return lambda in_specs, out_specs: _emit_shard_map(
+        fn, self, tuple(in_specs), tuple(out_specs))
+
+
+def _emit_shard_map(fn, sm: ShardMap, in_specs, out_specs):
+  def flat(*args):
+    return list(fn(list(args)))
+  mesh_axes = frozenset(sm.mesh.axis_names)
+  public = getattr(jax, "shard_map", None)
+  if public is not None:
+    kwargs = {}
+    if sm.axis_names != mesh_axes:
+      kwargs["axis_names"] = set(sm.axis_names)
+    return public(flat, mesh=sm.mesh, in_specs=in_specs,
+                  out_specs=out_specs, check_vma=sm.check, **kwargs)
+  from jax.experimental.shard_map import shard_map  # pylint: disable=import-outside-toplevel
+  return shard_map(flat, mesh=sm.mesh, in_specs=in_specs,
+                   out_specs=out_specs, check_rep=sm.check,
+                   auto=mesh_axes - sm.axis_names)
+
+
+def _names_to_spec(names: dict, ndim: int):
+  """Old ``shard_map``'s ``{axis: (mesh axes...)}`` as a ``PartitionSpec``."""
+  entries = []
+  for d in range(ndim):
+    axes = tuple(names.get(d, ()))
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return jax.sharding.PartitionSpec(*entries)
+
+
+_SCAN = Primitives("scan_p")
+_WHILE = Primitives("while_p")
+_COND = Primitives("cond_p")
+_REMAT = Primitives("remat_p", names=("checkpoint", "remat2"))
+_CALL = Primitives("jit_p", "closed_call_p", names=("pjit", "core_call"))
+_CUSTOM_JVP = Primitives("custom_jvp_call_p")
+_CUSTOM_VJP = Primitives("custom_vjp_call_p", "custom_vjp_call_jaxpr_p")
+_SHARD_MAP = Primitives(names=("shard_map",))
+
+
+def _part_sizes(flat_tree) -> list[int]:
+  """Number of values in each part of scan's ``ft_in`` (a tuple of flat
+  trees: consts, carry, xs). Iterating or indexing the object walks its flat
+  values, so its parts come from ``unpack()``."""
+  parts = flat_tree.unpack() if hasattr(flat_tree, "unpack") else flat_tree
+  return [len(p) for p in parts]
+
+
+def _scan(eqn) -> Scan:
+  p = eqn.params
+  if "num_consts" in p:  # jax < 0.11
+    nc, ncarry = p["num_consts"], p["num_carry"]
+  elif "ft_in" in p:     # jax >= 0.11: flat trees of (consts, carry, xs)
+    sizes = _part_sizes(p["ft_in"])
+    if len(sizes) != 3 or sum(sizes) != len(eqn.invars):
+      raise schema_error(eqn, "ft_in does not split into consts, carry, xs")
+    nc, ncarry = sizes[0], sizes[1]
+  else:
+    raise schema_error(eqn, "no num_consts/num_carry or ft_in")
+  return Scan(_program(p["jaxpr"], eqn), nc, ncarry, p["length"],
+              p["reverse"], p.get("unroll", 1))
+
+
+def _shard_map(eqn) -> ShardMap:
+  p = eqn.params
+  mesh = p["mesh"]
+  if "in_specs" in p:
+    in_specs, out_specs = tuple(p["in_specs"]), tuple(p["out_specs"])
+  elif "in_names" in p:
+    in_specs = tuple(_names_to_spec(n, len(v.aval.shape))
+                     for n, v in zip(p["in_names"], eqn.invars))
+    out_specs = tuple(_names_to_spec(n, len(v.aval.shape))
+                      for n, v in zip(p["out_names"], eqn.outvars))
+  else:
+    raise schema_error(eqn, "no in_specs or in_names")
+  check = p.get("check_vma", p.get("check_rep", True))
+  if "newly_manual_axes" in p:
+    axis_names = frozenset(p["newly_manual_axes"])
+  elif "axis_names" in p:
+    axis_names = frozenset(p["axis_names"])
+  else:
+    axis_names = frozenset(mesh.axis_names) - frozenset(p.get("auto", ()))
+  return ShardMap(_program(p["jaxpr"], eqn), mesh, in_specs, out_specs,
+                  bool(check), axis_names)
+
+
+def _call_body(eqn, *keys) -> Program:
+  for k in keys:
+    if k in eqn.params:
+      return _program(eqn.params[k], eqn)
+  raise schema_error(eqn, f"none of {keys}")
+
+
+def higher_order(eqn):
+  """The structure of a higher-order equation, or None for a first-order one.
+
+  Returns a :class:`Call`, :class:`Scan`, :class:`While`, :class:`Cond`,
+  :class:`Remat` or :class:`ShardMap`. Raises :class:`UnknownSchemaError`
+  for a known primitive whose parameters this version cannot read.
+  """
+  prim = eqn.primitive
+  try:
+    if prim in _SCAN:
+      return _scan(eqn)
+    if prim in _CALL:
+      return Call(_call_body(eqn, "jaxpr", "call_jaxpr"), "call")
+    if prim in _REMAT:
+      p = eqn.params
+      return Remat(_call_body(eqn, "jaxpr"), p["prevent_cse"], p["policy"])
+    if prim in _COND:
+      return Cond(tuple(_program(b, eqn) for b in eqn.params["branches"]))
+    if prim in _WHILE:
+      p = eqn.params
+      return While(_program(p["cond_jaxpr"], eqn),
+                   _program(p["body_jaxpr"], eqn), p["cond_nconsts"],
+                   p["body_nconsts"])
+    if prim in _CUSTOM_JVP:
+      return Call(_call_body(eqn, "call_jaxpr"), "custom_jvp")
+    if prim in _CUSTOM_VJP:
+      return Call(_call_body(eqn, "call_jaxpr", "fun_jaxpr"), "custom_vjp")
+    if prim in _SHARD_MAP:
+      return _shard_map(eqn)
+  except KeyError as e:
+    raise schema_error(eqn, f"missing parameter {e}") from None
+  return None
+
+
+# ---- tracing and evaluating ---------------------------------------------------
+
+def is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic,
+                        jax.ShapeDtypeStruct))
+
+
+def trace(fn: Callable, params: Any, args: tuple, kwargs: dict):
+  """``jax.make_jaxpr`` of ``fn(params, *args, **kwargs)``.
+
+  Array leaves of ``args``/``kwargs`` become inputs; every other leaf (Python
+  bools such as ``deterministic=True``, strings, ...) stays static, as it would
+  be under ``jit`` with static arguments. Returns ``(closed_jaxpr, inputs,
+  out_tree)`` where ``inputs`` are the flat values for the jaxpr's invars
+  (params' leaves first, in ``tree_leaves`` order).
+  """
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  dynamic = [i for i, x in enumerate(leaves) if is_array(x)]
+
+  def flat_fn(p, dyn):
+    full = list(leaves)
+    for i, x in zip(dynamic, dyn):
+      full[i] = x
+    a, k = jax.tree.unflatten(treedef, full)
+    return fn(p, *a, **k)
+  dyn = [leaves[i] for i in dynamic]
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(params, dyn)
+  inputs = jax.tree.leaves(params) + dyn
+  return closed, inputs, jax.tree.structure(out_shape)
+
+
+def bind(eqn, invals: Sequence[Any]) -> list:
+  """Evaluates one equation on concrete values or tracers; returns a list."""
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  invals = list(invals)
+  if isinstance(bind_params, tuple):  # (subfuns, params)
+    subfuns, bind_params = bind_params
+    invals = [*subfuns, *invals]
+  ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+  if ctx is not None:
+    with ctx:
+      out = eqn.primitive.bind(*invals, **bind_params)
+  else:
+    out = eqn.primitive.bind(*invals, **bind_params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def read(env: dict, v) -> Any:
+  """The value of a jaxpr atom: a literal's value or ``env[var]``."""
+  return v.val if isinstance(v, jex.Literal) else env[v]
+
+
+def is_literal(v) -> bool:
+  return isinstance(v, jex.Literal)
+
+
+def is_dropvar(v) -> bool:
+  return isinstance(v, jex.DropVar)
