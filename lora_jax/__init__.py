@@ -33,6 +33,9 @@ from lora_jax._src.optim import trainable_leaves
 from lora_jax._src.optim import with_leaves
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
+from lora_jax._src.quant import QArray
+from lora_jax._src.quant import dequantize
+from lora_jax._src.quant import quantize
 from lora_jax._src.sharding import delta_shardings
 from lora_jax._src.sharding import factor_specs
 from lora_jax._src.split import split
@@ -53,11 +56,13 @@ __all__ = (
     "Layout",
     "LoraConfig",
     "LoraDelta",
+    "QArray",
     "Report",
     "adapters",
     "checkpoint_manager",
     "delta_shardings",
     "delta_weight",
+    "dequantize",
     "describe",
     "dora_norms",
     "explain",
@@ -69,6 +74,7 @@ __all__ = (
     "map_with_paths",
     "merge",
     "optimizer",
+    "quantize",
     "save",
     "split",
     "summary",

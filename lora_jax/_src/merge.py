@@ -70,6 +70,8 @@ def _apply(params: Any, delta: Any, sign: float, what: str,
   deltas = adapters(delta)
   check_matches(params, deltas, what)
   norms = norms or {}
+  from lora_jax._src.quant import dequantize  # pylint: disable=g-import-not-at-top
+  params = dequantize(params)  # a quantized base merges into float params
   return map_with_paths(
       lambda path, w: w if path not in deltas else _combine(
           path, w, deltas[path], sign, norms.get(path)), params)

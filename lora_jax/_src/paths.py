@@ -34,19 +34,31 @@ def path_str(keypath: Iterable[Any]) -> str:
   return "/".join(p for p in parts if p is not None)
 
 
+def _stop_at(is_leaf: Callable[[Any], bool] | None) -> Callable[[Any], bool]:
+  # Nodes that stand for one array (lora_jax.QArray: codes + absmax) set the
+  # class attribute `lora_jax_leaf`; a path walk stops there, so a quantized
+  # kernel is one leaf at its kernel's path.
+  whole = lambda x: getattr(type(x), "lora_jax_leaf", False)
+  return whole if is_leaf is None else lambda x: whole(x) or is_leaf(x)
+
+
 def leaves_with_paths(
     tree: Any, is_leaf: Callable[[Any], bool] | None = None
 ) -> list[tuple[str, Any]]:
-  """Flattens ``tree`` into ``(path, leaf)`` pairs in ``tree_leaves`` order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  """Flattens ``tree`` into ``(path, leaf)`` pairs in ``tree_leaves`` order
+  (a ``QArray`` is one leaf)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree,
+                                                 is_leaf=_stop_at(is_leaf))
   return [(path_str(kp), leaf) for kp, leaf in flat]
 
 
 def map_with_paths(fn: Callable[[str, Any], Any], tree: Any, *rest: Any,
                    is_leaf: Callable[[Any], bool] | None = None) -> Any:
-  """``jax.tree.map`` whose function also receives each leaf's path."""
+  """``jax.tree.map`` whose function also receives each leaf's path (a
+  ``QArray`` is one leaf)."""
   return jax.tree_util.tree_map_with_path(
-      lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest, is_leaf=is_leaf)
+      lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest,
+      is_leaf=_stop_at(is_leaf))
 
 
 def preview(paths: Iterable[str], limit: int = 8) -> str:
