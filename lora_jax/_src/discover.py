@@ -23,6 +23,8 @@ import bisect
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.layouts import Layout
 
@@ -379,3 +381,20 @@ def layout_from_uses(path: str, ndim: int, uses: list[Use]) -> Layout:
   except ValueError as e:
     raise ValueError(f"The traced use of {path!r} gives no valid layout: {e} "
                      f"{hint}") from None
+
+
+def linear_weights(apply_fn: Callable, params: Any, example_args,
+                   example_kwargs, candidates: Sequence[tuple[int, str, Any]]
+                   ) -> list[tuple[int, str, Any]]:
+  """What ``targets="all-linear"`` selects with an apply function: among
+  ``candidates`` (``(leaf index, path, leaf)``), every float leaf with at
+  least 2 axes consumed as the weight of a matmul, einsum or conv whose
+  result reaches a further matmul, whatever its name. Embedding lookups and
+  output layers (an LM head, a classifier: their result reaches the output
+  with no further matmul) are left out, as PEFT's ``all-linear`` does."""
+  floats = [(i, p, x) for i, p, x in candidates
+            if len(getattr(x, "shape", ())) >= 2
+            and np.issubdtype(getattr(x, "dtype", np.int32), np.floating)]
+  found = analyze(apply_fn, params, example_args, example_kwargs,
+                  [i for i, _, _ in floats])
+  return [floats[n] for n in sorted(found.hidden)]

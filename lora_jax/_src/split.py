@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.config import LoraConfig, selector_patterns, selects
+from lora_jax._src.config import ALL_LINEAR, LoraConfig, selector_patterns, selects
 from lora_jax._src.delta import LoraDelta, dora_norm
-from lora_jax._src.discover import layout_from_uses, trace_uses
+from lora_jax._src.discover import layout_from_uses, linear_weights, trace_uses
 from lora_jax._src.inits import init_factors, principal_factors
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
@@ -66,6 +66,10 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
   _check_targets_match(config, leaves)
   chosen = [(i, p, x) for i, (p, x) in enumerate(leaves)
             if config.is_target(p, x)]
+  if config.targets == ALL_LINEAR and apply_fn is not None:
+    chosen = linear_weights(apply_fn, params, example_args, example_kwargs,
+                            [(i, p, x) for i, (p, x) in enumerate(leaves)
+                             if not selects(config.exclude, p, x)])
   if not chosen:
     raise ValueError(
         f"LoraConfig selects no leaf (targets={config.targets!r}, "
