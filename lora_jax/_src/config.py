@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import preview
 
 # A selector of leaves: a regex full-matched on the leaf path, several of them,
 # or a predicate ``(path, leaf) -> bool``.
@@ -18,21 +19,113 @@ Selector = Union[str, Sequence[str], Callable[[str, Any], bool]]
 
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
+PRINCIPAL_INITS = ("pissa", "olora")
+_NITER = "pissa_niter_"
 
 
-def _valid_init(init: Any) -> bool:
-  if callable(init) or init in INITS:
-    return True
-  return (isinstance(init, str) and init.startswith("pissa_niter_")
-          and init[len("pissa_niter_"):].isdigit())
+class InitSpec(NamedTuple):
+  """``LoraConfig.init`` parsed: ``kind`` is one of :data:`INITS` or
+  ``"callable"``; ``niter`` the power iterations of ``"pissa_niter_<N>"``
+  (None for an exact SVD)."""
+  kind: str
+  niter: int | None = None
+
+  @property
+  def principal(self) -> bool:
+    """Whether the factors come from ``W0`` and the base becomes a residual."""
+    return self.kind in PRINCIPAL_INITS
 
 
-def _compile(pattern: str, field: str) -> re.Pattern:
+def parse_init(init: Any) -> InitSpec:
+  """The one parser of ``LoraConfig.init``.
+
+  Args:
+    init: a name from :data:`INITS`, ``"pissa_niter_<N>"`` or a callable.
+
+  Returns:
+    Its :class:`InitSpec`.
+
+  >>> parse_init("pissa_niter_4")
+  InitSpec(kind='pissa', niter=4)
+  """
+  if callable(init):
+    return InitSpec("callable")
+  if isinstance(init, str) and init in INITS:
+    return InitSpec(init)
+  if isinstance(init, str) and init.startswith(_NITER) and init[
+      len(_NITER):].isdigit():
+    return InitSpec("pissa", int(init[len(_NITER):]))
+  raise ValueError(f"LoraConfig.init must be one of {INITS}, "
+                   f"'pissa_niter_<N>' or a callable, got {init!r}.")
+
+
+def _compile(pattern: Any, field: str) -> re.Pattern:
+  if not isinstance(pattern, str):
+    raise TypeError(f"LoraConfig.{field}: keys must be regex strings, got "
+                    f"{pattern!r}.")
   try:
     return re.compile(pattern)
   except re.error as e:
     raise ValueError(f"LoraConfig.{field}: {pattern!r} is not a valid regular "
                      f"expression ({e}).") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternMap:
+  """``{regex: value}`` read by full match on a leaf path, first match wins:
+  the form of ``LoraConfig.layouts``, ``rank_pattern`` and ``alpha_pattern``.
+
+  Compiled once; equal and hashable by its ``(pattern, value)`` entries, and
+  iterable as them.
+
+  >>> m = PatternMap.parse({r".*/q/kernel": 4, r".*": 2}, "rank_pattern")
+  >>> m.lookup("h0/q/kernel"), m.lookup("h0/v/kernel"), m.lookup("x/y")
+  (4, 2, 2)
+  >>> list(m)
+  [('.*/q/kernel', 4), ('.*', 2)]
+  """
+  entries: tuple = ()
+  _compiled: tuple = dataclasses.field(default=(), compare=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "_compiled", tuple(
+        (re.compile(p), v) for p, v in self.entries))
+
+  @classmethod
+  def parse(cls, value: Any, field: str,
+            convert: Callable[[str, Any], Any] = lambda p, v: v) -> "PatternMap":
+    """A PatternMap from a mapping or a sequence of pairs; ``convert(pattern,
+    value)`` validates and normalises each value."""
+    if isinstance(value, PatternMap):
+      value = value.entries
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+      pairs = [(p, v) for p, v in items]
+    except (TypeError, ValueError):
+      raise TypeError(f"LoraConfig.{field} must be a dict {{regex: value}} or a "
+                      f"list of (regex, value) pairs, got {value!r}.") from None
+    for p, _ in pairs:
+      _compile(p, field)
+    return cls(tuple((p, convert(p, v)) for p, v in pairs))
+
+  def lookup(self, path: str, default: Any = None) -> Any:
+    """The value of the first pattern that full-matches ``path``."""
+    for pattern, value in self._compiled:
+      if pattern.fullmatch(path):
+        return value
+    return default
+
+  def patterns(self) -> tuple[str, ...]:
+    return tuple(p for p, _ in self.entries)
+
+  def __iter__(self):
+    return iter(self.entries)
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def to_json(self, value_json: Callable[[Any], Any] = lambda v: v) -> list:
+    return [[p, value_json(v)] for p, v in self.entries]
 
 
 def _freeze_selector(value: Any, field: str, allow_none: bool) -> Any:
@@ -128,62 +221,16 @@ class LoraConfig:
   # match wins (PEFT's rank_pattern / alpha_pattern).
   rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] = ()
   alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] = ()
+  # ``init`` parsed (derived, not an argument).
+  init_spec: InitSpec = dataclasses.field(init=False, compare=False,
+                                          repr=False, default=None)
 
   def __post_init__(self):
-    set_ = lambda k, v: object.__setattr__(self, k, v)
-    if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)):
-      raise TypeError(f"LoraConfig.rank must be an int, got {self.rank!r}.")
-    if self.rank < 1:
-      raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}.")
-    set_("rank", int(self.rank))
-    if not isinstance(self.alpha, (int, float, np.number)) or isinstance(
-        self.alpha, bool) or not math.isfinite(self.alpha) or self.alpha <= 0:
-      raise ValueError(
-          f"LoraConfig.alpha must be a finite number > 0, got {self.alpha!r}.")
-    set_("alpha", float(self.alpha))
-    set_("targets", _freeze_selector(self.targets, "targets", allow_none=False))
-    set_("exclude", _freeze_selector(self.exclude, "exclude", allow_none=True))
-    if not _valid_init(self.init):
-      raise ValueError(f"LoraConfig.init must be one of {INITS}, "
-                       f"'pissa_niter_<N>' or a callable, got {self.init!r}.")
-    if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-      raise ValueError(
-          f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-    set_("dropout", float(self.dropout))
-    set_("dora", bool(self.dora))
-    set_("rank_pattern", self._patterns("rank_pattern", self.rank_pattern, int,
-                                        lambda v: v >= 1, ">= 1"))
-    set_("alpha_pattern", self._patterns("alpha_pattern", self.alpha_pattern,
-                                         float, lambda v: v > 0, "> 0"))
-    if self.dtype is not None:
-      dt = np.dtype(self.dtype)
-      if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(
-            f"LoraConfig.dtype must be a floating dtype, got {dt}.")
-      set_("dtype", dt)
-    items = (self.layouts.items() if isinstance(self.layouts, Mapping)
-             else self.layouts)
-    layouts = []
-    for pattern, layout in items:
-      _compile(pattern, "layouts")
-      if not isinstance(layout, Layout):
-        raise TypeError(f"LoraConfig.layouts[{pattern!r}] must be a "
-                        f"lora_jax.Layout, got {layout!r}.")
-      layouts.append((pattern, layout))
-    set_("layouts", tuple(layouts))
-
-  @staticmethod
-  def _patterns(field, value, kind, ok, what):
-    items = value.items() if isinstance(value, Mapping) else value
-    out = []
-    for pattern, v in items:
-      _compile(pattern, field)
-      if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or (
-          kind is int and int(v) != v) or not ok(v):
-        raise ValueError(f"LoraConfig.{field}[{pattern!r}] must be "
-                         f"{kind.__name__} {what}, got {v!r}.")
-      out.append((pattern, kind(v)))
-    return tuple(out)
+    # Each field is parsed once, by its own parser in _FIELDS (which raises on
+    # invalid input); what is stored is the normalised form.
+    for name, parse in _FIELDS.items():
+      object.__setattr__(self, name, parse(getattr(self, name)))
+    object.__setattr__(self, "init_spec", parse_init(self.init))
 
   @property
   def scale(self) -> float:
@@ -192,15 +239,11 @@ class LoraConfig:
 
   def rank_for(self, path: str) -> int:
     """The rank of the adapter at ``path`` (``rank_pattern`` first)."""
-    for pattern, r in self.rank_pattern:
-      if re.fullmatch(pattern, path):
-        return r
-    return self.rank
+    return self.rank_pattern.lookup(path, self.rank)
 
   def scale_for(self, path: str) -> float:
     """The scale of the adapter at ``path`` (with ``alpha_pattern``)."""
-    alpha = next((a for p, a in self.alpha_pattern if re.fullmatch(p, path)),
-                 self.alpha)
+    alpha = self.alpha_pattern.lookup(path, self.alpha)
     r = self.rank_for(path)
     return alpha / (math.sqrt(r) if self.rslora else r)
 
@@ -211,27 +254,199 @@ class LoraConfig:
 
   def layout_for(self, path: str) -> Layout | None:
     """The explicit layout configured for ``path``, if any."""
-    for pattern, layout in self.layouts:
-      if re.fullmatch(pattern, path):
-        return layout
-    return None
+    return self.layouts.lookup(path)
+
+  def check_patterns_match(self, leaves: Sequence[tuple[str, Any]]) -> None:
+    """Raises unless every regex of ``targets``, ``exclude``, ``layouts``,
+    ``rank_pattern`` and ``alpha_pattern`` full-matches some leaf path (a
+    regex that matches nothing is almost always a typo).
+
+    Args:
+      leaves: ``(path, leaf)`` of every leaf of the params tree.
+
+    Returns:
+      None.
+
+    >>> cfg = LoraConfig(targets="w", rank_pattern={"v": 2})
+    >>> try:
+    ...   cfg.check_patterns_match([("w", None), ("b", None)])
+    ... except ValueError as e:
+    ...   print(e)
+    LoraConfig.rank_pattern: the regex 'v' matches no leaf path (full match on '/'-joined paths). Some paths that exist: ['w', 'b'].
+    """
+    paths = [p for p, _ in leaves]
+    fields = [("targets", selector_patterns(self.targets)),
+              ("exclude", selector_patterns(self.exclude))]
+    fields += [(f, getattr(self, f).patterns())
+               for f in ("layouts", "rank_pattern", "alpha_pattern")]
+    for field, patterns in fields:
+      for pattern in patterns:
+        compiled = re.compile(pattern)
+        if not any(compiled.fullmatch(p) for p in paths):
+          raise ValueError(
+              f"LoraConfig.{field}: the regex {pattern!r} matches no leaf path "
+              f"(full match on '/'-joined paths). Some paths that exist: "
+              f"{preview(paths)}.")
 
   def to_json(self) -> dict:
-    """A JSON-able description (callables are recorded by name only)."""
+    """A JSON-able description; :meth:`from_json` reads it back. Callables
+    (``targets``, ``exclude``, ``init``) are recorded by name only.
+
+    Returns:
+      A dict of JSON types (``scale`` is included for readers; it is
+      derived).
+
+    >>> cfg = LoraConfig(rank=4, targets=["q", "v"], rank_pattern={"q": 2})
+    >>> LoraConfig.from_json(cfg.to_json()) == cfg
+    True
+    """
     def sel(s):
       if s is None or isinstance(s, str):
         return s
       if callable(s):
-        return f"<callable {getattr(s, '__qualname__', repr(s))}>"
+        return {"callable": getattr(s, "__qualname__", repr(s))}
       return list(s)
     return {
         "rank": self.rank, "alpha": self.alpha, "rslora": self.rslora,
         "scale": self.scale, "targets": sel(self.targets),
-        "exclude": sel(self.exclude),
-        "init": self.init if isinstance(self.init, str) else sel(self.init),
+        "exclude": sel(self.exclude), "init": sel(self.init),
         "dtype": None if self.dtype is None else str(self.dtype),
-        "layouts": [[p, l.to_json()] for p, l in self.layouts],
+        "layouts": self.layouts.to_json(Layout.to_json),
         "dropout": self.dropout, "dora": self.dora,
-        "rank_pattern": [list(x) for x in self.rank_pattern],
-        "alpha_pattern": [list(x) for x in self.alpha_pattern],
+        "rank_pattern": self.rank_pattern.to_json(),
+        "alpha_pattern": self.alpha_pattern.to_json(),
     }
+
+  @classmethod
+  def from_json(cls, data: Any, **overrides: Any) -> "LoraConfig":
+    """The config :meth:`to_json` described.
+
+    A callable cannot be restored from its name: pass it in ``overrides``
+    (``LoraConfig.from_json(data, targets=my_fn)``), or a ``ValueError`` says
+    which field needs it.
+
+    Args:
+      data: a dict from :meth:`to_json` (e.g. ``load_metadata(d)["config"]``).
+      **overrides: fields to set instead of the recorded ones.
+
+    Returns:
+      A :class:`LoraConfig`.
+
+    >>> LoraConfig.from_json({"rank": 4, "alpha": 8.0}).scale
+    2.0
+    """
+    if not isinstance(data, Mapping):
+      raise ValueError(f"LoraConfig.from_json expects a dict, got {data!r}.")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names - {"scale"})
+    if unknown:
+      raise ValueError(f"LoraConfig.from_json: unknown fields {unknown}.")
+    kwargs = {k: v for k, v in data.items() if k in names and k not in overrides}
+    for field in ("targets", "exclude", "init"):
+      if _is_recorded_callable(kwargs.get(field)):
+        raise ValueError(
+            f"LoraConfig.from_json: {field} was a callable "
+            f"({_callable_name(kwargs[field])}), which JSON cannot hold; pass "
+            f"it again: LoraConfig.from_json(data, {field}=<the function>).")
+    if isinstance(kwargs.get("targets"), list):
+      kwargs["targets"] = tuple(kwargs["targets"])
+    if isinstance(kwargs.get("exclude"), list):
+      kwargs["exclude"] = tuple(kwargs["exclude"])
+    if "layouts" in kwargs:
+      try:
+        kwargs["layouts"] = [(p, Layout.from_json(l)) for p, l in kwargs[
+            "layouts"]]
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"LoraConfig.from_json: bad layouts ({e}).") from None
+    return cls(**kwargs, **overrides)
+
+
+def _is_recorded_callable(value: Any) -> bool:
+  # Written as {"callable": name}; "<callable name>" by lora_jax <= 0.1.
+  return (isinstance(value, dict) and set(value) == {"callable"}) or (
+      isinstance(value, str) and value.startswith("<callable "))
+
+
+def _callable_name(value: Any) -> str:
+  return value["callable"] if isinstance(value, dict) else value
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+      v, (bool, np.bool_))
+
+
+def _rank(v: Any) -> int:
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    raise TypeError(f"LoraConfig.rank must be an int, got {v!r}.")
+  if v < 1:
+    raise ValueError(f"LoraConfig.rank must be >= 1, got {v}.")
+  return int(v)
+
+
+def _float(v: Any) -> float:
+  # np.float32(0.1) is the 0.1 its user typed, not 0.10000000149011612.
+  return float(str(v)) if isinstance(v, np.floating) else float(v)
+
+
+def _alpha(v: Any) -> float:
+  if not _is_number(v) or not math.isfinite(v) or v <= 0:
+    raise ValueError(f"LoraConfig.alpha must be a finite number > 0, got {v!r}.")
+  return _float(v)
+
+
+def _dropout(v: Any) -> float:
+  if not _is_number(v) or not 0.0 <= v < 1.0:
+    raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {v!r}.")
+  return _float(v)
+
+
+def _init(v: Any) -> Any:
+  parse_init(v)  # raises for anything else
+  return v if callable(v) else str(v)
+
+
+def _dtype(v: Any) -> Any:
+  if v is None:
+    return None
+  dt = np.dtype(v)
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"LoraConfig.dtype must be a floating dtype, got {dt}.")
+  return dt
+
+
+def _layout_value(pattern: str, v: Any) -> Layout:
+  if not isinstance(v, Layout):
+    raise TypeError(f"LoraConfig.layouts[{pattern!r}] must be a "
+                    f"lora_jax.Layout, got {v!r}.")
+  return v
+
+
+def _pattern_value(field: str, kind: type, ok: Callable, what: str):
+  def convert(pattern: str, v: Any):
+    if not _is_number(v) or (kind is int and int(v) != v) or not ok(v):
+      raise ValueError(f"LoraConfig.{field}[{pattern!r}] must be "
+                       f"{kind.__name__} {what}, got {v!r}.")
+    return int(v) if kind is int else _float(v)
+  return convert
+
+
+# One parser per field: validates the user's value and returns its normalised
+# form (what the frozen config stores).
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "rank": _rank,
+    "alpha": _alpha,
+    "targets": lambda v: _freeze_selector(v, "targets", allow_none=False),
+    "exclude": lambda v: _freeze_selector(v, "exclude", allow_none=True),
+    "init": _init,
+    "rslora": bool,
+    "dtype": _dtype,
+    "layouts": lambda v: PatternMap.parse(v, "layouts", _layout_value),
+    "dropout": _dropout,
+    "dora": bool,
+    "rank_pattern": lambda v: PatternMap.parse(v, "rank_pattern", _pattern_value(
+        "rank_pattern", int, lambda x: x >= 1, ">= 1")),
+    "alpha_pattern": lambda v: PatternMap.parse(
+        v, "alpha_pattern", _pattern_value("alpha_pattern", float,
+                                           lambda x: x > 0, "> 0")),
+}

@@ -9,8 +9,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import dora
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
+
+# The factored engine imports these two from here; they live in dora.py.
+adapted_weight = dora.adapted_weight
+dora_norm = dora.norm
+
+
+def is_concrete(x: Any) -> bool:
+  """Whether ``x`` is a ``jax.Array`` holding values (not a tracer under
+  ``jit`` / ``grad``, not a ``ShapeDtypeStruct``).
+
+  >>> import jax, jax.numpy as jnp
+  >>> is_concrete(jnp.ones(2)), is_concrete(jax.ShapeDtypeStruct((2,), "f4"))
+  (True, False)
+  """
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
 def describe_array(x: Any) -> str:
@@ -32,8 +48,10 @@ class LoraDelta:
   ``a`` has shape ``(*batch, *in, rank)`` and ``b`` ``(*batch, rank, *out)``
   where the groups of axes are given by ``layout``. With DoRA, ``magnitude``
   has shape ``(*batch, *out)``. ``a``, ``b`` and ``magnitude`` are the pytree
-  children (what optimisers and checkpoints see); ``scale``, ``layout`` and
-  ``dropout`` are static metadata.
+  children (what optimisers and checkpoints see); ``scale``, ``layout``,
+  ``dropout`` and ``residual_of`` are static metadata (the same in a delta and
+  in its gradient). ``residual_of`` marks an adapter made by a principal init
+  (PiSSA / OLoRA), which belongs with the residual base ``split`` returned.
 
   >>> import jax.numpy as jnp
   >>> d = LoraDelta(jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=0.5,
@@ -50,21 +68,22 @@ class LoraDelta:
   layout: Layout = Layout.dense()
   magnitude: Any = None  # DoRA only: (*batch, *out)
   dropout: float = 0.0   # on the LoRA branch's input, when given a key
+  residual_of: ResidualMark | None = None  # principal inits only
+
+  _CHILDREN = ("a", "b", "magnitude")
+  _STATIC = ("scale", "layout", "dropout", "residual_of")
 
   def tree_flatten_with_keys(self):
     key = jax.tree_util.GetAttrKey
-    children = ((key("a"), self.a), (key("b"), self.b),
-                (key("magnitude"), self.magnitude))
-    return children, (self.scale, self.layout, self.dropout)
+    children = tuple((key(n), getattr(self, n)) for n in self._CHILDREN)
+    return children, tuple(getattr(self, n) for n in self._STATIC)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     # Skip __init__ checks: transformations rebuild nodes with placeholder
     # children (tracers, None, sentinels) that are not arrays.
     obj = object.__new__(cls)
-    for name, value in zip(("a", "b", "magnitude"), children):
-      object.__setattr__(obj, name, value)
-    for name, value in zip(("scale", "layout", "dropout"), aux):
+    for name, value in zip(cls._CHILDREN + cls._STATIC, (*children, *aux)):
       object.__setattr__(obj, name, value)
     return obj
 
@@ -95,12 +114,70 @@ class LoraDelta:
         f", magnitude={describe_array(self.magnitude)}")
     if self.dropout:
       extra += f", dropout={self.dropout:g}"
+    if self.residual_of is not None:
+      extra += f", init={self.residual_of.init}"
     return (f"LoraDelta({head}a={describe_array(self.a)}, b={describe_array(self.b)}, "
             f"scale={self.scale:g}{extra})")
 
-  def weight(self) -> jax.Array:
+  def weight(self, dtype: Any = None) -> jax.Array:
     """The full-size update ``scale * a @ b`` in the kernel's own layout."""
-    return delta_weight(self)
+    return delta_weight(self, dtype)
+
+  def check_base(self, path: str, w: Any) -> None:
+    """Raises unless ``w`` can be the base this adapter was made for.
+
+    Only a principal-init adapter (PiSSA / OLoRA) carries what is needed, and
+    only a concrete ``w`` can be checked (under ``jit`` nothing is).
+
+    Args:
+      path: the leaf path, for the message.
+      w: the base kernel the adapter is about to be merged into or applied to.
+
+    Returns:
+      None.
+    """
+    mark = self.residual_of
+    if mark is None or not is_concrete(w):
+      return
+    n = kernel_norm(w)
+    if abs(n - mark.original_norm) < abs(n - mark.residual_norm):
+      raise ValueError(
+          f"The adapter at {path!r} was made with init={mark.init!r}: it "
+          f"belongs with the residual base that lora_jax.split returned "
+          f"(||W|| {mark.residual_norm:.6g}), but this base kernel looks like "
+          f"the original weights (||W|| {n:.6g}, original "
+          f"{mark.original_norm:.6g}). Use the residual base, or convert "
+          f"the adapter with lora_jax.to_plain_lora(initial_delta, delta) to "
+          f"apply it to the original weights.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualMark:
+  """What a principal-init adapter records of its base: the init and the
+  Frobenius norms of the residual base kernel and of the original kernel (a
+  base closer to the original is the original, which the adapter does not
+  belong to; a cast or quantized residual still passes)."""
+  init: str
+  residual_norm: float
+  original_norm: float
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Any) -> "ResidualMark":
+    ok = isinstance(data, dict) and isinstance(data.get("init"), str) and all(
+        isinstance(data.get(k), (int, float)) and not isinstance(
+            data.get(k), bool) for k in ("residual_norm", "original_norm"))
+    if not ok or set(data) != {"init", "residual_norm", "original_norm"}:
+      raise ValueError(f"not a residual mark: {data!r}.")
+    return cls(data["init"], float(data["residual_norm"]),
+               float(data["original_norm"]))
+
+
+def kernel_norm(w: Any) -> float:
+  """The Frobenius norm of a concrete kernel, as a Python float."""
+  return float(jnp.linalg.norm(jnp.asarray(w, jnp.float32).reshape(-1)))
 
 
 def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
@@ -117,78 +194,11 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
          [0.5, 0.5, 0.5]], dtype=float32)
   """
   layout = delta.layout
-  a, b = delta.a, delta.b
-  nb = len(layout.batch)
-  batch = a.shape[:nb]
-  ins, outs = a.shape[nb:-1], b.shape[nb + 1:]
-  r = a.shape[-1]
-  a2 = a.reshape(math.prod(batch), math.prod(ins), r)
-  b2 = b.reshape(math.prod(batch), r, math.prod(outs))
-  w = jnp.einsum("gir,gro->gio", a2, b2,
+  a, b = layout.flatten_factors(delta.a, delta.b)
+  w = jnp.einsum("gir,gro->gio", a, b,
                  precision=jax.lax.Precision.HIGHEST) * delta.scale
-  w = w.reshape(*batch, *ins, *outs)
-  order = layout.order
-  perm = sorted(range(len(order)), key=lambda k: order[k])
-  w = jnp.transpose(w, perm)
+  w = layout.unflatten(w, delta.kernel_shape)
   return w if dtype is None else w.astype(dtype)
-
-
-def _to_factor_order(w: jax.Array, layout: Layout) -> jax.Array:
-  """A kernel as ``(batch, in, out)`` groups flattened: ``(B, K, N)``."""
-  batch, ins, outs = layout.sizes(w.shape)
-  return jnp.transpose(w, layout.order).reshape(
-      math.prod(batch), math.prod(ins), math.prod(outs))
-
-
-def dora_norm(w0: jax.Array, delta: LoraDelta, dtype: Any = None) -> jax.Array:
-  """``||W0 + scale * a @ b||`` over the input axes, shape ``(*batch, *out)``.
-
-  Computed in low rank, never forming ``a @ b``: per output unit,
-  ``||w||^2 + 2 s <w, a b> + s^2 ||a b||^2`` with ``<w, a b> = sum_r (a^T w) b``
-  and ``||a b||^2 = b^T (a^T a) b``.
-  """
-  lay = delta.layout
-  dtype = dtype or jnp.result_type(w0.dtype, delta.a.dtype)
-  batch, ins, outs = lay.sizes(w0.shape)
-  g, k, n = math.prod(batch), math.prod(ins), math.prod(outs)
-  w = _to_factor_order(w0, lay).astype(dtype)
-  a = delta.a.reshape(g, k, -1).astype(dtype)
-  b = delta.b.reshape(g, -1, n).astype(dtype)
-  hi = jax.lax.Precision.HIGHEST
-  s = delta.scale
-  cross = jnp.einsum("gkr,gkn->grn", a, w, precision=hi)
-  gram = jnp.einsum("gkr,gkq->grq", a, a, precision=hi)
-  sq = (jnp.sum(w * w, axis=1) + 2 * s * jnp.sum(cross * b, axis=1)
-        + s * s * jnp.sum(b * jnp.einsum("grq,gqn->grn", gram, b, precision=hi),
-                          axis=1))
-  return jnp.sqrt(jnp.maximum(sq, 0)).reshape(*batch, *outs)
-
-
-def column_factor(values: jax.Array, layout: Layout, ndim: int) -> jax.Array:
-  """A ``(*batch, *out)`` array laid out to broadcast against the kernel."""
-  axes = layout.batch + layout.outputs
-  order = sorted(range(len(axes)), key=lambda i: axes[i])
-  v = jnp.transpose(values, order)
-  shape = [1] * ndim
-  for ax in sorted(axes):
-    shape[ax] = v.shape[sorted(axes).index(ax)]
-  return v.reshape(shape)
-
-
-def adapted_weight(w0: jax.Array, delta: LoraDelta, sign: float = 1.0
-                   ) -> jax.Array:
-  """The kernel the adapter stands for, in the base's dtype.
-
-  LoRA: ``W0 + s a b``. DoRA: ``m (W0 + s a b) / ||W0 + s a b||`` with the norm
-  held constant for gradients. ``sign=-1`` undoes plain LoRA.
-  """
-  dtype = jnp.result_type(w0.dtype, delta.a.dtype, delta.b.dtype)
-  v = w0.astype(dtype) + sign * delta_weight(delta, dtype)
-  if delta.magnitude is not None:
-    norm = jax.lax.stop_gradient(dora_norm(w0, delta, dtype))
-    v = v * column_factor(delta.magnitude.astype(dtype) / norm, delta.layout,
-                          w0.ndim)
-  return v.astype(w0.dtype)
 
 
 def is_delta_or_none(x: Any) -> bool:

@@ -10,49 +10,133 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
+from lora_jax._src import dora
+from lora_jax._src.config import InitSpec, LoraConfig
+from lora_jax._src.delta import (LoraDelta, ResidualMark, adapters,
+                                 is_concrete, is_delta_or_none, kernel_norm)
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import map_with_paths
 
 
 def principal_factors(w: jax.Array, layout: Layout, rank: int, scale: float,
-               method: str, key: jax.Array):
+                      init: InitSpec, key: jax.Array):
   """PiSSA / OLoRA factors of ``w`` and the residual ``w - scale * a @ b``.
 
   Per batch entry, ``w`` is seen as a ``(K, N)`` matrix ``M`` (inputs by
   outputs). PiSSA: ``M ~ U S V^T``, ``a = U_r sqrt(S_r / s)``, ``b = sqrt(S_r /
-  s) V_r^T``, so ``s a b`` is the best rank-r approximation of ``M``. OLoRA:
-  the QR of PEFT's ``(out, in)`` weight ``M^T = Q R``, ``b = Q_r^T``,
+  s) V_r^T``, so ``s a b`` is the best rank-r approximation of ``M`` (with
+  ``init.niter`` set, by randomised SVD with that many power iterations).
+  OLoRA: the QR of PEFT's ``(out, in)`` weight ``M^T = Q R``, ``b = Q_r^T``,
   ``a = R_r^T`` (PEFT keeps ``s`` out of the factors there).
+
+  Args:
+    w: the kernel.
+    layout: its layout.
+    rank: the adapter's rank.
+    scale: the adapter's scale.
+    init: the parsed init (kind ``"pissa"`` or ``"olora"``).
+    key: randomness of the randomised SVD.
+
+  Returns:
+    ``(a, b, residual)``, the factors in float32.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> from lora_jax._src.config import InitSpec
+  >>> w = jnp.diag(jnp.array([3., 2., 1.]))
+  >>> a, b, res = principal_factors(w, lj.Layout.dense(), 1, 1.0,
+  ...                               InitSpec("pissa"), jax.random.key(0))
+  >>> res
+  Array([[0., 0., 0.],
+         [0., 2., 0.],
+         [0., 0., 1.]], dtype=float32)
   """
-  batch, ins, outs = layout.sizes(w.shape)
-  g, k, n = math.prod(batch), math.prod(ins), math.prod(outs)
-  m = jnp.transpose(w, layout.order).reshape(g, k, n).astype(jnp.float32)
-  if method == "olora":
+  shape = tuple(w.shape)
+  m = layout.flatten(w).astype(jnp.float32)
+  if init.kind == "olora":
     q, r_ = jnp.linalg.qr(jnp.swapaxes(m, 1, 2))  # (g, n, min), (g, min, k)
     b = jnp.swapaxes(q[:, :, :rank], 1, 2)        # (g, r, n)
     a = jnp.swapaxes(r_[:, :rank, :], 1, 2)       # (g, k, r)
   else:
-    if method == "pissa":
-      u, sv, vt = jnp.linalg.svd(m, full_matrices=False)
-    else:  # randomised SVD, Halko et al., with `niter` power iterations
-      niter = int(method[len("pissa_niter_"):])
-      p = min(rank + 8, k, n)
-      omega = jax.random.normal(key, (g, n, p), m.dtype)
-      y = m @ omega
-      for _ in range(niter):
-        y = m @ (jnp.swapaxes(m, 1, 2) @ jnp.linalg.qr(y)[0])
-      q = jnp.linalg.qr(y)[0]
-      ub, sv, vt = jnp.linalg.svd(jnp.swapaxes(q, 1, 2) @ m,
-                                  full_matrices=False)
-      u = q @ ub
+    u, sv, vt = (jnp.linalg.svd(m, full_matrices=False) if init.niter is None
+                 else _randomized_svd(m, rank, init.niter, key))
     root = jnp.sqrt(sv[:, :rank] / scale)
     a = u[:, :, :rank] * root[:, None, :]
     b = root[:, :, None] * vt[:, :rank, :]
-  a = a.reshape(*batch, *ins, rank)
-  b = b.reshape(*batch, rank, *outs)
+  a, b = layout.unflatten_factors(a, b, shape)
   residual = w - LoraDelta(a, b, scale, layout).weight().astype(w.dtype)
   return a, b, residual
+
+
+def _randomized_svd(m: jax.Array, rank: int, niter: int, key: jax.Array):
+  """Halko et al.'s randomised SVD of ``(g, k, n)`` matrices, ``niter`` power
+  iterations."""
+  _, k, n = m.shape
+  p = min(rank + 8, k, n)
+  omega = jax.random.normal(key, (m.shape[0], n, p), m.dtype)
+  y = m @ omega
+  for _ in range(niter):
+    y = m @ (jnp.swapaxes(m, 1, 2) @ jnp.linalg.qr(y)[0])
+  q = jnp.linalg.qr(y)[0]
+  ub, sv, vt = jnp.linalg.svd(jnp.swapaxes(q, 1, 2) @ m, full_matrices=False)
+  return q @ ub, sv, vt
+
+
+def make_adapter(path: str, x: Any, layout: Layout, config: LoraConfig,
+                 key: jax.Array, dtype: Any):
+  """The initial adapter of one kernel, and its residual base kernel.
+
+  Checks the layout and rank against the kernel (errors name ``path``), draws
+  the factors by ``config.init``, marks a principal-init adapter with the
+  norms of its residual and original kernels (when ``x`` is concrete), and
+  sets DoRA's magnitude so that the adapted kernel equals the base at init.
+
+  Args:
+    path: the leaf path.
+    x: the kernel (an array or a ``ShapeDtypeStruct``).
+    layout: its layout.
+    config: the config.
+    key: this leaf's key.
+    dtype: the factors' dtype.
+
+  Returns:
+    ``(delta, residual)``; ``residual`` is None unless the init is principal.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> d, res = make_adapter("w", jnp.ones((4, 3)), lj.Layout.dense(),
+  ...                       lj.LoraConfig(rank=2), jax.random.key(0),
+  ...                       jnp.float32)
+  >>> d, res
+  (LoraDelta(rank=2, kernel=(4, 3), a=f32[4,2], b=f32[2,3], scale=8), None)
+  """
+  shape = tuple(x.shape)
+  layout.check_kernel(shape, path)
+  rank, scale = config.rank_for(path), config.scale_for(path)
+  max_rank = layout.max_rank(shape)
+  if rank > max_rank:
+    raise ValueError(
+        f"rank {rank} is larger than the smaller side ({max_rank}) of "
+        f"{path!r} (shape {shape}, inputs {layout.inputs}, outputs "
+        f"{layout.outputs}). Use rank <= {max_rank} or exclude the leaf.")
+  residual, mark = None, None
+  if config.init_spec.principal:
+    a, b, residual = principal_factors(x, layout, rank, scale,
+                                       config.init_spec, key)
+    a, b = a.astype(dtype), b.astype(dtype)
+    if is_concrete(x):
+      mark = ResidualMark(config.init_spec.kind, kernel_norm(residual),
+                          kernel_norm(x))
+  else:
+    a_shape, b_shape = layout.factor_shapes(shape, rank)
+    fan_in = math.prod(layout.sizes(shape)[1])
+    a, b = init_factors(config.init, key, a_shape, b_shape, dtype, fan_in,
+                        rank)
+  d = LoraDelta(a, b, scale=scale, layout=layout, dropout=config.dropout,
+                residual_of=mark)
+  if config.dora:
+    # ||W0 + s a b|| over the input axes: the adapted kernel at init is W0.
+    w0 = x if residual is None else residual
+    d = d.replace(magnitude=dora.init_magnitude(w0, d, dtype))
+  return d, residual
 
 
 def init_factors(init: str | Callable, key: jax.Array, a_shape, b_shape,
@@ -110,7 +194,7 @@ def to_plain_lora(initial: Any, trained: Any) -> Any:
     nb = len(d.layout.batch)
     a = jnp.concatenate([d.a, d0.a.astype(d.a.dtype)], axis=-1)
     b = jnp.concatenate([d.b, -d0.b.astype(d.b.dtype)], axis=nb)
-    return d.replace(a=a, b=b)
+    return d.replace(a=a, b=b, residual_of=None)  # now for the original W
   return map_with_paths(
       lambda p, d: convert(p, d) if isinstance(d, LoraDelta) else d, trained,
       is_leaf=is_delta_or_none)

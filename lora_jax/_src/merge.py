@@ -5,42 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from lora_jax._src.delta import (LoraDelta, adapted_weight, column_factor,
-                            delta_weight, adapters, dora_norm)
+from lora_jax._src.delta import LoraDelta, adapters, is_concrete
+from lora_jax._src.dora import adapted_weight, unmerged_weight
+from lora_jax._src.dora import norm as dora_norm
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
 
 
 def _combine(path: str, w: Any, d: LoraDelta, sign: float,
              norm: Any = None) -> jax.Array:
   _check_shape(path, w, d)
-  if sign > 0:
-    out = adapted_weight(w, d)
-  elif d.magnitude is None:
-    out = adapted_weight(w, d, sign=-1.0)
-  else:
-    if norm is None:
-      raise ValueError(
-          f"unmerge: {path!r} is a DoRA adapter; undoing it needs the norms "
-          f"of W0 + s*A@B taken before merging: norms = "
-          f"lora_jax.dora_norms(base, delta), then unmerge(params, delta, "
-          f"norms).")
-    dtype = jnp.result_type(w.dtype, d.a.dtype)
-    factor = column_factor(norm.astype(dtype) / d.magnitude.astype(dtype),
-                           d.layout, w.ndim)
-    out = (w.astype(dtype) * factor - delta_weight(d, dtype)).astype(w.dtype)
+  out = adapted_weight(w, d) if sign > 0 else unmerged_weight(w, d, norm, path)
   # Eagerly computed results keep the base kernel's placement (under jit the
   # compiler propagates it).
-  concrete = lambda x: isinstance(x, jax.Array) and not isinstance(
-      x, jax.core.Tracer)
-  if concrete(w) and concrete(out) and out.sharding != w.sharding:
+  if is_concrete(w) and is_concrete(out) and out.sharding != w.sharding:
     out = jax.device_put(out, w.sharding)
   return out
 
 
 def check_matches(base: Any, deltas: dict, what: str) -> None:
-  """Raises, naming the leaf, unless every adapter fits a base kernel."""
+  """Raises, naming the leaf, unless every adapter fits a base kernel (and,
+  outside unmerge, a principal-init adapter its residual base)."""
   flat = dict(leaves_with_paths(base))
   missing = [p for p in deltas if p not in flat]
   if missing:
@@ -49,6 +34,8 @@ def check_matches(base: Any, deltas: dict, what: str) -> None:
         f"has no leaf at those paths. Is this the adapter of another model?")
   for path, d in deltas.items():
     _check_shape(path, flat[path], d)
+    if what != "unmerge":
+      d.check_base(path, flat[path])
 
 
 def _check_shape(path: str, w: Any, d: LoraDelta) -> None:

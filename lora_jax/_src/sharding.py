@@ -15,7 +15,8 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
+from lora_jax._src.delta import (LoraDelta, adapters, is_concrete,
+                                 is_delta_or_none)
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths, map_with_paths
 
@@ -95,10 +96,8 @@ def delta_shardings(delta: Any, base_shardings: Any) -> Any:
 def place_like_kernel(kernel: Any, d: LoraDelta) -> LoraDelta:
   """Puts ``d``'s factors on shardings derived from a concrete, sharded
   ``kernel``; leaves ``d`` as it is otherwise (tracers, single device)."""
-  sharding = getattr(kernel, "sharding", None) if isinstance(
-      kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer) else None
-  if not isinstance(sharding, NamedSharding) or not isinstance(
-      d.a, jax.Array) or isinstance(d.a, jax.core.Tracer):
+  sharding = kernel.sharding if is_concrete(kernel) else None
+  if not isinstance(sharding, NamedSharding) or not is_concrete(d.a):
     return d
   target = _factor_shardings(sharding, d)
   return d.replace(

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.config import ALL_LINEAR, LoraConfig, selector_patterns, selects
-from lora_jax._src.delta import LoraDelta, dora_norm
+from lora_jax._src.config import ALL_LINEAR, LoraConfig, selects
+from lora_jax._src.delta import LoraDelta
 from lora_jax._src.discover import layout_from_uses, linear_weights, trace_uses
-from lora_jax._src.inits import init_factors, principal_factors
+from lora_jax._src.inits import make_adapter
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
 from lora_jax._src.sharding import place_like_kernel
-
-
-def _check_targets_match(config: LoraConfig, leaves: list[tuple[str, Any]]):
-  paths = [p for p, _ in leaves]
-  for pattern in selector_patterns(config.targets):
-    if not any(selects(pattern, p, x) for p, x in leaves):
-      raise ValueError(
-          f"LoraConfig.targets: the regex {pattern!r} matches no leaf path "
-          f"(full match on '/'-joined paths). Some paths that exist: "
-          f"{preview(paths)}.")
 
 
 def _factor_dtype(config: LoraConfig, kernel_dtype) -> np.dtype:
@@ -63,7 +52,7 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
     return quant.split_quantized(split, params, config, key, apply_fn,
                                  example_args, example_kwargs)
   leaves = leaves_with_paths(params)
-  _check_targets_match(config, leaves)
+  config.check_patterns_match(leaves)
   chosen = [(i, p, x) for i, (p, x) in enumerate(leaves)
             if config.is_target(p, x)]
   if config.targets == ALL_LINEAR and apply_fn is not None:
@@ -116,31 +105,11 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
   deltas: dict[str, LoraDelta] = {}
   residuals: dict[str, Any] = {}
   for n, (i, p, x) in enumerate(chosen):
-    layout = layouts[p]
-    shape = tuple(x.shape)
-    rank, scale = config.rank_for(p), config.scale_for(p)
-    max_rank = layout.max_rank(shape)
-    if rank > max_rank:
-      raise ValueError(
-          f"rank {rank} is larger than the smaller side ({max_rank}) of "
-          f"{p!r} (shape {shape}, inputs {layout.inputs}, outputs "
-          f"{layout.outputs}). Use rank <= {max_rank} or exclude the leaf.")
-    a_shape, b_shape = layout.factor_shapes(shape, rank)
-    fan_in = math.prod(layout.sizes(shape)[1])
-    dtype = _factor_dtype(config, x.dtype)
-    leaf_key = jax.random.fold_in(key, n)
-    if isinstance(config.init, str) and config.init.startswith(("pissa", "olora")):
-      a, b, residuals[p] = principal_factors(x, layout, rank, scale, config.init,
-                                      leaf_key)
-      a, b = a.astype(dtype), b.astype(dtype)
-    else:
-      a, b = init_factors(config.init, leaf_key, a_shape, b_shape, dtype,
-                          fan_in, rank)
-    d = LoraDelta(a, b, scale=scale, layout=layout, dropout=config.dropout)
-    if config.dora:
-      # ||W0 + s a b|| over the input axes: the adapted kernel at init is W0.
-      w0 = residuals.get(p, x)
-      d = d.replace(magnitude=dora_norm(w0, d, dtype).astype(dtype))
+    d, residual = make_adapter(p, x, layouts[p], config,
+                               jax.random.fold_in(key, n),
+                               _factor_dtype(config, x.dtype))
+    if residual is not None:
+      residuals[p] = residual
     deltas[p] = place_like_kernel(x, d)
 
   base = params if not residuals else map_with_paths(
