@@ -361,8 +361,8 @@ def layout_from_uses(path: str, ndim: int, uses: list[Use]) -> Layout:
     what = ", ".join(sorted({u.primitive for u in uses})) or "nothing"
     raise ValueError(
         f"Cannot infer the layout of {path!r} (ndim {ndim}): in the traced "
-        f"apply function it is consumed by {what}, which does not say which "
-        f"axes are inputs and outputs. {hint}")
+        f"apply function (JAX {jc.JAX_VERSION}) it is consumed by {what}, "
+        f"which does not say which axes are inputs and outputs. {hint}")
   gathers = [u for u in resolved if u.primitive == "gather"]
   chosen = (gathers or resolved)[0]
   if not gathers:

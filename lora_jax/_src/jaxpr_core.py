@@ -274,7 +274,7 @@ class ShardMap:
 
 def _emit_shard_map(fn, sm: ShardMap, in_specs, out_specs):
   def flat(*args):
-    return list(fn(list(args)))
+    return tuple(fn(list(args)))
   mesh_axes = frozenset(sm.mesh.axis_names)
   public = getattr(jax, "shard_map", None)
   if public is not None:

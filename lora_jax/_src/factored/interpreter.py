@@ -65,9 +65,13 @@ def _apply(eqn, invals, ctx: Context) -> list:
   return rule_for(eqn.primitive)(eqn, invals, ctx)
 
 
-def evaluate(program: jc.Program, args, ctx: Context) -> list:
-  """Evaluates ``program`` where some inputs may be :class:`Lora` values;
-  its outputs are plain arrays (a kernel returned as such is merged)."""
+def evaluate(program: jc.Program, args, ctx: Context, *,
+             symbolic_outputs: bool = False) -> list:
+  """Evaluates ``program`` where some inputs may be :class:`Lora` values.
+
+  Its outputs are plain arrays (a kernel returned as such is merged), except
+  with ``symbolic_outputs`` (an inlined call: the caller goes on with them).
+  """
   jaxpr = program.jaxpr
   env: dict = dict(zip(jaxpr.constvars, program.consts))
   env.update(zip(jaxpr.invars, args))
@@ -82,7 +86,9 @@ def evaluate(program: jc.Program, args, ctx: Context) -> list:
     for v, x in zip(eqn.outvars, outs):
       if not jc.is_dropvar(v):
         env[v] = x
-  return [ctx.concrete(jc.read(env, v), "output") for v in jaxpr.outvars]
+  outs = [jc.read(env, v) for v in jaxpr.outvars]
+  return outs if symbolic_outputs else [ctx.concrete(x, "output")
+                                        for x in outs]
 
 
 def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,

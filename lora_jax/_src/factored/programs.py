@@ -26,7 +26,7 @@ def call(eqn, sub: jc.Call, invals, ctx: Context, evaluate):
   its primal computation, as the merge engine would need a rule for a
   symbolic kernel that the custom rule cannot know."""
   del eqn
-  return evaluate(sub.body, invals, ctx)
+  return evaluate(sub.body, invals, ctx, symbolic_outputs=True)
 
 
 def remat(eqn, sub: jc.Remat, invals, ctx: Context, evaluate):
