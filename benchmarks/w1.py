@@ -2,7 +2,11 @@
 
 Runs every variant interleaved in one process, after compilation, and reports
 median step time, ratio to full fine-tuning, compile time and compiled memory
-(argument + temp bytes). Writes ``benchmarks/results/<name>.json`` and ``.md``.
+(argument + temp bytes). Each variant's jitted step takes exactly what its
+training loop holds (full fine-tuning: params + optimiser state, no frozen
+copy; LoRA: base + delta + the delta's optimiser state), so the compiled
+argument bytes are honest. Writes ``benchmarks/results/<name>.json`` and
+``.md``.
 
     python benchmarks/w1.py                 # W1 on this machine
     python benchmarks/w1.py --size gpu      # the accelerator size (bf16 base)
@@ -142,10 +146,19 @@ def cross_entropy(logits, tokens):
 
 def make_steps(apply, params, base, delta, tokens, variants,
                variant_setup=None):
-  """``{name: (jitted step, state)}``; each step returns (state, loss)."""
+  """``{name: (jitted step, state, frozen)}``, called as
+  ``step(state, *frozen, tokens) -> (state, loss)``.
+
+  Each step's arguments are exactly what its training loop holds, nothing
+  more (BENCHMARKS.md, "Memory"): ``state`` is what the step updates (and
+  donates), ``frozen`` what it only reads. Full fine-tuning: params + Adam
+  state, nothing frozen. LoRA: delta + its Adam state + key, the base frozen.
+  Floor: the position table + its Adam state, the other params frozen.
+  Forward: the params, frozen.
+  """
   tx = optax.adam(1e-4)
   loss = lambda p, x: cross_entropy(apply(p, x), x)
-  steps: dict[str, tuple[Callable, Any]] = {}
+  steps: dict[str, tuple[Callable, Any, tuple]] = {}
 
   def lora_step(mode, delta=delta, dropout=False):
     wrapped = lj.wrap(apply, mode)
@@ -160,37 +173,41 @@ def make_steps(apply, params, base, delta, tokens, variants,
       return (optax.apply_updates(d, u), opt, key), l
     own = jax.tree.map(jnp.copy, delta)  # each variant donates its own state
     return (jax.jit(step, donate_argnums=0),
-            (own, tx.init(own), jax.random.key(0)))
+            (own, tx.init(own), jax.random.key(0)), (base,))
 
-  def full_step(state, base, x):
+  def full_step(state, x):
     p, opt = state
     l, g = jax.value_and_grad(loss)(p, x)
     u, opt = tx.update(g, opt, p)
     return (optax.apply_updates(p, u), opt), l
 
-  def floor_step(state, base, x):
+  def floor_step(state, rest, x):
     # gradient w.r.t. the position table only: backward through every layer,
     # no weight gradient (the lower bound for any LoRA step)
     pos, opt = state
-    l, g = jax.value_and_grad(lambda pos: loss({**base, "pos": pos}, x))(pos)
+    l, g = jax.value_and_grad(lambda pos: loss({**rest, "pos": pos}, x))(pos)
     u, opt = tx.update(g, opt, pos)
     return (optax.apply_updates(pos, u), opt), l
 
+  def forward(state, params, x):
+    return state, loss(params, x)
+
   for v in variants:
     if v == "forward":
-      steps[v] = (jax.jit(lambda s, b, x: (s, loss(s, x))), base)
+      steps[v] = (jax.jit(forward), (), (base,))
     elif v == "merged_forward":
-      # inference after lj.merge: the merged params are an argument, as the
-      # base's are for "forward"
+      # inference after lj.merge: the merged params are what the loop holds
       merged = lj.merge(base, jax.tree.map(jnp.copy, delta))
-      steps[v] = (jax.jit(lambda s, b, x: (s, loss(s, x))), merged)
+      steps[v] = (jax.jit(forward), (), (merged,))
     elif v == "floor":
       pos = jnp.copy(params["pos"])
-      steps[v] = (jax.jit(floor_step, donate_argnums=0), (pos, tx.init(pos)))
+      rest = {k: x for k, x in params.items() if k != "pos"}
+      steps[v] = (jax.jit(floor_step, donate_argnums=0), (pos, tx.init(pos)),
+                  (rest,))
     elif v == "full":
       full_params = jax.tree.map(jnp.copy, params)
       steps[v] = (jax.jit(full_step, donate_argnums=0),
-                  (full_params, tx.init(full_params)))
+                  (full_params, tx.init(full_params)), ())
     elif v in ("dora", "dropout"):
       # the same model and kernels, split with DoRA / LoRA dropout 0.1
       cfg = {"dora": True} if v == "dora" else {"dropout": 0.1}
@@ -202,12 +219,17 @@ def make_steps(apply, params, base, delta, tokens, variants,
 
 
 def measure(steps, base, tokens, reps: int, inner: int = 1):
-  """Compiles each step, then times them interleaved; returns stats."""
+  """Compiles each step, then times them interleaved; returns stats.
+
+  ``steps`` as :func:`make_steps` returns; ``base`` is not used (each step
+  carries what it reads) and stays for callers of the older signature.
+  """
+  del base
   out = {}
   compiled = {}
-  for name, (fn, state) in steps.items():
+  for name, (fn, state, frozen) in steps.items():
     t0 = time.perf_counter()
-    lowered = fn.lower(state, base, tokens)
+    lowered = fn.lower(state, *frozen, tokens)
     exe = lowered.compile()
     out[name] = {"compile_s": time.perf_counter() - t0}
     mem = exe.memory_analysis()
@@ -216,9 +238,9 @@ def measure(steps, base, tokens, reps: int, inner: int = 1):
       out[name]["temp_bytes"] = int(mem.temp_size_in_bytes)
       out[name]["memory_bytes"] = int(mem.argument_size_in_bytes
                                       + mem.temp_size_in_bytes)
-    state, loss = exe(state, base, tokens)  # warm up
+    state, loss = exe(state, *frozen, tokens)  # warm up
     jax.block_until_ready(loss)
-    compiled[name] = [exe, state]
+    compiled[name] = [exe, state, frozen]
     out[name]["loss"] = float(loss)
   times = {name: [] for name in steps}
   names = list(compiled)
@@ -226,10 +248,10 @@ def measure(steps, base, tokens, reps: int, inner: int = 1):
     # A B C, then C B A: no variant always runs right after the same one.
     for name in (names if rep % 2 == 0 else names[::-1]):
       cell = compiled[name]
-      exe, state = cell
+      exe, state, frozen = cell
       t0 = time.perf_counter()
       for _ in range(inner):
-        state, loss = exe(state, base, tokens)
+        state, loss = exe(state, *frozen, tokens)
       jax.block_until_ready((state, loss))
       times[name].append((time.perf_counter() - t0) / inner)
       cell[1] = state
@@ -254,15 +276,16 @@ def table(results: dict, baseline: str = "full") -> str:
   base_mem = results[baseline].get("memory_bytes")
   base_compile = results[baseline]["compile_s"]
   rows = [f"| variant | step (ms, median) | / {baseline} | compile (s) | / "
-          f"{baseline} | memory (MiB, arg+temp) | / {baseline} |",
-          "|---|---|---|---|---|---|---|"]
+          f"{baseline} | args (MiB) | temp (MiB) | memory (MiB, arg+temp) | / "
+          f"{baseline} |", "|---|---|---|---|---|---|---|---|---|"]
+  mib = lambda r, k: f"{r[k] / 2**20:.1f}" if k in r else "n/a"
   for name, r in results.items():
     mem = r.get("memory_bytes")
-    mem_s = f"{mem / 2**20:.1f}" if mem else "n/a"
     mem_r = f"{mem / base_mem:.2f}" if mem and base_mem else "n/a"
     rows.append(f"| {name} | {r['step_ms']:.1f} | {r['step_ms'] / base_ms:.2f} | "
                 f"{r['compile_s']:.2f} | {r['compile_s'] / base_compile:.2f} | "
-                f"{mem_s} | {mem_r} |")
+                f"{mib(r, 'argument_bytes')} | {mib(r, 'temp_bytes')} | "
+                f"{mib(r, 'memory_bytes')} | {mem_r} |")
   return "\n".join(rows)
 
 
