@@ -452,4 +452,8 @@ def is_literal(v) -> bool:
 
 
 def is_dropvar(v) -> bool:
-  return isinstance(v, jex.DropVar)
+  """An output nobody reads (``_`` in a printed jaxpr). ``jax.extend.core``
+  exports ``DropVar`` from JAX 0.7 on; before that only its name tells."""
+  drop = getattr(jex, "DropVar", None)
+  return isinstance(v, drop) if drop is not None else (
+      type(v).__name__ == "DropVar")
