@@ -227,6 +227,26 @@ def test_nbytes_repr_and_pytree():
   assert isinstance(again, lj.QArray) and repr(again) == repr(q)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_scan_over_a_stacked_quantized_kernel(double_quant):
+  w = _kernel((4, 64, 24), seed=2)
+  q = lj.quantize({"w": w}, "int8", block_size=16, double_quant=double_quant,
+                  layouts={"w": lj.Layout((0,), (1,), (2,))})["w"]
+  view = q.scan_view()
+  assert repr(view) == "QArray(int8, f32[64,24], block 16)"
+  x = jax.random.normal(jax.random.key(0), (5, 64))
+  y, _ = jax.lax.scan(lambda h, ql: (jnp.tanh(h @ lj.dequantize(ql))[:, :1] * h,
+                                     None), x, view)
+  want = x
+  for layer in lj.dequantize(q):
+    want = jnp.tanh(want @ layer)[:, :1] * want
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=re.escape(
+      "QArray.scan_view: QArray(nf4, f32[64,8], block 64) has its blocks "
+      "along axis 0")):
+    lj.quantize({"w": _kernel((64, 8))}, "nf4")["w"].scan_view()
+
+
 def test_default_targets_and_paths():
   params = {"emb": {"embedding": _kernel((64, 8))},
             "fc": {"kernel": _kernel((64, 16)), "bias": jnp.zeros(16)},

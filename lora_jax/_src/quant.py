@@ -160,6 +160,31 @@ class QArray:
     """The float32 absmax of each block (undoing double quantization)."""
     return block_absmax(self)
 
+  def scan_view(self) -> "QArray":
+    """This stacked kernel as ``lax.scan`` slices it: the metadata of one
+    slice along axis 0, the children keeping that axis (scan slices them).
+
+    For engines and models that scan over stacked layers: scanning over
+    ``q.scan_view()`` hands each step a well-formed ``QArray`` of one layer.
+    Double quantization is resolved first (its blocks of 256 absmax values
+    span layers), so the view holds float32 absmax.
+
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> w = jax.random.normal(jax.random.key(0), (3, 64, 8))
+    >>> q = lj.quantize({"w": w}, "nf4", layouts={"w": lj.Layout((0,), (1,), (2,))})["w"]
+    >>> _, layers = jax.lax.scan(lambda c, ql: (c, lj.dequantize(ql)), 0, q.scan_view())
+    >>> bool((layers == lj.dequantize(q)).all())
+    True
+    """
+    if self.axis == 0 or self.ndim < 3:
+      raise ValueError(
+          f"QArray.scan_view: {self!r} has its blocks along axis {self.axis}; "
+          f"a stacked kernel to scan over needs a leading (batch) axis that "
+          f"the blocks do not run along, and at least 3 axes.")
+    return self.replace(absmax=self.block_absmax(), absmax_scale=None,
+                        absmax_mean=None, shape=self.shape[1:],
+                        axis=self.axis - 1)
+
   def shardings(self, kernel_sharding: Any) -> "QArray":
     """A QArray of shardings for this one's children, derived from the
     sharding of the kernel it replaces (for ``jax.device_put``, ``jit``'s
