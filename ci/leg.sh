@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# One CI leg: its own virtualenv, then the whole suite (tests, doctests over
+# lora_jax/, the notebooks). `make test` runs both legs.
+#
+#   bash ci/leg.sh py311-oldest   CPython 3.11 with the oldest releases that
+#       pyproject.toml allows (pinned by ci/oldest.txt), editable install, and
+#       the PyTorch/PEFT interop tests (the `interop` extra) when it is declared.
+#   bash ci/leg.sh py313-newest   CPython 3.13 with the newest releases on PyPI,
+#       lora_jax installed from a wheel built here; the tests run outside the
+#       checkout so they exercise the wheel; the API reference is built (-W).
+#
+# The interpreters come from pyenv (`pyenv prefix 3.11`), or from PYTHON311 /
+# PYTHON313 when set. A missing interpreter fails the leg: nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+LEG=${1:?usage: ci/leg.sh py311-oldest|py313-newest}
+export JAX_PLATFORMS=cpu PYTHONDONTWRITEBYTECODE=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+say() { printf '\n=== [%s] %s\n' "$LEG" "$*"; }
+die() { printf '\n*** [%s] FAILED: %s\n' "$LEG" "$*" >&2; exit 1; }
+
+interpreter() {  # $1 = "3.11": the path of that CPython, or die
+  local var="PYTHON${1/./}" prefix
+  if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
+  command -v pyenv >/dev/null || die "pyenv not found; install CPython $1 with pyenv or set $var"
+  prefix=$(pyenv prefix "$1" 2>/dev/null) || die "CPython $1 is not installed (pyenv install $1), or set $var"
+  [ -x "$prefix/bin/python$1" ] || die "no $prefix/bin/python$1"
+  echo "$prefix/bin/python$1"
+}
+
+pip_in() {  # pip of venv $1, quiet; drops this machine's notes on empty local indexes
+  local venv=$1; shift
+  "$venv/bin/python" -m pip -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+
+fresh_venv() {  # $1 = python, $2 = venv dir
+  rm -rf "$2"
+  "$1" -m venv "$2"
+  pip_in "$2" install --upgrade pip
+}
+
+print_versions() {  # the versions this leg really ran
+  "$1" - <<'EOF'
+import importlib.metadata as md, platform
+names = ["jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy",
+         "torch", "peft", "transformers", "sphinx", "lora_jax"]
+print(f"  {'python':18s} {platform.python_version()}")
+for n in names:
+  try:
+    print(f"  {n:18s} {md.version(n)}")
+  except md.PackageNotFoundError:
+    if n not in ("torch", "peft", "transformers", "sphinx"):
+      raise SystemExit(f"{n} is not installed")
+EOF
+}
+
+run_pytest() {  # pytest "$@"; any non-zero exit fails the leg, 5 (no test ran) too
+  local rc=0
+  "$PY" -m pytest -p no:cacheprovider -q -rfE "$@" || rc=$?
+  [ "$rc" -eq 0 ] || die "pytest exited $rc$([ "$rc" -eq 5 ] && echo ' (no tests ran)')"
+}
+
+has_extra() {  # is [project.optional-dependencies] $1 declared in pyproject.toml?
+  "$PY" -c "import sys, tomllib; d = tomllib.load(open('pyproject.toml', 'rb'));
+sys.exit(0 if sys.argv[1] in d['project'].get('optional-dependencies', {}) else 1)" "$1"
+}
+
+oldest() {
+  local venv=.venv-ci311 extras=test,demo
+  PY=$(interpreter 3.11)
+  has_extra interop && extras=$extras,interop
+  say "venv $venv: $PY, pip install -c ci/oldest.txt -e .[$extras]"
+  fresh_venv "$PY" "$venv"
+  PY=$ROOT/$venv/bin/python
+  pip_in "$venv" install -c ci/oldest.txt -e ".[$extras]"
+  "$PY" -m pip check >/dev/null || die "pip check: $("$PY" -m pip check)"
+  say "versions"; print_versions "$PY"
+  "$PY" - <<'EOF' || die "installed versions differ from ci/oldest.txt"
+import importlib.metadata as md
+for line in open("ci/oldest.txt"):
+  line = line.split("#")[0].strip()
+  if line:
+    name, version = line.split("==")
+    assert md.version(name) == version, (name, md.version(name), version)
+EOF
+  if [[ $extras == *interop* ]]; then
+    export LORA_JAX_INTEROP=1  # the interop tests fail, not skip, without torch
+    say "interop tests (PyTorch/PEFT): run in THIS leg, LORA_JAX_INTEROP=1"
+  else
+    say "interop tests: no 'interop' extra in pyproject.toml, none to run"
+  fi
+  say "pytest: tests/, doctests over lora_jax/, notebooks (checkout, editable)"
+  run_pytest
+}
+
+newest() {
+  local venv=.venv-ci313 work wheel pkg
+  PY=$(interpreter 3.13)
+  work=$(mktemp -d "${TMPDIR:-/tmp}/lora_jax-ci313.XXXXXX")
+  say "venv $venv: $PY; wheel built from the checkout, newest releases from PyPI"
+  fresh_venv "$PY" "$venv"
+  PY=$ROOT/$venv/bin/python
+  pip_in "$venv" wheel --no-deps --wheel-dir "$work/dist" .
+  wheel=$(ls "$work"/dist/lora_jax-*.whl)
+  say "wheel $(basename "$wheel"): every tracked lora_jax/*.py is in it"
+  "$PY" - "$wheel" $(git ls-files 'lora_jax/*.py') <<'EOF' || die "the wheel lacks files"
+import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+missing = [p for p in sys.argv[2:] if p not in names]
+assert not missing, f"not in the wheel: {missing}"
+assert "lora_jax/examples/multihost.py" in names and "lora_jax/_src/__init__.py" in names
+print(f"  {len(sys.argv) - 2} package files, all present")
+EOF
+  pip_in "$venv" install --upgrade --upgrade-strategy eager "$wheel[test,demo,docs]"
+  "$PY" -m pip check >/dev/null || die "pip check: $("$PY" -m pip check)"
+  say "versions"; print_versions "$PY"
+  say "interop tests: not in this leg (no PyTorch on Python 3.13 here)"
+
+  # The suite runs from a directory with no lora_jax/ in it, so every import
+  # (tests, doctests, notebooks, subprocesses) resolves to the installed wheel.
+  mkdir -p "$work/run/benchmarks"
+  cp -r tests notebooks docs "$work/run/"
+  cp -r benchmarks/results "$work/run/benchmarks/"  # notebook 03 plots them
+  printf '[pytest]\nfilterwarnings = ignore::DeprecationWarning\n' > "$work/run/pytest.ini"
+  cd "$work/run"
+  pkg=$("$PY" -c "import lora_jax, os; print(os.path.dirname(lora_jax.__file__))")
+  say "lora_jax imported from $pkg"
+  [[ $pkg == "$ROOT/$venv/lib/"*"/site-packages/lora_jax" ]] || die "lora_jax is not the installed wheel"
+  export LORA_JAX_EXPECT_DIR=$pkg  # tests/conftest.py checks it again
+  "$PY" -m lora_jax.examples.multihost --help >/dev/null || die "python -m lora_jax.examples.multihost"
+  say "pytest: tests/, doctests over the installed lora_jax, notebooks (wheel)"
+  run_pytest tests "$pkg" --doctest-modules
+  say "API reference: sphinx -W (autodoc imports the installed wheel)"
+  "$PY" -m sphinx -W --keep-going -q -b html docs "$work/html" || die "sphinx-build -W"
+  echo "  built $work/html/index.html"
+  cd "$ROOT"
+}
+
+start=$SECONDS
+trap 'echo "=== [$LEG] took $((SECONDS - start)) s"' EXIT
+case $LEG in
+  py311-oldest) oldest ;;
+  py313-newest) newest ;;
+  *) die "unknown leg '$LEG'" ;;
+esac
+say "passed"
