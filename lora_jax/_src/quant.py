@@ -354,7 +354,7 @@ def dequantize(tree: Any) -> Any:
 
   Returns:
     The same structure with float arrays (each of its ``QArray``'s ``dtype``
-    and ``shape``) in place of the ``QArray``s.
+    and ``shape``) in place of the ``QArray`` leaves.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> w = jnp.array([[0.5, -1.0], [1.0, 0.25]])
@@ -471,7 +471,7 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
              None = None, double_quant: bool = False,
              layouts: Mapping[str, Layout] | None = None,
              delta: Any = None) -> Any:
-  """Replaces kernels of ``tree`` by :class:`QArray`s (QLoRA's frozen base).
+  """Replaces kernels of ``tree`` by :class:`QArray` leaves (QLoRA's frozen base).
 
   Each targeted kernel is cut into blocks of ``block_size`` entries along its
   contracted (input) axis; each block stores its float32 absmax and, per
@@ -480,7 +480,7 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
   else from ``delta``'s adapters (so ``quantize(base, "nf4", delta=delta)``
   after :func:`lora_jax.split` knows every adapted kernel's layout), else is
   axis 0 of a 2-D leaf (Flax's ``(in, out)``); any other leaf is an error.
-  Concrete kernels sharded with a ``NamedSharding`` give ``QArray``s whose
+  Concrete kernels sharded with a ``NamedSharding`` give ``QArray`` leaves whose
   codes and absmax are sharded alike (see :meth:`QArray.shardings`).
 
   Args:
