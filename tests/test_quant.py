@@ -515,3 +515,35 @@ def test_quantized_kernels_shard_like_the_kernel(tmp_path):
   restored = ckpt.restore(tmp_path / "q", target)
   assert placed(restored["w1"].codes, P("data", "model"))
   np.testing.assert_array_equal(restored["w1"].codes, q["w1"].codes)
+
+
+def test_an_nf4_base_step_holds_a_third_of_the_float_arguments():
+  k = jax.random.split(jax.random.key(0), 5)
+  params = {f"w{i}": jax.random.normal(k[i], (512, 512)) * 0.05
+            for i in range(4)}
+
+  def fn(p, x):
+    for i in range(4):
+      x = jnp.tanh(x @ p[f"w{i}"])
+    return x
+  x = jax.random.normal(k[4], (8, 512))
+  base, delta = lj.split(params, lj.LoraConfig(rank=8, targets=r"w\d"),
+                         jax.random.key(1))
+  tx = optax.adam(1e-3)
+  apply = lj.wrap(fn, "merge")
+
+  def step(state, base, x):
+    d, opt = state
+    l, g = jax.value_and_grad(lambda d: jnp.sum(apply(base, d, x) ** 2))(d)
+    u, opt = tx.update(g, opt, d)
+    return (optax.apply_updates(d, u), opt), l
+  args = lambda b: jax.jit(step, donate_argnums=0).lower(
+      (delta, tx.init(delta)), b, x).compile().memory_analysis(
+      ).argument_size_in_bytes
+  qbase = lj.quantize(base, "nf4")
+  # the step holds the QArrays' bytes in place of the float kernels'
+  floats = sum(w.nbytes for w in jax.tree.leaves(base))
+  quantized = sum(q.nbytes for q in qbase.values())
+  assert quantized == 4 * (512 * 512 // 2 + 4 * 512 * 512 // 64)
+  assert args(qbase) == args(base) - floats + quantized
+  assert args(qbase) <= 0.35 * args(base), (args(qbase), args(base))
