@@ -264,6 +264,11 @@ def test_default_targets_and_paths():
   only = lj.quantize(params, "nf4", block_size=32, targets=r"fc/.*kernel")
   assert isinstance(only["fc"]["kernel"], lj.QArray)
   assert not isinstance(only["emb"]["embedding"], lj.QArray)
+  # a list of regexes, or a predicate (path, leaf) -> bool, as LoraConfig
+  for targets in (["emb/.*"], lambda p, x: p.startswith("emb")):
+    picked = lj.quantize(params, "nf4", block_size=32, targets=targets)
+    assert [p for p, x in lj.leaves_with_paths(picked)
+            if isinstance(x, lj.QArray)] == ["emb/embedding"]
   assert jax.tree.map(jnp.shape, lj.dequantize(q)) == jax.tree.map(
       jnp.shape, params)
 
