@@ -102,7 +102,9 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
   choose = None if mode == "factored" else factored.cheaper_engine
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # fallbacks are in the report instead
-    jax.eval_shape(lambda b, d, a, k: factored.factored_apply(
-        fn, b, adapters(d), a, k, report=report, choose=choose),
-                   base, delta, args, kwargs)
+    # args and kwargs are closed over, so Python flags (deterministic=True)
+    # stay Python values, as they do in wrap.
+    jax.eval_shape(lambda b, d: factored.factored_apply(
+        fn, b, adapters(d), args, kwargs, report=report, choose=choose),
+                   base, delta)
   return report
