@@ -190,9 +190,11 @@ class QArray:
     sharding of the kernel it replaces (for ``jax.device_put``, ``jit``'s
     ``in_shardings``/``out_shardings`` or an orbax restore target).
 
-    Codes and absmax keep the kernel's ``PartitionSpec`` (an axis whose
-    length the mesh axes do not divide, e.g. the absmax of few blocks, is
-    replicated); the double-quant constants are replicated.
+    Codes and absmax keep the kernel's ``PartitionSpec``; given a
+    ``NamedSharding``, an axis whose length the mesh axes do not divide (e.g.
+    the absmax of few blocks) is replicated instead (a bare ``PartitionSpec``
+    carries no mesh sizes and is kept as it is). The double-quant constants
+    are replicated.
 
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> from jax.sharding import PartitionSpec as P
