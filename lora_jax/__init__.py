@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 from lora_jax._src.checkpoint import CheckpointError
 from lora_jax._src.checkpoint import checkpoint_manager
 from lora_jax._src.checkpoint import load
+from lora_jax._src.checkpoint import load_config
 from lora_jax._src.checkpoint import load_extras
 from lora_jax._src.checkpoint import load_metadata
 from lora_jax._src.checkpoint import save
@@ -69,6 +70,7 @@ __all__ = (
     "factor_specs",
     "leaves_with_paths",
     "load",
+    "load_config",
     "load_extras",
     "load_metadata",
     "map_with_paths",

@@ -8,9 +8,19 @@ Layout on disk::
       arrays/         # an orbax-checkpoint PyTree of {path...: {"a", "b"}}
 
 The JSON alone describes the adapter, so :func:`load` needs neither the base
-model nor the config. To checkpoint a training loop (delta *and* optimiser
-state, every N steps, keep the last K), use orbax's ``CheckpointManager``
-directly; see :func:`checkpoint_manager` and the README.
+model nor the config (:func:`load_config` reads the config back). To
+checkpoint a training loop (delta *and* optimiser state, every N steps, keep
+the last K), use orbax's ``CheckpointManager`` directly; see
+:func:`checkpoint_manager` and the README.
+
+Why not orbax's own overwrite: ``Checkpointer.save(path, force=True)`` (0.11
+to 0.12) deletes ``path`` before writing the new checkpoint, so a process
+killed in between loses both, and it deletes whatever else the folder held.
+A ``CheckpointManager`` keeps numbered step folders, a different layout. So
+``save`` writes the complete new checkpoint next to the old one with orbax,
+marks it complete by writing ``lora_jax.json`` last, and swaps the folders by
+two renames; :func:`load` reads whichever complete checkpoint a killed save
+left (see :func:`save`).
 """
 
 from __future__ import annotations
@@ -25,13 +35,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax._src.config import LoraConfig
-from lora_jax._src.delta import LoraDelta, adapters
+from lora_jax._src.delta import LoraDelta, ResidualMark, adapters
 from lora_jax._src.layouts import Layout
 
 FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
 META_FILE = "lora_jax.json"
 ARRAYS_DIR = "arrays"
+STAGING = ".lora_jax-staging"  # suffixes of the folders a save works in
+OLD = ".lora_jax-old"
+_OURS = (META_FILE, META_FILE + ".tmp", ARRAYS_DIR)  # + orbax's arrays.<tmp>
 
 
 class CheckpointError(ValueError):
@@ -48,6 +61,10 @@ def _sync(name: str) -> None:
 def _version() -> str:
   from lora_jax import __version__  # pylint: disable=import-outside-toplevel
   return __version__
+
+
+def _abspath(directory: str | os.PathLike) -> str:
+  return os.path.abspath(os.path.expanduser(os.fspath(directory)))
 
 
 def _nest(flat: dict[str, Any]) -> dict:
@@ -78,8 +95,8 @@ def _spec(info: dict, sharding: Any = None) -> jax.ShapeDtypeStruct:
                               sharding=sharding)
 
 
-def _dtype_name(x) -> str:
-  return np.dtype(x.dtype).name
+def _array_info(x: Any) -> dict:
+  return {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name}
 
 
 def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
@@ -90,17 +107,136 @@ def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
         "rank": int(d.rank), "scale": float(d.scale),
         "layout": d.layout.to_json(),
         "kernel_shape": list(d.kernel_shape),
-        "a": {"shape": list(d.a.shape), "dtype": _dtype_name(d.a)},
-        "b": {"shape": list(d.b.shape), "dtype": _dtype_name(d.b)},
+        "a": _array_info(d.a), "b": _array_info(d.b),
         "dropout": float(d.dropout),
     }
     if d.magnitude is not None:
-      entries[path]["magnitude"] = {"shape": list(d.magnitude.shape),
-                                     "dtype": _dtype_name(d.magnitude)}
+      entries[path]["magnitude"] = _array_info(d.magnitude)
+    if d.residual_of is not None:
+      entries[path]["residual_of"] = d.residual_of.to_json()
   return {"format": FORMAT, "format_version": FORMAT_VERSION,
           "library_version": _version(),
           "config": None if config is None else config.to_json(),
           "adapters": entries}
+
+
+# --- the folder protocol ---------------------------------------------------------
+#
+# A folder is a complete checkpoint iff it holds lora_jax.json: save writes that
+# file last (by rename), and removing a folder deletes it first. The folder at
+# `path` only ever appears by renaming a complete staging folder, and leaves
+# by renaming it to the old folder, so a save killed at any moment leaves a
+# complete checkpoint at `path`, or (between the two renames) none there and a
+# complete one in the staging or old folder, which load and the next save use.
+
+
+def _read_meta_file(directory: str) -> Any:
+  with open(os.path.join(directory, META_FILE)) as f:
+    return json.load(f)
+
+
+def _is_complete(directory: str) -> bool:
+  try:
+    meta = _read_meta_file(directory)
+  except (OSError, ValueError):
+    return False
+  return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _ours(directory: str) -> bool:
+  """Whether ``directory`` holds nothing but (part of) a lora_jax checkpoint."""
+  return os.path.isdir(directory) and not os.path.islink(directory) and all(
+      name in _OURS or name.startswith(ARRAYS_DIR + ".orbax-checkpoint-tmp")
+      for name in os.listdir(directory))
+
+
+def _remove(directory: str) -> None:
+  """Deletes a folder of ours, its completion mark first."""
+  if not os.path.lexists(directory):
+    return
+  if not _ours(directory):
+    raise FileExistsError(
+        f"lora_jax.save: {directory} is in the way (lora_jax uses that name "
+        f"while saving) and holds files that are not a lora_jax checkpoint: "
+        f"{sorted(os.listdir(directory))[:5] if os.path.isdir(directory) else 'a file'}. "
+        f"Move it away.")
+  try:
+    os.remove(os.path.join(directory, META_FILE))
+  except FileNotFoundError:
+    pass
+  shutil.rmtree(directory)
+
+
+def _leftovers(directory: str) -> list[str]:
+  return [directory + s for s in (STAGING, OLD)
+          if os.path.lexists(directory + s)]
+
+
+def _readable(directory: str) -> str:
+  """The folder :func:`load` reads for ``directory``: itself, or the complete
+  checkpoint a save killed between its renames left (the new one first)."""
+  if os.path.lexists(directory):
+    return directory
+  for candidate in _leftovers(directory):
+    if _is_complete(candidate):
+      return candidate
+  left = _leftovers(directory)
+  raise FileNotFoundError(
+      f"lora_jax.load: no checkpoint at {directory}." + (
+          f" Incomplete folders of an interrupted save are next to it: "
+          f"{', '.join(left)}." if left else ""))
+
+
+def _recover(directory: str) -> None:
+  """Finishes what a killed save left: puts the complete new (else old)
+  checkpoint at ``directory`` if nothing is there, removes the rest of ours."""
+  if not os.path.lexists(directory):
+    done = next((c for c in _leftovers(directory) if _is_complete(c)), None)
+    if done is not None:
+      os.rename(done, directory)
+  for leftover in _leftovers(directory):
+    if _ours(leftover):
+      _remove(leftover)
+
+
+def _check_destination(directory: str, overwrite: bool) -> None:
+  """Raises, touching nothing, unless ``directory`` may be written."""
+  if not os.path.lexists(directory):
+    return
+  if not os.path.isdir(directory) or os.path.islink(directory):
+    raise FileExistsError(
+        f"lora_jax.save: {directory} exists and is not a folder; lora_jax never "
+        f"replaces it. Choose another path.")
+  if not overwrite:
+    raise FileExistsError(
+        f"lora_jax.save: {directory} already exists; pass overwrite=True to "
+        f"replace it (the old checkpoint is kept until the new one is "
+        f"complete).")
+  entries = os.listdir(directory)
+  if entries and not (_ours(directory) and _is_complete(directory)):
+    raise FileExistsError(
+        f"lora_jax.save: {directory} is not a lora_jax checkpoint (it holds "
+        f"{sorted(entries)[:5]}); overwrite=True replaces only a lora_jax "
+        f"checkpoint. Nothing was changed: choose another path.")
+
+
+def _swap(directory: str, staging: str) -> None:
+  """Moves the complete ``staging`` folder to ``directory``."""
+  if os.path.lexists(directory):
+    old = directory + OLD
+    _remove(old)
+    os.rename(directory, old)
+    os.rename(staging, directory)
+    _remove(old)
+  else:
+    os.rename(staging, directory)
+
+
+def _write_meta(staging: str, meta: dict) -> None:
+  tmp = os.path.join(staging, META_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, os.path.join(staging, META_FILE))
 
 
 def save(directory: str | os.PathLike, delta: Any,
@@ -112,9 +248,22 @@ def save(directory: str | os.PathLike, delta: Any,
   are base leaves trained beside the adapters (biases, norms, a head); they are
   saved too and restored by :func:`load_extras`.
 
-  Refuses to replace an existing directory unless ``overwrite=True``; even
-  then the old checkpoint is removed only after the new one is complete.
-  Returns the absolute path written.
+  Refuses to replace an existing folder unless ``overwrite=True``, and even
+  then replaces only a lora_jax checkpoint (or an empty folder): a folder with
+  other files, or a file, is an error that leaves it untouched. The new
+  checkpoint is written beside the old one and swapped in when complete: a
+  save killed at any moment leaves :func:`load` the old adapter or the new
+  one, complete.
+
+  Args:
+    directory: the checkpoint folder (``~`` is expanded).
+    delta: a delta tree (from :func:`lora_jax.split` or :func:`load`).
+    config: the config, recorded for :func:`load_config`.
+    extras: ``{path: array}`` of trained base leaves.
+    overwrite: replace an existing lora_jax checkpoint.
+
+  Returns:
+    The absolute path written.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> cfg = lj.LoraConfig(rank=2)
@@ -125,29 +274,30 @@ def save(directory: str | os.PathLike, delta: Any,
   >>> bool((restored["w"]["kernel"].a == delta["w"]["kernel"].a).all())
   True
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = _abspath(directory)
   deltas = adapters(delta)
   if not deltas:
     raise ValueError("lora_jax.save: the delta holds no LoraDelta to save.")
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(
-        f"lora_jax.save: {directory} already exists; pass overwrite=True to "
-        f"replace it (the old checkpoint is kept until the new one is "
-        f"complete).")
   meta = metadata(delta, config)
   extras = dict(extras or {})
-  meta["extras"] = {p: {"shape": list(x.shape), "dtype": _dtype_name(x)}
-                    for p, x in extras.items()}
+  for p, x in extras.items():
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"lora_jax.save: extras[{p!r}] is {x!r}, not an array; "
+                      f"extras maps leaf paths to arrays.")
+  meta["extras"] = {p: _array_info(x) for p, x in extras.items()}
   arrays = {"adapters": _nest({p: _factors(d) for p, d in deltas.items()})}
   if extras:
     arrays["extras"] = _nest(extras)
-  # Write next to the target, then move it into place: a crash leaves the old
-  # checkpoint intact. Every process writes its shards into the same staging
-  # directory (orbax coordinates them); process 0 does the file moves.
-  staging = directory + ".lora_jax-staging"
   lead = jax.process_index() == 0
   if lead:
-    shutil.rmtree(staging, ignore_errors=True)
+    _recover(directory)
+  _sync("lora_jax.save.recovered")
+  _check_destination(directory, overwrite)
+  # Every process writes its shards into the same staging folder (orbax
+  # coordinates them); process 0 does the file moves.
+  staging = directory + STAGING
+  if lead:
+    _remove(staging)
     os.makedirs(staging)
   _sync("lora_jax.save.start")
   try:
@@ -155,26 +305,116 @@ def save(directory: str | os.PathLike, delta: Any,
       ckptr.save(os.path.join(staging, ARRAYS_DIR), arrays)
       ckptr.wait_until_finished()
     if lead:
-      with open(os.path.join(staging, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
-      if os.path.exists(directory):
-        old = directory + ".lora_jax-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)
-        os.rename(staging, directory)
-        shutil.rmtree(old)
-      else:
-        os.rename(staging, directory)
+      _write_meta(staging, meta)
+      _swap(directory, staging)
   except BaseException:
-    if lead:
-      shutil.rmtree(staging, ignore_errors=True)
+    if lead and _ours(staging):
+      _remove(staging)
     raise
   _sync("lora_jax.save.done")
   return directory
 
 
+# --- reading --------------------------------------------------------------------
+
+
+def _fail(directory: str, what: str) -> CheckpointError:
+  return CheckpointError(f"lora_jax.load: {os.path.join(directory, META_FILE)} "
+                         f"is corrupt: {what}.")
+
+
+def _missing(folder: str, name: str, why: str) -> CheckpointError:
+  return CheckpointError(f"lora_jax.load: {folder} has no {name}: {why}.")
+
+
+def _check_array_info(directory: str, where: str, info: Any) -> None:
+  ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and all(
+      isinstance(n, int) and not isinstance(n, bool) and n >= 0
+      for n in info["shape"]) and isinstance(info.get("dtype"), str)
+  if ok:
+    try:
+      np.dtype(info["dtype"])
+    except TypeError:
+      ok = False
+  if not ok:
+    raise _fail(directory, f"{where} must be {{'shape': [ints], 'dtype': "
+                           f"name}}, got {info!r}")
+
+
+def _check_entry(directory: str, path: str, info: Any) -> None:
+  where = f"adapters[{path!r}]"
+  if not isinstance(info, dict):
+    raise _fail(directory, f"{where} must be an object, got {info!r}")
+  scale, dropout = info.get("scale"), info.get("dropout", 0.0)
+  for name, v in (("scale", scale), ("dropout", dropout)):
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+      raise _fail(directory, f"{where}.{name} must be a number, got {v!r}")
+  for k in ("a", "b") + (("magnitude",) if "magnitude" in info else ()):
+    _check_array_info(directory, f"{where}.{k}", info.get(k))
+  try:
+    Layout.from_json(info.get("layout"))
+    if info.get("residual_of") is not None:
+      ResidualMark.from_json(info["residual_of"])
+  except ValueError as e:
+    raise _fail(directory, f"{where}: {e}") from None
+
+
+def _check_meta(directory: str, meta: dict) -> None:
+  """Raises a :class:`CheckpointError` naming the field unless ``meta`` has
+  the types :func:`load` reads."""
+  entries = meta.get("adapters")
+  if not isinstance(entries, dict) or not entries:
+    raise _fail(directory, f"'adapters' must be a non-empty object, got "
+                           f"{entries!r}")
+  for path, info in entries.items():
+    _check_entry(directory, path, info)
+  extras = meta.get("extras", {})
+  if not isinstance(extras, dict):
+    raise _fail(directory, f"'extras' must be an object, got {extras!r}")
+  for path, info in extras.items():
+    _check_array_info(directory, f"extras[{path!r}]", info)
+  if not isinstance(meta.get("config"), (dict, type(None))):
+    raise _fail(directory, f"'config' must be an object or null, got "
+                           f"{meta.get('config')!r}")
+
+
+def _read_meta(directory: str) -> tuple[str, dict]:
+  """``(folder, metadata)`` of the checkpoint at ``directory`` (or of the
+  complete one an interrupted save left beside it), validated."""
+  folder = _readable(_abspath(directory))
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"lora_jax.load: {folder} is a file, not a lora_jax "
+                          f"checkpoint folder.")
+  meta_path = os.path.join(folder, META_FILE)
+  if not os.path.exists(meta_path):
+    raise _missing(folder, META_FILE, "it is not a lora_jax adapter "
+                   "checkpoint, or its save did not complete")
+  try:
+    meta = _read_meta_file(folder)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(
+        f"lora_jax.load: {meta_path} is corrupt ({e}).") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise CheckpointError(
+        f"lora_jax.load: {meta_path} is not a lora_jax adapter description.")
+  version = meta.get("format_version", 0)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise CheckpointError(
+        f"lora_jax.load: {folder} was written in format version {version!r} "
+        f"by lora_jax {meta.get('library_version')}; this lora_jax reads up "
+        f"to version {FORMAT_VERSION}. Upgrade lora_jax.")
+  _check_meta(folder, meta)
+  return folder, meta
+
+
 def load_metadata(directory: str | os.PathLike) -> dict:
   """The metadata JSON of an adapter checkpoint, validated.
+
+  Args:
+    directory: the checkpoint folder (``~`` is expanded).
+
+  Returns:
+    The metadata dict (``"adapters"``, ``"config"``, ``"extras"``...).
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> cfg = lj.LoraConfig(rank=2, alpha=4.0, targets="w")
@@ -183,57 +423,61 @@ def load_metadata(directory: str | os.PathLike) -> dict:
   >>> meta["adapters"]["w"]["rank"], meta["adapters"]["w"]["scale"]
   (2, 2.0)
   """
-  directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"lora_jax.load: no checkpoint at {directory}.")
-  meta_path = os.path.join(directory, META_FILE)
-  if not os.path.exists(meta_path):
-    raise CheckpointError(
-        f"lora_jax.load: {directory} has no {META_FILE}: it is not a lora_jax "
-        f"adapter checkpoint, or its save did not complete.")
+  return _read_meta(directory)[1]
+
+
+def load_config(directory: str | os.PathLike, **overrides: Any
+                ) -> LoraConfig | None:
+  """The :class:`lora_jax.LoraConfig` saved with a checkpoint, or None if
+  ``save`` was given none.
+
+  Args:
+    directory: the checkpoint folder.
+    **overrides: fields to set instead of the recorded ones; needed for a
+      callable ``targets`` / ``exclude`` / ``init``, which JSON cannot hold.
+
+  Returns:
+    The config, equal to the one saved.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
+  >>> cfg = lj.LoraConfig(rank=2, targets="w", rank_pattern={"w": 1})
+  >>> _, delta = lj.split({"w": jnp.ones((4, 4))}, cfg, jax.random.key(0))
+  >>> path = lj.save(os.path.join(tempfile.mkdtemp(), "a"), delta, cfg)
+  >>> lj.load_config(path) == cfg
+  True
+  """
+  folder, meta = _read_meta(directory)
+  if meta.get("config") is None:
+    return None
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
+    return LoraConfig.from_json(meta["config"], **overrides)
+  except (TypeError, ValueError) as e:
     raise CheckpointError(
-        f"lora_jax.load: {meta_path} is corrupt ({e}).") from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise CheckpointError(
-        f"lora_jax.load: {meta_path} is not a lora_jax adapter description.")
-  if meta.get("format_version", 0) > FORMAT_VERSION:
-    raise CheckpointError(
-        f"lora_jax.load: {directory} was written in format version "
-        f"{meta['format_version']} by lora_jax {meta.get('library_version')}; "
-        f"this lora_jax reads up to version {FORMAT_VERSION}. Upgrade lora_jax.")
-  return meta
+        f"lora_jax.load_config: the config in {folder} cannot be read back: "
+        f"{e}") from None
 
 
 def _restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
   """The arrays of a checkpoint, restored into the shapes the JSON records
   (and onto ``shardings[path].a`` etc. where given)."""
   shardings = shardings or {}
-  unknown = [p for p in shardings if p not in meta.get("adapters", {})]
+  unknown = [p for p in shardings if p not in meta["adapters"]]
   if unknown:
     raise CheckpointError(
         f"lora_jax.load: shardings given for {unknown[:3]}, which the "
         f"checkpoint in {directory} has no adapter for.")
-  try:
-    specs = {
-        path: {k: _spec(info[k], getattr(shardings.get(path), k, None))
-               for k in ("a", "b", "magnitude") if k in info}
-        for path, info in meta["adapters"].items()}
-    extras = {p: _spec(i) for p, i in meta.get("extras", {}).items()}
-  except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(
-        f"lora_jax.load: the adapter list in {META_FILE} is corrupt ({e!r}).") from None
+  specs = {
+      path: {k: _spec(info[k], getattr(shardings.get(path), k, None))
+             for k in ("a", "b", "magnitude") if k in info}
+      for path, info in meta["adapters"].items()}
+  extras = {p: _spec(i) for p, i in meta.get("extras", {}).items()}
   target = {"adapters": _nest(specs)}
   if extras:
     target["extras"] = _nest(extras)
   arrays_dir = os.path.join(directory, ARRAYS_DIR)
   if not os.path.isdir(arrays_dir):
-    raise CheckpointError(
-        f"lora_jax.load: {directory} has no {ARRAYS_DIR}/ directory: the "
-        f"checkpoint is incomplete.")
+    raise _missing(directory, ARRAYS_DIR + "/ directory",
+                   "the checkpoint is incomplete")
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(arrays_dir, target)
@@ -258,7 +502,15 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   :func:`lora_jax.merge` and :func:`lora_jax.wrap` accept since they match
   adapters to the base by path). ``shardings`` (e.g. from
   :func:`lora_jax.delta_shardings`) restores each factor straight onto its
-  placement across the mesh.
+  placement across the mesh. If a save was killed between its two renames,
+  the complete checkpoint it left beside ``directory`` is read.
+
+  Args:
+    directory: the checkpoint folder (``~`` is expanded).
+    shardings: a delta-like tree of factor shardings, or None.
+
+  Returns:
+    The delta tree.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> _, delta = lj.split({"fc": {"kernel": jnp.ones((4, 4))}},
@@ -267,23 +519,31 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   >>> lj.load(path)
   {'fc': {'kernel': LoraDelta(rank=2, kernel=(4, 4), a=f32[4,2], b=f32[2,4], scale=8)}}
   """
-  directory = os.path.abspath(os.fspath(directory))
-  meta = load_metadata(directory)
-  restored = _restore(directory, meta, adapters(shardings)
+  folder, meta = _read_meta(directory)
+  restored = _restore(folder, meta, adapters(shardings)
                       if shardings is not None else None)["adapters"]
   flat = {}
   for path, info in meta["adapters"].items():
     node = _lookup(restored, path)
-    flat[path] = LoraDelta(node["a"], node["b"], scale=float(info["scale"]),
-                           layout=Layout.from_json(info["layout"]),
-                           magnitude=node.get("magnitude"),
-                           dropout=float(info.get("dropout", 0.0)))
+    mark = info.get("residual_of")
+    flat[path] = LoraDelta(
+        node["a"], node["b"], scale=float(info["scale"]),
+        layout=Layout.from_json(info["layout"]),
+        magnitude=node.get("magnitude"),
+        dropout=float(info.get("dropout", 0.0)),
+        residual_of=None if mark is None else ResidualMark.from_json(mark))
   return _nest(flat)
 
 
 def load_extras(directory: str | os.PathLike) -> dict:
   """``{path: array}`` of the base leaves saved with ``save(..., extras=)``;
   apply them with :func:`lora_jax.with_leaves`.
+
+  Args:
+    directory: the checkpoint folder (``~`` is expanded).
+
+  Returns:
+    ``{path: array}``; empty if none were saved.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> base = {"fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.full(4, 0.5)}}
@@ -293,11 +553,10 @@ def load_extras(directory: str | os.PathLike) -> dict:
   >>> lj.load_extras(path)["fc/bias"]
   Array([0.5, 0.5, 0.5, 0.5], dtype=float32)
   """
-  directory = os.path.abspath(os.fspath(directory))
-  meta = load_metadata(directory)
+  folder, meta = _read_meta(directory)
   if not meta.get("extras"):
     return {}
-  restored = _restore(directory, meta)["extras"]
+  restored = _restore(folder, meta)["extras"]
   return {p: _lookup(restored, p) for p in meta["extras"]}
 
 
@@ -320,5 +579,4 @@ def checkpoint_manager(directory: str | os.PathLike, every: int = 1,
   """
   options = ocp.CheckpointManagerOptions(save_interval_steps=every,
                                          max_to_keep=keep)
-  return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
-                               options=options)
+  return ocp.CheckpointManager(_abspath(directory), options=options)

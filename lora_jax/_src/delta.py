@@ -40,6 +40,16 @@ def describe_array(x: Any) -> str:
   return f"{short}[{','.join(str(d) for d in shape)}]"
 
 
+def rebuild_node(cls: type, names: tuple[str, ...], values: tuple) -> Any:
+  """An instance of the frozen dataclass ``cls`` with ``names`` set to
+  ``values``, bypassing ``__init__`` (for ``tree_unflatten``, whose children
+  may be tracers, None or sentinels that ``__init__`` would reject)."""
+  obj = object.__new__(cls)
+  for name, value in zip(names, values):
+    object.__setattr__(obj, name, value)
+  return obj
+
+
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True)
 class LoraDelta:
@@ -80,12 +90,7 @@ class LoraDelta:
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    # Skip __init__ checks: transformations rebuild nodes with placeholder
-    # children (tracers, None, sentinels) that are not arrays.
-    obj = object.__new__(cls)
-    for name, value in zip(cls._CHILDREN + cls._STATIC, (*children, *aux)):
-      object.__setattr__(obj, name, value)
-    return obj
+    return rebuild_node(cls, cls._CHILDREN + cls._STATIC, (*children, *aux))
 
   def replace(self, **changes) -> "LoraDelta":
     """A copy with some fields replaced."""

@@ -140,10 +140,9 @@ def unmerged_weight(w: jax.Array, delta: Any, norms: Any = None,
     The base kernel in ``w``'s dtype.
 
   >>> import jax.numpy as jnp, lora_jax as lj
-  >>> d = lj.LoraDelta(jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
-  >>> unmerged_weight(jnp.ones((2, 2)), d)
-  Array([[0.5, 0.5],
-         [0.5, 0.5]], dtype=float32)
+  >>> d = lj.LoraDelta(jnp.ones((1, 1)), jnp.ones((1, 3)), scale=0.5)
+  >>> unmerged_weight(jnp.ones((1, 3)), d)
+  Array([[0.5, 0.5, 0.5]], dtype=float32)
   """
   dtype = jnp.result_type(w.dtype, delta.a.dtype, delta.b.dtype)
   v = w.astype(dtype)
