@@ -271,3 +271,24 @@ def test_unknown_consumer_in_discovery_names_the_primitive_and_the_remedy():
                      r"LoraConfig\(layouts=\{'w': lora_jax.Layout"):
     lj.split({"w": STACK}, lj.LoraConfig(rank=2, targets="w"),
              jax.random.key(0), apply_fn=fn, example_args=(X,))
+
+
+def test_unknown_schema_in_the_engine_is_a_counted_fallback(monkeypatch):
+  """A future JAX renaming a dot_general parameter: the engine merges that
+  kernel (counted, an error under strict) instead of raising a KeyError."""
+  real = jc.dot_dims
+
+  def renamed(eqn):
+    raise KeyError("dimension_numbers")
+  params = {"w": W}
+  fn = lambda p, x: x @ p["w"]
+  base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="w"),
+                         jax.random.key(0))
+  delta = randomize(delta)
+  monkeypatch.setattr(jc, "dot_dims", renamed)
+  with pytest.warns(UserWarning, match="'dot_general' consumes 'w'"):
+    got = lj.wrap(fn, "factored")(base, delta, X)
+  with pytest.raises(lj.FallbackError, match="'dot_general' consuming 'w'"):
+    lj.wrap(fn, "factored", strict=True)(base, delta, X)
+  monkeypatch.setattr(jc, "dot_dims", real)
+  np.testing.assert_allclose(got, X @ lj.merge(base, delta)["w"], rtol=1e-5)

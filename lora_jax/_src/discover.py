@@ -139,7 +139,10 @@ class _Walker:
     for eqn in jaxpr.eqns:
       ins = [get(v) for v in eqn.invars]
       in_taint = [get_taint(v) for v in eqn.invars]
-      outs, out_taint = self.eqn(eqn, ins, in_taint)
+      try:
+        outs, out_taint = self.eqn(eqn, ins, in_taint)
+      except KeyError as e:  # a parameter this JAX names differently
+        raise jc.schema_error(eqn, f"missing parameter {e}") from None
       for v, t, s in zip(eqn.outvars, outs, out_taint):
         if jc.is_dropvar(v):
           continue
