@@ -18,7 +18,8 @@ LEG=${1:?usage: ci/leg.sh py311-oldest|py313-newest}
 export JAX_PLATFORMS=cpu PYTHONDONTWRITEBYTECODE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
-say() { printf '\n=== [%s] %s\n' "$LEG" "$*"; }
+start=$SECONDS
+say() { printf '\n=== [%s, %d s] %s\n' "$LEG" "$((SECONDS - start))" "$*"; }
 die() { printf '\n*** [%s] FAILED: %s\n' "$LEG" "$*" >&2; exit 1; }
 
 interpreter() {  # $1 = "3.11": the path of that CPython, or die
@@ -138,7 +139,6 @@ EOF
   cd "$ROOT"
 }
 
-start=$SECONDS
 trap 'echo "=== [$LEG] took $((SECONDS - start)) s"' EXIT
 case $LEG in
   py311-oldest) oldest ;;
