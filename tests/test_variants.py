@@ -235,6 +235,53 @@ def test_pissa_converts_to_plain_lora():
   _close(lj.merge(case.params, plain), lj.merge(base, d1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_adapter_refuses_the_original_weights(init, tmp_path):
+  case, base, d0 = _split("dense", init=init)
+  d1 = randomize(d0, seed=4)
+  mark = d1["kernel"].residual_of
+  assert mark.init == init
+  np.testing.assert_allclose(mark.residual_norm,
+                             np.linalg.norm(np.asarray(base["kernel"])), rtol=1e-6)
+  np.testing.assert_allclose(mark.original_norm,
+                             np.linalg.norm(np.asarray(case.params["kernel"])),
+                             rtol=1e-6)
+  # the gradient has the same tree structure (and static metadata) as the delta
+  g = jax.grad(_loss(lj.wrap(case.fn, "merge"), base, case.args))(d1)
+  assert jax.tree.structure(g) == jax.tree.structure(d1)
+  message = (rf"The adapter at 'kernel' was made with init='{init}': it belongs "
+             rf"with the residual base that lora_jax.split returned .* Use the "
+             rf"residual base, or convert the adapter with "
+             rf"lora_jax.to_plain_lora\(initial_delta, delta\)")
+  loaded = lj.load(lj.save(tmp_path / "a", d1))
+  for delta in (d1, loaded):  # the mark survives a checkpoint
+    with pytest.raises(ValueError, match=message):
+      lj.merge(case.params, delta)
+    for mode in ("merge", "factored"):
+      with pytest.raises(ValueError, match=message):
+        lj.wrap(case.fn, mode)(case.params, delta, *case.args)
+    _close(lj.merge(base, delta), lj.merge(base, d1))  # the residual is fine
+  # a residual cast to bfloat16 is still recognised as the residual
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+  assert lj.merge(bf16, d1)["kernel"].dtype == jnp.bfloat16
+  # converted for the original weights, no mark and no error
+  plain = lj.to_plain_lora(d0, d1)
+  assert plain["kernel"].residual_of is None
+  _close(lj.merge(case.params, plain), lj.merge(base, d1), rtol=1e-5)
+  # unmerge takes merged weights, which are neither: not checked
+  _close(lj.unmerge(lj.merge(base, d1), d1), base, rtol=1e-5)
+  # under jit the base is abstract: nothing to check (documented)
+  wrong = jax.jit(lj.merge)(case.params, d1)["kernel"]
+  _close(wrong, lj.merge(base, d1)["kernel"] + (case.params["kernel"] - base["kernel"]),
+         rtol=1e-5)
+
+
+def test_plain_inits_have_no_mark():
+  _, _, delta = _split("dense")
+  assert delta["kernel"].residual_of is None
+  assert "init=" not in repr(delta["kernel"])
+
+
 # ---- per-leaf rank and alpha ---------------------------------------------------
 
 def test_rank_and_alpha_patterns():

@@ -38,11 +38,16 @@ def factor_specs(spec: PartitionSpec | None, layout: Layout):
   (P('data', None), P(None, 'model'), P('model',))
   """
   s = _padded(spec, layout.ndim)
-  pick = lambda axes: tuple(s[i] for i in axes)
-  batch = pick(layout.batch)
-  return (PartitionSpec(*batch, *pick(layout.inputs), None),
-          PartitionSpec(*batch, None, *pick(layout.outputs)),
-          PartitionSpec(*batch, *pick(layout.outputs)))
+  in_a, in_b, _, _ = layout.factor_positions()
+  per_output = {k: layout.magnitude_axis(k) for k in layout.batch + layout.outputs}
+
+  def place(positions: dict, ndim: int) -> PartitionSpec:
+    entries = [None] * ndim  # the rank axis stays replicated
+    for k, i in positions.items():
+      entries[i] = s[k]
+    return PartitionSpec(*entries)
+  return (place(in_a, len(in_a) + 1), place(in_b, len(in_b) + 1),
+          place(per_output, len(per_output)))
 
 
 def _factor_shardings(kernel_sharding: Any, d: LoraDelta) -> LoraDelta:
