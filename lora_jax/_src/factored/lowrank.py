@@ -58,16 +58,6 @@ def _project_jvp(primals, tangents):
 project.defjvp(_project_jvp, symbolic_zeros=True)
 
 
-def factor_positions(lay):
-  """Axis of each kernel-view axis in ``a`` and in ``b``, and the rank axis
-  of each: ``(in_a, in_b, r_a, r_b)``."""
-  nb = len(lay.batch)
-  in_a = {k: i for i, k in enumerate(lay.batch + lay.inputs)}
-  in_b = {k: i for i, k in enumerate(lay.batch)}
-  in_b.update({k: nb + 1 + i for i, k in enumerate(lay.outputs)})
-  return in_a, in_b, nb + len(lay.inputs), nb
-
-
 def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
                 kernel_is_lhs: bool, projected=None):
   """``dot_general(x, scale * a @ b)`` (or with the kernel on the left) in
@@ -82,7 +72,7 @@ def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
   free = sets(range(lora.w.ndim)) - sets(k_contract) - sets(k_batch)
   if sets(lay.batch) != sets(k_batch):
     return None, None
-  in_a, in_b, r_a, r_b = factor_positions(lay)
+  in_a, in_b, r_a, r_b = lay.factor_positions()
   if sets(lay.inputs) == sets(k_contract) and sets(lay.outputs) == free:
     first, f_pos, f_r, second, s_pos, s_r = lora.a, in_a, r_a, lora.b, in_b, r_b
     rule = "dot_general"

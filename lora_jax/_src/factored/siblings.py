@@ -9,7 +9,7 @@ import itertools
 import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored.lowrank import factor_positions, project
+from lora_jax._src.factored.lowrank import project
 from lora_jax._src.factored.values import Context, Lora
 
 
@@ -57,7 +57,7 @@ def project_siblings(eqns, i: int, env: dict, ctx: Context) -> None:
   dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, lora in group))
   firsts = []
   for eqn, lora in group:
-    in_a, _, r_a, _ = factor_positions(lora.layout)
+    in_a, _, r_a, _ = lora.layout.factor_positions()
     f1 = jnp.transpose(lora.a, [in_a[k] for k in jc.dot_dims(eqn).rhs_contract]
                        + [r_a])
     firsts.append(f1.reshape(-1, f1.shape[-1]).astype(dtype))

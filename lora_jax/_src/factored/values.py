@@ -10,7 +10,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.delta import LoraDelta, adapted_weight, dora_norm
+from lora_jax._src import dora
+from lora_jax._src.delta import LoraDelta
 from lora_jax._src.layouts import Layout
 
 
@@ -50,12 +51,12 @@ class Lora:
                      self.dropout)
 
   def materialize(self) -> jax.Array:
-    return adapted_weight(self.w, self.delta)
+    """``W0 + s a b`` (DoRA: rescaled per output unit) as a plain kernel."""
+    return dora.adapted_weight(self.w, self.delta)
 
   def dora_factor(self, dtype) -> jax.Array:
     """``magnitude / ||W0 + s a b||`` per output unit, norm held constant."""
-    norm = jax.lax.stop_gradient(dora_norm(self.w, self.delta, dtype))
-    return self.magnitude.astype(dtype) / norm
+    return dora.output_factor(self.w, self.delta, dtype)
 
 
 def flatten(values: list) -> tuple[list, Callable[[list], list]]:

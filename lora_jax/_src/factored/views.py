@@ -10,7 +10,6 @@ import jax
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.consumers import fallback
-from lora_jax._src.factored.lowrank import factor_positions
 from lora_jax._src.factored.values import Lora
 from lora_jax._src.layouts import Layout
 
@@ -51,21 +50,12 @@ def transpose(eqn, invals, ctx):
                               layout=layout)]
 
 
-def _magnitude_axis(lay: Layout, k: int) -> int | None:
-  """Axis of kernel-view axis ``k`` in DoRA's ``(*batch, *out)`` magnitude."""
-  if k in lay.batch:
-    return lay.batch.index(k)
-  if k in lay.outputs:
-    return len(lay.batch) + lay.outputs.index(k)
-  return None
-
-
 def _cut(x: Lora, cuts: dict, cut_fn) -> Lora | None:
   """``x`` with ``cut_fn(array, axis, k)`` applied along each kernel-view
   axis ``k`` in ``cuts`` to ``w`` and to the factor (and magnitude) axis
   that holds it; None where DoRA forbids it (an input axis)."""
   lay = x.layout
-  in_a, in_b, _, _ = factor_positions(lay)
+  in_a, in_b, _, _ = lay.factor_positions()
   w, a, b, m = x.parts()
   for k in cuts:
     w = cut_fn(w, k, k)
@@ -74,7 +64,7 @@ def _cut(x: Lora, cuts: dict, cut_fn) -> Lora | None:
     if k in in_b:
       b = cut_fn(b, in_b[k], k)
     if m is not None:
-      axis = _magnitude_axis(lay, k)
+      axis = lay.magnitude_axis(k)
       if axis is None:
         return None
       m = cut_fn(m, axis, k)
@@ -113,13 +103,13 @@ def squeeze(eqn, invals, ctx):
   lay = x.layout
   if not set(dims) <= set(lay.batch):
     return fallback(eqn, invals, ctx)
-  in_a, in_b, _, _ = factor_positions(lay)
+  in_a, in_b, _, _ = lay.factor_positions()
   w, a, b, m = x.parts()
   w = jax.lax.squeeze(w, dims)
   a = jax.lax.squeeze(a, [in_a[k] for k in dims])
   b = jax.lax.squeeze(b, [in_b[k] for k in dims])
   if m is not None:
-    m = jax.lax.squeeze(m, [_magnitude_axis(lay, k) for k in dims])
+    m = jax.lax.squeeze(m, [lay.magnitude_axis(k) for k in dims])
 
   def renumber(axes):
     return tuple(k - sum(d < k for d in dims) for k in axes if k not in dims)
