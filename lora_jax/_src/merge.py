@@ -5,16 +5,55 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding
 
 from lora_jax._src.delta import LoraDelta, adapters, is_concrete
 from lora_jax._src.dora import adapted_weight, unmerged_weight
 from lora_jax._src.dora import norm as dora_norm
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.sharding import place_like_kernel
+
+
+def _placed_like(path: str, w: Any, d: LoraDelta) -> LoraDelta:
+  """``d`` with its factors on the devices of the concrete kernel ``w``.
+
+  A delta restored without shardings (``lora_jax.load(path)``) sits on one
+  device; eager arithmetic with a kernel sharded over a mesh would fail with
+  XLA's "incompatible devices". Factors of a kernel with a NamedSharding go
+  where lora_jax.delta_shardings puts them; those of a one-device kernel go to
+  its device. Under jit the arguments' placement is the caller's.
+  """
+  factors = [x for x in (d.a, d.b, d.magnitude) if x is not None]
+  if not (is_concrete(w) and all(is_concrete(x) for x in factors)):
+    return d
+  devices = w.sharding.device_set
+  if all(x.sharding.device_set == devices for x in factors):
+    return d
+  if isinstance(w.sharding, NamedSharding):
+    return place_like_kernel(w, d)
+  if len(devices) == 1:
+    put = lambda x: None if x is None else jax.device_put(x, w.sharding)
+    return d.replace(a=put(d.a), b=put(d.b), magnitude=put(d.magnitude))
+  raise ValueError(
+      f"The adapter at {path!r} lives on other devices than its base kernel "
+      f"({w.sharding}), and lora_jax places factors only like a "
+      f"NamedSharding. Restore the delta onto the base's devices: "
+      f"lora_jax.load(path, shardings=lora_jax.delta_shardings(delta, "
+      f"jax.tree.map(lambda x: x.sharding, base))).")
+
+
+def placed_like_base(base: Any, deltas: dict) -> dict:
+  """``{path: LoraDelta}`` with every concrete adapter on its concrete base
+  kernel's devices (see ``_placed_like``); for engines that take the adapters
+  as a dict, after :func:`check_matches`."""
+  flat = dict(leaves_with_paths(base))
+  return {p: _placed_like(p, flat[p], d) for p, d in deltas.items()}
 
 
 def _combine(path: str, w: Any, d: LoraDelta, sign: float,
              norm: Any = None) -> jax.Array:
   _check_shape(path, w, d)
+  d = _placed_like(path, w, d)
   out = adapted_weight(w, d) if sign > 0 else unmerged_weight(w, d, norm, path)
   # Eagerly computed results keep the base kernel's placement (under jit the
   # compiler propagates it).
@@ -23,10 +62,45 @@ def _combine(path: str, w: Any, d: LoraDelta, sign: float,
   return out
 
 
+# How each entry point spells its two trees, for messages about their order.
+_CALLS = {"merge": ("base", "merge(base, delta)"),
+          "unmerge": ("params", "unmerge(params, delta)"),
+          "wrap": ("base", "wrap(fn)(base, delta, *args)"),
+          "explain": ("base", "explain(fn, base, delta, *args)")}
+
+
+def _check_order(flat: dict, deltas: dict, what: str) -> None:
+  """Raises unless the first tree holds no adapter and the second holds at
+  least one: with the two trees swapped (or parameters passed as the delta)
+  merge would return its input and wrap the base model, silently."""
+  first, call = _CALLS.get(what, ("base", f"{what}(base, delta)"))
+  in_base = [p for p, x in flat.items() if isinstance(x, LoraDelta)]
+  remedy = (f"Call {call}: the {first} (frozen parameters) first, then the "
+            f"delta that lora_jax.split returns second (or lora_jax.load "
+            f"gives).")
+  if in_base and not deltas:
+    raise ValueError(
+        f"{what}: the arguments look swapped: the {first} (first tree) holds "
+        f"LoraDelta adapters at {preview(in_base)} and the delta (second "
+        f"tree) holds none. {remedy}")
+  if in_base:
+    raise ValueError(
+        f"{what}: the {first} (first tree) holds LoraDelta adapters at "
+        f"{preview(in_base)}; it must be plain parameters. {remedy}")
+  if not deltas:
+    raise ValueError(
+        f"{what}: the delta (second tree) holds no LoraDelta, so there is "
+        f"nothing to apply; it looks like parameters or an empty tree. "
+        f"{remedy}")
+
+
 def check_matches(base: Any, deltas: dict, what: str) -> None:
-  """Raises, naming the leaf, unless every adapter fits a base kernel (and,
-  outside unmerge, a principal-init adapter its residual base)."""
-  flat = dict(leaves_with_paths(base))
+  """Raises, naming the leaf, unless the trees come in the right order and
+  every adapter fits a base kernel (and, outside unmerge, a principal-init
+  adapter its residual base)."""
+  flat = dict(leaves_with_paths(base, is_leaf=lambda x: isinstance(
+      x, LoraDelta)))
+  _check_order(flat, deltas, what)
   missing = [p for p in deltas if p not in flat]
   if missing:
     raise ValueError(
@@ -89,7 +163,11 @@ def merge(base: Any, delta: Any) -> Any:
   The result has the structure, dtypes and (for concrete arrays) shardings of
   ``base``; the update is added in the factors' precision and rounded once.
   Adapters are matched to base leaves by path, so a delta loaded with
-  :func:`lora_jax.load` merges into the model it was trained on.
+  :func:`lora_jax.load` merges into the model it was trained on; eagerly, its
+  factors are first placed like their kernels (a base sharded over a mesh and
+  a delta loaded onto one device merge; under ``jit``, load it with
+  ``shardings=lora_jax.delta_shardings(...)``). Swapped trees, a delta without
+  any ``LoraDelta``, or a base holding one, are errors.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> base = {"kernel": jnp.zeros((3, 2))}

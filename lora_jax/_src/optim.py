@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lora_jax._src.config import Selector, selects, selector_patterns
@@ -30,33 +32,108 @@ def trainable_labels(params: Any, trainable: Selector | None = None) -> Any:
         raise ValueError(
             f"lora_jax.optimizer: trainable={pattern!r} matches no base leaf. "
             f"Some paths that exist: {preview(p for p, _ in leaves)}.")
+  # Integer and key leaves (an NNX Rngs counter and key) have no gradient:
+  # frozen whatever `trainable` says.
   base_labels = map_with_paths(
-      lambda p, x: TRAIN if selects(trainable, p, x) else FREEZE, base)
+      lambda p, x: TRAIN if _is_float(x) and selects(trainable, p, x)
+      else FREEZE, base)
   delta_labels = jax.tree.map(lambda _: TRAIN, delta)
   return type(params)((base_labels, delta_labels))
 
 
+def _is_float(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _check_gradients(grads: Any, labels: Any, checked: list) -> None:
+  """Catches the gradients lora_jax.optimizer cannot use well (see the
+  messages); ``checked`` makes the eager value check run once."""
+  pairs = list(zip(leaves_with_paths(grads[0]), jax.tree.leaves(labels[0])))
+  # float0 gradients come from jax.grad(..., allow_int=True) over integer or
+  # key leaves; optax.apply_updates cannot add anything to those leaves.
+  float0 = [p for (p, g), _ in pairs
+            if getattr(g, "dtype", None) == jax.dtypes.float0]
+  if float0:
+    raise TypeError(
+        f"lora_jax.optimizer: the base gradient has float0 leaves at "
+        f"{preview(float0)}: integer or key leaves (an NNX Rngs counter or "
+        f"key) that optax.apply_updates cannot update. Differentiate the "
+        f"delta only: grads = jax.grad(lambda d: loss(base, d))(delta) with "
+        f"tx.init(delta); or keep such state out of the base: graph, params, "
+        f"rest = nnx.split(model, nnx.Param, ...), then lora_jax.split(params"
+        f", ...).")
+  frozen = [(p, g) for (p, g), label in pairs if label == FREEZE]
+  if checked or not frozen or not all(
+      isinstance(g, jax.Array) and not isinstance(g, jax.core.Tracer)
+      for _, g in frozen):
+    return  # under jit, reading the values would force their computation
+  checked.append(True)
+  nonzero = [p for p, g in frozen if _is_float(g) and bool(jnp.any(g != 0))]
+  if nonzero:
+    warnings.warn(
+        f"lora_jax.optimizer received non-zero gradients for {len(nonzero)} "
+        f"frozen base leaves, e.g. {preview(nonzero, 3)}. They get no "
+        f"update, but a transformation wrapped around lora_jax.optimizer "
+        f"sees them: optax.chain(optax.clip_by_global_norm(c), "
+        f"lora_jax.optimizer(tx)) clips by a norm that includes them and "
+        f"optax.MultiSteps(lora_jax.optimizer(tx)) accumulates them. Put "
+        f"such transformations inside: lora_jax.optimizer(optax.chain("
+        f"optax.clip_by_global_norm(c), tx)); or differentiate the delta "
+        f"only (jax.grad(lambda d: loss(base, d))(delta), with tx.init(delta))"
+        f", which also skips computing them.", UserWarning, stacklevel=3)
+
+
 def optimizer(tx: optax.GradientTransformation,
               trainable: Selector | Callable[[str, Any], bool] | None = None
-              ) -> optax.GradientTransformation:
+              ) -> optax.GradientTransformationExtraArgs:
   """``tx`` for the pair ``(base, delta)``, with everything else frozen.
 
-  Only the LoRA factors, and base leaves selected by ``trainable`` (a regex
-  full-matched on the path, a list of them, or a callable ``(path, leaf) ->
-  bool``; e.g. biases, norms, a classifier head), get ``tx``'s updates and
-  optimiser state; every other leaf gets zero updates and holds no state.
+  The first choice is the delta-only loop, which needs no lora_jax
+  optimiser: ``state = tx.init(delta)`` and ``grads = jax.grad(lambda d:
+  loss(base, d))(delta)``. Any optax transformation, wrappers included
+  (``clip_by_global_norm``, ``MultiSteps``, ...), then sees the LoRA factors
+  only, and no gradient of a frozen weight is computed.
+
+  ``lora_jax.optimizer`` is for training the pair (e.g. with ``trainable``
+  base leaves). Only the LoRA factors, and the float base leaves selected by
+  ``trainable`` (a regex full-matched on the path, a list of them, or a
+  callable ``(path, leaf) -> bool``; e.g. biases, norms, a classifier head),
+  get ``tx``'s updates and optimiser state; every other leaf (integer and key
+  leaves such as an NNX Rngs counter always) gets zero updates and holds no
+  state. Put every transformation *inside*: ``lora_jax.optimizer(
+  optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)))`` clips by
+  the norm of the trained leaves; ``optax.chain(optax.clip_by_global_norm(
+  1.0), lora_jax.optimizer(...))`` or ``optax.MultiSteps(lora_jax.optimizer(
+  ...))`` would see the frozen base's gradients too (an eager ``update`` warns
+  when frozen leaves get non-zero gradients).
+
+  Args:
+    tx: the optax transformation for the trained leaves.
+    trainable: base leaves to train beside the factors, or None.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs`` over ``(base, delta)``.
 
   >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
   >>> params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
   >>> base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(0))
-  >>> tx = lj.optimizer(optax.adam(1e-3), trainable=r".*/bias")
+  >>> tx = lj.optimizer(optax.chain(optax.clip_by_global_norm(1.0),
+  ...                               optax.adam(1e-3)), trainable=r".*/bias")
   >>> state = tx.init((base, delta))
   >>> sum(x.size for x in jax.tree.leaves(state) if x.ndim)  # mu, nu: 2*(16+4)
   40
   """
-  return optax.multi_transform(
-      {TRAIN: tx, FREEZE: optax.set_to_zero()},
-      lambda params: trainable_labels(params, trainable))
+  labels = lambda params: trainable_labels(params, trainable)
+  inner = optax.with_extra_args_support(optax.multi_transform(
+      {TRAIN: tx, FREEZE: optax.set_to_zero()}, labels))
+  checked: list = []
+
+  def update(grads, state, params=None, **extra_args):
+    _check_gradients(grads, labels(grads if params is None else params),
+                     checked)
+    return inner.update(grads, state, params, **extra_args)
+  return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def trainable_leaves(base: Any, trainable: Selector) -> dict[str, Any]:
