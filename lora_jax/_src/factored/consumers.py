@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.lowrank import lowrank_dot, output_factor
 from lora_jax._src.factored.values import Context, FallbackError, Lora
+from lora_jax._src.quant import frozen_linear
 
 
 @dataclasses.dataclass
@@ -38,6 +39,9 @@ class Plan:
       axes of the result (a transposed use).
     cost: ``(x_shape, x_contract)`` for ``mode="auto"``'s cost model, or
       None if the use is always factored.
+    linear_op: ``(x, w) -> op(x, w)``, the op itself as a function linear in
+      ``x``, for a narrow kernel built at the point of use; None where the
+      op is not linear in ``x`` (a lookup).
   """
   lora: Lora
   x: Any
@@ -45,6 +49,7 @@ class Plan:
   lowrank: Callable[[Any], Any]
   place_outputs: Callable[[Any], Any] | None = None
   cost: tuple | None = None
+  linear_op: Callable[[Any, Any], Any] | None = None
 
 
 def fallback(eqn, invals, ctx: Context) -> list:
@@ -66,7 +71,6 @@ def consumer(plan_fn: Callable) -> Callable:
     if plan is None:
       return fallback(eqn, invals, ctx)
     lora = plan.lora
-    with_w0 = [lora.w if v is lora else v for v in invals]
     if (plan.cost is not None and not ctx.dropping(lora)
         and ctx.choose is not None
         and ctx.choose(*plan.cost, lora) == "merge"):
@@ -81,7 +85,7 @@ def consumer(plan_fn: Callable) -> Callable:
                        else ctx.dropout(x, lora).astype(dtype))
     if low is None:
       return fallback(eqn, invals, ctx)
-    base = jc.bind(eqn, with_w0)[0]
+    base = _frozen(eqn, invals, plan)
     out_dtype = eqn.outvars[0].aval.dtype
     if lora.magnitude is None:
       ctx.report.record(lora.path, plan.rule)
@@ -91,6 +95,20 @@ def consumer(plan_fn: Callable) -> Callable:
     ctx.report.record(lora.path, plan.rule + " + DoRA")
     return [(factor * (base.astype(dtype) + low)).astype(out_dtype)]
   return rule
+
+
+def _frozen(eqn, invals, plan: Plan):
+  """The op on the frozen kernel: a narrow one (quantized, bf16 widened by
+  the program) is built where it is used and rebuilt in the backward pass."""
+  lora, x = plan.lora, plan.x
+  dtype = lora.dtype if lora.dtype is not None else jnp.dtype(lora.w.dtype)
+  # a mixed-precision op (bf16 kernel, float32 activation) widens it inside
+  widened_by_op = x is not None and jnp.issubdtype(x.dtype, jnp.floating) and (
+      jnp.dtype(x.dtype).itemsize > dtype.itemsize)
+  if (lora.narrow or widened_by_op) and plan.linear_op is not None:
+    return frozen_linear(plan.linear_op, x, lora.w,
+                         x.dtype if widened_by_op else dtype)
+  return jc.bind(eqn, [lora.kernel() if v is lora else v for v in invals])[0]
 
 
 # ---- dot_general ----------------------------------------------------------------
@@ -113,7 +131,9 @@ def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
   place = None if transposed else (
       lambda v: output_factor(v, lay, k_batch, n_x_free, kernel_is_lhs))
   rule = "dot_general (transposed use)" if transposed else "dot_general"
-  return Plan(lora, x, rule, lowrank, place, cost=(x.shape, x_contract))
+  op = lambda x, w: jc.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
+  return Plan(lora, x, rule, lowrank, place, cost=(x.shape, x_contract),
+              linear_op=op)
 
 
 # ---- conv_general_dilated -------------------------------------------------------
@@ -152,7 +172,8 @@ def _conv_plan(eqn, invals, ctx: Context) -> Plan | None:
     shape = [1] * len(eqn.outvars[0].aval.shape)
     shape[feat] = values.shape[0]
     return values.reshape(shape)
-  return Plan(lora, lhs, "conv_general_dilated", lowrank, place)
+  return Plan(lora, lhs, "conv_general_dilated", lowrank, place,
+              linear_op=lambda x, w: jc.bind(eqn, [x, w])[0])
 
 
 # ---- gather (embedding lookup) ----------------------------------------------------
@@ -211,7 +232,8 @@ def _ragged_plan(eqn, invals, ctx: Context) -> Plan | None:
     t = jc.bind(eqn, [x, lora.a.astype(x.dtype), group_sizes])[0]
     t = t.astype(x.dtype) * jnp.asarray(lora.scale, x.dtype)
     return jc.bind(eqn, [t, lora.b.astype(x.dtype), group_sizes])[0]
-  return Plan(lora, lhs, "ragged_dot_general", lowrank)
+  return Plan(lora, lhs, "ragged_dot_general", lowrank,
+              linear_op=lambda x, w: jc.bind(eqn, [x, w, group_sizes])[0])
 
 
 dot_general = consumer(_dot_plan)

@@ -13,6 +13,7 @@ from lora_jax._src.factored import consumers, programs, views
 from lora_jax._src.factored.siblings import project_siblings
 from lora_jax._src.factored.values import Context, Lora, Report
 from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.quant import QArray
 
 # (primitives, rule(eqn, invals, ctx) -> outputs), first match wins.
 RULES: list[tuple[jc.Primitives, Callable]] = [
@@ -21,7 +22,7 @@ RULES: list[tuple[jc.Primitives, Callable]] = [
     (jc.GATHER, consumers.gather),
     (jc.RAGGED_DOT, consumers.ragged_dot_general),
     (jc.TRANSPOSE, views.transpose),
-    (jc.CAST, views.on_kernel),
+    (jc.CAST, views.cast),
     (jc.ON_KERNEL, views.on_kernel),
     (jc.ON_EVERY_PART, views.on_every_part),
     (jc.PASS, views.pass_through),
@@ -101,13 +102,19 @@ def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
                    rng=None):
   """Evaluates ``fn(merge(base, delta), *args, **kwargs)`` in factored form;
   ``deltas`` is ``{path: LoraDelta}``."""
-  closed, inputs, out_tree = jc.trace(fn, base, args, kwargs)
+  # fn sees a float array where the base holds a QArray: trace with stand-ins.
+  stand_in = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(
+          x, QArray) else x, base, is_leaf=lambda x: isinstance(x, QArray))
+  closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
   ctx = Context(strict, report if report is not None else Report(), choose,
                 rng)
-  for i, (path, _) in enumerate(leaves_with_paths(base)):
+  for i, (path, leaf) in enumerate(leaves_with_paths(base)):
     d = deltas.get(path)
     if d is not None:
-      inputs[i] = Lora(inputs[i], d.a, d.b, d.scale, d.layout, path,
+      inputs[i] = Lora(leaf, d.a, d.b, d.scale, d.layout, path,
                        d.magnitude, d.dropout)
+    elif isinstance(leaf, QArray):  # not adapted: dequantized for the program
+      inputs[i] = leaf.dequantize()
   outs = evaluate(jc.Program(closed.jaxpr, tuple(closed.consts)), inputs, ctx)
   return jax.tree.unflatten(out_tree, outs)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.values import Context, Lora, flatten
 from lora_jax._src.layouts import Layout
+from lora_jax._src.quant import QArray
 from lora_jax._src.sharding import factor_specs
 
 
@@ -63,6 +64,11 @@ def scan(eqn, sub: jc.Scan, invals, ctx: Context, evaluate):
   init = [ctx.concrete(x, "scan carry") for x in init]
   moved = []
   for x in xs:
+    if isinstance(x, Lora) and isinstance(x.w, QArray):
+      # lax.scan slices the codes; the view gives each step one layer's
+      # metadata (a stack whose blocks run along axis 0 is built now).
+      x = (dataclasses.replace(x, w=x.w.scan_view()) if x.w.axis != 0
+           and x.w.ndim >= 3 else x.eager())
     if isinstance(x, Lora):
       stepped = _drop_leading(x)
       moved.append(stepped if stepped is not None

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from lora_jax._src import dora
 from lora_jax._src.delta import LoraDelta
+from lora_jax._src.quant import QArray
 from lora_jax._src.layouts import Layout
 
 
@@ -27,6 +28,11 @@ class Lora:
   and ``b`` keep their stored axis order, which the layout's tuples follow.
   Views (transpose, cast, slicing a stacked axis) change ``w`` and the layout
   and keep every other field, DoRA's ``magnitude`` included.
+
+  A *narrow* frozen kernel stays narrow: ``w`` may be a :class:`QArray`, or
+  a bf16 array the program widens (``dtype``: the pending cast). Consumers
+  build the float kernel at the point of use and rebuild it in the backward
+  pass (``quant.frozen_linear``), so no widened copy lives across the step.
   """
   w: Any
   a: Any
@@ -36,6 +42,24 @@ class Lora:
   path: str
   magnitude: Any = None
   dropout: float = 0.0
+  dtype: Any = None  # a widening cast of ``w`` not yet applied
+
+  @property
+  def narrow(self) -> bool:
+    """Whether ``w`` is stored narrower than the program computes with it."""
+    return isinstance(self.w, QArray) or self.dtype is not None
+
+  def kernel(self) -> jax.Array:
+    """The float kernel the program sees (dequantized, widened)."""
+    w = self.w.dequantize() if isinstance(self.w, QArray) else self.w
+    return w if self.dtype is None else w.astype(self.dtype)
+
+  def eager(self) -> "Lora":
+    """This value with its float kernel built now (for views that re-lay a
+    quantized kernel out)."""
+    if not self.narrow:
+      return self
+    return dataclasses.replace(self, w=self.kernel(), dtype=None)
 
   def parts(self) -> list:
     """The arrays of this value, for passing it through a sub-program."""
@@ -52,11 +76,11 @@ class Lora:
 
   def materialize(self) -> jax.Array:
     """``W0 + s a b`` (DoRA: rescaled per output unit) as a plain kernel."""
-    return dora.adapted_weight(self.w, self.delta)
+    return dora.adapted_weight(self.kernel(), self.delta)
 
   def dora_factor(self, dtype) -> jax.Array:
     """``magnitude / ||W0 + s a b||`` per output unit, norm held constant."""
-    return dora.output_factor(self.w, self.delta, dtype)
+    return dora.output_factor(self.kernel(), self.delta, dtype)
 
 
 def flatten(values: list) -> tuple[list, Callable[[list], list]]:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.consumers import fallback
 from lora_jax._src.factored.values import Lora
 from lora_jax._src.layouts import Layout
+from lora_jax._src.quant import QArray
 
 
 def pass_through(eqn, invals, ctx):
@@ -20,10 +22,23 @@ def pass_through(eqn, invals, ctx):
   return list(invals[:len(eqn.outvars)])
 
 
+def cast(eqn, invals, ctx):
+  """A widening cast of a narrow (quantized or bf16) kernel stays pending
+  until the point of use; any other cast applies to ``W0`` alone."""
+  (x,) = invals
+  to = jnp.dtype(eqn.outvars[0].aval.dtype)
+  stored_narrow = isinstance(x.w, QArray) or (
+      jnp.dtype(x.w.dtype).itemsize < to.itemsize)
+  if stored_narrow and jnp.issubdtype(to, jnp.floating):
+    return [dataclasses.replace(x, dtype=to)]
+  return on_kernel(eqn, [x.eager()], ctx)
+
+
 def on_kernel(eqn, invals, ctx):
-  """casts, sharding constraints, device_put: applied to ``W0`` alone; the
-  factors keep their own dtype and placement."""
+  """sharding constraints, device_put: applied to ``W0`` alone; the factors
+  keep their own dtype and placement."""
   del ctx
+  invals = [x.eager() if isinstance(x, Lora) else x for x in invals]
   outs = jc.bind(eqn, [x.w if isinstance(x, Lora) else x for x in invals])
   return [dataclasses.replace(x, w=o) if isinstance(x, Lora) else o
           for x, o in zip(invals, outs)]
@@ -32,14 +47,14 @@ def on_kernel(eqn, invals, ctx):
 def on_every_part(eqn, invals, ctx):
   """``pvary``, ``stop_gradient``: applied to ``W0`` and to each factor."""
   del ctx
-  (x,) = invals
+  x = invals[0].eager()
   apply = lambda v: None if v is None else jc.bind(eqn, [v])[0]
   return [x.with_parts([apply(v) for v in x.parts()])]
 
 
 def transpose(eqn, invals, ctx):
   del ctx
-  (x,) = invals
+  x = invals[0].eager()
   perm = jc.transpose_perm(eqn)
   pos = {old: new for new, old in enumerate(perm)}
   lay = x.layout
@@ -74,7 +89,7 @@ def _cut(x: Lora, cuts: dict, cut_fn) -> Lora | None:
 def slice_(eqn, invals, ctx):
   """A static slice of any kernel axes: the same slice of the factor that
   holds each axis (a stacked layer, an expert, q out of a fused qkv)."""
-  (x,) = invals
+  x = invals[0].eager()
   start, limit, strides = jc.slice_params(eqn)
   cuts = {k: (s, l, st) for k, (s, l, st, d) in enumerate(
       zip(start, limit, strides, x.w.shape)) if (s, l, st) != (0, d, 1)}
@@ -86,6 +101,7 @@ def slice_(eqn, invals, ctx):
 def dynamic_slice(eqn, invals, ctx):
   """A dynamic slice (``w[i]`` with a traced ``i``) of any kernel axes."""
   x, *starts = invals
+  x = x.eager()
   if any(isinstance(s, Lora) for s in starts):
     return fallback(eqn, invals, ctx)
   sizes = jc.dynamic_slice_sizes(eqn)
@@ -98,7 +114,7 @@ def dynamic_slice(eqn, invals, ctx):
 
 def squeeze(eqn, invals, ctx):
   """Dropping size-1 stacked axes (after slicing one layer or expert)."""
-  (x,) = invals
+  x = invals[0].eager()
   dims = jc.squeeze_dims(eqn)
   lay = x.layout
   if not set(dims) <= set(lay.batch):
