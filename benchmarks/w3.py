@@ -186,7 +186,8 @@ def main(argv=None):
       "environment": {**w1.environment(), "load_avg": os.getloadavg()},
       "results": results, "wall_s": time.perf_counter() - t0}
   name = args.name or f"w3_{jax.devices()[0].platform}"
-  md = table(results)
+  md = table(results) + "\n\n" + w1.peak_note(
+      {k: r for k, r in results.items() if "error" not in r})
   checks = targets(results)
   md += "\n\n" + "\n".join(f"- {c}" for c in checks) if checks else ""
   md += ("\n\nfrozen base bytes (MiB): " + ", ".join(
