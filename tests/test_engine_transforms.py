@@ -220,3 +220,21 @@ def test_dropout_under_vmap_follows_the_key():
   assert float(jnp.abs(shared - shared[0]).max()) == 0.0
   rows = {tuple(np.round(np.asarray(r), 5)) for r in per_example}
   assert len(rows) == 6
+
+
+def test_wrap_places_a_plainly_loaded_delta_like_a_sharded_base(tmp_path):
+  """README's pattern, eagerly: a base on a mesh, an adapter loaded without
+  shardings (on one device). The factors follow their kernels."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), **_auto(2))
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
+  fn = lambda p, x: jnp.tanh(x @ p["w"])
+  cfg = lj.LoraConfig(rank=2, targets="w")
+  _, delta = lj.split(params, cfg, jax.random.key(1))
+  path = lj.save(tmp_path / "a", randomize(delta), cfg)
+  base = {"w": jax.device_put(params["w"], NamedSharding(mesh, P("data", "model")))}
+  loaded = lj.load(path)
+  x = jnp.ones((2, 8))
+  want = fn(lj.merge(params, loaded), x)  # unsharded reference
+  for mode in MODES:
+    np.testing.assert_allclose(lj.wrap(fn, mode)(base, loaded, x), want,
+                               rtol=1e-5, atol=1e-6)

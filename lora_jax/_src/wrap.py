@@ -9,7 +9,7 @@ import jax
 
 from lora_jax._src import factored
 from lora_jax._src.delta import adapters
-from lora_jax._src.merge import check_matches, merge
+from lora_jax._src.merge import check_matches, merge, placed_like_base
 
 MODES = ("auto", "merge", "factored")
 
@@ -74,6 +74,9 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
   def wrapped(base, delta, *args, lora_rng=None, **kwargs):
     deltas = adapters(delta)
     check_matches(base, deltas, "wrap")
+    # a plainly loaded adapter meets a base on a mesh: factors go where
+    # their kernels are (eager calls; under jit the compiler places them)
+    deltas = placed_like_base(base, deltas)
     return factored.factored_apply(fn, base, deltas, args, kwargs,
                                    strict=strict, choose=choose, rng=lora_rng)
   return _named_like(fn, wrapped)
