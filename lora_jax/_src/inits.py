@@ -168,7 +168,10 @@ def to_plain_lora(initial: Any, trained: Any) -> Any:
   ``W_res = W - s a0 b0``. After training, ``W_res + s a b = W + s (a b - a0
   b0)``, a rank-``2r`` update of ``W``: ``a' = [a | a0]``, ``b' = [b ; -b0]``
   (PEFT's conversion). ``initial`` is the delta ``split`` returned, ``trained``
-  the trained one; the result merges into the original ``params``.
+  the trained one; the result merges into the original ``params``. (The
+  principal adapter itself carries a mark that makes :func:`lora_jax.merge`
+  and an eager :func:`lora_jax.wrap` refuse the original weights; the
+  converted one has none. Under ``jit`` the mark cannot be checked.)
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> w = jax.random.normal(jax.random.key(0), (6, 5))
