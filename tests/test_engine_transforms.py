@@ -111,7 +111,7 @@ def test_jit_static_argnames_and_donation(mode):
   delta = randomize(delta)
   wrapped = lj.wrap(fn, mode)
   assert list(inspect.signature(wrapped).parameters) == [
-      "base", "delta", "args", "lora_rng", "kwargs"]
+      "base", "delta", "args", "lora_rng", "adapter_ids", "kwargs"]
   jitted = jax.jit(wrapped, static_argnames="deterministic")
   want = fn(lj.merge(base, delta), x, deterministic=True)
   np.testing.assert_allclose(jitted(base, delta, x, deterministic=True), want,

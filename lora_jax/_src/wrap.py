@@ -10,6 +10,7 @@ import jax
 from lora_jax._src import factored
 from lora_jax._src.delta import adapters
 from lora_jax._src.merge import check_matches, merge, placed_like_base
+from lora_jax._src.stack import per_row, stacks
 
 MODES = ("auto", "merge", "factored")
 
@@ -29,7 +30,13 @@ def _named_like(fn: Callable, impl: Callable) -> Callable:
 
 def wrap(fn: Callable[..., Any], mode: str = "auto", *,
          strict: bool = False) -> Callable[..., Any]:
-  """Returns ``g(base, delta, *args, **kwargs) == fn(merge(base, delta), ...)``.
+  """``fn`` over ``(base, delta)`` instead of params.
+
+  Returns ``g(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs)
+  == fn(merge(base, delta), *args, **kwargs)``, traceable by ``jit``,
+  ``grad`` (also forward mode), ``vmap`` and ``shard_map``. ``g`` reports
+  that signature, so ``jax.jit(g, static_argnames="deterministic")`` marks
+  ``fn``'s keyword static and ``donate_argnames="delta"`` donates the delta.
 
   Engines:
     * ``"merge"`` builds ``W0 + scale * a @ b`` for every adapted kernel inside
@@ -38,12 +45,35 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
     * ``"factored"`` never materialises the update: it rewrites the ops that
       consume each kernel to ``op(x, W0) + scale * op(op(x, a), b)``. Ops
       without a factored rule get that kernel merged for that use, with a
-      warning (an error with ``strict=True``).
+      warning (an error with ``strict=True``). A narrow frozen kernel (a
+      :class:`lora_jax.QArray`, a bf16 kernel the program widens) is widened
+      at its point of use and again in the backward pass, never kept; such a
+      kernel supports reverse-mode differentiation only.
     * ``"auto"`` is factored, except where the shapes make merging cheaper
       (many tokens and a large rank); see :func:`lora_jax.explain`.
 
   LoRA dropout (``LoraConfig(dropout=p)``) is applied only when ``g`` is
-  called with ``lora_rng=key``; without a key the call is deterministic.
+  called with ``lora_rng=key``; without a key the call is deterministic. As
+  for every JAX random function, one key gives one mask: under ``jax.vmap``
+  with a shared key every example gets the same mask, so pass one key per
+  example (``jax.random.split(key, batch)``) for independent masks.
+
+  A stacked delta (:func:`lora_jax.stack`) needs ``adapter_ids``: an int
+  array with one entry per row of the array arguments (their axis 0); row
+  ``i`` uses adapter ``ids[i]``, ``-1`` the base alone. All rows run in one
+  batched pass (``vmap`` over rows: the frozen matmuls are shared, each row's
+  low-rank branch gathers its own factors; the merge engine builds one
+  merged kernel per row). Rows must be independent, as in serving.
+
+  Args:
+    fn: ``fn(params, *args, **kwargs)``, e.g. ``lambda p, x:
+      model.apply({"params": p}, x)`` or an NNX ``merge``-and-call.
+    mode: ``"auto"``, ``"factored"`` or ``"merge"``.
+    strict: raise :class:`lora_jax.FallbackError` instead of merging a kernel
+      that has no factored rule.
+
+  Returns:
+    ``g(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs)``.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> f = lambda p, x: x @ p["kernel"]
@@ -57,7 +87,7 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
     raise ValueError(f"lora_jax.wrap: mode must be one of {MODES}, got {mode!r}.")
 
   if mode == "merge":
-    def merged(base, delta, *args, lora_rng=None, **kwargs):
+    def single(base, delta, *args, lora_rng=None, **kwargs):
       if lora_rng is not None:
         dropping = [p for p, d in adapters(delta).items() if d.dropout]
         if dropping:
@@ -67,18 +97,34 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
               f"{dropping[:3]} have dropout > 0. Use mode='factored' or "
               f"'auto', or call without lora_rng.")
       return fn(merge(base, delta), *args, **kwargs)
-    return _named_like(fn, merged)
+  else:
+    choose = None if mode == "factored" else factored.cheaper_engine
 
-  choose = None if mode == "factored" else factored.cheaper_engine
+    def single(base, delta, *args, lora_rng=None, **kwargs):
+      deltas = adapters(delta)
+      check_matches(base, deltas, "wrap")
+      # a plainly loaded adapter meets a base on a mesh: factors go where
+      # their kernels are (eager calls; under jit the compiler places them)
+      deltas = placed_like_base(base, deltas)
+      return factored.factored_apply(fn, base, deltas, args, kwargs,
+                                     strict=strict, choose=choose,
+                                     rng=lora_rng)
 
-  def wrapped(base, delta, *args, lora_rng=None, **kwargs):
-    deltas = adapters(delta)
-    check_matches(base, deltas, "wrap")
-    # a plainly loaded adapter meets a base on a mesh: factors go where
-    # their kernels are (eager calls; under jit the compiler places them)
-    deltas = placed_like_base(base, deltas)
-    return factored.factored_apply(fn, base, deltas, args, kwargs,
-                                   strict=strict, choose=choose, rng=lora_rng)
+  def wrapped(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs):
+    if not stacks(delta):
+      if adapter_ids is not None:
+        raise ValueError(
+            "wrap: adapter_ids= chooses adapters of a stack, but this delta "
+            "holds single adapters. Stack them first: lj.stack([d1, d2, "
+            "...]).")
+      return single(base, delta, *args, lora_rng=lora_rng, **kwargs)
+    if adapter_ids is None:
+      raise ValueError(
+          "wrap: the delta is a stack of adapters (lj.stack); pass "
+          "adapter_ids= (one adapter index per row, -1 for none), or take "
+          "one adapter out with lj.select(stacked, k).")
+    apply = lambda b, d, *a, **k: single(b, d, *a, lora_rng=lora_rng, **k)
+    return per_row(apply, base, delta, adapter_ids, args, kwargs)
   return _named_like(fn, wrapped)
 
 

@@ -1,0 +1,308 @@
+"""Many adapters on one base: a stack of adapters is one pytree.
+
+``stack`` puts adapters of one model side by side along a leading adapter
+axis (ranks zero-padded to the largest, scales kept as data), ``select``
+takes one back out, ``put`` swaps one in, and ``lj.wrap(f)(base, stacked,
+*args, adapter_ids=ids)`` runs every row of a batch with its own adapter in
+one pass (see :func:`per_row`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src.delta import LoraDelta, adapters, describe_array
+from lora_jax._src.delta import is_delta_or_none
+from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import map_with_paths, preview
+
+
+@dataclasses.dataclass(frozen=True)
+class StackInfo:
+  """Per-adapter metadata of a stack that no computation depends on: the
+  true rank of each adapter (its factors are zero-padded beyond it) and its
+  exact scale (the ``scale`` child holds it in float32 for computing).
+
+  Every ``StackInfo`` compares equal to every other, so a stack's treedef
+  does not change when another adapter is ``put`` into a slot: a jitted
+  function over the stack does not retrace.
+  """
+  ranks: tuple[int, ...] = ()
+  scales: tuple[float, ...] = ()
+
+  def __eq__(self, other):
+    return isinstance(other, StackInfo)
+
+  def __hash__(self):
+    return hash(StackInfo)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class LoraStack:
+  """``n`` adapters of one kernel: ``a (n, *batch, *in, R)``, ``b (n,
+  *batch, R, *out)``, ``scale (n,)`` and, with DoRA, ``magnitude (n,
+  *batch, *out)``; ``R`` is the largest rank, smaller ones zero-padded.
+
+  Children: ``a``, ``b``, ``scale``, ``magnitude`` (data: an optimiser
+  trains them, a swap changes no static metadata). Static: ``layout``,
+  ``dropout`` and ``info`` (:class:`StackInfo`).
+
+  >>> import jax.numpy as jnp, lora_jax as lj
+  >>> d1 = lj.LoraDelta(jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)
+  >>> d2 = lj.LoraDelta(jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
+  >>> s = lj.stack([{"w": d1}, {"w": d2}])["w"]
+  >>> s
+  LoraStack(n=2, ranks=(1, 2), kernel=(4, 3), a=f32[2,4,2], b=f32[2,2,3])
+  >>> s.scale
+  Array([2. , 0.5], dtype=float32)
+  """
+  a: Any
+  b: Any
+  scale: Any
+  magnitude: Any = None
+  layout: Layout = Layout.dense()
+  dropout: float = 0.0
+  info: StackInfo = StackInfo()
+
+  def tree_flatten_with_keys(self):
+    key = jax.tree_util.GetAttrKey
+    children = tuple((key(n), getattr(self, n))
+                     for n in ("a", "b", "scale", "magnitude"))
+    return children, (self.layout, self.dropout, self.info)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    obj = object.__new__(cls)
+    for name, value in zip(("a", "b", "scale", "magnitude", "layout",
+                            "dropout", "info"), (*children, *aux)):
+      object.__setattr__(obj, name, value)
+    return obj
+
+  @property
+  def size(self) -> int:
+    """Number of adapters."""
+    return self.a.shape[0]
+
+  @property
+  def rank(self) -> int:
+    """The padded rank ``R``."""
+    return self.a.shape[-1]
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    return self.layout.kernel_shape(self.a.shape[1:], self.b.shape[1:])
+
+  def __repr__(self) -> str:
+    try:
+      head = (f"n={self.size}, ranks={self.info.ranks}, "
+              f"kernel={self.kernel_shape}, ")
+    except Exception:  # pylint: disable=broad-except  # placeholder children
+      head = ""
+    return (f"LoraStack({head}a={describe_array(self.a)}, "
+            f"b={describe_array(self.b)})")
+
+  def row(self, index) -> LoraDelta:
+    """The adapter at ``index`` (an int or a traced int) as a
+    :class:`LoraDelta` of the padded rank, its scale as data. Index ``-1``
+    gives a zero update (scale 0): the base model alone."""
+    i = jnp.maximum(index, 0)
+    scale = jnp.where(index >= 0, self.scale[i], jnp.zeros((), self.scale.dtype))
+    take = lambda v: None if v is None else v[i]
+    return LoraDelta(take(self.a), take(self.b), scale=scale,
+                     layout=self.layout, magnitude=take(self.magnitude),
+                     dropout=self.dropout)
+
+
+def is_stack_or_none(x: Any) -> bool:
+  return x is None or isinstance(x, (LoraDelta, LoraStack))
+
+
+def stacks(tree: Any) -> dict[str, LoraStack]:
+  """``{path: LoraStack}`` of a stacked delta tree."""
+  from lora_jax._src.paths import leaves_with_paths  # pylint: disable=import-outside-toplevel
+  return {p: s for p, s in leaves_with_paths(tree, is_leaf=is_stack_or_none)
+          if isinstance(s, LoraStack)}
+
+
+def _pad_rank(d: LoraDelta, rank: int):
+  nb = len(d.layout.batch)
+  extra = rank - d.rank
+  a = jnp.pad(d.a, [(0, 0)] * (d.a.ndim - 1) + [(0, extra)])
+  b = jnp.pad(d.b, [(0, 0)] * nb + [(0, extra)] + [(0, 0)] * (d.b.ndim - nb - 1))
+  return a, b
+
+
+def _check_compatible(path: str, ds: Sequence[LoraDelta]):
+  first = ds[0]
+  for k, d in enumerate(ds[1:], 1):
+    if d.layout != first.layout or d.kernel_shape != first.kernel_shape:
+      raise ValueError(
+          f"lj.stack: adapter {k} at {path!r} updates a kernel of shape "
+          f"{d.kernel_shape} with {d.layout}; adapter 0 has "
+          f"{first.kernel_shape} with {first.layout}. A stack holds adapters "
+          f"of one model.")
+    if (d.magnitude is None) != (first.magnitude is None):
+      raise ValueError(f"lj.stack: at {path!r} some adapters are DoRA and "
+                       f"some are not; stack them separately.")
+    if d.dropout != first.dropout:
+      raise ValueError(f"lj.stack: at {path!r} adapters have different "
+                       f"dropout ({first.dropout} vs {d.dropout}).")
+
+
+def stack(deltas: Sequence[Any]) -> Any:
+  """One delta tree holding ``deltas`` along a leading adapter axis.
+
+  Args:
+    deltas: delta trees of one model (from :func:`lora_jax.split` or
+      :func:`lora_jax.load`), adapting the same paths; ranks and scales may
+      differ.
+
+  Returns:
+    The first delta's structure with a :class:`LoraStack` at each adapted
+    path.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> params = {"w": jnp.ones((6, 4))}
+  >>> ds = [lj.split(params, lj.LoraConfig(rank=r, targets="w"),
+  ...                jax.random.key(r))[1] for r in (2, 4)]
+  >>> lj.stack(ds)["w"].a.shape
+  (2, 6, 4)
+  """
+  deltas = list(deltas)
+  if not deltas:
+    raise ValueError("lj.stack needs at least one delta.")
+  flat = [adapters(d) for d in deltas]
+  paths = list(flat[0])
+  for k, f in enumerate(flat[1:], 1):
+    if list(f) != paths:
+      raise ValueError(
+          f"lj.stack: delta {k} adapts {preview(f)}, delta 0 adapts "
+          f"{preview(paths)}; every delta must adapt the same paths.")
+  stacked = {}
+  for path in paths:
+    ds = [f[path] for f in flat]
+    _check_compatible(path, ds)
+    rank = max(d.rank for d in ds)
+    padded = [_pad_rank(d, rank) for d in ds]
+    dtype = jnp.result_type(*(d.a.dtype for d in ds))
+    mags = [d.magnitude for d in ds]
+    stacked[path] = LoraStack(
+        a=jnp.stack([a.astype(dtype) for a, _ in padded]),
+        b=jnp.stack([b.astype(dtype) for _, b in padded]),
+        scale=jnp.asarray([float(d.scale) for d in ds], jnp.float32),
+        magnitude=None if mags[0] is None else jnp.stack(mags),
+        layout=ds[0].layout, dropout=ds[0].dropout,
+        info=StackInfo(tuple(int(d.rank) for d in ds),
+                       tuple(float(d.scale) for d in ds)))
+  return map_with_paths(lambda p, d: stacked.get(p) if isinstance(
+      d, LoraDelta) else d, deltas[0], is_leaf=is_delta_or_none)
+
+
+def select(stacked: Any, k: int) -> Any:
+  """Adapter ``k`` of a stack, as a plain delta tree of its own rank.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> params = {"w": jnp.ones((6, 4))}
+  >>> ds = [lj.split(params, lj.LoraConfig(rank=r, targets="w"),
+  ...                jax.random.key(r))[1] for r in (2, 4)]
+  >>> back = lj.select(lj.stack(ds), 0)["w"]
+  >>> back.rank, bool((back.a == ds[0]["w"].a).all())
+  (2, True)
+  """
+  def one(s):
+    if not isinstance(s, LoraStack):
+      return s
+    k_ = int(k)
+    if not -s.size <= k_ < s.size:
+      raise IndexError(f"lj.select: adapter {k} of a stack of {s.size}.")
+    k_ %= s.size
+    r = s.info.ranks[k_] if s.info.ranks else s.rank
+    scale = s.info.scales[k_] if s.info.scales else float(s.scale[k_])
+    nb = len(s.layout.batch)
+    b = jax.lax.slice_in_dim(s.b[k_], 0, r, axis=nb)
+    return LoraDelta(s.a[k_][..., :r], b, scale=scale,
+                     layout=s.layout, magnitude=None if s.magnitude is None
+                     else s.magnitude[k_], dropout=s.dropout)
+  return jax.tree.map(one, stacked, is_leaf=is_stack_or_none)
+
+
+def put(stacked: Any, k: int, delta: Any) -> Any:
+  """``stacked`` with adapter ``k`` replaced by ``delta`` (pure; same
+  shapes and static metadata, so a jitted function over the stack does not
+  retrace). ``delta``'s rank may be at most the stack's padded rank.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> params = {"w": jnp.ones((6, 4))}
+  >>> ds = [lj.split(params, lj.LoraConfig(rank=2, targets="w"),
+  ...                jax.random.key(i))[1] for i in range(3)]
+  >>> s = lj.put(lj.stack(ds[:2]), 1, ds[2])
+  >>> bool((lj.select(s, 1)["w"].a == ds[2]["w"].a).all())
+  True
+  """
+  new = adapters(delta)
+  have = stacks(stacked)
+  if set(new) != set(have):
+    raise ValueError(f"lj.put: the delta adapts {preview(new)}, the stack "
+                     f"{preview(have)}.")
+
+  def one(path, s):
+    if not isinstance(s, LoraStack):
+      return s
+    d = new[path]
+    _check_compatible(path, [s.row(0), d])
+    if d.rank > s.rank:
+      raise ValueError(
+          f"lj.put: the adapter at {path!r} has rank {d.rank}, more than the "
+          f"stack's padded rank {s.rank}. Stack it anew with lj.stack.")
+    a, b = _pad_rank(d, s.rank)
+    ranks = list(s.info.ranks) or [s.rank] * s.size
+    ranks[k] = int(d.rank)
+    scales = list(s.info.scales) or [float(v) for v in s.scale]
+    scales[k] = float(d.scale)
+    return dataclasses.replace(
+        s, a=s.a.at[k].set(a.astype(s.a.dtype)),
+        b=s.b.at[k].set(b.astype(s.b.dtype)),
+        scale=s.scale.at[k].set(jnp.asarray(d.scale, s.scale.dtype)),
+        magnitude=None if s.magnitude is None
+        else s.magnitude.at[k].set(d.magnitude),
+        info=StackInfo(tuple(ranks), tuple(scales)))
+  return map_with_paths(one, stacked, is_leaf=is_stack_or_none)
+
+
+def per_row(apply, base, stacked, ids, args, kwargs):
+  """``apply(base, delta_i, row_i(args), **kwargs)`` for every row ``i``,
+  with ``delta_i`` adapter ``ids[i]`` of the stack (``-1``: none), in one
+  batched pass (``jax.vmap`` over the rows: the base's matmuls are shared,
+  each row's low-rank branch uses its own gathered factors).
+
+  Rows must be independent (as in serving); array arguments are split along
+  axis 0, everything else is passed whole.
+  """
+  ids = jnp.asarray(ids)
+  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"adapter_ids must be a 1-D integer array (one adapter "
+                     f"per row, -1 for none); got {describe_array(ids)}.")
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  rows = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and x.ndim]
+  for i in rows:
+    if leaves[i].shape[0] != ids.shape[0]:
+      raise ValueError(
+          f"adapter_ids has {ids.shape[0]} rows but an argument has shape "
+          f"{tuple(leaves[i].shape)}: every array argument's axis 0 is the "
+          f"row axis.")
+
+  def one(row_leaves, index):
+    full = list(leaves)
+    for i, x in zip(rows, row_leaves):
+      full[i] = x[None]
+    a, k = jax.tree.unflatten(treedef, full)
+    delta = jax.tree.map(lambda s: s.row(index) if isinstance(s, LoraStack)
+                         else s, stacked, is_leaf=is_stack_or_none)
+    out = apply(base, delta, *a, **k)
+    return jax.tree.map(lambda y: y[0], out)
+  return jax.vmap(one)([leaves[i] for i in rows], ids)

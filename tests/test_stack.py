@@ -1,0 +1,143 @@
+"""Many adapters on one base: stack / select / put, and mixed-adapter
+batches in one pass (every row its own adapter) in all three modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_jax as lj
+from cases import CASES
+from helpers import randomize
+
+MODES = ("auto", "factored", "merge")
+
+
+def _adapters(case, n=3, ranks=(2, 3, 1), alphas=(2.0, 5.0, 1.0)):
+  out = []
+  for k in range(n):
+    cfg = lj.LoraConfig(rank=ranks[k], alpha=alphas[k], targets=case.targets)
+    _, d = lj.split(case.params, cfg, jax.random.key(10 + k),
+                    apply_fn=case.fn, example_args=case.args)
+    out.append(randomize(d, seed=k))
+  base, _ = lj.split(case.params, lj.LoraConfig(rank=1, targets=case.targets),
+                     jax.random.key(0), apply_fn=case.fn, example_args=case.args)
+  return base, out
+
+
+def test_stack_pads_ranks_and_keeps_scales_as_data():
+  case = CASES["attention"]
+  _, ds = _adapters(case)
+  s = lj.stack(ds)
+  q = s["query"]["kernel"]
+  assert isinstance(q, lj.LoraStack)
+  assert q.a.shape == (3, 8, 3) and q.b.shape == (3, 3, 2, 4)
+  np.testing.assert_allclose(q.scale, [1.0, 5.0 / 3, 1.0])
+  assert q.info.ranks == (2, 3, 1)
+  # padding is zeros; select gives each adapter back bit for bit
+  assert float(jnp.abs(q.a[0, ..., 2:]).max()) == 0.0
+  for k, d in enumerate(ds):
+    back = lj.select(s, k)
+    for p, want in lj.adapters(d).items():
+      got = lj.adapters(back)[p]
+      assert got.rank == want.rank and got.scale == want.scale
+      np.testing.assert_array_equal(got.a, want.a)
+      np.testing.assert_array_equal(got.b, want.b)
+  assert "LoraStack(n=3, ranks=(2, 3, 1)" in repr(q)
+
+
+@pytest.mark.parametrize("name", ["dense", "attention", "scan_remat", "nnx_linear"])
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_batch_equals_each_row_with_its_adapter(name, mode):
+  case = CASES[name]
+  base, ds = _adapters(case)
+  stacked = lj.stack(ds)
+  x = jnp.concatenate([case.args[0]] * 2)[:4]  # 4 rows
+  ids = jnp.array([2, -1, 0, 1])
+  apply = lj.wrap(case.fn, mode)
+  got = jax.jit(apply)(base, stacked, x, adapter_ids=ids)
+  for i, k in enumerate(ids.tolist()):
+    row = x[i:i + 1]
+    want = (case.fn(case.params, row) if k < 0
+            else lj.wrap(case.fn, "merge")(base, ds[k], row))
+    np.testing.assert_allclose(got[i:i + 1], want, rtol=2e-5, atol=2e-6)
+
+
+def test_minus_one_rows_equal_the_base_model_bit_for_bit():
+  case = CASES["dense"]
+  base, ds = _adapters(case)
+  x = case.args[0]
+  got = lj.wrap(case.fn, "factored")(base, lj.stack(ds), x,
+                                     adapter_ids=jnp.full(x.shape[0], -1))
+  want = jax.vmap(lambda r: case.fn(case.params, r[None])[0])(x)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_one_trace_across_id_changes_and_slot_swaps():
+  case = CASES["dense"]
+  base, ds = _adapters(case, ranks=(2, 2, 2))
+  traces = []
+
+  def fn(p, x):
+    traces.append(1)
+    return case.fn(p, x)
+  step = jax.jit(lj.wrap(fn))
+  stacked = lj.stack(ds[:2])
+  x = jnp.stack([case.args[0][0]] * 2)  # two identical rows
+  out1 = step(base, stacked, x, adapter_ids=jnp.array([0, 1]))
+  out2 = step(base, stacked, x, adapter_ids=jnp.array([1, 0]))
+  swapped = lj.put(stacked, 1, ds[2])
+  out3 = step(base, swapped, x, adapter_ids=jnp.array([0, 1]))
+  assert len(traces) == 1
+  np.testing.assert_allclose(out2[0], out1[1], rtol=1e-6)
+  want = lj.wrap(case.fn, "merge")(base, ds[2], x[1:2])
+  np.testing.assert_allclose(out3[1:2], want, rtol=2e-5, atol=2e-6)
+
+
+def test_put_of_a_smaller_rank_does_not_retrace_and_select_knows_its_rank():
+  case = CASES["dense"]
+  base, ds = _adapters(case, ranks=(3, 3, 1))
+  stacked = lj.stack(ds[:2])
+  put = lj.put(stacked, 0, ds[2])
+  assert jax.tree.structure(put) == jax.tree.structure(stacked)
+  assert lj.select(put, 0)["kernel"].rank == 1
+  with pytest.raises(ValueError, match="rank 3, more than the stack's padded rank 1"):
+    lj.put(lj.stack([ds[2], ds[2]]), 0, ds[0])
+
+
+def test_mixed_adapter_training_sends_each_adapter_its_own_rows():
+  case = CASES["dense"]
+  base, ds = _adapters(case, ranks=(2, 2, 2))
+  stacked = lj.stack(ds)
+  x = jnp.concatenate([case.args[0]] * 2)  # 4 rows
+  ids = jnp.array([0, 0, 2, -1])
+  loss = lambda s: jnp.sum(jnp.sin(lj.wrap(case.fn, "factored")(
+      base, s, x, adapter_ids=ids)))
+  grads = jax.grad(loss)(stacked)
+  g = grads["kernel"]
+  # adapter 1 has no rows: zero gradient; adapters 0 and 2: their rows' sum
+  assert float(jnp.abs(g.a[1]).max()) == 0.0 and float(jnp.abs(g.b[1]).max()) == 0.0
+  g0 = jax.grad(lambda d: jnp.sum(jnp.sin(lj.wrap(case.fn, "merge")(
+      base, d, x[:2]))))(ds[0])["kernel"]
+  np.testing.assert_allclose(g.a[0], g0.a, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g.b[0], g0.b, rtol=1e-5, atol=1e-7)
+  # one Adam step on the stack moves adapters 0 and 2 only
+  tx = optax.adam(1e-2)
+  new = optax.apply_updates(stacked, tx.update(grads, tx.init(stacked),
+                                               stacked)[0])
+  moved = lambda k: float(jnp.abs(new["kernel"].a[k] - stacked["kernel"].a[k]).max())
+  assert moved(0) > 0 and moved(2) > 0 and moved(1) == 0.0
+
+
+def test_stack_errors_name_the_path():
+  case = CASES["dense"]
+  _, ds = _adapters(case)
+  other = {"kernel": lj.LoraDelta(jnp.ones((3, 2)), jnp.ones((2, 6)))}
+  with pytest.raises(ValueError, match=r"adapter 1 at 'kernel' updates a kernel of shape \(3, 6\)"):
+    lj.stack([ds[0], other])
+  base, _ = _adapters(case)
+  with pytest.raises(ValueError, match="pass adapter_ids="):
+    lj.wrap(case.fn)(base, lj.stack(ds), case.args[0])
+  with pytest.raises(ValueError, match="Stack them first"):
+    lj.wrap(case.fn)(base, ds[0], case.args[0], adapter_ids=jnp.array([0, 1]))
