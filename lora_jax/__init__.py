@@ -34,16 +34,16 @@ from lora_jax._src.optim import trainable_leaves
 from lora_jax._src.optim import with_leaves
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
+from lora_jax._src.peft import PeftFormatError
+from lora_jax._src.peft import check_vllm
+from lora_jax._src.peft import load_peft
+from lora_jax._src.peft import save_peft
 from lora_jax._src.quant import QArray
 from lora_jax._src.quant import dequantize
 from lora_jax._src.quant import quantize
 from lora_jax._src.sharding import delta_shardings
 from lora_jax._src.sharding import factor_specs
 from lora_jax._src.split import split
-from lora_jax._src.stack import LoraStack
-from lora_jax._src.stack import put
-from lora_jax._src.stack import select
-from lora_jax._src.stack import stack
 from lora_jax._src.summary import describe
 from lora_jax._src.summary import summary
 from lora_jax._src.wrap import explain
@@ -61,10 +61,11 @@ __all__ = (
     "Layout",
     "LoraConfig",
     "LoraDelta",
-    "LoraStack",
+    "PeftFormatError",
     "QArray",
     "Report",
     "adapters",
+    "check_vllm",
     "checkpoint_manager",
     "delta_shardings",
     "delta_weight",
@@ -78,15 +79,14 @@ __all__ = (
     "load_config",
     "load_extras",
     "load_metadata",
+    "load_peft",
     "map_with_paths",
     "merge",
     "optimizer",
-    "put",
     "quantize",
     "save",
-    "select",
+    "save_peft",
     "split",
-    "stack",
     "summary",
     "to_plain_lora",
     "trainable_leaves",

@@ -1,0 +1,838 @@
+"""PEFT's adapter format: save_peft / load_peft / check_vllm and the
+safetensors reader and writer.
+
+The first part needs no PyTorch: the safetensors bytes against hand-built
+ones, the save -> load round trip (bitwise), PEFT's arithmetic written out in
+numpy from the files alone against lj.merge, and every error message. The
+second part runs against the real thing (torch, peft, transformers' Flax and
+PyTorch Llama and GPT-2): both directions, to 1e-4 on logits.
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import struct
+import warnings
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax._src import safetensors as st
+from lora_jax._src.peft import pattern_key
+
+# ------------------------------------------------------------- safetensors
+
+
+def _hand_built(header: bytes, data: bytes) -> bytes:
+  header += b" " * (-len(header) % 8)
+  return struct.pack("<Q", len(header)) + header + data
+
+
+HAND = _hand_built(
+    b'{"__metadata__":{"format":"pt"},'
+    b'"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+    b'"b":{"dtype":"BF16","shape":[1,2],"data_offsets":[8,12]}}',
+    struct.pack("<2f", 1.5, -2.0) + b"\x80\x3f\x00\xbf")  # bf16 1.0, -0.5
+
+
+def test_safetensors_writer_gives_the_hand_built_bytes():
+  data = st.to_bytes({"b": np.array([[1.0, -0.5]], ml_dtypes.bfloat16),
+                      "a": np.array([1.5, -2.0], np.float32)}, {"format": "pt"})
+  assert data == HAND
+
+
+def test_safetensors_reader_reads_hand_built_bytes_in_any_order():
+  tensors, meta = st.from_bytes(HAND)
+  assert meta == {"format": "pt"}
+  np.testing.assert_array_equal(tensors["a"], np.array([1.5, -2.0], np.float32))
+  assert tensors["b"].dtype == ml_dtypes.bfloat16 and tensors["b"].shape == (1, 2)
+  np.testing.assert_array_equal(tensors["b"].astype(np.float32), [[1.0, -0.5]])
+  # Header order and data order need not agree with the names' order.
+  other = _hand_built(
+      b'{"z":{"dtype":"I64","shape":[],"data_offsets":[8,16]},'
+      b'"y":{"dtype":"F16","shape":[2,2],"data_offsets":[0,8]}}',
+      np.array([1, 2, 3, 4], "<f2").tobytes() + struct.pack("<q", -7))
+  tensors, meta = st.from_bytes(other)
+  assert meta == {} and tensors["z"].dtype == np.int64 and tensors["z"] == -7
+  np.testing.assert_array_equal(tensors["y"], [[1, 2], [3, 4]])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16,
+                                   ml_dtypes.bfloat16, np.int64, np.int32,
+                                   np.int8, np.uint8, np.bool_, ">f4"])
+def test_safetensors_round_trip_is_bitwise(dtype):
+  x = (np.arange(-6, 6) * 1.25).reshape(3, 4).astype(dtype)
+  tensors, _ = st.from_bytes(st.to_bytes({"x": x, "e": np.zeros((0, 3), dtype)}))
+  assert tensors["x"].tobytes() == x.astype(x.dtype.newbyteorder("=")).tobytes()
+  assert tensors["x"].shape == (3, 4) and tensors["e"].shape == (0, 3)
+
+
+_F32 = b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x01\x02", "it has 2 bytes, fewer than the 8 of the header length"),
+    (struct.pack("<Q", 99) + b"{}", "the header length 99 runs past the end"),
+    (_hand_built(b"{not json", b""), "the header is not JSON"),
+    (_hand_built(b"[1]", b""), "the header is not a JSON object"),
+    (_hand_built(b'{"__metadata__":{"a":1}}', b""),
+     "__metadata__ must map str to str"),
+    (_hand_built(b'{"x":{"dtype":"F32","shape":[1]}}', b""),
+     "the entry of 'x' must have exactly dtype, shape and data_offsets"),
+    (_hand_built(b'{"x":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}',
+                 bytes(8)), "tensor 'x' has dtype 'C64', not one of"),
+    (_hand_built(b'{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}',
+                 bytes(4)), "tensor 'x' needs a shape and two data_offsets of "
+     "non-negative ints"),
+    (_hand_built(_F32, bytes(4)), "tensor 'x' (F32[2]) needs 8 bytes but its "
+     "data_offsets [0, 8] span 8 of a 4-byte data section"),
+    (_hand_built(b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+                 bytes(8)), "tensor 'x' starts at byte 4, expected 0"),
+    (_hand_built(_F32, bytes(12)), "the tensors end at byte 8 but the data "
+     "has 12 bytes"),
+])
+def test_safetensors_reader_errors(data, message):
+  with pytest.raises(st.SafetensorsError) as e:
+    st.from_bytes(data, "f.safetensors")
+  assert str(e.value).startswith("f.safetensors is not a valid safetensors "
+                                 "file: ")
+  assert message in str(e.value)
+
+
+def test_safetensors_writer_errors():
+  with pytest.raises(ValueError, match=r"safetensors has no dtype for "
+                     r"complex64; use one of \['BF16', "):
+    st.to_bytes({"x": np.zeros(2, np.complex64)})
+  with pytest.raises(ValueError, match="safetensors metadata must map str to "
+                     "str, got {'a': 1}"):
+    st.to_bytes({}, {"a": 1})
+  with pytest.raises(ValueError, match="'__metadata__' is reserved and "
+                     "cannot name a tensor"):
+    st.to_bytes({"__metadata__": np.zeros(1)})
+
+
+# ------------------------------------------------------- a Llama-like tree
+
+
+def _params(seed=0):
+  """Transformers-Flax-style names: 2-D (in, out) kernels, a transposed
+  (out, in) kernel, an N-D attention kernel, norms and an embedding."""
+  rng = np.random.default_rng(seed)
+  w = lambda *s: jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
+  layer = lambda: {
+      "self_attn": {"q_proj": {"kernel": w(8, 8)}, "v_proj": {"kernel": w(8, 4)},
+                    "o_proj": {"kernel": w(8, 8)}},
+      "mlp": {"c_proj": {"kernel": w(6, 8)}, "up": {"kernel": w(8, 6)}},
+      "attn": {"c_proj": {"kernel": w(8, 8)}},
+      "input_layernorm": {"weight": jnp.ones(8)}}
+  params = {"model": {"embed_tokens": {"embedding": w(16, 8)},
+                      "layers": {"0": layer(), "1": layer()},
+                      "norm": {"weight": jnp.ones(8)}}}
+  params["model"]["layers"]["0"]["c_attn"] = {"kernel": w(12, 8)}     # (out, in)
+  params["model"]["layers"]["0"]["query"] = {"kernel": w(8, 2, 3)}  # (in, h, d)
+  return params
+
+
+LAYOUTS = {r".*/c_attn/kernel": lj.Layout.transposed(),
+           r".*/query/kernel": lj.Layout((), (0,), (1, 2))}
+TARGETS = r".*/(q_proj|v_proj|c_proj|c_attn|query)/kernel"
+
+CASES = {
+    "lora": dict(rank=4, alpha=8.0),
+    "rslora": dict(rank=4, alpha=6.0, rslora=True),
+    "dora": dict(rank=3, alpha=5.0, dora=True),
+    "pattern": dict(rank=4, alpha=8.0, rank_pattern={r".*/v_proj/kernel": 2},
+                    alpha_pattern={r".*/1/.*/c_proj/kernel": 3.0,
+                                   r".*/v_proj/kernel": 5.0}),
+}
+
+
+def _random_delta(params, config, seed=1):
+  _, delta = lj.split(params, config, jax.random.key(seed))
+  key = jax.random.key(seed + 1)
+
+  def fill(path, d):
+    if not isinstance(d, lj.LoraDelta):
+      return d
+    k = jax.random.fold_in(key, zlib.crc32(path.encode()))
+    ka, kb, km = jax.random.split(k, 3)
+    out = d.replace(a=jax.random.normal(ka, d.a.shape) * 0.5,
+                    b=jax.random.normal(kb, d.b.shape) * 0.5)
+    if d.magnitude is not None:
+      out = out.replace(magnitude=d.magnitude * (
+          1 + 0.2 * jax.random.normal(km, d.magnitude.shape)))
+    return out
+  return lj.map_with_paths(fill, delta,
+                           is_leaf=lambda x: x is None or isinstance(
+                               x, lj.LoraDelta))
+
+
+def _config(case):
+  return lj.LoraConfig(targets=TARGETS, layouts=LAYOUTS, **CASES[case])
+
+
+def _peft_regex(key, module):
+  # PEFT 0.21's rule for rank_pattern / alpha_pattern keys, written out.
+  return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
+def _peft_merge(directory, torch_weights):
+  """PEFT's arithmetic from the two files alone: per module, W + s B A (DoRA:
+  m * V / ||V|| per output row), s = alpha / r (or / sqrt r) as the
+  patterns resolve for that module."""
+  cfg = json.load(open(os.path.join(directory, "adapter_config.json")))
+  tensors, _ = st.load_file(os.path.join(directory,
+                                         "adapter_model.safetensors"))
+  out = dict(torch_weights)
+  for key in tensors:
+    if not key.endswith(".lora_A.weight"):
+      continue
+    module = key[len("base_model.model."):-len(".lora_A.weight")]
+    first = lambda pat: next((k for k in pat if _peft_regex(k, module)), None)
+    rk, ak = first(cfg["rank_pattern"]), first(cfg["alpha_pattern"])
+    r = cfg["rank_pattern"][rk] if rk else cfg["r"]
+    alpha = cfg["alpha_pattern"][ak] if ak else cfg["lora_alpha"]
+    s = alpha / (math.sqrt(r) if cfg["use_rslora"] else r)
+    a = tensors[key].astype(np.float64)
+    b = tensors[key.replace("lora_A", "lora_B")].astype(np.float64)
+    assert a.shape[0] == r and b.shape[1] == r
+    v = out[module] + s * b @ a
+    if cfg["use_dora"]:
+      m = tensors[f"base_model.model.{module}.lora_magnitude_vector"]
+      v = m[:, None] * v / np.linalg.norm(v, axis=1, keepdims=True)
+    out[module] = v
+  return out
+
+
+def _torch_view(params, delta):
+  """{module: (out, in) float64 weight} of every adapted kernel."""
+  ads = lj.adapters(delta)
+  return {".".join(p.split("/")[:-1]): np.asarray(
+      ads[p].layout.to_out_in(x)[0], np.float64)
+          for p, x in lj.leaves_with_paths(params) if p in ads}
+
+
+@pytest.mark.filterwarnings("ignore:save_peft. a vLLM server")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_save_then_load_is_bitwise_and_peft_arithmetic_equals_merge(
+    case, tmp_path):
+  params, config = _params(), _config(case)
+  delta = _random_delta(params, config)
+  lj.save_peft(tmp_path, delta, config)
+  base, loaded, cfg = lj.load_peft(tmp_path, params, layouts=LAYOUTS)
+  assert base is params
+  want, got = lj.adapters(delta), lj.adapters(loaded)
+  assert sorted(want) == sorted(got) and len(want) == 10
+  for p, d in want.items():
+    g = got[p]
+    assert (g.layout, g.scale, g.rank, g.dropout) == (
+        d.layout, d.scale, d.rank, d.dropout), p
+    assert np.asarray(g.a).tobytes() == np.asarray(d.a).tobytes(), p
+    assert np.asarray(g.b).tobytes() == np.asarray(d.b).tobytes(), p
+    assert (g.magnitude is None) == (d.magnitude is None)
+    if d.magnitude is not None:
+      assert np.asarray(g.magnitude).tobytes() == np.asarray(
+          d.magnitude).tobytes()
+    assert cfg.scale_for(p) == d.scale and cfg.rank_for(p) == d.rank
+  assert (cfg.rank, cfg.alpha, cfg.rslora, cfg.dora) == (
+      config.rank, config.alpha, config.rslora, config.dora)
+  # PEFT's arithmetic, read off the files, is lj.merge in torch's view.
+  merged = _torch_view(lj.merge(params, delta), delta)
+  peft = _peft_merge(tmp_path, _torch_view(params, delta))
+  for module, w in merged.items():
+    np.testing.assert_allclose(peft[module], w, atol=2e-6, err_msg=module)
+
+
+def test_adapter_config_fields(tmp_path):
+  params, config = _params(), _config("pattern")
+  delta = _random_delta(params, config)
+  with pytest.warns(UserWarning, match=r"own scale \(4 of them, e.g. "
+                    r"'model.layers.0.self_attn.v_proj'\)"):
+    lj.save_peft(tmp_path, delta, config)
+  cfg = json.load(open(tmp_path / "adapter_config.json"))
+  # "c_proj" alone would also pick nothing else here, so short names win;
+  # v_proj's own rank and alphas become module-name regexes.
+  assert cfg["target_modules"] == ["c_attn", "c_proj", "q_proj", "query",
+                                   "v_proj"]
+  assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["use_rslora"],
+          cfg["use_dora"], cfg["bias"], cfg["fan_in_fan_out"]) == (
+              "LORA", 4, 8, False, False, "none", False)
+  assert cfg["rank_pattern"] == {"v_proj": 2}
+  assert cfg["alpha_pattern"] == {"v_proj": 5.0,
+                                  r"1\.attn\.c_proj|1\.mlp\.c_proj": 3.0}
+  tensors, meta = st.load_file(tmp_path / "adapter_model.safetensors")
+  assert meta == {"format": "pt"}
+  key = "base_model.model.model.layers.0.query"
+  assert tensors[key + ".lora_A.weight"].shape == (4, 8)
+  assert tensors[key + ".lora_B.weight"].shape == (6, 4)  # (2 heads * 3)
+  assert tensors["base_model.model.model.layers.0.c_attn.lora_A.weight"
+                 ].shape == (4, 8)  # (r, in) of the (out=12, in=8) kernel
+
+
+def test_target_modules_are_exact(tmp_path):
+  params = _params()
+  # Only the attention c_proj: "c_proj" would also pick mlp.c_proj.
+  config = lj.LoraConfig(rank=2, targets=r".*/attn/c_proj/kernel")
+  _, delta = lj.split(params, config, jax.random.key(0))
+  lj.save_peft(tmp_path, delta, config)
+  cfg = json.load(open(tmp_path / "adapter_config.json"))
+  assert cfg["target_modules"] == ["attn.c_proj"]
+  # A delta without its None slots (only adapters) knows no other module:
+  # the full names are the only safe target_modules.
+  only = {"model": {"layers": {i: {"attn": {"c_proj": {"kernel": d}}}
+                               for i, d in (("0", delta["model"]["layers"]["0"]
+                                             ["attn"]["c_proj"]["kernel"]),)}}}
+  lj.save_peft(tmp_path, only, config)
+  cfg = json.load(open(tmp_path / "adapter_config.json"))
+  assert cfg["target_modules"] == ["model.layers.0.attn.c_proj"]
+  assert cfg["lora_alpha"] == 16 and isinstance(cfg["lora_alpha"], int)
+
+
+def test_nested_module_names_stay_exact(tmp_path):
+  # "q" is a '.'-suffix of "enc.q": no list of suffixes, nor a plain pattern
+  # key, can pick one without the other.
+  params = {"q": {"kernel": jnp.ones((4, 4))},
+            "enc": {"q": {"kernel": jnp.ones((4, 4))}}}
+  config = lj.LoraConfig(rank=4, targets=r"q/kernel")
+  _, delta = lj.split(params, config, jax.random.key(0))
+  lj.save_peft(tmp_path, delta, config)
+  cfg = json.load(open(tmp_path / "adapter_config.json"))
+  assert cfg["target_modules"] == "q"  # a string is full-matched by PEFT
+  config = lj.LoraConfig(rank=4, targets=".*kernel", rank_pattern={"q/kernel": 2})
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.warns(UserWarning, match=r"own scale \(1 of them, e.g. 'q'\)"):
+    lj.save_peft(tmp_path, delta, config)
+  cfg = json.load(open(tmp_path / "adapter_config.json"))
+  assert cfg["rank_pattern"] == {"^q": 2}
+  assert _peft_regex("^q", "q") and not _peft_regex("^q", "enc.q")
+  _, loaded, _ = lj.load_peft(tmp_path, params)
+  assert (loaded["q"]["kernel"].rank, loaded["enc"]["q"]["kernel"].rank) == (2, 4)
+
+
+def test_pattern_keys_resolve_like_peft():
+  assert pattern_key([r"q_proj"], "model.layers.0.q_proj") == "q_proj"
+  assert pattern_key([r"1\.q_proj"], "model.layers.11.q_proj") is None
+  assert pattern_key([r"a", r"layers\.0\.a"], "m.layers.0.a") == "a"
+
+
+def test_fold_scales_gives_one_scale_and_the_same_model(tmp_path):
+  params, config = _params(), _config("pattern")
+  delta = _random_delta(params, config)
+  with pytest.warns(UserWarning, match="rank_pattern/alpha_pattern: vLLM "
+                    "scales every module by lora_alpha/r"):
+    lj.save_peft(tmp_path / "plain", delta, config)
+  assert lj.save_peft(tmp_path / "fold", delta, config, fold_scales=True) == []
+  cfg = json.load(open(tmp_path / "fold" / "adapter_config.json"))
+  assert cfg["rank_pattern"] == {"v_proj": 2}
+  assert cfg["alpha_pattern"] == {"v_proj": 4.0}  # 2 * (8 / 4): scale 2
+  merged = _torch_view(lj.merge(params, delta), delta)
+  peft = _peft_merge(tmp_path / "fold", _torch_view(params, delta))
+  for module, w in merged.items():
+    np.testing.assert_allclose(peft[module], w, atol=2e-6, err_msg=module)
+  assert lj.check_vllm(tmp_path / "fold") == []
+
+
+def test_stacked_kernels_become_one_module_per_layer(tmp_path):
+  rng = np.random.default_rng(3)
+  stacked = {"layers": {"q_proj": {"kernel": jnp.asarray(
+      rng.normal(size=(2, 8, 4)), jnp.float32)}}}
+  config = lj.LoraConfig(rank=2, targets=".*kernel",
+                         layouts={".*": lj.Layout((0,), (1,), (2,))})
+  delta = _random_delta(stacked, config)
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.save_peft(tmp_path, delta, config)
+  assert str(e.value).startswith(
+      "'layers/q_proj/kernel' has batch axes (kernel shape (2, 8, 4), layout "
+      "Layout(batch=(0,), inputs=(1,), outputs=(2,))): it holds 2 kernels "
+      "(stacked layers or experts) while PEFT has one module per kernel. Pass "
+      "module_names that maps 'layers/q_proj/kernel[0]' to the module of "
+      "that index")
+  names = [(r"layers/(\w+)/kernel\[(\d+)\]", r"model.layers.\2.self_attn.\1")]
+  lj.save_peft(tmp_path, delta, config, module_names=names)
+  # The file loads onto the same model with its layers unstacked.
+  w = stacked["layers"]["q_proj"]["kernel"]
+  flat = {"model": {"layers": {str(i): {"self_attn": {"q_proj": {
+      "kernel": w[i]}}} for i in range(2)}}}
+  _, loaded, _ = lj.load_peft(tmp_path, flat)
+  d = delta["layers"]["q_proj"]["kernel"]
+  for i in range(2):
+    g = loaded["model"]["layers"][str(i)]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(g.a, d.a[i])
+    np.testing.assert_array_equal(g.b, d.b[i])
+    assert g.scale == d.scale
+  # ... and the stacked file's arithmetic is merge's, layer by layer.
+  merged = lj.merge(stacked, delta)["layers"]["q_proj"]["kernel"]
+  merged_flat = lj.merge(flat, loaded)["model"]["layers"]
+  for i in range(2):
+    np.testing.assert_allclose(
+        merged_flat[str(i)]["self_attn"]["q_proj"]["kernel"], merged[i],
+        atol=1e-6)
+  with pytest.raises(lj.PeftFormatError, match=r"adapter_model.safetensors: "
+                     r"'base_model.model.model.layers.0.self_attn.q_proj.lora_A"
+                     r".weight' would adapt 'model/layers/0/self_attn/q_proj/"
+                     r"kernel', a kernel with batch axes"):
+    lj.load_peft(tmp_path, {"model": {"layers": {
+        str(i): {"self_attn": {"q_proj": {"kernel": w}}} for i in range(2)}}},
+                 layouts={".*": lj.Layout((0,), (1,), (2,))})
+
+
+def test_module_names_as_callable_and_pairs(tmp_path):
+  params = {"enc": {"attn": {"q": {"kernel": jnp.ones((4, 4))}}}}
+  config = lj.LoraConfig(rank=2)
+  delta = _random_delta(params, config)
+  lj.save_peft(tmp_path, delta, config,
+               module_names=lambda p: "encoder." + p.replace("/kernel", "")
+               .replace("/", "."))
+  keys = st.load_file(tmp_path / "adapter_model.safetensors")[0]
+  assert sorted(keys) == ["base_model.model.encoder.enc.attn.q.lora_A.weight",
+                          "base_model.model.encoder.enc.attn.q.lora_B.weight"]
+  pairs = [(r"enc/attn/(\w)/kernel", r"encoder.enc.attn.\1")]
+  _, loaded, _ = lj.load_peft(tmp_path, params, module_names=pairs)
+  np.testing.assert_array_equal(loaded["enc"]["attn"]["q"]["kernel"].b,
+                                delta["enc"]["attn"]["q"]["kernel"].b)
+
+
+# --------------------------------------------------------------- save errors
+
+
+def test_save_errors(tmp_path):
+  params = {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}}
+  config = lj.LoraConfig(rank=2)
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.raises(TypeError, match="save_peft expects a lora_jax.LoraConfig"
+                     ", got {'rank': 2}"):
+    lj.save_peft(tmp_path, delta, {"rank": 2})
+  with pytest.raises(lj.PeftFormatError, match="save_peft: the delta holds no "
+                     "adapter."):
+    lj.save_peft(tmp_path, {"a": None}, config)
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "module_names gives the PEFT module name 'same' to more than one adapter "
+      "(['a/kernel', 'b/kernel']); each torch module holds one adapter. Fix "
+      "module_names.")):
+    lj.save_peft(tmp_path, delta, config, module_names=lambda p: "same")
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "module_names gave '' for 'a/kernel'; PEFT needs a non-empty torch module"
+      " name such as 'model.layers.0.self_attn.q_proj'.")):
+    lj.save_peft(tmp_path, delta, config, module_names=lambda p: "")
+  with pytest.raises(lj.PeftFormatError, match="module_names gave '' for "
+                     "'kernel'"):
+    lj.save_peft(tmp_path, lj.split({"kernel": jnp.ones((2, 2))}, config,
+                                    jax.random.key(0))[1], config)
+  with pytest.raises(TypeError, match="module_names must be a callable path -> "
+                     "name or a list of \\(regex, replacement\\) pairs, got 3"):
+    lj.save_peft(tmp_path, delta, config, module_names=3)
+  with pytest.raises(ValueError, match=re.escape(
+      "save_peft: extra_config cannot set ['lora_alpha', 'r']: they describe "
+      "the weights")):
+    lj.save_peft(tmp_path, delta, config, extra_config={"r": 1, "lora_alpha": 2})
+  lj.save_peft(tmp_path, delta, config, extra_config={
+      "task_type": "CAUSAL_LM", "fan_in_fan_out": True})
+  cfg = json.load(open(tmp_path / "adapter_config.json"))
+  assert (cfg["task_type"], cfg["fan_in_fan_out"]) == ("CAUSAL_LM", True)
+
+
+# --------------------------------------------------------------- load errors
+
+
+def _saved(tmp_path, dora=False):
+  params = {"model": {"q_proj": {"kernel": jnp.ones((6, 4))},
+                      "k_proj": {"kernel": jnp.ones((6, 4))}}}
+  config = lj.LoraConfig(rank=2, targets=".*q_proj/kernel", dora=dora)
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    lj.save_peft(tmp_path, delta, config)
+  return params
+
+
+def _edit(tmp_path, config=None, tensors=None):
+  path = tmp_path / "adapter_config.json"
+  cfg = json.load(open(path))
+  if config:
+    cfg.update(config)
+    json.dump(cfg, open(path, "w"))
+  if tensors is not None:
+    old = st.load_file(tmp_path / "adapter_model.safetensors")[0]
+    st.save_file(tmp_path / "adapter_model.safetensors", tensors(old))
+
+
+Q = "base_model.model.model.q_proj"
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"peft_type": "LOHA"}, "field 'peft_type' is 'LOHA'; lora_jax reads LoRA "
+     "adapters only (peft_type 'LORA', with or without use_dora / use_rslora)."
+     " LoHa, LoKr, IA3, AdaLoRA and prompt methods have no lora_jax "
+     "equivalent."),
+    ({"layers_to_transform": [0]}, "field 'layers_to_transform' is [0], which "
+     "lora_jax does not support (it reads adapters whose layers_to_transform "
+     "is unset). Load it in PEFT, merge what it adds, and export a plain LoRA "
+     "adapter."),
+    ({"modules_to_save": ["lm_head"]}, "field 'modules_to_save' is ['lm_head']"),
+    ({"lora_bias": True}, "field 'lora_bias' is True"),
+    ({"layer_replication": [[0, 1]]}, "field 'layer_replication' is [[0, 1]]"),
+    ({"init_lora_weights": "pissa_niter_4"}, "field 'init_lora_weights' is "
+     "'pissa_niter_4': this init rewrites the base weights, so the adapter "
+     "only fits PEFT's modified base. Save it from PEFT converted to a plain "
+     "LoRA adapter on the original weights: save_pretrained(out_dir, "
+     "path_initial_model_for_weight_conversion=<the initial adapter>)."),
+    ({"r": 0}, "field 'r' must be a positive number, got 0."),
+    ({"lora_alpha": "8"}, "field 'lora_alpha' must be a positive number, got "
+     "'8'."),
+    ({"bias": "all"}, "field 'bias' is 'all'; lora_jax adapters train no bias "
+     "terms (bias 'none'). Merge the adapter in PEFT instead."),
+])
+def test_load_rejects_unsupported_fields(tmp_path, config, message):
+  params = _saved(tmp_path)
+  _edit(tmp_path, config)
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.load_peft(tmp_path, params)
+  assert str(e.value).startswith(f"{tmp_path}/adapter_config.json: {message}")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: {**t, "base_model.model.model.embed.lora_embedding_A":
+                np.zeros((2, 5), np.float32)},
+     "key 'base_model.model.model.embed.lora_embedding_A' is an embedding "
+     "adapter (lora_embedding_A/B), which lora_jax does not map; target the "
+     "embedding's linear uses instead."),
+    (lambda t: {**t, Q + ".lora_B.bias": np.zeros(6, np.float32)},
+     f"key '{Q}.lora_B.bias' is a LoRA bias (lora_bias)."),
+    (lambda t: {**t, "model.q_proj.lora_A.weight": np.zeros((2, 4), np.float32)},
+     "key 'model.q_proj.lora_A.weight' is not a base_model.model.<module>."
+     "lora_A.weight / lora_B.weight / lora_magnitude_vector tensor."),
+    (lambda t: {k: v for k, v in t.items() if "lora_B" not in k},
+     f"module 'model.q_proj' has no {Q}.lora_B.weight."),
+    (lambda t: {**t, Q + ".lora_magnitude_vector": np.ones(6, np.float32)},
+     f"module 'model.q_proj' has {Q}.lora_magnitude_vector but the field "
+     f"'use_dora' is false."),
+    (lambda t: {}, "no LoRA tensors."),
+    (lambda t: {k.replace("q_proj", "q_prj"): v for k, v in t.items()},
+     "module 'model.q_prj' matches no leaf of params (module names come from "
+     "leaf paths by module_names). Closest: 'model.q_proj' (model/q_proj/"
+     "kernel), 'model.k_proj' (model/k_proj/kernel). Pass module_names="
+     "[(regex, replacement), ...] or a callable path -> name that gives this "
+     "module's kernel the name 'model.q_prj'."),
+    (lambda t: {k: (v[:1] if "lora_A" in k else v) for k, v in t.items()},
+     f"'{Q}.lora_A.weight' has shape (1, 6), but adapter_config.json gives "
+     "'model.q_proj' rank 2 (field r); want (2, in)."),
+    (lambda t: {k: (np.zeros((6, 2), np.float32) if "lora_B" in k else
+                    np.zeros((2, 6), np.float32)) for k, v in t.items()},
+     f"'{Q}.lora_A.weight' (2, 6) and '{Q}.lora_B.weight' (6, 2) do not fit "
+     "'model/q_proj/kernel' (shape (6, 4), layout Layout(batch=(), inputs=(0,)"
+     ", outputs=(1,)): in 6, out 4; want (2, 6) and (4, 2)). If the kernel is "
+     "stored (out, in), pass apply_fn and example_args so its layout is "
+     "traced, or layouts={'model/q_proj/kernel': lora_jax.Layout.transposed()}"
+     "."),
+])
+def test_load_rejects_bad_tensors(tmp_path, edit, message):
+  params = _saved(tmp_path)
+  _edit(tmp_path, tensors=edit)
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.load_peft(tmp_path, params)
+  assert str(e.value) == f"{tmp_path}/adapter_model.safetensors: {message}"
+
+
+def test_load_errors_dora_and_names(tmp_path):
+  params = _saved(tmp_path, dora=True)
+  _edit(tmp_path, tensors=lambda t: {k: v for k, v in t.items()
+                                     if "magnitude" not in k})
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      f"module 'model.q_proj' has no {Q}.lora_magnitude_vector.")):
+    lj.load_peft(tmp_path, params)
+  _edit(tmp_path, tensors=lambda t: {
+      **t, Q + ".lora_magnitude_vector": np.ones(3, np.float32)})
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      f"'{Q}.lora_magnitude_vector' has shape (3,); want (4,), one magnitude "
+      f"per output of 'model/q_proj/kernel'.")):
+    lj.load_peft(tmp_path, params)
+  _edit(tmp_path, tensors=lambda t: {
+      **t, Q + ".lora_magnitude_vector": np.ones(4, np.float32)})
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "module 'model.q_proj' is the name of several leaves ['model/k_proj/"
+      "kernel', 'model/q_proj/kernel']; pass module_names so that only its "
+      "kernel gets this name.")):
+    lj.load_peft(tmp_path, params, module_names=lambda p: "model.q_proj")
+
+
+def test_load_errors_files(tmp_path):
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      f"{tmp_path}: no adapter_config.json; a PEFT adapter directory holds "
+      f"adapter_config.json and adapter_model.safetensors.")):
+    lj.load_peft(tmp_path, {})
+  (tmp_path / "adapter_config.json").write_text("[1")
+  with pytest.raises(lj.PeftFormatError, match="adapter_config.json: not "
+                     "readable JSON"):
+    lj.load_peft(tmp_path, {})
+  (tmp_path / "adapter_config.json").write_text("[1]")
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "adapter_config.json: expected a JSON object, got [1].")):
+    lj.load_peft(tmp_path, {})
+  (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2'
+                                                ', "lora_alpha": 4}')
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.load_peft(tmp_path, {})
+  assert str(e.value) == f"{tmp_path}: no adapter_model.safetensors."
+  (tmp_path / "adapter_model.bin").write_bytes(b"")
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      f"{tmp_path}: no adapter_model.safetensors. It has adapter_model.bin "
+      f"(pickled torch tensors), which lora_jax does not unpickle: convert it "
+      f"with PEFT, PeftModel.from_pretrained(model, dir).save_pretrained("
+      f"out_dir, safe_serialization=True).")):
+    lj.load_peft(tmp_path, {})
+
+
+# ------------------------------------------------------------------ serving
+
+
+def test_check_vllm_on_configs():
+  assert lj.check_vllm(lj.LoraConfig(rank=8, rslora=True)) == []
+  dora, = lj.check_vllm(lj.LoraConfig(dora=True))
+  assert dora == ("use_dora: vLLM does not serve DoRA adapters. Merge the "
+                  "adapter into the base (lora_jax.merge) and serve the merged "
+                  "weights, or train plain LoRA (LoraConfig(dora=False)).")
+  pattern, = lj.check_vllm(lj.LoraConfig(alpha_pattern={"q": 2.0}))
+  assert pattern == (
+      "rank_pattern/alpha_pattern: vLLM scales every module by lora_alpha/r "
+      "and ignores both patterns, so modules with their own scale would be "
+      "served wrong: save it with lora_jax.save_peft(..., fold_scales=True), "
+      "which folds each module's scale into its lora_B.")
+  pissa, = lj.check_vllm(lj.LoraConfig(init="pissa"))
+  assert pissa == (
+      "init='pissa': the adapter belongs with the residual base that "
+      "lora_jax.split returned, but a server applies it to the original "
+      "weights. Convert it first: lora_jax.to_plain_lora(initial_delta, delta) "
+      "(rank 2r, exact on the original weights).")
+
+
+def test_check_vllm_on_directories(tmp_path):
+  params = _saved(tmp_path)
+  assert lj.check_vllm(tmp_path) == []
+  _edit(tmp_path, {"use_dora": True, "modules_to_save": ["lm_head"],
+                   "bias": "all", "alpha_pattern": {"q_proj": 4}})
+  problems = lj.check_vllm(tmp_path)
+  assert problems == [
+      "use_dora: vLLM does not serve DoRA adapters. Merge the adapter into "
+      "the base (lora_jax.merge) and serve the merged weights, or train plain "
+      "LoRA (LoraConfig(dora=False)).",
+      "modules_to_save=['lm_head']: vLLM serves modules_to_save=None only. "
+      "Merge the adapter and the saved modules into the base and serve the "
+      "merged model.",
+      "bias='all': vLLM serves LoRA adapters without bias terms "
+      "(bias='none'). Merge the adapter into the base instead.",
+      "rank_pattern/alpha_pattern: vLLM scales every module by lora_alpha/r "
+      "and ignores both patterns, so modules with their own scale (1 of them, "
+      "e.g. 'model.q_proj') would be served wrong: save it with lora_jax.save_peft"
+      "(..., fold_scales=True), which folds each module's scale into its "
+      "lora_B."]
+  del params
+
+
+def test_save_peft_warns_for_dora(tmp_path):
+  params = {"m": {"q": {"kernel": jnp.ones((4, 4))}}}
+  config = lj.LoraConfig(rank=2, dora=True)
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.warns(UserWarning) as record:
+    problems = lj.save_peft(tmp_path, delta, config)
+  assert str(record[0].message) == (
+      "save_peft: a vLLM server would not serve this adapter as written:\n- "
+      + problems[0])
+  assert problems[0].startswith("use_dora: vLLM does not serve DoRA")
+
+
+def test_save_peft_warns_for_principal_init(tmp_path):
+  params = {"m": {"q": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}}
+  config = lj.LoraConfig(rank=2, init="pissa")
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.warns(UserWarning, match=re.escape(
+      "init='pissa': the adapter belongs with the residual base")):
+    lj.save_peft(tmp_path, delta, config)
+
+
+# ------------------------------------------------- against PyTorch PEFT
+
+
+INTEROP_REASON = "interop tests run on the py311 CI leg (LORA_JAX_INTEROP=1)"
+
+
+@pytest.fixture(scope="module")
+def hf():
+  """torch, peft, transformers and safetensors, or a skip (a failure with
+  LORA_JAX_INTEROP=1, where CI promises to run these tests)."""
+  try:
+    import peft  # pylint: disable=g-import-not-at-top
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if os.environ.get("LORA_JAX_INTEROP") == "1":
+      pytest.fail(f"LORA_JAX_INTEROP=1 but {e}: install lora_jax[interop].")
+    pytest.skip(INTEROP_REASON)
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  transformers.logging.set_verbosity_error()
+  return torch, peft, transformers, safetensors
+
+
+IDS = np.array([[1, 5, 7, 9, 3, 2, 11, 4], [8, 2, 6, 0, 13, 1, 5, 9]])
+
+# Per model: the torch modules PEFT adapts (target_modules) and the Flax
+# kernels lora_jax adapts (targets): the same set. GPT-2's mlp.c_proj is
+# adapted and attn.c_proj is not, so suffixes must be told apart.
+MODELS = {
+    "llama": (["q_proj", "v_proj", "down_proj"],
+              r".*/(q_proj|v_proj|down_proj)/kernel",
+              {"rank_pattern": {"q_proj": 2},
+               "alpha_pattern": {"layers.1.self_attn.v_proj": 3.0}},
+              {"rank_pattern": {r".*/q_proj/kernel": 2},
+               "alpha_pattern": {r".*/1/self_attn/v_proj/kernel": 3.0}}),
+    "gpt2": (["c_attn", "mlp.c_proj", "c_fc"],
+             r".*/(c_attn|mlp/c_proj|c_fc)/kernel",
+             {"rank_pattern": {"c_attn": 2}, "alpha_pattern": {
+                 "h.1.mlp.c_proj": 3.0}},
+             {"rank_pattern": {r".*/c_attn/kernel": 2},
+              "alpha_pattern": {r".*/1/mlp/c_proj/kernel": 3.0}}),
+}
+VARIANTS = ("lora", "rslora", "dora", "pattern")
+
+
+@pytest.fixture(scope="module")
+def models(hf, tmp_path_factory):
+  """{name: (torch model, flax model)}: tiny models, the same weights."""
+  torch, _, transformers, _ = hf
+  torch.manual_seed(0)
+  out = {}
+  for name in MODELS:
+    if name == "llama":
+      cfg = transformers.LlamaConfig(
+          vocab_size=16, hidden_size=32, intermediate_size=48,
+          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          max_position_embeddings=32)
+      pt, fx = transformers.LlamaForCausalLM, transformers.FlaxLlamaForCausalLM
+    else:
+      cfg = transformers.GPT2Config(vocab_size=16, n_embd=32, n_layer=2,
+                                    n_head=4, n_positions=32)
+      pt, fx = transformers.GPT2LMHeadModel, transformers.FlaxGPT2LMHeadModel
+    model = pt(cfg).eval()
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    out[name] = (model, fx.from_pretrained(path, from_pt=True))
+  return out
+
+
+def _flax_fn(flax_model):
+  return lambda p, ids: flax_model(ids, params=p).logits
+
+
+def _peft_kwargs(model, variant):
+  kw = {"lora": {}, "rslora": {"use_rslora": True},
+        "dora": {"use_dora": True}, "pattern": MODELS[model][2]}[variant]
+  return dict(r=4, lora_alpha=8, target_modules=MODELS[model][0], **kw)
+
+
+def _lj_config(model, variant):
+  kw = {"lora": {}, "rslora": {"rslora": True}, "dora": {"dora": True},
+        "pattern": MODELS[model][3]}[variant]
+  return lj.LoraConfig(rank=4, alpha=8.0, targets=MODELS[model][1], **kw)
+
+
+def _torch_logits(hf, model):
+  torch = hf[0]
+  with torch.no_grad():
+    return model(torch.tensor(IDS)).logits.numpy()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_peft_adapter_in_lora_jax(hf, models, model, variant, tmp_path):
+  """An adapter made by PEFT (random non-zero A, B, magnitudes) gives PEFT's
+  logits in lora_jax."""
+  torch, peft, _, _ = hf
+  torch_model, flax_model = models[model]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # GPT-2: fan_in_fan_out set for Conv1D
+    pm = peft.get_peft_model(copy.deepcopy(torch_model),
+                             peft.LoraConfig(**_peft_kwargs(model, variant)))
+  gen = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if "lora_A" in n or "lora_B" in n:
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+      if "lora_magnitude_vector" in n:
+        p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+  pm.eval()
+  want = _torch_logits(hf, pm)
+  assert np.abs(want - _torch_logits(hf, torch_model)).max() > 1e-2
+  pm.save_pretrained(tmp_path)
+  f = _flax_fn(flax_model)
+  base, delta, config = lj.load_peft(tmp_path, flax_model.params, apply_fn=f,
+                                     example_args=(IDS,))
+  assert len(lj.adapters(delta)) == 6
+  assert config.dora == (variant == "dora") and config.rslora == (
+      variant == "rslora")
+  got = np.asarray(jax.jit(lj.wrap(f))(base, delta, IDS))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_lora_jax_adapter_in_peft(hf, models, model, variant, tmp_path):
+  """An adapter made by lora_jax, saved with save_peft, gives lora_jax's
+  logits in PEFT (PeftModel.from_pretrained)."""
+  _, peft, _, _ = hf
+  torch_model, flax_model = models[model]
+  f = _flax_fn(flax_model)
+  config = _lj_config(model, variant)
+  params = flax_model.params
+  base, delta = lj.split(params, config, jax.random.key(0), apply_fn=f,
+                         example_args=(IDS,))
+  delta = _randomized(delta)
+  want = np.asarray(jax.jit(lj.wrap(f))(base, delta, IDS))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # DoRA / patterns: vLLM warnings
+    lj.save_peft(tmp_path, delta, config)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path)
+  pm.eval()
+  got = _torch_logits(hf, pm)
+  assert np.abs(got - _torch_logits(hf, torch_model)).max() > 1e-2
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def _randomized(delta):
+  key = jax.random.key(5)
+
+  def fill(path, d):
+    if not isinstance(d, lj.LoraDelta):
+      return d
+    ka, kb, km = jax.random.split(jax.random.fold_in(key, len(path)), 3)
+    out = d.replace(a=jax.random.normal(ka, d.a.shape) * 0.3,
+                    b=jax.random.normal(kb, d.b.shape) * 0.3)
+    if d.magnitude is not None:
+      out = out.replace(magnitude=d.magnitude * (
+          1 + 0.2 * jax.random.normal(km, d.magnitude.shape)))
+    return out
+  return lj.map_with_paths(fill, delta, is_leaf=lambda x: x is None or (
+      isinstance(x, lj.LoraDelta)))
+
+
+def test_safetensors_agrees_with_the_reference_package(hf, tmp_path):
+  safetensors = hf[3]
+  tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+             "h": np.array([1.5, -2.0], np.float16),
+             "i": np.array([3, -4], np.int64)}
+  st.save_file(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
+  theirs = safetensors.numpy.load_file(str(tmp_path / "ours.safetensors"))
+  safetensors.numpy.save_file(tensors, str(tmp_path / "theirs.safetensors"),
+                              metadata={"format": "pt"})
+  ours, meta = st.load_file(tmp_path / "theirs.safetensors")
+  assert meta == {"format": "pt"}
+  for k, x in tensors.items():
+    np.testing.assert_array_equal(theirs[k], x)
+    np.testing.assert_array_equal(ours[k], x)
+    assert ours[k].dtype == x.dtype and theirs[k].dtype == x.dtype
