@@ -44,6 +44,10 @@ from lora_jax._src.quant import quantize
 from lora_jax._src.sharding import delta_shardings
 from lora_jax._src.sharding import factor_specs
 from lora_jax._src.split import split
+from lora_jax._src.stack import LoraStack
+from lora_jax._src.stack import put
+from lora_jax._src.stack import select
+from lora_jax._src.stack import stack
 from lora_jax._src.summary import describe
 from lora_jax._src.summary import summary
 from lora_jax._src.wrap import explain
@@ -61,6 +65,7 @@ __all__ = (
     "Layout",
     "LoraConfig",
     "LoraDelta",
+    "LoraStack",
     "PeftFormatError",
     "QArray",
     "Report",
@@ -83,10 +88,13 @@ __all__ = (
     "map_with_paths",
     "merge",
     "optimizer",
+    "put",
     "quantize",
     "save",
     "save_peft",
+    "select",
     "split",
+    "stack",
     "summary",
     "to_plain_lora",
     "trainable_leaves",
