@@ -155,3 +155,17 @@ def test_layout_errors_name_the_leaf():
 def test_layout_from_json_rejects(data):
   with pytest.raises(ValueError, match="not a layout"):
     lj.Layout.from_json(data)
+
+
+def test_place_outputs_matches_a_dot_output():
+  """DoRA's per-output factor placed on y = dot_general(x, w) equals scaling
+  the kernel's columns before the dot."""
+  lay = lj.Layout((0,), (1,), (3, 2))            # (layers, in, out2, out1)
+  w = _w((3, 4, 2, 5), 7)
+  x = _w((3, 6, 4), 8)                           # (layers, tokens, in)
+  m = _w((3, 5, 2), 9)                           # (*batch, *out) factor order
+  y = np.einsum("lti,liba->ltba", x, w)          # kernel axes 2, 3 at 2, 3
+  got = np.asarray(lay.place_outputs(jnp.asarray(m), {0: 0, 2: 2, 3: 3}, 4))
+  want = np.einsum("lti,liba->ltba", x, w * np.asarray(lay.broadcast_outputs(
+      jnp.asarray(m))))
+  np.testing.assert_allclose(y * got, want, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,8 @@ has shape ``(*batch, rank, *out)``, each group in the kernel's own axis order.
 factors: flattening to ``(G, K, N)`` and back (:meth:`Layout.flatten`,
 :meth:`Layout.unflatten`, :meth:`Layout.flatten_factors`), where each kernel
 axis sits in ``a`` and ``b`` (:meth:`Layout.factor_positions`), placing a
-per-output value against the kernel (:meth:`Layout.broadcast_outputs`) and
+per-output value against the kernel or an op's output
+(:meth:`Layout.broadcast_outputs`, :meth:`Layout.place_outputs`) and
 PEFT's torch ``(out, in)`` view (:meth:`Layout.to_out_in`,
 :meth:`Layout.factors_to_out_in` and their inverses).
 """
@@ -233,11 +234,35 @@ class Layout:
     (5, 1)
     """
     axes = self.batch + self.outputs
-    v = jnp.transpose(values, sorted(range(len(axes)), key=lambda i: axes[i]))
-    shape = [1] * self.ndim
-    for size, k in zip(v.shape, sorted(axes)):
-      shape[k] = size
-    return v.reshape(shape)
+    return self.place_outputs(values, dict(zip(axes, axes)), self.ndim)
+
+  def place_outputs(self, values: Any, positions: dict[int, int],
+                    ndim: int) -> Any:
+    """A per-output ``(*batch, *out)`` array laid out to broadcast against
+    any array whose axis ``positions[k]`` stands for kernel axis ``k`` (the
+    kernel itself, a matmul's or a conv's output), size 1 elsewhere.
+
+    Args:
+      values: an array of shape ``(*batch, *out)`` in factor order.
+      positions: for every batch and output axis ``k`` of the kernel, the
+        axis of the target that holds it.
+      ndim: the target's rank.
+
+    Returns:
+      ``values`` transposed and reshaped to rank ``ndim``.
+
+    >>> import jax.numpy as jnp
+    >>> lay = Layout((0,), (1,), (2,))                 # (layers, in, out)
+    >>> # y = einsum("lbi,lio->lbo", x, w): layers at 0, outputs at 2
+    >>> lay.place_outputs(jnp.ones((3, 4)), {0: 0, 2: 2}, 3).shape
+    (3, 1, 4)
+    """
+    axes = self.batch + self.outputs
+    order = sorted(range(len(axes)), key=lambda i: positions[axes[i]])
+    shape = [1] * ndim
+    for i in order:
+      shape[positions[axes[i]]] = values.shape[i]
+    return jnp.transpose(values, order).reshape(shape)
 
   def magnitude_axis(self, k: int) -> int | None:
     """Axis of kernel axis ``k`` in a per-output ``(*batch, *out)`` array;
