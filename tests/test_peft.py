@@ -425,6 +425,13 @@ def test_save_errors(tmp_path):
                      "'kernel'"):
     lj.save_peft(tmp_path, lj.split({"kernel": jnp.ones((2, 2))}, config,
                                     jax.random.key(0))[1], config)
+  mixed = {"a": {"kernel": delta["a"]["kernel"].replace(
+      magnitude=jnp.ones(4))}, "b": delta["b"]}
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "save_peft: 'a/kernel' is a DoRA adapter but 'b/kernel' is not; PEFT's "
+      "use_dora holds for every module of an adapter. Save the two kinds as "
+      "two adapters.")):
+    lj.save_peft(tmp_path, mixed, config)
   with pytest.raises(TypeError, match="module_names must be a callable path -> "
                      "name or a list of \\(regex, replacement\\) pairs, got 3"):
     lj.save_peft(tmp_path, delta, config, module_names=3)

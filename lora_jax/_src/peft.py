@@ -293,11 +293,18 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
   >>> c["r"], c["lora_alpha"], c["target_modules"]
   (2, 4, ['q_proj'])
   """
-  mods = _modules_of(delta, _namer(module_names))
+  namer = _namer(module_names)
+  mods = _modules_of(delta, namer)
   if not mods:
     raise PeftFormatError("save_peft: the delta holds no adapter.")
   names = [m for m, *_ in mods]
-  namer = _namer(module_names)
+  dora = sorted({p for _, p, d, _ in mods if d.magnitude is not None})
+  if dora and len(dora) < len({p for _, p, _, _ in mods}):
+    plain = sorted({p for _, p, d, _ in mods if d.magnitude is None})
+    raise PeftFormatError(
+        f"save_peft: {dora[0]!r} is a DoRA adapter but {plain[0]!r} is not; "
+        f"PEFT's use_dora holds for every module of an adapter. Save the two "
+        f"kinds as two adapters.")
   # Every leaf path in the tree names a torch module; a delta with None slots
   # (from split) knows the modules it left alone, so target_modules can be
   # the short names (q_proj) whenever they pick exactly the adapted modules.
@@ -306,11 +313,10 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
   others = sorted({n for n in (namer(p) for p, x in slots if x is None)
                    if isinstance(n, str) and n} - set(names))
   targets = _target_modules(names, others if has_slots else None)
-  by_rank, by_alpha, scale = {}, {}, {}
+  by_rank, by_alpha = {}, {}
   for m, _, d, _ in mods:
     by_rank.setdefault(d.rank, []).append(m)
     by_alpha.setdefault(_alpha_of(d, config.rslora), []).append(m)
-    scale[m] = d.scale
   dropouts = {d.dropout for _, _, d, _ in mods}
   out = {
       "peft_type": "LORA",
@@ -319,7 +325,7 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
           config.alpha),
       "target_modules": targets,
       "use_rslora": config.rslora,
-      "use_dora": any(d.magnitude is not None for _, _, d, _ in mods),
+      "use_dora": bool(dora),
       "lora_dropout": max(dropouts),
       "fan_in_fan_out": False,
       "bias": "none",
