@@ -57,10 +57,12 @@ for n in names:
 EOF
 }
 
+FAILED=()  # steps that failed; the leg runs them all, then fails if any did
+
 run_pytest() {  # pytest "$@"; any non-zero exit fails the leg, 5 (no test ran) too
   local rc=0
-  "$PY" -m pytest -p no:cacheprovider -q -rfE "$@" || rc=$?
-  [ "$rc" -eq 0 ] || die "pytest exited $rc$([ "$rc" -eq 5 ] && echo ' (no tests ran)')"
+  "$PY" -m pytest -p no:cacheprovider -q -rfE --durations=10 "$@" || rc=$?
+  [ "$rc" -eq 0 ] || FAILED+=("pytest exited $rc$([ "$rc" -eq 5 ] && echo ' (no tests ran)')")
 }
 
 has_extra() {  # is [project.optional-dependencies] $1 declared in pyproject.toml?
@@ -134,8 +136,11 @@ EOF
   say "pytest: tests/, doctests over the installed lora_jax, notebooks (wheel)"
   run_pytest tests "$pkg" --doctest-modules
   say "API reference: sphinx -W (autodoc imports the installed wheel)"
-  "$PY" -m sphinx -W --keep-going -q -b html docs "$work/html" || die "sphinx-build -W"
-  echo "  built $work/html/index.html"
+  if "$PY" -m sphinx -W --keep-going -q -b html docs "$work/html"; then
+    echo "  built $work/html/index.html"
+  else
+    FAILED+=("sphinx-build -W")
+  fi
   cd "$ROOT"
 }
 
@@ -145,4 +150,5 @@ case $LEG in
   py313-newest) newest ;;
   *) die "unknown leg '$LEG'" ;;
 esac
+[ ${#FAILED[@]} -eq 0 ] || die "$(IFS=';'; echo "${FAILED[*]}")"
 say "passed"
