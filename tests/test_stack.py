@@ -141,3 +141,13 @@ def test_stack_errors_name_the_path():
     lj.wrap(case.fn)(base, lj.stack(ds), case.args[0])
   with pytest.raises(ValueError, match="Stack them first"):
     lj.wrap(case.fn)(base, ds[0], case.args[0], adapter_ids=jnp.array([0, 1]))
+
+
+def test_summary_and_describe_name_the_stack():
+  case = CASES["dense"]
+  base, ds = _adapters(case, ranks=(2, 3, 1))
+  s = lj.stack(ds)
+  text = lj.summary(base, s)
+  n = 3 * (8 * 3 + 3 * 6)  # padded a (8, 3) and b (3, 6), three adapters
+  assert f"adapters {n:,}" in text and "stack of 3: 2,3,1" in text
+  assert "stack of 3, ranks 2,3,1" in lj.describe(s)

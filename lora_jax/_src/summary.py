@@ -10,6 +10,7 @@ import jax
 from lora_jax._src.config import selects
 from lora_jax._src.delta import adapters, describe_array
 from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.stack import stacks
 
 
 def _size(x: Any) -> int:
@@ -28,11 +29,19 @@ def describe(delta: Any) -> str:
   ...                     lj.LoraConfig(rank=2), jax.random.key(0))
   >>> print(lj.describe(delta))
   fc/kernel  kernel (8, 4)  rank 2  scale 8  a f32[8,2]  b f32[2,4]
+  >>> print(lj.describe(lj.stack([delta, delta])))
+  fc/kernel  kernel (8, 4)  stack of 2, ranks 2,2  scales 8,8  a f32[2,8,2]  b f32[2,2,4]
   """
   rows = [(path, f"kernel {d.kernel_shape}", f"rank {d.rank}",
            f"scale {d.scale:g}", f"a {describe_array(d.a)}",
            f"b {describe_array(d.b)}")
           for path, d in adapters(delta).items()]
+  # a stack (lj.stack) of n adapters: "stack of n", each adapter's rank
+  rows += [(path, f"kernel {s.kernel_shape}",
+            f"stack of {s.size}, ranks {','.join(map(str, s.info.ranks))}",
+            "scales " + ",".join(f"{v:g}" for v in s.info.scales),
+            f"a {describe_array(s.a)}", f"b {describe_array(s.b)}")
+           for path, s in stacks(delta).items()]
   return _table(rows, header=None)
 
 
@@ -64,7 +73,10 @@ def summary(base: Any, delta: Any, trainable: Any = None) -> str:
   base_params = sum(_size(x) for _, x in base_leaves)
   extra = sum(_size(x) for p, x in base_leaves if selects(trainable, p, x))
   deltas = adapters(delta)
-  lora_params = sum(d.num_params for d in deltas.values())
+  stacked = stacks(delta)
+  lora_params = sum(d.num_params for d in deltas.values()) + sum(
+      _size(x) for s in stacked.values() for x in (s.a, s.b, s.magnitude)
+      if x is not None)
   trainable_n = lora_params + extra
   total = base_params + lora_params
   pct = 100.0 * trainable_n / total if total else 0.0
@@ -77,5 +89,10 @@ def summary(base: Any, delta: Any, trainable: Any = None) -> str:
   head += f"\nadapter size {lora_bytes / 1024:,.1f} KiB in memory"
   rows = [(p, str(d.kernel_shape), str(d.rank), f"{d.scale:g}",
            f"{d.num_params:,}") for p, d in deltas.items()]
+  rows += [(p, str(s.kernel_shape), f"stack of {s.size}: "
+            + ",".join(map(str, s.info.ranks)),
+            ",".join(f"{v:g}" for v in s.info.scales),
+            f"{sum(_size(x) for x in (s.a, s.b, s.magnitude) if x is not None):,}")
+           for p, s in stacked.items()]
   table = _table(rows, header=("path", "kernel", "rank", "scale", "params"))
   return f"{head}\n{table}"
