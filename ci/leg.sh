@@ -24,7 +24,10 @@ die() { printf '\n*** [%s] FAILED: %s\n' "$LEG" "$*" >&2; exit 1; }
 
 interpreter() {  # $1 = "3.11": the path of that CPython, or die
   local var="PYTHON${1/./}" prefix
-  if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
+  if [ -n "${!var:-}" ]; then
+    [ -x "${!var}" ] || die "$var=${!var} is not an executable"
+    echo "${!var}"; return
+  fi
   command -v pyenv >/dev/null || die "pyenv not found; install CPython $1 with pyenv or set $var"
   prefix=$(pyenv prefix "$1" 2>/dev/null) || die "CPython $1 is not installed (pyenv install $1), or set $var"
   [ -x "$prefix/bin/python$1" ] || die "no $prefix/bin/python$1"
@@ -144,7 +147,7 @@ EOF
   cd "$ROOT"
 }
 
-trap 'echo "=== [$LEG] took $((SECONDS - start)) s"' EXIT
+trap 'echo "=== [$LEG] took $((SECONDS - start)) s wall; CPU (user sys) of the script, then of its processes:"; times' EXIT
 case $LEG in
   py311-oldest) oldest ;;
   py313-newest) newest ;;
