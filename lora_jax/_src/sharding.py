@@ -34,8 +34,8 @@ def factor_specs(spec: PartitionSpec | None, layout: Layout):
 
   >>> from jax.sharding import PartitionSpec as P
   >>> import lora_jax as lj
-  >>> lj.factor_specs(P("data", "model"), lj.Layout.dense())
-  (P('data', None), P(None, 'model'), P('model',))
+  >>> [tuple(s) for s in lj.factor_specs(P("data", "model"), lj.Layout.dense())]
+  [('data', None), (None, 'model'), ('model',)]
   """
   s = _padded(spec, layout.ndim)
   in_a, in_b, _, _ = layout.factor_positions()
@@ -82,8 +82,8 @@ def delta_shardings(delta: Any, base_shardings: Any) -> Any:
   >>> from jax.sharding import PartitionSpec as P
   >>> _, delta = lj.split({"w": jnp.ones((8, 4))}, lj.LoraConfig(rank=2,
   ...                     targets="w"), jax.random.key(0))
-  >>> lj.delta_shardings(delta, {"w": P(None, "model")})["w"].b
-  P(None, 'model')
+  >>> tuple(lj.delta_shardings(delta, {"w": P(None, "model")})["w"].b)
+  (None, 'model')
   """
   specs = dict(leaves_with_paths(
       base_shardings, is_leaf=lambda x: isinstance(x, (PartitionSpec,
