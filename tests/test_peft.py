@@ -374,13 +374,69 @@ def test_stacked_kernels_become_one_module_per_layer(tmp_path):
     np.testing.assert_allclose(
         merged_flat[str(i)]["self_attn"]["q_proj"]["kernel"], merged[i],
         atol=1e-6)
-  with pytest.raises(lj.PeftFormatError, match=r"adapter_model.safetensors: "
-                     r"'base_model.model.model.layers.0.self_attn.q_proj.lora_A"
-                     r".weight' would adapt 'model/layers/0/self_attn/q_proj/"
-                     r"kernel', a kernel with batch axes"):
+  # ... and back onto the stacked kernel, named per entry the same way.
+  stacked_layout = {".*": lj.Layout((0,), (1,), (2,))}
+  _, back, cfg = lj.load_peft(tmp_path, stacked, module_names=names,
+                              layouts=stacked_layout)
+  g = back["layers"]["q_proj"]["kernel"]
+  assert np.asarray(g.a).tobytes() == np.asarray(d.a).tobytes()
+  assert np.asarray(g.b).tobytes() == np.asarray(d.b).tobytes()
+  assert (g.layout, g.scale, cfg.rank) == (d.layout, d.scale, 2)
+  # Each error of a stacked load names what to do.
+  with pytest.raises(lj.PeftFormatError) as e:
     lj.load_peft(tmp_path, {"model": {"layers": {
         str(i): {"self_attn": {"q_proj": {"kernel": w}}} for i in range(2)}}},
-                 layouts={".*": lj.Layout((0,), (1,), (2,))})
+                 layouts=stacked_layout)
+  assert str(e.value).endswith(
+      "adapter_model.safetensors: 'base_model.model.model.layers.0.self_attn."
+      "q_proj.lora_A.weight' would adapt 'model/layers/0/self_attn/q_proj/"
+      "kernel', a kernel with batch axes (0,) (shape (2, 8, 4), layout "
+      "Layout(batch=(0,), inputs=(1,), outputs=(2,))), but module_names named"
+      " it as one kernel. Name each entry of its batch axes \"<path>[i]\" in "
+      "module_names (e.g. [(r'.*/(\\w+)/kernel\\[(\\d+)\\]', "
+      "r'model.layers.\\2.\\1')]), or give it a layout whose batch axes "
+      "lead (layouts=).")
+  three = {"layers": {"q_proj": {"kernel": jnp.concatenate([w, w[:1]])}}}
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.load_peft(tmp_path, three, module_names=names, layouts=stacked_layout)
+  assert str(e.value).endswith(
+      "adapter_model.safetensors: 'layers/q_proj/kernel' is a stack of 3 "
+      "kernels, but the file has no module for 'layers/q_proj/kernel[2]' "
+      "('model.layers.2.self_attn.q_proj'); one lora_jax adapter covers the "
+      "whole stack, so every entry needs its module.")
+  both = names + [(r"layers/q_proj/kernel", "model.layers.0.self_attn.q_proj")]
+  with pytest.raises(lj.PeftFormatError, match="is the name of several "
+                     r"leaves \['layers/q_proj/kernel', 'layers/q_proj/"
+                     r"kernel\[0\]'\]"):
+    lj.load_peft(tmp_path, stacked, module_names=[both[1], both[0]])
+  twice = [(r"layers/q_proj/kernel", "foo")] + names
+  extra = tmp_path / "extra"
+  lj.save_peft(extra, delta, config, module_names=names)
+  _edit(extra, tensors=lambda t: {
+      **t, "base_model.model.foo.lora_A.weight": np.zeros((2, 8), np.float32),
+      "base_model.model.foo.lora_B.weight": np.zeros((4, 2), np.float32)})
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.load_peft(extra, stacked, module_names=twice)
+  assert str(e.value).endswith(
+      "adapter_model.safetensors: 'layers/q_proj/kernel' is adapted both as "
+      "one module and per stacked entry (['foo', 'model.layers.0.self_attn."
+      "q_proj', 'model.layers.1.self_attn.q_proj']); module_names must name it"
+      " one way.")
+  _edit(tmp_path, {"rank_pattern": {"layers.1.self_attn.q_proj": 3}})
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "shape (2, 8), but adapter_config.json gives "
+      "'model.layers.1.self_attn.q_proj' rank 3 (field rank_pattern); want "
+      "(3, in).")):
+    lj.load_peft(tmp_path, stacked, module_names=names, layouts=stacked_layout)
+  _edit(tmp_path, {"rank_pattern": {}, "alpha_pattern": {
+      "layers.1.self_attn.q_proj": 3}})
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.load_peft(tmp_path, stacked, module_names=names, layouts=stacked_layout)
+  assert str(e.value).endswith(
+      "adapter_model.safetensors: the modules of the stacked kernel "
+      "'layers/q_proj/kernel' have different (rank, alpha) [(2, 3.0), (2, "
+      "16.0)]; one lora_jax adapter has one rank and one scale for its whole "
+      "stack.")
 
 
 def test_module_names_as_callable_and_pairs(tmp_path):

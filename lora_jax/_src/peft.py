@@ -636,39 +636,96 @@ def _group_keys(tensors: dict, where: str, dora: bool) -> dict[str, dict]:
   return mods
 
 
-def _candidates(params: Any, namer) -> dict[str, list[str]]:
-  """``{module name: [paths]}`` of every float leaf with ndim >= 2."""
-  out: dict[str, list[str]] = {}
+def _kernels(params: Any) -> list[tuple[str, Any]]:
+  """``(path, leaf)`` of every float leaf with ndim >= 2."""
+  out = []
   for p, x in leaves_with_paths(params):
     dtype = getattr(x, "dtype", None)
-    if dtype is None or len(getattr(x, "shape", ())) < 2 or not jnp.issubdtype(
-        dtype, jnp.floating):
-      continue
-    name = namer(p)
-    if isinstance(name, str) and name:
-      out.setdefault(name, []).append(p)
+    if dtype is not None and len(getattr(x, "shape", ())) >= 2 and (
+        jnp.issubdtype(dtype, jnp.floating)):
+      out.append((p, x))
   return out
 
 
-def _match(modules: Sequence[str], cands: dict[str, list[str]], where: str
-           ) -> dict[str, str]:
+def _indexed(path: str, idx: tuple) -> str:
+  return f"{path}[{','.join(str(i) for i in idx)}]"
+
+
+def _candidates(kernels, namer, stacked: bool) -> dict[str, list[tuple]]:
+  """``{module name: [(path, index)]}``: each kernel under its own name
+  (index ``()``); with ``stacked``, each entry of its leading one or two axes
+  under the name ``module_names`` gives ``"<path>[i]"`` / ``"<path>[i,j]"``
+  (scanned layers, experts), where it gives one of its own."""
+  out: dict[str, list[tuple]] = {}
+  for p, x in kernels:
+    name = namer(p)
+    if isinstance(name, str) and name:
+      out.setdefault(name, []).append((p, ()))
+    for nb in (1, 2) if stacked else ():
+      if len(x.shape) < nb + 2:
+        break
+      for idx in np.ndindex(*x.shape[:nb]):
+        indexed = _indexed(p, idx)
+        name = namer(indexed)
+        if isinstance(name, str) and name and name != default_module_name(
+            indexed):
+          out.setdefault(name, []).append((p, idx))
+  return out
+
+
+def _match(modules: Sequence[str], kernels, namer, stacked: bool, where: str
+           ) -> dict[str, tuple[str, tuple]]:
+  """``{module: (path, index)}`` for every module of the file, or an error
+  naming the first module without exactly one kernel."""
+  cands = _candidates(kernels, namer, False)
+  if stacked and any(m not in cands for m in modules):
+    cands = _candidates(kernels, namer, True)
   found = {}
   for m in modules:
-    paths = cands.get(m)
-    if not paths:
+    hits = cands.get(m)
+    if not hits:
       close = difflib.get_close_matches(m, list(cands), n=3, cutoff=0.0)
-      shown = ", ".join(f"{c!r} ({cands[c][0]})" for c in close)
+      shown = ", ".join(
+          f"{c!r} ({_indexed(*cands[c][0]) if cands[c][0][1] else cands[c][0][0]})"
+          for c in close)
       raise PeftFormatError(
           f"{where}: module {m!r} matches no leaf of params (module names "
           f"come from leaf paths by module_names). Closest: {shown}. Pass "
           f"module_names=[(regex, replacement), ...] or a callable path -> "
           f"name that gives this module's kernel the name {m!r}.")
-    if len(paths) > 1:
+    if len(hits) > 1:
       raise PeftFormatError(
-          f"{where}: module {m!r} is the name of several leaves {paths}; pass "
+          f"{where}: module {m!r} is the name of several leaves "
+          f"{[_indexed(p, i) if i else p for p, i in hits]}; pass "
           f"module_names so that only its kernel gets this name.")
-    found[m] = paths[0]
+    found[m] = hits[0]
   return found
+
+
+def _per_kernel(found: dict, kernels, namer, where: str) -> dict[str, dict]:
+  """``{path: {index: module}}``; a stacked kernel needs a module for every
+  entry (one LoraDelta adapts them all)."""
+  out: dict[str, dict] = {}
+  for m, (p, idx) in found.items():
+    out.setdefault(p, {})[idx] = m
+  shapes = dict((p, x.shape) for p, x in kernels)
+  for p, by_idx in out.items():
+    nb = {len(i) for i in by_idx}
+    if len(nb) > 1:
+      raise PeftFormatError(
+          f"{where}: {p!r} is adapted both as one module and per stacked "
+          f"entry ({sorted(by_idx.values())}); module_names must name it one "
+          f"way.")
+    (nb,) = nb
+    want = list(np.ndindex(*shapes[p][:nb]))
+    missing = [i for i in want if i not in by_idx]
+    if nb and missing:
+      raise PeftFormatError(
+          f"{where}: {p!r} is a stack of {len(want)} kernels, but the file "
+          f"has no module for {_indexed(p, missing[0])!r} "
+          f"({namer(_indexed(p, missing[0]))!r}); one lora_jax adapter covers "
+          f"the whole stack, so every entry needs its module.")
+  return out
 
 
 def load_peft(directory: str | os.PathLike, params: Any,
@@ -689,7 +746,11 @@ def load_peft(directory: str | os.PathLike, params: Any,
     params: the base parameters (e.g. a transformers Flax model's
       ``params``).
     module_names: how a leaf path becomes a torch module name (see
-      :func:`save_peft`); default: drop the leaf name, join with ``.``.
+      :func:`save_peft`); default: drop the leaf name, join with ``.``. A
+      stacked kernel (scanned layers, experts) takes one module per entry of
+      its leading batch axes when ``module_names`` names ``"<path>[i]"``
+      (``"<path>[i,j]"``); every entry needs its module, all of one rank and
+      alpha.
     apply_fn: optional ``apply_fn(params, *example_args)``: the layouts of
       the kernels are traced from it (needed for transposed ``(out, in)``
       storage, as transformers' Flax GPT-2, and for N-D kernels).
@@ -721,24 +782,36 @@ def load_peft(directory: str | os.PathLike, params: Any,
   dora = bool(cfg.get("use_dora", False))
   mods = _group_keys(_read_weights(directory), weights_file, dora)
   namer = _namer(module_names)
-  paths = _match(sorted(mods), _candidates(params, namer), weights_file)
+  kernels = _kernels(params)
+  found = _match(sorted(mods), kernels, namer, module_names is not None,
+                 weights_file)
+  per_kernel = _per_kernel(found, kernels, namer, weights_file)
 
   r, alpha, rslora = cfg["r"], float(cfg["lora_alpha"]), bool(
       cfg.get("use_rslora", False))
   ranks = cfg.get("rank_pattern") or {}
   alphas = cfg.get("alpha_pattern") or {}
   rank_of, alpha_of = {}, {}
-  for m, p in paths.items():
-    rk, ak = pattern_key(list(ranks), m), pattern_key(list(alphas), m)
-    rank_of[p] = int(ranks[rk]) if rk is not None else r
-    alpha_of[p] = float(alphas[ak]) if ak is not None else alpha
-    key, lora_a = mods[m]["A"]
-    if lora_a.ndim != 2 or lora_a.shape[0] != rank_of[p]:
+  for p, by_idx in per_kernel.items():
+    values = set()
+    for m in by_idx.values():
+      rk, ak = pattern_key(list(ranks), m), pattern_key(list(alphas), m)
+      rm = int(ranks[rk]) if rk is not None else r
+      am = float(alphas[ak]) if ak is not None else alpha
+      key, lora_a = mods[m]["A"]
+      if lora_a.ndim != 2 or lora_a.shape[0] != rm:
+        raise PeftFormatError(
+            f"{weights_file}: {key!r} has shape {lora_a.shape}, but "
+            f"adapter_config.json gives {m!r} rank {rm} (field "
+            f"{'rank_pattern' if rk is not None else 'r'}); want ({rm}, in).")
+      values.add((rm, am))
+    if len(values) > 1:
       raise PeftFormatError(
-          f"{weights_file}: {key!r} has shape {lora_a.shape}, but "
-          f"adapter_config.json gives {m!r} rank {rank_of[p]} (field "
-          f"{'rank_pattern' if rk is not None else 'r'}); want ({rank_of[p]}, "
-          f"in).")
+          f"{weights_file}: the modules of the stacked kernel {p!r} have "
+          f"different (rank, alpha) {sorted(values)}; one lora_jax adapter "
+          f"has one rank and one scale for its whole stack.")
+    (rank_of[p], alpha_of[p]), = values
+  paths = {p: p for p in per_kernel}
   exact = lambda v: {re.escape(p): v[p] for p in sorted(paths.values())}
   config = LoraConfig(
       rank=r, alpha=alpha, rslora=rslora, dora=dora,
@@ -754,8 +827,8 @@ def load_peft(directory: str | os.PathLike, params: Any,
   template = LoraConfig(**{**_fields(config), "init": zeros})
   base, delta = split(params, template, jax.random.key(0), apply_fn,
                       example_args)
-  by_path = {p: m for m, p in paths.items()}
-  new = {p: _from_file(p, d, mods[by_path[p]], weights_file)
+  new = {p: _from_file(p, d, {i: mods[m] for i, m in per_kernel[p].items()},
+                      weights_file)
          for p, d in adapters(delta).items()}
   delta = map_with_paths(lambda p, d: new.get(p, d), delta,
                          is_leaf=is_delta_or_none)
@@ -774,34 +847,51 @@ def _put(x: np.ndarray, like: Any) -> jax.Array:
   return jax.device_put(y, sharding) if sharding is not None else y
 
 
-def _from_file(path: str, d: LoraDelta, parts: dict, where: str) -> LoraDelta:
+def _from_file(path: str, d: LoraDelta, parts: dict[tuple, dict],
+               where: str) -> LoraDelta:
   """The adapter ``d`` (from split: layout, rank, scale) with the file's
-  factors."""
+  factors; ``parts`` maps each batch index (``()`` for a plain kernel) to
+  its module's tensors."""
   lay, shape = d.layout, d.kernel_shape
-  (key_a, lora_a), (key_b, lora_b) = parts["A"], parts["B"]
   batch, ins, outs = lay.sizes(shape)
-  if batch:
+  (idx0, first), = list(parts.items())[:1]
+  nb = len(idx0)
+  if lay.batch != tuple(range(nb)):
+    key_a = first["A"][0]
+    how = (f"stacked along its leading {nb} axes" if nb else
+           "as one kernel")
     raise PeftFormatError(
         f"{where}: {key_a!r} would adapt {path!r}, a kernel with batch axes "
-        f"(shape {shape}, layout {lay}); PEFT adapts one kernel per module "
-        f"and load_peft does not stack them. Load onto unstacked params.")
+        f"{lay.batch} (shape {shape}, layout {lay}), but module_names named "
+        f"it {how}. Name each entry of its batch axes \"<path>[i]\" in "
+        f"module_names (e.g. [(r'.*/(\\w+)/kernel\\[(\\d+)\\]', "
+        f"r'model.layers.\\2.\\1')]), or give it a layout whose batch axes "
+        f"lead (layouts=).")
   k, n = math.prod(ins), math.prod(outs)
-  if lora_a.shape[1] != k or lora_b.shape != (n, lora_a.shape[0]):
-    raise PeftFormatError(
-        f"{where}: {key_a!r} {lora_a.shape} and {key_b!r} {lora_b.shape} do "
-        f"not fit {path!r} (shape {shape}, layout {lay}: in {k}, out {n}; "
-        f"want ({lora_a.shape[0]}, {k}) and ({n}, {lora_a.shape[0]})). If "
-        f"the kernel is stored (out, in), pass apply_fn and example_args so "
-        f"its layout is traced, or layouts={{{re.escape(path)!r}: "
-        f"lora_jax.Layout.transposed()}}.")
-  a, b = lay.factors_from_out_in(jnp.asarray(lora_a)[None],
-                                 jnp.asarray(lora_b)[None], shape)
-  out = d.replace(a=_put(np.asarray(a), d.a), b=_put(np.asarray(b), d.b))
-  if "M" in parts:
-    key_m, mag = parts["M"]
-    if mag.shape != (n,):
+  a_list, b_list, m_list = [], [], []
+  for idx in np.ndindex(*batch):
+    (key_a, lora_a), (key_b, lora_b) = parts[idx]["A"], parts[idx]["B"]
+    if lora_a.shape[1] != k or lora_b.shape != (n, lora_a.shape[0]):
       raise PeftFormatError(
-          f"{where}: {key_m!r} has shape {mag.shape}; want ({n},), one "
-          f"magnitude per output of {path!r}.")
-    out = out.replace(magnitude=_put(mag.reshape(outs), d.magnitude))
+          f"{where}: {key_a!r} {lora_a.shape} and {key_b!r} {lora_b.shape} do "
+          f"not fit {path!r} (shape {shape}, layout {lay}: in {k}, out {n}; "
+          f"want ({lora_a.shape[0]}, {k}) and ({n}, {lora_a.shape[0]})). If "
+          f"the kernel is stored (out, in), pass apply_fn and example_args so "
+          f"its layout is traced, or layouts={{{re.escape(path)!r}: "
+          f"lora_jax.Layout.transposed()}}.")
+    a_list.append(lora_a)
+    b_list.append(lora_b)
+    if "M" in parts[idx]:
+      key_m, mag = parts[idx]["M"]
+      if mag.shape != (n,):
+        raise PeftFormatError(
+            f"{where}: {key_m!r} has shape {mag.shape}; want ({n},), one "
+            f"magnitude per output of {path!r}.")
+      m_list.append(mag)
+  a, b = lay.factors_from_out_in(jnp.asarray(np.stack(a_list)),
+                                 jnp.asarray(np.stack(b_list)), shape)
+  out = d.replace(a=_put(np.asarray(a), d.a), b=_put(np.asarray(b), d.b))
+  if m_list:
+    out = out.replace(magnitude=_put(np.stack(m_list).reshape(*batch, *outs),
+                                     d.magnitude))
   return out
