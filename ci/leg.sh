@@ -129,7 +129,16 @@ EOF
   mkdir -p "$work/run/benchmarks"
   cp -r tests notebooks docs "$work/run/"
   cp -r benchmarks/results "$work/run/benchmarks/"  # notebook 03 plots them
-  printf '[pytest]\nfilterwarnings = ignore::DeprecationWarning\n' > "$work/run/pytest.ini"
+  "$PY" - "$work/run/pytest.ini" <<'EOF'  # pyproject's pytest options, less its paths
+import sys, tomllib
+opts = tomllib.load(open("pyproject.toml", "rb"))["tool"]["pytest"]["ini_options"]
+opts.pop("testpaths", None)
+with open(sys.argv[1], "w") as f:
+  f.write("[pytest]\n")
+  for k, v in opts.items():
+    f.write(f"{k} =" + "".join(f"\n  {x}" for x in v) + "\n" if isinstance(v, list)
+            else f"{k} = {v}\n")
+EOF
   cd "$work/run"
   pkg=$("$PY" -c "import lora_jax, os; print(os.path.dirname(lora_jax.__file__))")
   say "lora_jax imported from $pkg"
