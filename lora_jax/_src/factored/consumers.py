@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored.lowrank import lowrank_dot, output_factor
+from lora_jax._src.factored.lowrank import lowrank_dot
 from lora_jax._src.factored.values import Context, FallbackError, Lora
 from lora_jax._src.quant import frozen_linear
 
@@ -127,9 +127,16 @@ def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
       projected=projected)[0]
   lay = lora.layout
   transposed = set(lay.outputs) == set(k_contract)
+  # dot_general's result: batch dims, then lhs free dims, then rhs free
+  # dims, each ascending; where does each kernel batch / output axis land?
   n_x_free = x.ndim - len(x_contract) - len(x_batch)
+  k_free = sorted(set(range(lora.w.ndim)) - set(k_contract) - set(k_batch))
+  first_free = len(k_batch) + (0 if kernel_is_lhs else n_x_free)
+  positions = {k: j for j, k in enumerate(k_batch)}
+  positions.update({k: first_free + j for j, k in enumerate(k_free)})
+  out_ndim = len(eqn.outvars[0].aval.shape)
   place = None if transposed else (
-      lambda v: output_factor(v, lay, k_batch, n_x_free, kernel_is_lhs))
+      lambda v: lay.place_outputs(v, positions, out_ndim))
   rule = "dot_general (transposed use)" if transposed else "dot_general"
   op = lambda x, w: jc.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
   return Plan(lora, x, rule, lowrank, place, cost=(x.shape, x_contract),
@@ -168,10 +175,8 @@ def _conv_plan(eqn, invals, ctx: Context) -> Plan | None:
         *shape[:-1], lora.b.shape[-1])
     return jnp.moveaxis(low, -1, feat)
 
-  def place(values):
-    shape = [1] * len(eqn.outvars[0].aval.shape)
-    shape[feat] = values.shape[0]
-    return values.reshape(shape)
+  place = lambda v: lay.place_outputs(v, {out_axis: feat},
+                                      len(eqn.outvars[0].aval.shape))
   return Plan(lora, lhs, "conv_general_dilated", lowrank, place,
               linear_op=lambda x, w: jc.bind(eqn, [x, w])[0])
 
@@ -203,10 +208,8 @@ def _gather_plan(eqn, invals, ctx: Context) -> Plan | None:
     rows = jnp.moveaxis(rows, off, -1) * jnp.asarray(lora.scale, rows.dtype)
     return jnp.moveaxis(rows @ lora.b, -1, off)
 
-  def place(values):
-    shape = [1] * len(eqn.outvars[0].aval.shape)
-    shape[off] = values.shape[0]
-    return values.reshape(shape)
+  place = lambda v: lay.place_outputs(v, {lay.outputs[0]: off},
+                                      len(eqn.outvars[0].aval.shape))
   return Plan(lora, None, "gather", lowrank, place)
 
 

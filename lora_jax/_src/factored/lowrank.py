@@ -128,17 +128,3 @@ def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
             + list(range(nbatch, base_nd)))
     u = jnp.transpose(u, perm)
   return u, rule
-
-
-def output_factor(values, lay, k_batch, n_x_free: int, kernel_is_lhs: bool):
-  """``(*batch, *out)`` values placed to broadcast against a dot's output:
-  batch dims first (in the dot's order), then x's free dims and the kernel's
-  free dims (ascending) in the order the dot emits them."""
-  axes = lay.batch + lay.outputs
-  want = list(k_batch) + sorted(lay.outputs)
-  v = jnp.transpose(values, [axes.index(k) for k in want])
-  nb = len(k_batch)
-  ones = (1,) * n_x_free
-  shape = (v.shape[:nb] + ((v.shape[nb:] + ones) if kernel_is_lhs
-                           else (ones + v.shape[nb:])))
-  return v.reshape(shape)
