@@ -9,13 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src import dora
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
-
-# The factored engine imports these two from here; they live in dora.py.
-adapted_weight = dora.adapted_weight
-dora_norm = dora.norm
 
 
 def is_concrete(x: Any) -> bool:
