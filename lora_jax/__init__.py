@@ -17,6 +17,7 @@ from lora_jax._src.checkpoint import load_config
 from lora_jax._src.checkpoint import load_extras
 from lora_jax._src.checkpoint import load_metadata
 from lora_jax._src.checkpoint import save
+from lora_jax._src.combine import combine
 from lora_jax._src.config import ALL_LINEAR
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.delta import LoraDelta
@@ -48,6 +49,8 @@ from lora_jax._src.stack import LoraStack
 from lora_jax._src.stack import put
 from lora_jax._src.stack import select
 from lora_jax._src.stack import stack
+from lora_jax._src.stack_io import load_stack
+from lora_jax._src.stack_io import save_stack
 from lora_jax._src.summary import describe
 from lora_jax._src.summary import summary
 from lora_jax._src.wrap import explain
@@ -72,6 +75,7 @@ __all__ = (
     "adapters",
     "check_vllm",
     "checkpoint_manager",
+    "combine",
     "delta_shardings",
     "delta_weight",
     "dequantize",
@@ -85,6 +89,7 @@ __all__ = (
     "load_extras",
     "load_metadata",
     "load_peft",
+    "load_stack",
     "map_with_paths",
     "merge",
     "optimizer",
@@ -92,6 +97,7 @@ __all__ = (
     "quantize",
     "save",
     "save_peft",
+    "save_stack",
     "select",
     "split",
     "stack",

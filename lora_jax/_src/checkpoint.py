@@ -288,6 +288,15 @@ def save(directory: str | os.PathLike, delta: Any,
   arrays = {"adapters": _nest({p: _factors(d) for p, d in deltas.items()})}
   if extras:
     arrays["extras"] = _nest(extras)
+  return write(directory, meta, arrays, overwrite)
+
+
+def write(directory: str | os.PathLike, meta: dict, arrays: dict,
+          overwrite: bool) -> str:
+  """Writes ``arrays`` (orbax) and ``meta`` (``lora_jax.json``, last) to
+  ``directory`` by the folder protocol above; :func:`save` and
+  ``stack_io.save_stack`` share it. Returns the absolute path."""
+  directory = _abspath(directory)
   lead = jax.process_index() == 0
   if lead:
     _recover(directory)
@@ -520,6 +529,10 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   {'fc': {'kernel': LoraDelta(rank=2, kernel=(4, 4), a=f32[4,2], b=f32[2,4], scale=8)}}
   """
   folder, meta = _read_meta(directory)
+  if "stack" in meta:  # written by lora_jax.save_stack
+    raise CheckpointError(
+        f"lora_jax.load: {folder} holds a stack of adapters; read it with "
+        f"lora_jax.load_stack (and take one out with lora_jax.select).")
   restored = _restore(folder, meta, adapters(shardings)
                       if shardings is not None else None)["adapters"]
   flat = {}

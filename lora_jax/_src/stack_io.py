@@ -1,0 +1,230 @@
+"""Saving and loading a stack of adapters (:func:`lora_jax.stack`).
+
+A stack is written as one adapter checkpoint (``checkpoint.py``'s folder
+protocol and validation: a save killed at any moment leaves the old or the
+new stack): at each path the stacked factors are stored as they are, padding
+included, described as the update of a kernel with one more leading batch
+axis (the adapter axis), and ``lora_jax.json`` gains a ``"stack"`` entry with
+each adapter's own metadata: its rank, exact scale, the float32 scale the
+computation uses, and its config. ``lora_jax.load`` refuses such a folder
+and names :func:`load_stack`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._src import checkpoint
+from lora_jax._src.checkpoint import CheckpointError
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.layouts import Layout
+from lora_jax._src.stack import LoraStack, StackInfo, stacks
+
+
+def _with_adapter_axis(layout: Layout) -> Layout:
+  """``layout`` of a kernel, for the same kernel with a leading adapter axis."""
+  up = lambda axes: tuple(a + 1 for a in axes)
+  return Layout((0,) + up(layout.batch), up(layout.inputs), up(layout.outputs))
+
+
+def _as_delta(s: LoraStack) -> LoraDelta:
+  # The stacked factors are exactly rank-R factors of an (n, *kernel) kernel.
+  return LoraDelta(s.a, s.b, scale=1.0, layout=_with_adapter_axis(s.layout),
+                   magnitude=s.magnitude, dropout=s.dropout)
+
+
+def _configs(configs: Any, n: int) -> list:
+  if configs is None or isinstance(configs, LoraConfig):
+    return [configs] * n
+  configs = list(configs)
+  if len(configs) != n or not all(
+      c is None or isinstance(c, LoraConfig) for c in configs):
+    raise ValueError(
+        f"lora_jax.save_stack: configs must be None, one LoraConfig, or a "
+        f"list of {n} (one per adapter, None allowed); got {configs!r}.")
+  return configs
+
+
+def save_stack(directory: str | os.PathLike, stacked: Any,
+               configs: Any = None, *, overwrite: bool = False) -> str:
+  """Saves a stack of adapters, each with its own rank, scale and config.
+
+  The factors are saved as they are (padding included), so
+  :func:`load_stack` gives back the stack bit for bit.
+
+  Args:
+    directory: the checkpoint folder (``~`` is expanded).
+    stacked: a delta tree from :func:`lora_jax.stack` (or ``put``).
+    configs: None, one :class:`lora_jax.LoraConfig` for every adapter, or a
+      list with one per adapter (None allowed).
+    overwrite: replace an existing lora_jax checkpoint (see
+      :func:`lora_jax.save`).
+
+  Returns:
+    The absolute path written.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
+  >>> params = {"w": jnp.ones((6, 4))}
+  >>> cfgs = [lj.LoraConfig(rank=r, targets="w") for r in (2, 4)]
+  >>> ds = [lj.split(params, c, jax.random.key(0))[1] for c in cfgs]
+  >>> path = lj.save_stack(os.path.join(tempfile.mkdtemp(), "s"),
+  ...                      lj.stack(ds), cfgs)
+  >>> back, configs = lj.load_stack(path, return_configs=True)
+  >>> back["w"].info.ranks, configs[1].rank
+  ((2, 4), 4)
+  """
+  found = stacks(stacked)
+  if not found:
+    raise ValueError("lora_jax.save_stack: the tree holds no LoraStack (make "
+                     "one with lora_jax.stack); save a single adapter with "
+                     "lora_jax.save.")
+  sizes = {p: s.size for p, s in found.items()}
+  n = next(iter(sizes.values()))
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"lora_jax.save_stack: the stacks hold different numbers "
+                     f"of adapters: {sizes}.")
+  configs = _configs(configs, n)
+  deltas = {p: _as_delta(s) for p, s in found.items()}
+  meta = checkpoint.metadata(checkpoint._nest(deltas))  # pylint: disable=protected-access
+  per_adapter = []
+  for k in range(n):
+    per_adapter.append({
+        "config": None if configs[k] is None else configs[k].to_json(),
+        "paths": {p: {"rank": int(s.info.ranks[k]) if s.info.ranks
+                      else int(s.rank),
+                      "scale": float(s.info.scales[k]) if s.info.scales
+                      else float(s.scale[k]),
+                      "scale_data": float(np.asarray(s.scale[k]))}
+                  for p, s in found.items()}})
+  meta["stack"] = {
+      "size": n,
+      "scale_dtype": {p: np.dtype(s.scale.dtype).name
+                      for p, s in found.items()},
+      "layouts": {p: s.layout.to_json() for p, s in found.items()},
+      "adapters": per_adapter}
+  arrays = {"adapters": checkpoint._nest(  # pylint: disable=protected-access
+      {p: checkpoint._factors(d) for p, d in deltas.items()})}  # pylint: disable=protected-access
+  return checkpoint.write(directory, meta, arrays, overwrite)
+
+
+def _bad(folder: str, what: str) -> CheckpointError:
+  return CheckpointError(f"lora_jax.load_stack: the stack description in "
+                         f"{os.path.join(folder, checkpoint.META_FILE)} is "
+                         f"corrupt: {what}.")
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_stack(folder: str, meta: dict) -> dict:
+  """The ``"stack"`` entry, checked against the arrays' description."""
+  info = meta["stack"]
+  if not isinstance(info, dict) or not _is_int(info.get("size")) or (
+      info["size"] < 1):
+    raise _bad(folder, f"'stack' must hold a positive 'size', got {info!r}")
+  n, paths = info["size"], set(meta["adapters"])
+  for key in ("layouts", "scale_dtype"):
+    if not isinstance(info.get(key), dict) or set(info[key]) != paths:
+      raise _bad(folder, f"stack.{key} must name the paths {sorted(paths)}")
+  for p in paths:
+    entry = meta["adapters"][p]
+    try:
+      layout = Layout.from_json(info["layouts"][p])
+      np.dtype(info["scale_dtype"][p])
+    except (TypeError, ValueError) as e:
+      raise _bad(folder, f"stack at {p!r}: {e}") from None
+    if (_with_adapter_axis(layout).to_json() != entry["layout"]
+        or entry["a"]["shape"][:1] != [n]):
+      raise _bad(folder, f"the arrays at {p!r} are not {n} adapters of "
+                         f"layout {layout}")
+  adapters = info.get("adapters")
+  if not isinstance(adapters, list) or len(adapters) != n:
+    raise _bad(folder, f"stack.adapters must list {n} adapters")
+  for k, a in enumerate(adapters):
+    if not isinstance(a, dict) or not isinstance(a.get("paths"), dict) or (
+        set(a["paths"]) != paths):
+      raise _bad(folder, f"stack.adapters[{k}] must describe the paths "
+                         f"{sorted(paths)}")
+    for p, e in a["paths"].items():
+      padded = meta["adapters"][p]["rank"]
+      ok = isinstance(e, dict) and _is_int(e.get("rank")) and (
+          0 <= e["rank"] <= padded) and _is_number(e.get("scale")) and (
+              _is_number(e.get("scale_data")))
+      if not ok:
+        raise _bad(folder, f"stack.adapters[{k}].paths[{p!r}] must hold a "
+                           f"rank in 0..{padded}, a scale and a scale_data; "
+                           f"got {e!r}")
+    if not isinstance(a.get("config"), (dict, type(None))):
+      raise _bad(folder, f"stack.adapters[{k}].config must be an object or "
+                         f"null")
+  return info
+
+
+def load_stack(directory: str | os.PathLike, *, return_configs: bool = False
+               ) -> Any:
+  """Restores a stack saved by :func:`save_stack`, bit for bit.
+
+  Args:
+    directory: the checkpoint folder (``~`` is expanded).
+    return_configs: also return the list of per-adapter configs (None where
+      none was saved).
+
+  Returns:
+    A nested dict with a :class:`lora_jax.LoraStack` at each adapted path
+    (per-adapter ranks and exact scales in ``.info``); with
+    ``return_configs``, ``(stacked, configs)``.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
+  >>> params = {"w": jnp.ones((6, 4))}
+  >>> ds = [lj.split(params, lj.LoraConfig(rank=2, alpha=a, targets="w"),
+  ...                jax.random.key(0))[1] for a in (1.0, 3.0)]
+  >>> path = lj.save_stack(os.path.join(tempfile.mkdtemp(), "s"), lj.stack(ds))
+  >>> lj.load_stack(path)["w"].info.scales
+  (0.5, 1.5)
+  """
+  folder, meta = checkpoint._read_meta(directory)  # pylint: disable=protected-access
+  if "stack" not in meta:
+    raise CheckpointError(
+        f"lora_jax.load_stack: {folder} holds one adapter, not a stack; read "
+        f"it with lora_jax.load (lora_jax.stack([...]) makes a stack of "
+        f"loaded adapters).")
+  info = _check_stack(folder, meta)
+  restored = checkpoint._restore(folder, meta)["adapters"]  # pylint: disable=protected-access
+  per = info["adapters"]
+  flat = {}
+  for path, entry in meta["adapters"].items():
+    node = checkpoint._lookup(restored, path)  # pylint: disable=protected-access
+    flat[path] = LoraStack(
+        a=node["a"], b=node["b"],
+        scale=jnp.asarray(np.asarray([a["paths"][path]["scale_data"]
+                                      for a in per],
+                                     info["scale_dtype"][path])),
+        magnitude=node.get("magnitude"),
+        layout=Layout.from_json(info["layouts"][path]),
+        dropout=float(entry.get("dropout", 0.0)),
+        info=StackInfo(tuple(int(a["paths"][path]["rank"]) for a in per),
+                       tuple(float(a["paths"][path]["scale"]) for a in per)))
+  stacked = checkpoint._nest(flat)  # pylint: disable=protected-access
+  if not return_configs:
+    return stacked
+  configs = []
+  for k, a in enumerate(per):
+    try:
+      configs.append(None if a["config"] is None
+                     else LoraConfig.from_json(a["config"]))
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(
+          f"lora_jax.load_stack: the config of adapter {k} in {folder} "
+          f"cannot be read back: {e}") from None
+  return stacked, configs
+

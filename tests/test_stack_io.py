@@ -1,0 +1,152 @@
+"""lj.save_stack / lj.load_stack: a stack comes back bit for bit, each adapter
+with its own rank, exact scale and config; the wrong loader is a clear
+CheckpointError."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from cases import CASES
+from helpers import randomize
+from lora_jax._src.stack import stacks
+
+RANKS = (2, 3, 1)
+ALPHAS = (2.0, 5.0, 1.0)
+
+
+def _stack(name="attention", **kw):
+  case = CASES[name]
+  cfgs = [lj.LoraConfig(rank=r, alpha=a, targets=case.targets, **kw)
+          for r, a in zip(RANKS, ALPHAS)]
+  ds = []
+  for k, cfg in enumerate(cfgs):
+    base, d = lj.split(case.params, cfg, jax.random.key(10 + k),
+                       apply_fn=case.fn, example_args=case.args)
+    ds.append(randomize(d, seed=k))
+  return case, base, cfgs, ds, lj.stack(ds)
+
+
+def _assert_same_stack(got, want):
+  got, want = stacks(got), stacks(want)
+  assert set(got) == set(want)
+  for p, w in want.items():
+    g = got[p]
+    for name in ("a", "b", "scale", "magnitude"):
+      x, y = getattr(g, name), getattr(w, name)
+      assert (x is None) == (y is None), (p, name)
+      if x is not None:
+        assert x.dtype == y.dtype and x.shape == y.shape, (p, name)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert g.layout == w.layout and g.dropout == w.dropout
+    assert g.info.ranks == w.info.ranks and g.info.scales == w.info.scales
+
+
+@pytest.mark.parametrize("name", ["attention", "scan_remat", "transposed"])
+def test_roundtrip_bit_for_bit_with_each_adapters_metadata(tmp_path, name):
+  case, base, cfgs, ds, stacked = _stack(name)
+  path = lj.save_stack(tmp_path / "s", stacked, cfgs)
+  back, configs = lj.load_stack(path, return_configs=True)
+  _assert_same_stack(back, stacked)
+  assert configs == cfgs
+  q = next(iter(stacks(back).values()))
+  assert q.info.ranks == RANKS
+  assert q.info.scales == tuple(a / r for a, r in zip(ALPHAS, RANKS))
+  # each adapter comes back out at its own rank, bit for bit
+  for k, d in enumerate(ds):
+    for p, want in lj.adapters(d).items():
+      got = lj.adapters(lj.select(back, k))[p]
+      assert got.rank == want.rank and got.scale == want.scale
+      np.testing.assert_array_equal(np.asarray(got.a), np.asarray(want.a))
+      np.testing.assert_array_equal(np.asarray(got.b), np.asarray(want.b))
+  # and the mixed pass over the loaded stack is the same computation
+  x = jnp.concatenate([case.args[0]] * 3)[:3]
+  ids = jnp.array([2, -1, 0])
+  apply = jax.jit(lj.wrap(case.fn))
+  np.testing.assert_array_equal(apply(base, back, x, adapter_ids=ids),
+                                apply(base, stacked, x, adapter_ids=ids))
+
+
+def test_dora_stack_and_a_put_adapter_roundtrip(tmp_path):
+  _, _, cfgs, ds, stacked = _stack("dense", dora=True)
+  stacked = lj.put(stacked, 1, ds[2])  # rank 1 in a rank-3 slot
+  path = lj.save_stack(tmp_path / "s", stacked, cfgs[0])
+  back, configs = lj.load_stack(path, return_configs=True)
+  _assert_same_stack(back, stacked)
+  assert back["kernel"].info.ranks == (2, 1, 1)
+  assert back["kernel"].magnitude.shape == (3, 6)
+  assert configs == [cfgs[0]] * 3
+
+
+def test_bf16_factors_and_no_configs(tmp_path):
+  _, _, _, ds, _ = _stack("dense")
+  ds = [jax.tree.map(lambda x: x.astype(jnp.bfloat16), d) for d in ds]
+  stacked = lj.stack(ds)
+  back, configs = lj.load_stack(lj.save_stack(tmp_path / "s", stacked),
+                                return_configs=True)
+  _assert_same_stack(back, stacked)
+  assert back["kernel"].a.dtype == jnp.bfloat16
+  assert configs == [None, None, None]
+
+
+def test_the_wrong_loader_is_a_checkpoint_error(tmp_path):
+  _, _, cfgs, ds, stacked = _stack("dense")
+  s = lj.save_stack(tmp_path / "s", stacked)
+  with pytest.raises(lj.CheckpointError,
+                     match=r"holds a stack of adapters; read it with "
+                     r"lora_jax.load_stack"):
+    lj.load(s)
+  one = lj.save(tmp_path / "one", ds[0], cfgs[0])
+  with pytest.raises(lj.CheckpointError,
+                     match=r"holds one adapter, not a stack; read it with "
+                     r"lora_jax.load"):
+    lj.load_stack(one)
+
+
+def _edit_meta(path, fn):
+  meta_file = os.path.join(path, "lora_jax.json")
+  with open(meta_file) as f:
+    meta = json.load(f)
+  fn(meta)
+  with open(meta_file, "w") as f:
+    json.dump(meta, f)
+
+
+def test_corrupt_stack_description_names_the_field(tmp_path):
+  _, _, _, _, stacked = _stack("dense")
+  path = lj.save_stack(tmp_path / "s", stacked)
+
+  def bad_rank(meta):
+    meta["stack"]["adapters"][1]["paths"]["kernel"]["rank"] = 9
+  _edit_meta(path, bad_rank)
+  with pytest.raises(lj.CheckpointError,
+                     match=r"stack.adapters\[1\].paths\['kernel'\] must hold "
+                     r"a rank in 0..3"):
+    lj.load_stack(path)
+
+  def bad_size(meta):
+    meta["stack"]["adapters"][1]["paths"]["kernel"]["rank"] = 3
+    meta["stack"]["size"] = 4
+  _edit_meta(path, bad_size)
+  with pytest.raises(lj.CheckpointError,
+                     match=r"the arrays at 'kernel' are not 4 adapters"):
+    lj.load_stack(path)
+
+
+def test_save_refuses_what_is_not_a_stack_and_keeps_overwrite_rules(tmp_path):
+  _, _, cfgs, ds, stacked = _stack("dense")
+  with pytest.raises(ValueError, match=r"holds no LoraStack"):
+    lj.save_stack(tmp_path / "x", ds[0])
+  with pytest.raises(ValueError, match=r"a list of 3 \(one per adapter"):
+    lj.save_stack(tmp_path / "x", stacked, cfgs[:2])
+  path = lj.save_stack(tmp_path / "s", stacked)
+  with pytest.raises(FileExistsError, match=r"already exists; pass "
+                     r"overwrite=True"):
+    lj.save_stack(path, stacked)
+  smaller = lj.stack(ds[:2])
+  lj.save_stack(path, smaller, overwrite=True)
+  _assert_same_stack(lj.load_stack(path), smaller)
