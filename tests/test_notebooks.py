@@ -25,7 +25,7 @@ def _execute(nb, cwd):
 
 
 def test_there_are_notebooks():
-  assert len(NOTEBOOKS) == 4
+  assert len(NOTEBOOKS) == 5
 
 
 def test_kernel_runs_this_python_and_this_lora_jax(tmp_path):
