@@ -14,34 +14,37 @@ from lora_jax.__main__ import _main
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo")
   return demo.main(["--steps-pretrain", "150", "--steps-lora", "100",
-                    "--batch", "32", "--out", str(out), "--quiet"])
+                    "--batch", "32", "--out", str(out), "--quiet",
+                    "--no-w3-memory"])
 
 
 def test_merged_model_predicts_like_wrapped(results):
-  assert results["factors_equal"]
-  assert results["max_merge_diff"] < 1e-5  # vs wrap(mode="merge")
-  assert results["max_engine_diff"] < 1e-2  # vs wrap() as trained: rounding
-  assert results["argmax_equal"]
-  assert results["ok"]
+  check = results.check
+  assert check.factors_equal and check.arrays == 24
+  assert check.max_merge_diff < 1e-5  # vs wrap(mode="merge")
+  assert check.max_engine_diff < 1e-2  # vs wrap() as trained: rounding
+  assert check.argmax_equal
+  assert results.ok
 
 
 def test_lora_learns_task2_and_keeps_the_base(results):
-  assert results["task1_accuracy"] > 0.9  # pretraining learned to copy
-  assert results["task2_loss_after"] < 0.5 * results["task2_loss_before"]
-  before, after = (results["task2_accuracy_before"],
-                   results["task2_accuracy_after"])
-  assert after > before + 0.2
-  assert results["task1_accuracy_base_after_lora"] == results["task1_accuracy"]
+  lora = results.runs[demo.FACTORED].score
+  assert results.pretrained.accuracy > 0.9  # pretraining learned to copy
+  assert lora.loss < 0.5 * results.before.loss
+  assert lora.accuracy > results.before.accuracy + 0.2
+  assert results.base_copy.accuracy == results.pretrained.accuracy
 
 
 def test_adapter_is_small(results):
-  assert 0 < results["trainable_fraction"] < 0.1
-  assert results["trainable_params"] < 0.1 * results["params"]
-  assert 0 < results["adapter_bytes"] < results["params_bytes"]
-  files = [f for _, _, fs in os.walk(results["adapter_dir"]) for f in fs]
+  lora, full = results.runs[demo.FACTORED], results.runs[demo.FULL]
+  assert lora.trainable == 18_432 and full.trainable == results.params
+  assert 0 < lora.trainable / (results.params + lora.trainable) < 0.1
+  assert lora.trainable < 0.1 * results.params
+  assert 0 < lora.disk_bytes < results.params_bytes
+  files = [f for _, _, fs in os.walk(results.adapter_dir) for f in fs]
   assert "lora_jax.json" in files
-  assert len(lj.load(results["adapter_dir"])) == 2  # block0, block1
-  assert results["step_ms_full"] > 0 and results["step_ms_lora"] > 0
+  assert len(lj.load(results.adapter_dir)) == 2  # block0, block1
+  assert full.step_ms > 0 and lora.step_ms > 0
 
 
 class _Stream(io.StringIO):
@@ -98,14 +101,51 @@ def test_exit_status_is_1_when_merged_and_wrapped_disagree(monkeypatch,
   assert demo.cli(argv) == 1
 
 
-def test_three_way_table(results):
-  runs = results["runs"]
-  assert set(runs) == {"LoRA factored", "LoRA merge", "full fine-tuning"}
+def test_four_way_table(results):
+  runs = results.runs
+  assert list(runs) == ["LoRA factored", "LoRA merge", "full fine-tuning",
+                        "QLoRA nf4"]
   for r in runs.values():
-    assert len(r["curve"]) == 100 and r["curve"][-1] < r["curve"][0]
-    assert r["step_ms"] > 0 and r["memory_bytes"] > 0
+    assert len(r.curve) == 100 and r.curve[-1] < r.curve[0]
+    assert r.step_ms > 0 and r.memory_bytes > 0
   # the two engines train the same model on the same batches
-  lf, lm = runs["LoRA factored"]["curve"], runs["LoRA merge"]["curve"]
+  lf, lm = runs["LoRA factored"].curve, runs["LoRA merge"].curve
   assert abs(lf[0] - lm[0]) < 1e-4 * abs(lm[0])
-  assert results["adapter_bytes"] < results["full_checkpoint_bytes"]
-  assert results["plot"] is None or os.path.getsize(results["plot"]) > 1000
+  assert runs["LoRA factored"].disk_bytes < runs["full fine-tuning"].disk_bytes
+  assert results.plot is None or os.path.getsize(results.plot) > 1000
+  lines = demo.table(runs, results.params)
+  assert [l.split("  ")[0].strip() for l in lines[2:]] == list(runs)
+
+
+def test_qlora_learns_like_lora(results):
+  lora, qlora = results.runs["LoRA factored"], results.runs["QLoRA nf4"]
+  threshold = results.before.accuracy + 0.2  # what LoRA must reach above
+  assert lora.score.accuracy > threshold and qlora.score.accuracy > threshold
+  # this short run: LoRA 44.9%, QLoRA 45.7% of answer tokens
+  assert abs(qlora.score.accuracy - lora.score.accuracy) < 0.05
+  assert qlora.score.loss < 0.5 * results.before.loss
+  assert qlora.curve[0] == pytest.approx(lora.curve[0], rel=0.05)
+
+
+def test_memory_ordering_where_parameters_dominate():
+  # W3's shapes scaled down to stay fast, with the vocabulary that makes
+  # parameters (not activations) fill memory: the demo's W3 line's measure.
+  size = demo.w3_size(d_model=256, layers=2, heads=4, mlp=1024, seq=32)
+  mem = demo.w3_memory(size)
+  assert mem["QLoRA nf4"] < mem["LoRA factored"] < mem["full fine-tuning"]
+  assert mem["LoRA factored"] < 0.5 * mem["full fine-tuning"]
+
+
+def test_memory_lines_say_where_memory_is_saved():
+  run = lambda mem: demo.Run(demo.Score(0., 1.), [1.], 1, 1., mem)
+  runs = {demo.FACTORED: run(60), demo.FULL: run(50), demo.QLORA: run(55)}
+  here, w3 = demo.memory_lines(runs, None)
+  assert here.startswith("memory here: activations")
+  assert w3.startswith("W3 size: not measured")
+  runs[demo.FULL] = run(70)
+  mib = {demo.FULL: 2048 * 2**20, demo.FACTORED: 512 * 2**20,
+         demo.QLORA: 256 * 2**20}
+  here, w3 = demo.memory_lines(runs, mib)
+  assert here == "memory here: QLoRA < LoRA < full fine-tuning"
+  assert w3.endswith("full 2,048 MiB, LoRA 512 MiB (0.25x), "
+                     "QLoRA nf4 256 MiB (0.12x)")

@@ -3,20 +3,24 @@
 A two-block decoder-only transformer (Flax Linen) learns to *copy* a sequence
 of digits (task 1, all parameters trained), then learns to *reverse* it (task
 2) with LoRA on every attention and MLP kernel while the base stays frozen.
-The demo prints held-out accuracy before and after, what is trainable, the
-step time of full fine-tuning against LoRA, and the adapter's size on disk;
-then it reloads the adapter, merges it into the base and checks that the
-merged model predicts what the wrapped one does: bit for bit against wrap's
-merge engine, to float32 rounding against the engine used in training.
+The demo prints held-out accuracy before and after, what is trainable, and
+a table of four ways to learn task 2 (LoRA with each engine, full
+fine-tuning, and QLoRA: the same adapters on an nf4-quantized base) with
+step time, compiled memory and size on disk, plus the compiled memory of the
+same three kinds of step on a W3-size model, where parameters dominate; then
+it reloads the adapter, merges it into the base and checks that the merged
+model predicts what the wrapped one does: bit for bit against wrap's merge
+engine, to float32 rounding against the engine used in training.
 
 Run it with ``python -m lora_jax demo`` (or ``lora-jax-demo``); ``--help``
 lists the flags. The data is generated locally; with the default flags it
-runs in under a minute on two CPU cores.
+runs in about two minutes on two CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -155,15 +159,36 @@ class Progress:
 
 # --- training ---------------------------------------------------------------
 
-def train(step_fn, state, consts, task, steps, batch, rng, progress):
-  """Runs ``*state, loss = step_fn(*state, *consts, x, y)`` on fresh batches.
+def make_step(model, tx):
+  """A jitted optimizer step for ``model(trainable, *frozen, x) -> logits``.
 
-  Returns the final state.
+  Called as ``step((trainable, opt_state), frozen, x, y)``; returns the new
+  ``(trainable, opt_state)`` and the loss. Every variant of the demo is this
+  step on its own model: full fine-tuning trains the params (``frozen`` is
+  empty), LoRA and QLoRA train the delta of a frozen (quantized) base. So
+  each step takes exactly what its loop holds.
   """
+  @jax.jit
+  def step(state, frozen, x, y):
+    trainable, opt_state = state
+    loss, g = jax.value_and_grad(
+        lambda t: loss_and_accuracy(model(t, *frozen, x), y)[0])(trainable)
+    updates, opt_state = tx.update(g, opt_state, trainable)
+    return (optax.apply_updates(trainable, updates), opt_state), loss
+  return step
+
+
+def train(step, state, frozen, task, steps, batch, rng, progress):
+  """Runs ``step`` on ``steps`` fresh batches of ``task``.
+
+  Returns the final state and the list of training losses.
+  """
+  curve = []
   for i in range(1, steps + 1):
-    *state, loss = step_fn(*state, *consts, *make_batch(task, rng, batch))
+    state, loss = step(state, frozen, *make_batch(task, rng, batch))
+    curve.append(loss)
     progress.update(i, lambda: float(loss))
-  return state
+  return state, [float(l) for l in curve]
 
 
 def interleaved_ms(*fns: Callable[[], Any], rounds: int = 20) -> list[float]:
@@ -259,6 +284,11 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0,
                  help="seed of init and training data; the held-out sets use "
                  "seed + 1 (%(default)s)")
+  p.add_argument("--w3-memory", action=argparse.BooleanOptionalAction,
+                 default=True,
+                 help="also compile (not run) the full, LoRA and QLoRA steps "
+                 "of a W3-size model (benchmarks/w3.py) and print their "
+                 "memory (default: on)")
   p.add_argument("--quiet", action="store_true",
                  help="print nothing (no report, no progress bar)")
   args = p.parse_args(argv)
@@ -267,170 +297,251 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
   return args
 
 
-def main(argv=None, prog=None) -> dict[str, Any]:
-  """Runs the demo; returns its key numbers (see the end of this function).
+# --- results ----------------------------------------------------------------
 
-  ``argv`` defaults to ``sys.argv[1:]``. The command-line entry point is
-  :func:`cli`, which prints and turns the result into an exit status.
-  """
-  args = parse_args(argv, prog)
-  say = ((lambda *a: None) if args.quiet
-         else functools.partial(print, flush=True))
-  train_rng = np.random.default_rng(args.seed)
-  test_rng = np.random.default_rng(args.seed + 1)
-  test = {t: make_batch(t, test_rng, 1000) for t in TASKS}
+@dataclasses.dataclass
+class Score:
+  """Held-out mean loss and accuracy (answer tokens only)."""
+  loss: float
+  accuracy: float
 
+
+@dataclasses.dataclass
+class Run:
+  """One way of learning task 2: its numbers in the demo's table."""
+  score: Score
+  curve: list[float]      # training loss per step
+  trainable: int          # trainable parameters
+  step_ms: float = 0.0    # median step time
+  memory_bytes: int | None = None  # compiled argument + temp bytes of a step
+  disk_bytes: int = 0     # what saving the trained part takes
+
+
+@dataclasses.dataclass
+class MergeCheck:
+  """The reloaded, merged adapter against the wrapped model."""
+  factors_equal: bool     # reloaded factors bitwise equal to the saved ones
+  arrays: int             # how many factor arrays were compared
+  max_merge_diff: float   # merged vs wrap(mode="merge") logits
+  max_engine_diff: float  # merged vs wrap() as trained (factored) logits
+  engine_tol: float
+  argmax_equal: bool
+
+  @property
+  def ok(self) -> bool:
+    return (self.factors_equal and self.max_merge_diff < 1e-5
+            and self.max_engine_diff < self.engine_tol and self.argmax_equal)
+
+
+@dataclasses.dataclass
+class Result:
+  """What :func:`main` returns."""
+  params: int             # parameters of the model
+  params_bytes: int
+  pretrained: Score       # held-out 'copy' after pretraining
+  before: Score           # held-out 'reverse' before task 2
+  base_copy: Score        # held-out 'copy' of the frozen base after task 2
+  runs: dict[str, Run]    # the table's rows, by name
+  adapter_dir: str
+  plot: str | None
+  check: MergeCheck
+  w3: dict[str, int] | None = None  # W3-size compiled bytes, if measured
+
+  @property
+  def ok(self) -> bool:
+    return self.check.ok
+
+
+FULL, FACTORED, MERGE, QLORA = ("full fine-tuning", "LoRA factored",
+                                "LoRA merge", "QLoRA nf4")
+
+
+# --- the steps of the demo --------------------------------------------------
+
+def build_data(seed: int):
+  """The training rng and the held-out sets (1000 sequences per task)."""
+  test_rng = np.random.default_rng(seed + 1)
+  return (np.random.default_rng(seed),
+          {t: make_batch(t, test_rng, 1000) for t in TASKS})
+
+
+def build_model(args, example, say):
+  """The model's apply function and its freshly initialized params."""
   model = TinyGPT(d_model=args.width)
-  fn = lambda p, x: model.apply({"params": p}, x)
-  params = model.init(jax.random.key(args.seed), test["copy"][0][:1])["params"]
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  params_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  params = model.init(jax.random.key(args.seed), example)["params"]
   say(f"lora_jax demo: decoder-only transformer, {model.blocks} blocks, "
-      f"d_model {model.d_model}, {model.heads} heads, {n_params:,} parameters")
+      f"d_model {model.d_model}, {model.heads} heads, "
+      f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters")
   say("task 1 'copy':    3 1 4 1 5 9 2 6 | -> 3 1 4 1 5 9 2 6\n"
       "task 2 'reverse': 3 1 4 1 5 9 2 6 | -> 6 2 9 5 1 4 1 3\n")
+  return (lambda p, x: model.apply({"params": p}, x)), params
 
-  def full_step_for(tx):
-    """A jitted step that trains every parameter with ``tx``."""
-    @jax.jit
-    def step(params, opt_state, x, y):
-      loss, g = jax.value_and_grad(
-          lambda p: loss_and_accuracy(fn(p, x), y)[0])(params)
-      updates, opt_state = tx.update(g, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-    return step
 
-  # 1. Pretrain every parameter on task 1.
-  tx = optax.adam(3e-3)
-  full_step = full_step_for(tx)
+def pretrain(fn, params, args, rng, test, say):
+  """Trains every parameter on 'copy'.
 
-  evaluate = jax.jit(lambda p, x, y: loss_and_accuracy(fn(p, x), y))
+  Returns the trained params, their held-out 'copy' score and their
+  held-out 'reverse' score (before task 2).
+  """
   say(f"[1] pretraining all parameters on 'copy' ({args.steps_pretrain} "
       f"steps, batch {args.batch}, adam 3e-3)")
-  bar = Progress(args.steps_pretrain, "pretrain", not args.quiet)
-  params, _ = train(
-      full_step, (params, tx.init(params)), (), "copy", args.steps_pretrain,
-      args.batch, train_rng, bar)
-  t1_loss, t1_acc = map(float, evaluate(params, *test["copy"]))
-  t2_loss0, t2_acc0 = map(float, evaluate(params, *test["reverse"]))
-  say(f"    held-out 'copy':    loss {t1_loss:7.4f}  accuracy {t1_acc:6.1%}")
-  say(f"    held-out 'reverse': loss {t2_loss0:7.4f}  accuracy {t2_acc0:6.1%}"
-      f"  (before LoRA)\n")
+  tx = optax.adam(3e-3)
+  (params, _), _ = train(
+      make_step(fn, tx), (params, tx.init(params)), (), "copy",
+      args.steps_pretrain, args.batch, rng,
+      Progress(args.steps_pretrain, "pretrain", not args.quiet))
+  copy, before = (evaluate(fn, params, test[t]) for t in ("copy", "reverse"))
+  say(f"    held-out 'copy':    loss {copy.loss:7.4f}  accuracy "
+      f"{copy.accuracy:6.1%}")
+  say(f"    held-out 'reverse': loss {before.loss:7.4f}  accuracy "
+      f"{before.accuracy:6.1%}  (before LoRA)\n")
+  return params, copy, before
 
-  # 2. Task 2 three ways, from the same pretrained model and the same data:
-  #    LoRA with each engine (base frozen, delta trained) and full fine-tuning.
+
+def split_for_lora(fn, params, args, example, say):
+  """Splits the pretrained params into a frozen base and a fresh delta.
+
+  Returns the config, the base, the delta and QLoRA's nf4 block size.
+  """
   cfg = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=args.targets)
-  base, delta0 = lj.split(params, cfg, jax.random.key(args.seed + 1),
-                          apply_fn=fn, example_args=(test["copy"][0][:1],))
-  n_lora = sum(x.size for x in jax.tree.leaves(delta0))
-  say(f"[2] 'reverse' three ways, {args.steps_lora} steps each, same data: "
-      f"LoRA (factored engine), LoRA (merge engine), full fine-tuning")
+  base, delta = lj.split(params, cfg, jax.random.key(args.seed + 1),
+                         apply_fn=fn, example_args=(example,))
+  block = math.gcd(64, args.width)  # divides every kernel's input axis
+  say(f"[2] 'reverse' four ways, {args.steps_lora} steps each, same data: "
+      f"LoRA (factored engine), LoRA (merge engine), full fine-tuning, "
+      f"QLoRA (nf4 base, block {block})")
   say(f"    LoRA rank {cfg.rank}, alpha {cfg.alpha:g} (scale {cfg.scale:g}) "
       f"on {args.targets}; adam {LORA_LR:g} for LoRA, 1e-3 for full")
-  say("    " + lj.summary(base, delta0).replace("\n", "\n    "))
-  lora_tx = optax.adam(LORA_LR)
+  say("    " + lj.summary(base, delta).replace("\n", "\n    "))
+  return cfg, base, delta, block
 
-  def lora_step_for(mode):
-    apply = lj.wrap(fn, mode)
 
-    @jax.jit
-    def step(delta, opt_state, base, x, y):
-      loss, g = jax.value_and_grad(
-          lambda d: loss_and_accuracy(apply(base, d, x), y)[0])(delta)
-      updates, opt_state = lora_tx.update(g, opt_state, delta)
-      return optax.apply_updates(delta, updates), opt_state, loss
-    return apply, step
+def variants(fn, params, base, delta, targets, block_size):
+  """``{name: (model, lr, trainable, frozen)}`` for task 2.
 
-  full_tx = optax.adam(1e-3)
-  full_ft_step = full_step_for(full_tx)
+  ``model(trainable, *frozen, x)`` gives logits. QLoRA trains the same
+  adapters as LoRA on a base whose adapted kernels are nf4.
+  """
+  qbase = lj.quantize(base, "nf4", block_size=block_size, targets=targets,
+                      delta=delta)
 
-  runs = {}
-  for name in ("LoRA factored", "LoRA merge", "full fine-tuning"):
-    rng = np.random.default_rng(args.seed + 7)  # the same batches for all
-    curve = []
-    bar = Progress(args.steps_lora, f"{name:<16}", not args.quiet)
+  def lora(mode):
+    wrapped = lj.wrap(fn, mode)
+    return lambda d, b, x: wrapped(b, d, x)  # trainable first, as make_step
+  return {
+      FACTORED: (lora("factored"), LORA_LR, delta, (base,)),
+      MERGE: (lora("merge"), LORA_LR, delta, (base,)),
+      FULL: (fn, 1e-3, jax.tree.map(jnp.copy, params), ()),
+      QLORA: (lora("factored"), LORA_LR, delta, (qbase,)),
+  }
 
-    def track(i, loss, curve=curve, bar=bar):
-      curve.append(loss)
-      bar.update(i, lambda: float(loss))
-    if name == "full fine-tuning":
-      state = (jax.tree.map(jnp.copy, params), None)
-      state = (state[0], full_tx.init(state[0]))
-      step, consts = full_ft_step, ()
+
+def train_variant(name, model, lr, trainable, frozen, args, test):
+  """Trains one variant on 'reverse' (the same batches for all).
+
+  Returns its final state, its jitted step and its table row.
+  """
+  tx = optax.adam(lr)
+  step = make_step(model, tx)
+  state, curve = train(
+      step, (trainable, tx.init(trainable)), frozen, "reverse",
+      args.steps_lora, args.batch, np.random.default_rng(args.seed + 7),
+      Progress(args.steps_lora, f"{name:<16}", not args.quiet))
+  score = evaluate(model, state[0], test["reverse"], frozen)
+  return state, step, Run(score, curve, sum(
+      x.size for x in jax.tree.leaves(trainable)))
+
+
+def evaluate(model, trainable, data, frozen=()) -> Score:
+  """Held-out loss and accuracy of ``model(trainable, *frozen, x)``."""
+  ev = jax.jit(lambda t, f, x, y: loss_and_accuracy(model(t, *f, x), y))
+  return Score(*map(float, ev(trainable, frozen, *data)))
+
+
+def measure(runs, trained, x, y):
+  """Fills each run's step time (interleaved) and compiled memory."""
+  calls = [functools.partial(step, state, frozen, x, y)
+           for step, state, frozen in trained.values()]
+  for run, ms in zip(runs.values(), interleaved_ms(*calls)):
+    run.step_ms = ms
+  for run, (step, state, frozen) in zip(runs.values(), trained.values()):
+    mem = step.lower(state, frozen, x, y).compile().memory_analysis()
+    run.memory_bytes = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                        if mem is not None else None)
+
+
+def save_all(out, runs, trained, cfg) -> str:
+  """Saves each variant's trained part; fills ``disk_bytes``.
+
+  LoRA variants go through :func:`lora_jax.save`, full fine-tuning through
+  an orbax checkpoint of all params. Returns the LoRA factored adapter's dir.
+  """
+  dirs = {}
+  for name, (_, (trainable, _), _) in trained.items():
+    path = os.path.abspath(os.path.join(out, _DIRS[name]))
+    if name == FULL:
+      shutil.rmtree(path, ignore_errors=True)
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, trainable)
     else:
-      apply, step = lora_step_for("factored" if "factored" in name else "merge")
-      state, consts = (delta0, lora_tx.init(delta0)), (base,)
-    for i in range(1, args.steps_lora + 1):
-      *state, loss = step(*state, *consts, *make_batch("reverse", rng, args.batch))
-      track(i, loss)
-    runs[name] = {"state": state, "step": step, "consts": consts,
-                  "curve": [float(l) for l in curve]}
-    if name == "full fine-tuning":
-      runs[name]["eval"] = lambda st=state: evaluate(st[0], *test["reverse"])
-    else:
-      lora_eval = jax.jit(lambda b, d, x, y, apply=apply:
-                          loss_and_accuracy(apply(b, d, x), y))
-      runs[name]["eval"] = lambda st=state, ev=lora_eval: ev(base, st[0],
-                                                             *test["reverse"])
-  for r in runs.values():
-    r["loss"], r["accuracy"] = map(float, r["eval"]())
-  delta = runs["LoRA factored"]["state"][0]
-  t2_loss, t2_acc = runs["LoRA factored"]["loss"], runs["LoRA factored"]["accuracy"]
-  _, t1_acc_base = map(float, evaluate(base, *test["copy"]))
+      path = lj.save(path, trainable, cfg, overwrite=True)
+    runs[name].disk_bytes, dirs[name] = dir_bytes(path), path
+  return dirs[FACTORED]
 
-  # 3. What it costs: step time (interleaved), compiled memory, bytes on disk.
-  adapter_dir = lj.save(os.path.join(args.out, "adapter"), delta, cfg,
-                        overwrite=True)
-  adapter_bytes = dir_bytes(adapter_dir)
-  full_dir = os.path.abspath(os.path.join(args.out, "full"))
-  shutil.rmtree(full_dir, ignore_errors=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(full_dir, runs["full fine-tuning"]["state"][0])
-  full_bytes = dir_bytes(full_dir)
-  x, y = map(jnp.asarray, make_batch("reverse", train_rng, args.batch))
-  calls = [functools.partial(r["step"], *r["state"], *r["consts"], x, y)
-           for r in runs.values()]
-  times = interleaved_ms(*calls)
-  for r, ms in zip(runs.values(), times):
-    r["step_ms"] = ms
-    mem = r["step"].lower(*r["state"], *r["consts"], x, y).compile(
-        ).memory_analysis()
-    r["memory_bytes"] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                         if mem is not None else None)
-  ms_full, ms_lora = runs["full fine-tuning"]["step_ms"], runs["LoRA factored"]["step_ms"]
-  rows = [("", "trainable params", "loss", "accuracy", "step (ms)",
-           "vs full", "memory (KiB)", "on disk (KiB)")]
-  for name, r in runs.items():
-    trainable = n_params if name == "full fine-tuning" else n_lora
-    disk = full_bytes if name == "full fine-tuning" else adapter_bytes
-    mem = f"{r['memory_bytes'] / 1024:,.0f}" if r["memory_bytes"] else "n/a"
-    rows.append((name, f"{trainable:,} ({trainable / n_params:.1%})",
-                 f"{r['loss']:.4f}", f"{r['accuracy']:.1%}",
-                 f"{r['step_ms']:.2f}", f"{r['step_ms'] / ms_full:.2f}x", mem,
-                 f"{disk / 1024:,.1f}"))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  say("\n[3] side by side on held-out 'reverse' (before: accuracy "
-      f"{t2_acc0:.1%})")
-  for i, row in enumerate(rows):
-    say("    " + "  ".join(c.rjust(w) if j else c.ljust(w)
-                           for j, (c, w) in enumerate(zip(row, widths))))
-    if i == 0:
-      say("    " + "  ".join("-" * w for w in widths))
-  say("    memory: compiled argument + temp bytes of one step; on disk: "
-      "lj.save's adapter vs an orbax checkpoint of all params")
-  say(f"    held-out 'copy' with the adapter off: accuracy {t1_acc_base:6.1%}"
-      f"  (the base is untouched)")
-  plot_path = plot_curves({k: r["curve"] for k, r in runs.items()},
-                          os.path.join(args.out, "loss_curves.png"))
-  say(f"    loss curves: {plot_path}\n" if plot_path else
-      "    (matplotlib is not installed: no loss-curve plot)\n")
 
-  # 4. Reload, merge, and check the merged model predicts like the wrapped one.
+_DIRS = {FACTORED: "adapter", MERGE: "adapter_merge", FULL: "full",
+         QLORA: "adapter_qlora"}
+
+
+def _w3_module():
+  """benchmarks/w3.py, imported from the source tree; None when the
+  benchmarks are not beside the package (an installed wheel)."""
+  bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), "benchmarks")
+  if not os.path.exists(os.path.join(bench, "w3.py")):
+    return None
+  if bench not in sys.path:
+    sys.path.insert(0, bench)
+  import w3  # pylint: disable=import-outside-toplevel,import-error
+  return w3
+
+
+def w3_size(**changes):
+  """W3's ``w1.Size`` (benchmarks/w3.py) with ``changes``."""
+  return dataclasses.replace(_w3_module().SIZE, **changes)
+
+
+def w3_memory(size=None) -> dict[str, int] | None:
+  """Compiled argument + temp bytes of the full, LoRA and QLoRA steps on a
+  W3-size model, built by benchmarks/w3.py (its model and its steps, each
+  taking exactly what its loop holds; QLoRA: block kernels nf4, the rest
+  bf16). None when the benchmarks are not beside the package.
+
+  Lowers and compiles only; no step runs (about 15 s on two CPU cores).
+  ``size``: a ``w1.Size``, default W3's (d_model 1024, 8 blocks, vocab
+  32000, batch 1 x 128).
+  """
+  w3 = _w3_module()
+  if w3 is None:
+    return None
+  apply, params, _, delta, tokens = w3.w1.setup(size or w3.SIZE)
+  names = {"full": FULL, "lora_f32": FACTORED, "qlora_nf4": QLORA}
+  steps = w3.make_steps(apply, params, w3.bases(params), delta, tokens,
+                        tuple(names))
+  out = {}
+  for key, name in names.items():
+    fn, state, frozen = steps[key]
+    mem = fn.lower(state, *frozen, tokens).compile().memory_analysis()
+    out[name] = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
+  return out
+
+
+def check_merge(fn, base, delta, adapter_dir, x) -> MergeCheck:
+  """Reloads the adapter, merges it and compares with the wrapped model."""
   loaded = lj.load(adapter_dir)
   saved, restored = flat_arrays(delta), flat_arrays(loaded)
   factors_equal = saved.keys() == restored.keys() and all(
       same_bits(saved[k], restored[k]) for k in saved)
-  x = test["reverse"][0]
   merged = jax.jit(fn)(lj.merge(base, loaded), x)
   # wrap's merge engine builds the very same weights as lj.merge: it agrees
   # to rounding. The factored engine computes x @ W0 + s * (x @ a) @ b, which
@@ -438,45 +549,127 @@ def main(argv=None, prog=None) -> dict[str, Any]:
   # into ~1e-4 in the logits, so it gets a float32 bound relative to them.
   same_weights = jax.jit(lj.wrap(fn, mode="merge"))(base, delta, x)
   as_trained = jax.jit(lj.wrap(fn, mode="factored"))(base, delta, x)
-  max_diff = max_abs(merged - same_weights)
-  engine_diff = max_abs(merged - as_trained)
-  engine_tol = 5e-4 * max(1.0, max_abs(merged))
-  argmax_equal = all(bool((y.argmax(-1) == merged.argmax(-1)).all())
-                     for y in (same_weights, as_trained))
-  ok = (factors_equal and max_diff < 1e-5 and engine_diff < engine_tol
-        and argmax_equal)
-  say("[4] reload and merge")
-  say(f"    reloaded factors bitwise equal: {factors_equal} "
-      f"({len(saved)} arrays)")
-  say(f"    merged vs wrap(mode='merge'): max |logit diff| {max_diff:.2e}"
-      f" (bound 1e-05)")
-  say(f"    merged vs wrap() as trained:  max |logit diff| {engine_diff:.2e}"
-      f" (float32 rounding; bound {engine_tol:.1e})")
-  say(f"    argmax predictions identical: {argmax_equal}")
-  say("OK" if ok else "FAILED: the merged model does not match the wrapped one")
+  return MergeCheck(
+      factors_equal=factors_equal, arrays=len(saved),
+      max_merge_diff=max_abs(merged - same_weights),
+      max_engine_diff=max_abs(merged - as_trained),
+      engine_tol=5e-4 * max(1.0, max_abs(merged)),
+      argmax_equal=all(bool((y.argmax(-1) == merged.argmax(-1)).all())
+                       for y in (same_weights, as_trained)))
 
-  return {
-      "runs": {k: {m: r[m] for m in ("loss", "accuracy", "step_ms",
-                                     "memory_bytes", "curve")}
-               for k, r in runs.items()},
-      "full_checkpoint_bytes": full_bytes, "plot": plot_path,
-      "task1_loss": t1_loss, "task1_accuracy": t1_acc,
-      "task1_accuracy_base_after_lora": t1_acc_base,
-      "task2_loss_before": t2_loss0, "task2_accuracy_before": t2_acc0,
-      "task2_loss_after": t2_loss, "task2_accuracy_after": t2_acc,
-      "params": n_params, "trainable_params": n_lora,
-      "trainable_fraction": n_lora / (n_params + n_lora),
-      "step_ms_full": ms_full, "step_ms_lora": ms_lora,
-      "adapter_dir": adapter_dir, "adapter_bytes": adapter_bytes,
-      "params_bytes": params_bytes, "factors_equal": factors_equal,
-      "max_merge_diff": max_diff, "max_engine_diff": engine_diff,
-      "argmax_equal": argmax_equal, "ok": ok,
-  }
+
+# --- report -----------------------------------------------------------------
+
+def table(runs: dict[str, Run], params: int) -> list[str]:
+  """The side-by-side table's lines."""
+  ms_full = runs[FULL].step_ms
+  rows = [("", "trainable params", "loss", "accuracy", "step (ms)",
+           "vs full", "memory (KiB)", "on disk (KiB)")]
+  for name, r in runs.items():
+    mem = f"{r.memory_bytes / 1024:,.0f}" if r.memory_bytes else "n/a"
+    rows.append((name, f"{r.trainable:,} ({r.trainable / params:.1%})",
+                 f"{r.score.loss:.4f}", f"{r.score.accuracy:.1%}",
+                 f"{r.step_ms:.2f}", f"{r.step_ms / ms_full:.2f}x", mem,
+                 f"{r.disk_bytes / 1024:,.1f}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.rjust(w) if j else c.ljust(w)
+                     for j, (c, w) in enumerate(zip(row, widths)))
+           for row in rows]
+  return lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:]
+
+
+def memory_lines(runs: dict[str, Run],
+                 w3: dict[str, int] | None) -> list[str]:
+  """Whether LoRA and QLoRA save compiled memory here, and at W3 size."""
+  mem = [runs[n].memory_bytes or 0 for n in (QLORA, FACTORED, FULL)]
+  lines = ["memory here: QLoRA < LoRA < full fine-tuning"
+           if mem[0] < mem[1] < mem[2] else
+           "memory here: activations (batch x tokens), not parameters, fill "
+           "a model this small, so LoRA and QLoRA save little of it"]
+  if w3 is None:
+    lines.append("W3 size: not measured (run from a source checkout with "
+                 "--w3-memory, about 15 s; benchmarks/w3.py builds it)")
+    return lines
+  f, l, q = (w3[n] / 2**20 for n in (FULL, FACTORED, QLORA))
+  lines.append(
+      "W3 size (d_model 1024, 8 blocks, vocab 32000, batch 1x128; compiled "
+      f"args + temp, no step run): full {f:,.0f} MiB, LoRA {l:,.0f} MiB "
+      f"({l / f:.2f}x), QLoRA nf4 {q:,.0f} MiB ({q / f:.2f}x)")
+  return lines
+
+
+def report(say, res: Result):
+  """Prints sections [3] and [4]."""
+  say("\n[3] side by side on held-out 'reverse' (before: accuracy "
+      f"{res.before.accuracy:.1%})")
+  for line in table(res.runs, res.params):
+    say("    " + line)
+  say("    memory: compiled argument + temp bytes of one step; on disk: "
+      "lj.save's adapter vs an orbax checkpoint of all params")
+  say("    QLoRA nf4: the same adapters on a base whose adapted kernels are "
+      "nf4 (lj.quantize)")
+  for line in memory_lines(res.runs, res.w3):
+    say("    " + line)
+  say(f"    held-out 'copy' with the adapter off: accuracy "
+      f"{res.base_copy.accuracy:6.1%}  (the base is untouched)")
+  say(f"    loss curves: {res.plot}\n" if res.plot else
+      "    (matplotlib is not installed: no loss-curve plot)\n")
+  c = res.check
+  say("[4] reload and merge")
+  say(f"    reloaded factors bitwise equal: {c.factors_equal} "
+      f"({c.arrays} arrays)")
+  say(f"    merged vs wrap(mode='merge'): max |logit diff| "
+      f"{c.max_merge_diff:.2e} (bound 1e-05)")
+  say(f"    merged vs wrap() as trained:  max |logit diff| "
+      f"{c.max_engine_diff:.2e} (float32 rounding; bound {c.engine_tol:.1e})")
+  say(f"    argmax predictions identical: {c.argmax_equal}")
+  say("OK" if c.ok else
+      "FAILED: the merged model does not match the wrapped one")
+
+
+def main(argv=None, prog=None) -> Result:
+  """Runs the demo and returns its numbers.
+
+  ``argv`` defaults to ``sys.argv[1:]``. The command-line entry point is
+  :func:`cli`, which turns the result into an exit status.
+  """
+  args = parse_args(argv, prog)
+  say = ((lambda *a: None) if args.quiet
+         else functools.partial(print, flush=True))
+  train_rng, test = build_data(args.seed)
+  example = test["copy"][0][:1]
+  fn, params = build_model(args, example, say)
+  params, pretrained, before = pretrain(fn, params, args, train_rng, test, say)
+  cfg, base, delta0, block = split_for_lora(fn, params, args, example, say)
+
+  runs, trained = {}, {}
+  for name, (model_fn, lr, trainable, frozen) in variants(
+      fn, params, base, delta0, args.targets, block).items():
+    state, step, runs[name] = train_variant(name, model_fn, lr, trainable,
+                                            frozen, args, test)
+    trained[name] = (step, state, frozen)
+
+  measure(runs, trained, *map(jnp.asarray,
+                              make_batch("reverse", train_rng, args.batch)))
+  adapter_dir = save_all(args.out, runs, trained, cfg)
+  delta = trained[FACTORED][1][0]
+  res = Result(
+      params=sum(x.size for x in jax.tree.leaves(params)),
+      params_bytes=sum(x.nbytes for x in jax.tree.leaves(params)),
+      pretrained=pretrained, before=before,
+      base_copy=evaluate(fn, base, test["copy"]), runs=runs,
+      adapter_dir=adapter_dir,
+      plot=plot_curves({k: r.curve for k, r in runs.items()},
+                       os.path.join(args.out, "loss_curves.png")),
+      check=check_merge(fn, base, delta, adapter_dir, test["reverse"][0]),
+      w3=w3_memory() if args.w3_memory else None)
+  report(say, res)
+  return res
 
 
 def cli(argv=None, prog=None) -> int:
   """The command-line entry point: runs :func:`main`; 0 if its checks pass."""
-  return 0 if main(argv, prog)["ok"] else 1
+  return 0 if main(argv, prog).ok else 1
 
 
 if __name__ == "__main__":
