@@ -145,7 +145,8 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
   sides; ``return_info=True`` also returns the fraction of the squared
   Frobenius norm (singular mass) it discarded, per path. Unlike PEFT's
   ``"linear"``, neither method mixes one adapter's ``a`` with another's
-  ``b``. DoRA adapters are refused: their update is not linear.
+  ``b``. DoRA adapters are refused: their update is not linear. Call it
+  outside ``jit`` (it reads the discarded mass back as Python floats).
 
   Args:
     deltas: delta trees of one model adapting the same paths (from
