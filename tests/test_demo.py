@@ -141,6 +141,7 @@ def test_memory_lines_say_where_memory_is_saved():
   runs = {demo.FACTORED: run(60), demo.FULL: run(50), demo.QLORA: run(55)}
   here, w3 = demo.memory_lines(runs, None)
   assert here.startswith("memory here: activations")
+  assert here.endswith("LoRA 1.20x and QLoRA 1.10x full fine-tuning's")
   assert w3.startswith("W3 size: not measured")
   runs[demo.FULL] = run(70)
   mib = {demo.FULL: 2048 * 2**20, demo.FACTORED: 512 * 2**20,
