@@ -97,7 +97,7 @@ def test_exit_status_is_1_when_merged_and_wrapped_disagree(monkeypatch,
                                                            tmp_path):
   monkeypatch.setattr(lj, "merge", lambda base, delta: base)  # drop the adapter
   argv = ["--steps-pretrain", "1", "--steps-lora", "1", "--batch", "4",
-          "--out", str(tmp_path), "--quiet"]
+          "--out", str(tmp_path), "--quiet", "--no-w3-memory"]
   assert demo.cli(argv) == 1
 
 
