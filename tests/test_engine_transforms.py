@@ -238,3 +238,17 @@ def test_wrap_places_a_plainly_loaded_delta_like_a_sharded_base(tmp_path):
   for mode in MODES:
     np.testing.assert_allclose(lj.wrap(fn, mode)(base, loaded, x), want,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_explain_takes_abstract_arguments_and_python_flags():
+  """explain traces arrays and ShapeDtypeStructs and keeps Python flags."""
+  model = _WithDropout()
+  x = jnp.ones((2, 6))
+  params = model.init(jax.random.key(0), x, True)["params"]
+  fn = lambda p, x, deterministic: model.apply({"params": p}, x,
+                                               deterministic=deterministic)
+  base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(1))
+  report = lj.explain(fn, base, delta, jax.ShapeDtypeStruct((4, 6), jnp.float32),
+                      deterministic=True)
+  assert report.rules == {"Dense_0/kernel": ["dot_general"],
+                          "Dense_1/kernel": ["dot_general"]}

@@ -9,6 +9,7 @@ import jax
 
 from lora_jax._src import factored
 from lora_jax._src.delta import adapters
+from lora_jax._src.jaxpr_core import is_array
 from lora_jax._src.merge import check_matches, merge, placed_like_base
 from lora_jax._src.stack import per_row, stacks
 
@@ -151,9 +152,17 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
   choose = None if mode == "factored" else factored.cheaper_engine
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # fallbacks are in the report instead
-    # args and kwargs are closed over, so Python flags (deterministic=True)
-    # stay Python values, as they do in wrap.
-    jax.eval_shape(lambda b, d: factored.factored_apply(
-        fn, b, adapters(d), args, kwargs, report=report, choose=choose),
-                   base, delta)
+    # Arrays (and ShapeDtypeStructs) are traced; Python flags such as
+    # deterministic=True stay Python values, as they do in wrap.
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    dynamic = [i for i, x in enumerate(leaves) if is_array(x)]
+
+    def run(b, d, values):
+      full = list(leaves)
+      for i, x in zip(dynamic, values):
+        full[i] = x
+      a, k = jax.tree.unflatten(treedef, full)
+      return factored.factored_apply(fn, b, adapters(d), a, k, report=report,
+                                     choose=choose)
+    jax.eval_shape(run, base, delta, [leaves[i] for i in dynamic])
   return report
