@@ -187,3 +187,12 @@ def test_a_bf16_base_step_is_no_larger_than_a_float32_one(mode):
   half = sum(w.nbytes for w in jax.tree.leaves(base)) // 2
   assert b_args == f_args - half, (b_args, f_args, half)
   assert b_args + b_temp <= f_args + f_temp, (b_args, b_temp, f_args, f_temp)
+
+
+def test_dora_norms_of_a_quantized_base_equal_its_dequantized_copy():
+  w = jax.random.normal(jax.random.key(0), (64, 8))
+  base, delta = lj.split({"w": w}, lj.LoraConfig(rank=2, targets="w", dora=True),
+                         jax.random.key(1))
+  q = lj.quantize(base, "nf4", block_size=32)
+  np.testing.assert_array_equal(lj.dora_norms(q, delta)["w"],
+                                lj.dora_norms(lj.dequantize(q), delta)["w"])

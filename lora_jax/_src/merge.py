@@ -11,6 +11,7 @@ from lora_jax._src.delta import LoraDelta, adapters, is_concrete
 from lora_jax._src.dora import adapted_weight, unmerged_weight
 from lora_jax._src.dora import norm as dora_norm
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.quant import dequantize
 from lora_jax._src.sharding import place_like_kernel
 
 
@@ -131,7 +132,6 @@ def _apply(params: Any, delta: Any, sign: float, what: str,
   deltas = adapters(delta)
   check_matches(params, deltas, what)
   norms = norms or {}
-  from lora_jax._src.quant import dequantize  # pylint: disable=g-import-not-at-top
   params = dequantize(params)  # a quantized base merges into float params
   return map_with_paths(
       lambda path, w: w if path not in deltas else _combine(
@@ -152,7 +152,7 @@ def dora_norms(base: Any, delta: Any) -> dict:
   ...                   base["w"]))
   True
   """
-  flat = dict(leaves_with_paths(base))
+  flat = dict(leaves_with_paths(dequantize(base)))  # a QArray base too
   return {p: dora_norm(flat[p], d) for p, d in adapters(delta).items()
           if d.magnitude is not None}
 
