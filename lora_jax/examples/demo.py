@@ -494,12 +494,16 @@ _DIRS = {FACTORED: "adapter", MERGE: "adapter_merge", FULL: "full",
 
 
 def _w3_module():
-  """benchmarks/w3.py, imported from the source tree; None when the
-  benchmarks are not beside the package (an installed wheel)."""
-  bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+  """benchmarks/w3.py, imported from the source tree beside the package or
+  from ./benchmarks (an installed wheel run from a checkout's copy); None
+  when neither has it."""
+  beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), "benchmarks")
-  if not os.path.exists(os.path.join(bench, "w3.py")):
+  found = [d for d in (beside, os.path.abspath("benchmarks"))
+           if os.path.exists(os.path.join(d, "w3.py"))]
+  if not found:
     return None
+  bench = found[0]
   if bench not in sys.path:
     sys.path.insert(0, bench)
   import w3  # pylint: disable=import-outside-toplevel,import-error
