@@ -128,6 +128,7 @@ EOF
 
   # The suite runs from a directory with no lora_jax/ in it, so every import
   # (tests, doctests, notebooks, subprocesses) resolves to the installed wheel.
+  mkdir -p "$work/run"
   cp -r tests notebooks docs benchmarks "$work/run/"  # notebook 03 plots
   # benchmarks/results; the demo's W3 line builds its model with benchmarks/w3.py
   "$PY" - "$work/run/pytest.ini" <<'EOF'  # pyproject's pytest options, less its paths
