@@ -100,14 +100,20 @@ class _WithDropout(nn.Module):
     return nn.Dense(3)(h)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_jit_static_argnames_and_donation(mode):
+def _dropout_case():
+  """A model with a Python ``deterministic`` flag: (fn, params, base, delta, x)."""
   model = _WithDropout()
   x = jnp.ones((2, 6))
   params = model.init(jax.random.key(0), x, True)["params"]
   fn = lambda p, x, deterministic: model.apply({"params": p}, x,
                                                deterministic=deterministic)
   base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(1))
+  return fn, params, base, delta, x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jit_static_argnames_and_donation(mode):
+  fn, params, base, delta, x = _dropout_case()
   delta = randomize(delta)
   wrapped = lj.wrap(fn, mode)
   assert list(inspect.signature(wrapped).parameters) == [
@@ -242,12 +248,7 @@ def test_wrap_places_a_plainly_loaded_delta_like_a_sharded_base(tmp_path):
 
 def test_explain_takes_abstract_arguments_and_python_flags():
   """explain traces arrays and ShapeDtypeStructs and keeps Python flags."""
-  model = _WithDropout()
-  x = jnp.ones((2, 6))
-  params = model.init(jax.random.key(0), x, True)["params"]
-  fn = lambda p, x, deterministic: model.apply({"params": p}, x,
-                                               deterministic=deterministic)
-  base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(1))
+  fn, _, base, delta, _ = _dropout_case()
   report = lj.explain(fn, base, delta, jax.ShapeDtypeStruct((4, 6), jnp.float32),
                       deterministic=True)
   assert report.rules == {"Dense_0/kernel": ["dot_general"],

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
+from lora_jax._src.delta import LoraDelta, adapters, check_same_kernel
+from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.paths import map_with_paths, preview
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -46,12 +47,8 @@ def _check(deltas: list[dict[str, LoraDelta]], weights: list[float]):
     first = deltas[0][path]
     for k, f in enumerate(deltas):
       d = f[path]
-      if d.layout != first.layout or d.kernel_shape != first.kernel_shape:
-        raise ValueError(
-            f"lj.combine: delta {k} at {path!r} updates a kernel of shape "
-            f"{d.kernel_shape} with {d.layout}; delta 0 updates "
-            f"{first.kernel_shape} with {first.layout}. Only updates of the "
-            f"same kernel add up.")
+      check_same_kernel("lj.combine", "delta", k, path, d, first,
+                        "Only updates of the same kernel add up.")
       if d.magnitude is not None:
         raise ValueError(
             f"lj.combine: delta {k} at {path!r} is DoRA. A DoRA update "

@@ -219,3 +219,14 @@ def adapters(delta_tree: Any) -> dict[str, LoraDelta]:
   """
   return {p: d for p, d in leaves_with_paths(delta_tree, is_leaf=is_delta_or_none)
           if isinstance(d, LoraDelta)}
+
+
+def check_same_kernel(who: str, noun: str, k: int, path: str, d: LoraDelta,
+                      first: LoraDelta, remedy: str) -> None:
+  """Raises unless adapter ``d`` (the ``k``-th ``noun``) updates the same
+  kernel, in the same layout, as ``first`` (the 0-th), naming the path."""
+  if d.layout != first.layout or d.kernel_shape != first.kernel_shape:
+    raise ValueError(
+        f"{who}: {noun} {k} at {path!r} updates a kernel of shape "
+        f"{d.kernel_shape} with {d.layout}; {noun} 0 updates "
+        f"{first.kernel_shape} with {first.layout}. {remedy}")

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.delta import LoraDelta, adapters, describe_array
+from lora_jax._src.delta import LoraDelta, adapters, check_same_kernel
+from lora_jax._src.delta import describe_array
 from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import map_with_paths, preview
@@ -140,12 +141,8 @@ def _pad_rank(d: LoraDelta, rank: int):
 def _check_compatible(path: str, ds: Sequence[LoraDelta]):
   first = ds[0]
   for k, d in enumerate(ds[1:], 1):
-    if d.layout != first.layout or d.kernel_shape != first.kernel_shape:
-      raise ValueError(
-          f"lj.stack: adapter {k} at {path!r} updates a kernel of shape "
-          f"{d.kernel_shape} with {d.layout}; adapter 0 has "
-          f"{first.kernel_shape} with {first.layout}. A stack holds adapters "
-          f"of one model.")
+    check_same_kernel("lj.stack", "adapter", k, path, d, first,
+                      "A stack holds adapters of one model.")
     if (d.magnitude is None) != (first.magnitude is None):
       raise ValueError(f"lj.stack: at {path!r} some adapters are DoRA and "
                        f"some are not; stack them separately.")
