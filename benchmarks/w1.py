@@ -165,8 +165,8 @@ def make_steps(apply, params, base, delta, tokens, variants,
   loss = lambda p, x: cross_entropy(apply(p, x), x)
   steps: dict[str, tuple[Callable, Any, tuple]] = {}
 
-  def lora_step(mode, delta=delta, dropout=False):
-    wrapped = lj.wrap(apply, mode)
+  def lora_step(mode, delta=delta, dropout=False, recompute=True):
+    wrapped = lj.wrap(apply, mode, recompute=recompute)
 
     def step(state, base, x):
       d, opt, key = state
@@ -213,6 +213,9 @@ def make_steps(apply, params, base, delta, tokens, variants,
       full_params = jax.tree.map(jnp.copy, params)
       steps[v] = (jax.jit(full_step, donate_argnums=0),
                   (full_params, tx.init(full_params)), ())
+    elif v == "factored[recompute=False]":
+      # without recomputing adapters' inputs in the backward pass
+      steps[v] = lora_step("factored", recompute=False)
     elif v in ("dora", "dropout"):
       # the same model and kernels, split with DoRA / LoRA dropout 0.1
       cfg = {"dora": True} if v == "dora" else {"dropout": 0.1}
@@ -324,7 +327,7 @@ def main(argv=None):
                        "(DenseGeneral kernels) with blocks under nn.scan")
   ap.add_argument("--seq", type=int, default=None, help="override sequence length")
   ap.add_argument("--variants", default="forward,merged_forward,floor,full,merge,"
-                  "factored,auto,dora,dropout")
+                  "factored,factored[recompute=False],auto,dora,dropout")
   ap.add_argument("--name", default=None, help="results file stem")
   args = ap.parse_args(argv)
   size = SIZES[args.size]

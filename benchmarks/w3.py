@@ -7,6 +7,8 @@ loop holds:
 
 * ``full``: params + Adam state (float32);
 * ``lora_f32``: float32 base + delta + the delta's Adam state;
+* ``lora_f32[recompute=False]``: the same without recomputing adapters'
+  inputs in the backward pass (``lj.wrap(..., recompute=False)``);
 * ``lora_bf16``: the base in bfloat16, float32 factors;
 * ``qlora_nf4``: the six block kernels in nf4 (block 64), everything else
   bfloat16, as QLoRA is run, through ``lj.wrap`` on the quantized base;
@@ -44,10 +46,11 @@ import lora_jax as lj  # pylint: disable=g-import-not-at-top,wrong-import-positi
 
 SIZE = w1.Size(vocab=32000, d_model=1024, layers=8, heads=16, mlp=4096,
                batch=1, seq=128)
+NO_RECOMPUTE = "lora_f32[recompute=False]"
 FALLBACK_MERGE = "qlora_nf4[fallback: dequantize+merge]"
 FALLBACK_FACTORED = "qlora_nf4[fallback: dequantize+factored]"
-VARIANTS = ("full", "lora_f32", "lora_bf16", "qlora_nf4", FALLBACK_MERGE,
-            FALLBACK_FACTORED)
+VARIANTS = ("full", "lora_f32", NO_RECOMPUTE, "lora_bf16", "qlora_nf4",
+            FALLBACK_MERGE, FALLBACK_FACTORED)
 
 
 def bases(params):
@@ -65,8 +68,8 @@ def make_steps(apply, params, frozen, delta, tokens, variants=VARIANTS):
   error's text instead."""
   tx = optax.adam(1e-4)
 
-  def lora_step(mode, prepare=lambda b: b):
-    wrapped = lj.wrap(apply, mode)
+  def lora_step(mode, prepare=lambda b: b, recompute=True):
+    wrapped = lj.wrap(apply, mode, recompute=recompute)
 
     def step(state, base, x):
       d, opt = state
@@ -85,6 +88,7 @@ def make_steps(apply, params, frozen, delta, tokens, variants=VARIANTS):
 
   plans = {
       "lora_f32": ("factored", lambda b: b, "f32"),
+      NO_RECOMPUTE: ("factored", lambda b: b, "f32", False),
       "lora_bf16": ("factored", lambda b: b, "bf16"),
       "qlora_nf4": ("factored", lambda b: b, "nf4"),
       FALLBACK_MERGE: ("merge", lj.dequantize, "nf4"),
@@ -97,8 +101,8 @@ def make_steps(apply, params, frozen, delta, tokens, variants=VARIANTS):
       steps[v] = (jax.jit(full_step, donate_argnums=0),
                   (own, tx.init(own)), ())
       continue
-    mode, prepare, base = plans[v]
-    fn, state = lora_step(mode, prepare)
+    mode, prepare, base, *recompute = plans[v]
+    fn, state = lora_step(mode, prepare, *recompute)
     try:
       fn.lower(state, frozen[base], tokens)  # traces only: can it run?
     except Exception as e:  # pylint: disable=broad-except
@@ -122,6 +126,11 @@ def targets(results: dict) -> list[str]:
   arg = lambda r: r["argument_bytes"]
   lines.append(f"LoRA float32 base, args+temp / full: "
                f"{mem(f32) / mem(full):.3f} (target <= 0.33)")
+  off = results.get(NO_RECOMPUTE)
+  if off and "memory_bytes" in off:
+    lines.append(f"recomputing adapters' inputs: temp {f32['temp_bytes'] / 2**20:.1f}"
+                 f" MiB against {off['temp_bytes'] / 2**20:.1f} without; step "
+                 f"{f32['step_ms'] / off['step_ms']:.2f}x the step without")
   for name, bound in (("lora_bf16", 0.52), ("qlora_nf4", 0.30),
                       (FALLBACK_MERGE, 0.30), (FALLBACK_FACTORED, 0.30)):
     r = results.get(name)

@@ -81,6 +81,15 @@ EXPAND_DIMS = Primitives(names=("expand_dims",))
 BROADCAST = Primitives("broadcast_in_dim_p")
 SLICE = Primitives("slice_p")
 DYNAMIC_SLICE = Primitives("dynamic_slice_p")
+# Elementwise maths (same-shape operands, scalars or literals beside them):
+# what the factored engine may recompute in the backward pass instead of
+# keeping its result (factored/recompute.py).
+ELEMENTWISE = Primitives(*(f"{n}_p" for n in (
+    "add", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "exp",
+    "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sqrt", "rsqrt",
+    "cbrt", "integer_pow", "pow", "square", "erf", "erfc", "erf_inv", "sin",
+    "cos", "select_n", "convert_element_type", "gt", "ge", "lt", "le", "eq",
+    "ne", "and", "or", "not", "is_finite", "copy")), names=("square",))
 # Consumers of a kernel.
 DOT = Primitives("dot_general_p")
 CONV = Primitives("conv_general_dilated_p")

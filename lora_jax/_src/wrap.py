@@ -30,7 +30,7 @@ def _named_like(fn: Callable, impl: Callable) -> Callable:
 
 
 def wrap(fn: Callable[..., Any], mode: str = "auto", *,
-         strict: bool = False) -> Callable[..., Any]:
+         strict: bool = False, recompute: bool = True) -> Callable[..., Any]:
   """``fn`` over ``(base, delta)`` instead of params.
 
   Returns ``g(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs)
@@ -53,6 +53,20 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
     * ``"auto"`` is factored, except where the shapes make merging cheaper
       (many tokens and a large rank); see :func:`lora_jax.explain`.
 
+  Saved activations (factored and auto): each adapter keeps its input ``x``
+  for ``dA = x^T g``. Where ``x`` is elementwise maths (GELU, SiLU * up,
+  LayerNorm's scale and shift) on values the backward pass keeps anyway,
+  ``recompute=True`` keeps those values instead and recomputes ``x`` (and
+  the maths' own intermediates) in the backward pass; on W3 this removes a
+  third of the step's temporary memory (``benchmarks/results/w3_cpu.md``).
+  The recomputation is a ``custom_vjp`` (XLA:CPU merges ``jax.checkpoint``'s
+  recomputation back into the forward pass): reverse mode works at any
+  order, and an eager ``jax.jvp`` around ``g`` falls back to no
+  recomputation by itself, but forward mode traced under ``jit`` (``jvp``,
+  ``jacfwd``, Hessian-vector products as ``jvp`` of ``grad``) needs
+  ``recompute=False``; JAX's error then is "can't apply forward-mode
+  autodiff (jvp) to a custom_vjp function".
+
   LoRA dropout (``LoraConfig(dropout=p)``) is applied only when ``g`` is
   called with ``lora_rng=key``; without a key the call is deterministic. As
   for every JAX random function, one key gives one mask: under ``jax.vmap``
@@ -72,6 +86,9 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
     mode: ``"auto"``, ``"factored"`` or ``"merge"``.
     strict: raise :class:`lora_jax.FallbackError` instead of merging a kernel
       that has no factored rule.
+    recompute: recompute adapters' inputs in the backward pass where they
+      are elementwise maths on kept values (see above); ``False`` for
+      forward-mode differentiation under ``jit``.
 
   Returns:
     ``g(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs)``.
@@ -109,7 +126,7 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
       deltas = placed_like_base(base, deltas)
       return factored.factored_apply(fn, base, deltas, args, kwargs,
                                      strict=strict, choose=choose,
-                                     rng=lora_rng)
+                                     rng=lora_rng, recompute=recompute)
 
   def wrapped(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs):
     if not stacks(delta):

@@ -9,8 +9,8 @@ from typing import Callable
 import jax
 
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored import consumers, programs, views
-from lora_jax._src.factored.siblings import project_siblings
+from lora_jax._src.factored import consumers, programs, recompute, views
+from lora_jax._src.factored.siblings import find_group, project_group
 from lora_jax._src.factored.values import Context, Lora, Report
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.quant import QArray
@@ -68,6 +68,40 @@ def _apply(eqn, invals, ctx: Context) -> list:
     return consumers.fallback(eqn, invals, ctx)
 
 
+def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
+                    producers: dict, uses) -> dict | None:
+  """Outputs ``{id(eqn): outputs}`` for the adapted ``dot_general``
+  ``jaxpr.eqns[i]`` and the later ones projecting the same input (computed
+  together), when its input is recomputed (:mod:`recompute`); otherwise None
+  (after projecting the siblings jointly) and the caller applies the rule."""
+  eqn = jaxpr.eqns[i]
+  try:
+    group = find_group(jaxpr.eqns, i, env, ctx)
+  except (KeyError, jc.UnknownSchemaError):
+    group = None  # the rule falls back for this equation
+  members = [e for e, _ in group] if group else [eqn]
+  loras = [x for x in invals if isinstance(x, Lora)]
+  region = None
+  if (ctx.recompute and len(invals) == 2 and len(loras) == 1
+      and not ctx.dropping(loras[0])):
+    x_var = eqn.invars[1] if isinstance(invals[0], Lora) else eqn.invars[0]
+    region = recompute.input_region(x_var, producers, uses(), env,
+                                    len(members))
+  if region is None:
+    if group:
+      project_group(group, env[group[0][0].invars[0]], ctx)
+    return None
+
+  def compute(c: Context, x, member_invals):
+    if group:  # with the kernel values passed in, not the outer ones
+      project_group([(e, next(v for v in vals if isinstance(v, Lora)))
+                     for e, vals in zip(members, member_invals)], x, c)
+    return [_apply(e, vals, c) for e, vals in zip(members, member_invals)]
+  outs = recompute.apply_recomputing(region, x_var, members, env, compute,
+                                     ctx)
+  return {id(e): o for e, o in zip(members, outs)}
+
+
 def evaluate(program: jc.Program, args, ctx: Context, *,
              symbolic_outputs: bool = False) -> list:
   """Evaluates ``program`` where some inputs may be :class:`Lora` values.
@@ -78,20 +112,32 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
   jaxpr = program.jaxpr
   env: dict = dict(zip(jaxpr.constvars, program.consts))
   env.update(zip(jaxpr.invars, args))
+  producers: dict = {}  # var -> the equation computing it
+  counted: list = []
+  uses = lambda: counted[0] if counted else counted.append(
+      recompute.use_counts(jaxpr)) or counted[0]
+  done: dict = {}  # id(eqn) -> outputs computed with an earlier sibling
   for i, eqn in enumerate(jaxpr.eqns):
-    invals = [jc.read(env, v) for v in eqn.invars]
-    if any(isinstance(x, Lora) for x in invals):
-      if eqn.primitive in jc.DOT and id(eqn) not in ctx.projected:
-        try:
-          project_siblings(jaxpr.eqns, i, env, ctx)
-        except (KeyError, jc.UnknownSchemaError):
-          pass  # the rule below falls back for this equation
-      outs = _apply(eqn, invals, ctx)
+    if id(eqn) in done:
+      outs = done.pop(id(eqn))
     else:
-      outs = jc.bind(eqn, invals)
+      invals = [jc.read(env, v) for v in eqn.invars]
+      computed = None
+      if not any(isinstance(x, Lora) for x in invals):
+        outs = jc.bind(eqn, invals)
+      else:
+        if eqn.primitive in jc.DOT and id(eqn) not in ctx.projected:
+          computed = _adapted_matmul(jaxpr, i, invals, env, ctx, producers,
+                                     uses)
+        if computed is None:
+          outs = _apply(eqn, invals, ctx)
+        else:
+          outs = computed.pop(id(eqn))
+          done.update(computed)
     for v, x in zip(eqn.outvars, outs):
       if not jc.is_dropvar(v):
         env[v] = x
+        producers[v] = eqn
   outs = [jc.read(env, v) for v in jaxpr.outvars]
   return outs if symbolic_outputs else [ctx.concrete(x, "output")
                                         for x in outs]
@@ -99,7 +145,7 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
 
 def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
                    report: Report | None = None, choose: Callable | None = None,
-                   rng=None):
+                   rng=None, recompute: bool = False):
   """Evaluates ``fn(merge(base, delta), *args, **kwargs)`` in factored form;
   ``deltas`` is ``{path: LoraDelta}``."""
   # fn sees a float array where the base holds a QArray: trace with stand-ins.
@@ -108,7 +154,7 @@ def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
           x, QArray) else x, base, is_leaf=lambda x: isinstance(x, QArray))
   closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
   ctx = Context(strict, report if report is not None else Report(), choose,
-                rng)
+                rng, recompute)
   for i, (path, leaf) in enumerate(leaves_with_paths(base)):
     d = deltas.get(path)
     if d is not None:

@@ -46,7 +46,8 @@ def _project_jvp(primals, tangents):
     if _fused_reduce(a.shape[1]):
       # (M, r, K) products summed over K; transposed: sum over M of
       # x[m, None, :] * g[m, :, None], a (r, K) reduction XLA:CPU fuses.
-      terms.append(jnp.sum(x[:, None, :] * da.T[None, :, :], axis=2))
+      terms.append(jnp.sum(x.reshape(x.shape[0], 1, x.shape[1])
+                           * da.T[None, :, :], axis=2))
     else:
       terms.append(x @ da)
   if not terms:

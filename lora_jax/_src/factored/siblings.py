@@ -39,21 +39,23 @@ def _plain_projection(eqn, env, ctx: Context):
   return lhs, lc, lora
 
 
-def project_siblings(eqns, i: int, env: dict, ctx: Context) -> None:
-  """Computes ``scale * x @ a`` jointly for ``eqns[i]`` and every later
-  equation of the same program that projects the same ``x``; leaves the
-  results in ``ctx.projected`` keyed by equation."""
+def find_group(eqns, i: int, env: dict, ctx: Context):
+  """``[(eqn, lora), ...]``: ``eqns[i]`` and every later equation of the
+  same program that projects the same ``x`` (at least two), or None."""
   head = _plain_projection(eqns[i], env, ctx)
   if head is None:
-    return
+    return None
   group = [(eqns[i], head[2])]
   for eqn in eqns[i + 1:]:
     other = _plain_projection(eqn, env, ctx)
     if other is not None and other[:2] == head[:2]:
       group.append((eqn, other[2]))
-  if len(group) < 2:
-    return
-  x = env[head[0]]
+  return group if len(group) > 1 else None
+
+
+def project_group(group, x, ctx: Context) -> None:
+  """Computes ``scale * x @ a`` jointly for the group's equations and leaves
+  the results in ``ctx.projected`` keyed by equation."""
   dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, lora in group))
   firsts = []
   for eqn, lora in group:

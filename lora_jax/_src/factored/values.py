@@ -83,21 +83,34 @@ class Lora:
     return dora.output_factor(self.kernel(), self.delta, dtype)
 
 
-def flatten(values: list) -> tuple[list, Callable[[list], list]]:
-  """Splits values into flat arrays plus a function that rebuilds them."""
+def flatten(values: list, scales: bool = False
+            ) -> tuple[list, Callable[[list], list]]:
+  """Splits values into flat arrays plus a function that rebuilds them: a
+  kernel's four parts, and with ``scales`` its scale too where that is data
+  (a stack's per-row scale; None for a Python number)."""
   flat, spec = [], []
+  width = 5 if scales else 4
   for x in values:
     if isinstance(x, Lora):
       spec.append((len(flat), x))
       flat.extend(x.parts())
+      if scales:
+        flat.append(None if isinstance(x.scale, (int, float)) else x.scale)
     else:
       spec.append((len(flat), None))
       flat.append(x)
 
   def rebuild(flat_vals):
-    return [flat_vals[start] if lora is None
-            else lora.with_parts(flat_vals[start:start + 4])
-            for start, lora in spec]
+    out = []
+    for start, lora in spec:
+      if lora is None:
+        out.append(flat_vals[start])
+        continue
+      lora = lora.with_parts(flat_vals[start:start + 4])
+      if width == 5 and flat_vals[start + 4] is not None:
+        lora = dataclasses.replace(lora, scale=flat_vals[start + 4])
+      out.append(lora)
+    return out
   return flat, rebuild
 
 
@@ -130,14 +143,23 @@ class Context:
   """Per-call settings and bookkeeping of the interpreter."""
 
   def __init__(self, strict: bool, report: Report, choose: Callable | None,
-               rng: jax.Array | None = None):
+               rng: jax.Array | None = None, recompute: bool = False):
     self.strict = strict
+    self.recompute = recompute  # adapters' inputs (factored/recompute.py)
     self.report = report
     self.choose = choose  # (x_shape, x_contract, lora) -> "factored" | "merge"
     self.rng = rng        # dropout key; None: no dropout (inference)
     self.uses = 0
     # id(eqn) -> scale * x @ a, computed jointly for kernels sharing an input
     self.projected: dict[int, Any] = {}
+
+  def quiet(self) -> "Context":
+    """A copy that records into a fresh report (for a second tracing of the
+    same equation, in a backward pass)."""
+    other = Context(self.strict, Report(), self.choose, self.rng,
+                    self.recompute)
+    other.uses = self.uses
+    return other
 
   def dropping(self, lora: Lora) -> bool:
     return self.rng is not None and lora.dropout > 0

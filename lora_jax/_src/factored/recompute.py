@@ -1,0 +1,161 @@
+"""Fewer saved activations: an adapted matmul whose input is elementwise maths
+on values the backward pass keeps anyway is computed under ``jax.checkpoint``
+from those values.
+
+Each adapter must keep its input ``x`` for ``dA = x^T g``. When ``x`` is, say,
+``gelu(y)`` of the previous layer's output ``y``, reverse mode otherwise keeps
+``x`` *and* GELU's own intermediates (``tanh(...)``) next to ``y``; with the
+region ``y -> gelu -> (x @ W0, x @ A)`` recomputed in the backward pass, only
+``y`` is kept and the recomputation is a few elementwise ops (the frozen
+matmul's output is not needed by the backward pass, so it is not recomputed).
+On W3 this takes three of the four ``(tokens, mlp)`` buffers each layer kept
+(``benchmarks/results/w3_cpu.md``).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.values import Lora, flatten
+
+MAX_REGION = 64  # equations: a longer elementwise chain is left as it is
+
+
+def _is_elementwise(eqn) -> bool:
+  if eqn.primitive in jc.ELEMENTWISE:
+    return True
+  if eqn.primitive in jc.BROADCAST:  # a bias or scalar brought to x's shape
+    return True
+  sub = jc.higher_order(eqn)  # jax.nn.silu and friends are jitted
+  return (isinstance(sub, jc.Call) and sub.kind == "call"
+          and all(_is_elementwise(e) for e in sub.body.jaxpr.eqns))
+
+
+def use_counts(jaxpr) -> collections.Counter:
+  """How many times each variable is read (the program's outputs count)."""
+  uses = collections.Counter(
+      v for e in jaxpr.eqns for v in e.invars if not jc.is_literal(v))
+  uses.update(v for v in jaxpr.outvars if not jc.is_literal(v))
+  return uses
+
+
+def _size(v) -> int:
+  return int(np.prod(v.aval.shape, dtype=np.int64))
+
+
+def input_region(x_var, producers: dict, uses, env: dict, readers: int = 1):
+  """``(equations in program order, root variables)`` computing ``x_var``
+  by elementwise maths from roots no larger than it, every intermediate read
+  only inside the region and ``x_var`` read ``readers`` times (by the
+  matmuls); None when there is no such region."""
+  if (jc.is_literal(x_var) or uses[x_var] != readers
+      or x_var not in producers):
+    return None
+  x_size = _size(x_var)
+  stop: set = set()  # intermediates read outside the region become roots
+  for _ in range(MAX_REGION):
+    region, roots, todo = {}, [], [x_var]
+    while todo:
+      v = todo.pop()
+      if jc.is_literal(v) or v in roots:
+        continue
+      eqn = producers.get(v)
+      if eqn is None or v in stop or not _is_elementwise(eqn):
+        roots.append(v)
+        continue
+      if id(eqn) not in region:
+        region[id(eqn)] = eqn
+        todo.extend(eqn.invars)
+    if not region or len(region) > MAX_REGION:
+      return None
+    inner = collections.Counter(
+        v for e in region.values() for v in e.invars if not jc.is_literal(v))
+    leaking = {v for e in region.values() for v in e.outvars
+               if v is not x_var and uses[v] != inner[v]}
+    if not leaking:
+      break
+    stop |= leaking
+  else:
+    return None
+  if any(isinstance(env.get(r), Lora) or _size(r) > x_size for r in roots):
+    return None
+  order = {id(e): i for i, e in enumerate(producers.values())}
+  eqns = sorted(region.values(), key=lambda e: order[id(e)])
+  return eqns, roots
+
+
+def apply_recomputing(region, x_var, members, env: dict,
+                      compute: Callable, ctx) -> list:
+  """``compute(ctx, x, [invals of each member])`` (the adapted matmuls
+  ``members``, all reading ``x_var``) with ``x`` recomputed from the region's
+  roots in the backward pass: a ``custom_vjp`` that keeps only the roots and
+  the operands, and whose backward pass ties the recomputation to the
+  incoming cotangent, so that the backend can neither run it in the forward
+  pass nor merge it with the forward pass's copy (XLA:CPU does both with
+  ``jax.checkpoint``'s recomputation). Returns each member's outputs."""
+  eqns, roots = region
+  member_vars = [list(e.invars) for e in members]
+  flat, rebuild = flatten([None if v is x_var else jc.read(env, v)
+                           for vs in member_vars for v in vs], scales=True)
+
+  def region_fn(c, root_vals, flat_vals):
+    local = dict(zip(roots, root_vals))
+    for e in eqns:
+      for v, out in zip(e.outvars, jc.bind(e, [jc.read(local, v)
+                                                for v in e.invars])):
+        local[v] = out
+    x, vals = local[x_var], iter(rebuild(flat_vals))
+    lists = [[x if v is x_var else val for v, val in zip(vs, vals)]
+             for vs in member_vars]
+    return compute(c, x, lists)
+
+  @jax.custom_vjp
+  def run(root_vals, flat_vals):
+    return region_fn(ctx, root_vals, flat_vals)
+
+  def forward(root_vals, flat_vals):
+    return run(root_vals, flat_vals), (root_vals, flat_vals)
+
+  def backward(saved, g):
+    root_vals, flat_vals = saved
+    root_vals = _tie(root_vals, g)
+    quiet = ctx.quiet()
+    _, vjp = jax.vjp(lambda r, f: region_fn(quiet, r, f), root_vals,
+                     flat_vals)
+    return vjp(g)
+
+  run.defvjp(forward, backward)
+  root_vals = [env[r] for r in roots]
+  try:
+    # forward mode under jit fails here: lj.wrap(..., recompute=False)
+    return run(root_vals, flat)
+  except TypeError as e:  # jax.jvp around the call: no custom_vjp there
+    if "forward-mode" not in str(e):
+      raise
+    return region_fn(ctx, root_vals, flat)
+
+
+def _tie(root_vals, g):
+  """``root_vals``, made to depend on the cotangent ``g``.
+
+  The recomputation must run in the backward pass, after ``g`` exists, and
+  must not be merged with the forward pass's identical computation. An
+  ``optimization_barrier`` says so on GPU and TPU; XLA:CPU drops barriers
+  before common-subexpression elimination, so each float root also gets
+  ``min(|g_0|, 0)`` added: zero for every finite or infinite ``g_0`` (NaN
+  stays NaN, as the gradient would), which no compiler may fold away.
+  """
+  root_vals, g = jax.lax.optimization_barrier((root_vals, g))
+  first = next((x for x in jax.tree.leaves(g)
+                if jnp.issubdtype(x.dtype, jnp.inexact) and x.size), None)
+  if first is None:
+    return root_vals
+  zero = jnp.minimum(jnp.abs(jnp.ravel(first)[0]), 0)
+  return [r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.inexact)
+          else r for r in root_vals]
