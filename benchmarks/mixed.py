@@ -42,11 +42,30 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
+# Only to force each of the two mixed-batch contractions in the scaling sweep
+# (lj.wrap picks one by the stack's total rank).
+from lora_jax._src import stack as _stack  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import w1  # pylint: disable=wrong-import-position
 
 SCALING = (1, 2, 4, 8, 16, 32, 64)
+# mixed_factored[one-hot] / [gather]: the factored engine with the stack
+# entering each row as a one-hot contraction over all adapters, or as the
+# row's own gathered factors, whatever the stack's size.
+FORCED = {"one-hot": 10**9, "gather": 0}
+
+
+def _forced(g, how):
+  """``g`` traced with ``per_row``'s choice forced to ``how``."""
+  def run(*args, **kwargs):
+    saved = _stack.ONE_HOT_MAX_RANK
+    _stack.ONE_HOT_MAX_RANK = FORCED[how]
+    try:
+      return g(*args, **kwargs)
+    finally:
+      _stack.ONE_HOT_MAX_RANK = saved
+  return run
 
 
 def make_adapters(size, n, rank=8, seed=0):
@@ -90,7 +109,10 @@ def steps_for(apply, base, deltas, tokens, variants):
       out[v] = (jax.jit(lambda b, d, x, g=g: ce(g(b, d, x), x)),
                 (base, deltas[0], tokens))
     elif v.startswith("mixed_"):
-      g = lj.wrap(apply, v.split("_", 1)[1])
+      mode, _, how = v.split("_", 1)[1].partition("[")
+      g = lj.wrap(apply, mode)
+      if how:
+        g = _forced(g, how.rstrip("]"))
       # g bound now: a later variant rebinds the name
       out[v] = (jax.jit(lambda b, s, x, i, g=g: ce(g(b, s, x, adapter_ids=i),
                                                    x)),
@@ -164,7 +186,7 @@ def mib(x):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--reps", type=int, default=25)
+  ap.add_argument("--reps", type=int, default=41)
   ap.add_argument("--quick", action="store_true", help="tiny model, 3 reps")
   ap.add_argument("--name", default=None)
   args = ap.parse_args(argv)
@@ -175,19 +197,25 @@ def main(argv=None):
   diffs = check_equal(apply, base, deltas[:main_n], tokens)
   print("max |logit diff| mixed vs per-row merged:", diffs, flush=True)
 
-  variants = ["base", "merged", "single_factored", "mixed_factored",
-              "mixed_merge", "loop"]
+  # Two interleaved groups, each with its own "merged" yardstick: the merge
+  # engine's step holds 550 MiB of temporaries and, interleaved with the
+  # rest, evicts the caches of whichever variant runs after it.
+  variants = ["base", "merged", "single_factored", "mixed_factored", "loop"]
   res = measure(steps_for(apply, base, deltas[:main_n], tokens, variants), reps)
-  merged_ms = res["merged"]["step_ms"]
+  merge_group = measure(steps_for(apply, base, deltas[:main_n], tokens,
+                                  ["merged", "mixed_merge"]), max(3, reps // 3))
+  for group in (res, merge_group):
+    for r in group.values():
+      r["ratio_to_merged"] = r["step_ms"] / group["merged"]["step_ms"]
+      r["min_ratio_to_merged"] = r["min_ms"] / group["merged"]["min_ms"]
+  res["mixed_merge"] = merge_group["mixed_merge"]
   for r in res.values():
-    r["ratio_to_merged"] = r["step_ms"] / merged_ms
     r["ratio_to_base"] = r["step_ms"] / res["base"]["step_ms"]
-    r["min_ratio_to_merged"] = r["min_ms"] / res["merged"]["min_ms"]
   print(json.dumps({k: round(v["step_ms"], 2) for k, v in res.items()}),
         flush=True)
 
   scaling = {}
-  for mode in ("factored", "merge"):
+  for mode in ("factored", "factored[one-hot]", "factored[gather]", "merge"):
     steps = {}
     for n in SCALING:
       steps.update({f"{mode}_n{n}": s for s in steps_for(
@@ -239,7 +267,10 @@ def markdown(report):
           f"W1 forward, batch {report['workload']['batch']} x "
           f"{report['workload']['seq']}, {report['adapters']} adapters of rank "
           f"{report['rank']} on q,k,v,o,fc1,fc2, row i -> adapter "
-          f"{report['ids']}; medians of {report['reps']} interleaved reps.", "",
+          f"{report['ids']}; medians of {report['reps']} interleaved reps "
+          f"(`mixed_merge`: {max(3, report['reps'] // 3)} reps interleaved "
+          f"with `merged` alone, its ratios to that run's `merged`; / base "
+          f"from its ms).", "",
           "| variant | ms (median) | / merged | / base | ms (min) | min / merged "
           "min | args (MiB) | temp (MiB) | args + temp (MiB) |",
           "|---|---|---|---|---|---|---|---|---|"]
@@ -259,18 +290,22 @@ def markdown(report):
            f"{report['max_abs_logit_diff']}", "",
            f"## Scaling: n adapters in the stack, batch "
            f"{report['scaling']['batch']} ({report['scaling']['ids']})", "",
-           "| n | factored ms | / merged | min / merged min | args MiB | temp MiB "
-           "| merge ms | / merged | min / merged min | args MiB | temp MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-  f, g = (report["scaling"]["by_engine"][e] for e in ("factored", "merge"))
+           "Each cell: ms (median), / merged (medians), / merged (mins), args + "
+           "temp MiB. `factored` is what `lj.wrap` picks (one-hot while n x "
+           f"rank <= {_stack.ONE_HOT_MAX_RANK}, else gather); the next two "
+           "force each contraction.", "",
+           "| n | " + " | ".join(report["scaling"]["by_engine"]) + " |",
+           "|---|" + "---|" * len(report["scaling"]["by_engine"])]
+  engines = report["scaling"]["by_engine"]
   for n in SCALING:
-    a, b = f[n], g[n]
-    rows.append(f"| {n} | {a['step_ms']:.1f} | {a['ratio_to_merged']:.3f} | "
-                f"{a['min_ratio_to_merged']:.3f} | "
-                f"{mib(a['argument_bytes'])} | {mib(a['temp_bytes'])} | "
-                f"{b['step_ms']:.1f} | {b['ratio_to_merged']:.3f} | "
-                f"{b['min_ratio_to_merged']:.3f} | "
-                f"{mib(b['argument_bytes'])} | {mib(b['temp_bytes'])} |")
+    cells = []
+    for data in engines.values():
+      a = data[n]
+      mem = (a["argument_bytes"] + a["temp_bytes"]
+             if a.get("argument_bytes") is not None else None)
+      cells.append(f"{a['step_ms']:.1f}; {a['ratio_to_merged']:.3f}; "
+                   f"{a['min_ratio_to_merged']:.3f}; {mib(mem)}")
+    rows.append(f"| {n} | " + " | ".join(cells) + " |")
   return "\n".join(rows) + "\n"
 
 

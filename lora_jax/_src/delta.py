@@ -195,8 +195,11 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
   """
   layout = delta.layout
   a, b = layout.flatten_factors(delta.a, delta.b)
+  scale = jnp.asarray(delta.scale)
+  if scale.ndim:  # one scale per rank (a stack's row: LoraStack.row_of_all)
+    a, scale = a * scale.astype(a.dtype), 1
   w = jnp.einsum("gir,gro->gio", a, b,
-                 precision=jax.lax.Precision.HIGHEST) * delta.scale
+                 precision=jax.lax.Precision.HIGHEST) * scale
   w = layout.unflatten(w, delta.kernel_shape)
   return w if dtype is None else w.astype(dtype)
 

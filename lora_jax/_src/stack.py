@@ -119,6 +119,27 @@ class LoraStack:
                      dropout=self.dropout)
 
 
+  def row_of_all(self, index) -> LoraDelta:
+    """The adapter at ``index`` as one :class:`LoraDelta` over *all* the
+    stack's factors: ``a`` and ``b`` concatenated along the rank (rank
+    ``n * R``) with a per-rank scale vector that is the adapter's scale on
+    its own ``R`` columns and zero elsewhere (zero everywhere for ``-1``).
+
+    Under ``vmap`` over rows only the scale vector is per row: ``x @ a`` and
+    ``t @ b`` stay single matmuls shared by the rows (a one-hot
+    contraction), where :meth:`row` gathers each row's factors and batches
+    the matmuls. Costs ``n`` times the rank, so it pays for small stacks
+    (``per_row`` picks). Not for DoRA (its norm is per adapter)."""
+    n, r, nb = self.size, self.rank, len(self.layout.batch)
+    a = jnp.moveaxis(self.a, 0, -2)
+    a = a.reshape(*a.shape[:-2], n * r)
+    b = jnp.moveaxis(self.b, 0, nb)
+    b = b.reshape(*b.shape[:nb], n * r, *b.shape[nb + 2:])
+    pick = jax.nn.one_hot(index, n, dtype=self.scale.dtype) * self.scale
+    return LoraDelta(a, b, scale=jnp.repeat(pick, r), layout=self.layout,
+                     dropout=self.dropout)
+
+
 def is_stack_or_none(x: Any) -> bool:
   return x is None or isinstance(x, (LoraDelta, LoraStack))
 
@@ -271,14 +292,22 @@ def put(stacked: Any, k: int, delta: Any) -> Any:
   return map_with_paths(one, stacked, is_leaf=is_stack_or_none)
 
 
-def per_row(apply, base, stacked, ids, args, kwargs):
+# per_row's choice: a one-hot contraction over the whole stack while the
+# stack's total rank n * R is at most this, else per-row gathered factors
+# (benchmarks/results/mixed_cpu.md, the scaling sweep).
+ONE_HOT_MAX_RANK = 64
+
+
+def per_row(apply, base, stacked, ids, args, kwargs, one_hot: bool = False):
   """``apply(base, delta_i, row_i(args), **kwargs)`` for every row ``i``,
   with ``delta_i`` adapter ``ids[i]`` of the stack (``-1``: none), in one
   batched pass (``jax.vmap`` over the rows: the base's matmuls are shared,
   each row's low-rank branch uses its own gathered factors).
 
   Rows must be independent (as in serving); array arguments are split along
-  axis 0, everything else is passed whole.
+  axis 0, everything else is passed whole. ``one_hot`` (for the factored
+  engine): a stack of total rank at most :data:`ONE_HOT_MAX_RANK` without
+  DoRA enters as :meth:`LoraStack.row_of_all`, else as :meth:`LoraStack.row`.
   """
   ids = jnp.asarray(ids)
   if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -298,8 +327,16 @@ def per_row(apply, base, stacked, ids, args, kwargs):
     for i, x in zip(rows, row_leaves):
       full[i] = x[None]
     a, k = jax.tree.unflatten(treedef, full)
-    delta = jax.tree.map(lambda s: s.row(index) if isinstance(s, LoraStack)
-                         else s, stacked, is_leaf=is_stack_or_none)
+    delta = jax.tree.map(lambda s: _row(s, index, one_hot)
+                         if isinstance(s, LoraStack) else s, stacked,
+                         is_leaf=is_stack_or_none)
     out = apply(base, delta, *a, **k)
     return jax.tree.map(lambda y: y[0], out)
   return jax.vmap(one)([leaves[i] for i in rows], ids)
+
+
+def _row(s: LoraStack, index, one_hot: bool) -> LoraDelta:
+  if (one_hot and s.magnitude is None
+      and s.size * s.rank <= ONE_HOT_MAX_RANK):
+    return s.row_of_all(index)
+  return s.row(index)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -170,12 +171,17 @@ def _check_stack(folder: str, meta: dict) -> dict:
   return info
 
 
-def load_stack(directory: str | os.PathLike, *, return_configs: bool = False
-               ) -> Any:
+def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
+               return_configs: bool = False) -> Any:
   """Restores a stack saved by :func:`save_stack`, bit for bit.
 
   Args:
     directory: the checkpoint folder (``~`` is expanded).
+    shardings: a stack-like tree with, at each adapted path, a
+      :class:`lora_jax.LoraStack` whose children are shardings (e.g.
+      ``jax.tree.map(lambda x: x.sharding, stacked)``): each factor is
+      restored straight onto its placement, the scales onto theirs; None
+      for default placement.
     return_configs: also return the list of per-adapter configs (None where
       none was saved).
 
@@ -199,16 +205,18 @@ def load_stack(directory: str | os.PathLike, *, return_configs: bool = False
         f"it with lora_jax.load (lora_jax.stack([...]) makes a stack of "
         f"loaded adapters).")
   info = _check_stack(folder, meta)
-  restored = checkpoint._restore(folder, meta)["adapters"]  # pylint: disable=protected-access
+  targets = stacks(shardings) if shardings is not None else {}
+  restored = checkpoint._restore(folder, meta, targets)["adapters"]  # pylint: disable=protected-access
   per = info["adapters"]
   flat = {}
   for path, entry in meta["adapters"].items():
     node = checkpoint._lookup(restored, path)  # pylint: disable=protected-access
+    scale = jnp.asarray(np.asarray([a["paths"][path]["scale_data"]
+                                    for a in per], info["scale_dtype"][path]))
+    place = getattr(targets.get(path), "scale", None)
     flat[path] = LoraStack(
         a=node["a"], b=node["b"],
-        scale=jnp.asarray(np.asarray([a["paths"][path]["scale_data"]
-                                      for a in per],
-                                     info["scale_dtype"][path])),
+        scale=scale if place is None else jax.device_put(scale, place),
         magnitude=node.get("magnitude"),
         layout=Layout.from_json(info["layouts"][path]),
         dropout=float(entry.get("dropout", 0.0)),

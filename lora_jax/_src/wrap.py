@@ -76,9 +76,12 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
   A stacked delta (:func:`lora_jax.stack`) needs ``adapter_ids``: an int
   array with one entry per row of the array arguments (their axis 0); row
   ``i`` uses adapter ``ids[i]``, ``-1`` the base alone. All rows run in one
-  batched pass (``vmap`` over rows: the frozen matmuls are shared, each row's
-  low-rank branch gathers its own factors; the merge engine builds one
-  merged kernel per row). Rows must be independent, as in serving.
+  batched pass (``vmap`` over rows: the frozen matmuls are shared; the
+  factored engine contracts each row with every adapter's factors at once
+  and keeps its own adapter's part by a one-hot scale while the stack's
+  total rank is small, and gathers each row's own factors beyond that; the
+  merge engine builds one merged kernel per row). Rows must be independent,
+  as in serving.
 
   Args:
     fn: ``fn(params, *args, **kwargs)``, e.g. ``lambda p, x:
@@ -142,7 +145,8 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
           "adapter_ids= (one adapter index per row, -1 for none), or take "
           "one adapter out with lj.select(stacked, k).")
     apply = lambda b, d, *a, **k: single(b, d, *a, lora_rng=lora_rng, **k)
-    return per_row(apply, base, delta, adapter_ids, args, kwargs)
+    return per_row(apply, base, delta, adapter_ids, args, kwargs,
+                   one_hot=mode != "merge")
   return _named_like(fn, wrapped)
 
 
