@@ -12,6 +12,17 @@ from cases import CASES
 from helpers import randomize
 
 MODES = ("auto", "factored", "merge")
+# The factored engine mixes rows by a one-hot contraction over the whole stack
+# (total rank <= stack.ONE_HOT_MAX_RANK) or by gathering each row's factors;
+# every mixed-batch test runs both (the threshold is internal, hence _src).
+CONTRACTIONS = {"one-hot": 10**9, "gather": 0}
+
+
+@pytest.fixture(params=sorted(CONTRACTIONS))
+def contraction(request, monkeypatch):
+  from lora_jax._src import stack  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(stack, "ONE_HOT_MAX_RANK", CONTRACTIONS[request.param])
+  return request.param
 
 
 def _adapters(case, n=3, ranks=(2, 3, 1), alphas=(2.0, 5.0, 1.0)):
@@ -49,7 +60,7 @@ def test_stack_pads_ranks_and_keeps_scales_as_data():
 
 @pytest.mark.parametrize("name", ["dense", "attention", "scan_remat", "nnx_linear"])
 @pytest.mark.parametrize("mode", MODES)
-def test_mixed_batch_equals_each_row_with_its_adapter(name, mode):
+def test_mixed_batch_equals_each_row_with_its_adapter(name, mode, contraction):
   case = CASES[name]
   base, ds = _adapters(case)
   stacked = lj.stack(ds)
@@ -64,7 +75,7 @@ def test_mixed_batch_equals_each_row_with_its_adapter(name, mode):
     np.testing.assert_allclose(got[i:i + 1], want, rtol=2e-5, atol=2e-6)
 
 
-def test_minus_one_rows_equal_the_base_model_bit_for_bit():
+def test_minus_one_rows_equal_the_base_model_bit_for_bit(contraction):
   case = CASES["dense"]
   base, ds = _adapters(case)
   x = case.args[0]
@@ -74,7 +85,7 @@ def test_minus_one_rows_equal_the_base_model_bit_for_bit():
   np.testing.assert_array_equal(got, want)
 
 
-def test_one_trace_across_id_changes_and_slot_swaps():
+def test_one_trace_across_id_changes_and_slot_swaps(contraction):
   case = CASES["dense"]
   base, ds = _adapters(case, ranks=(2, 2, 2))
   traces = []
@@ -106,7 +117,7 @@ def test_put_of_a_smaller_rank_does_not_retrace_and_select_knows_its_rank():
     lj.put(lj.stack([ds[2], ds[2]]), 0, ds[0])
 
 
-def test_mixed_adapter_training_sends_each_adapter_its_own_rows():
+def test_mixed_adapter_training_sends_each_adapter_its_own_rows(contraction):
   case = CASES["dense"]
   base, ds = _adapters(case, ranks=(2, 2, 2))
   stacked = lj.stack(ds)
@@ -151,3 +162,24 @@ def test_summary_and_describe_name_the_stack():
   n = 3 * (8 * 3 + 3 * 6)  # padded a (8, 3) and b (3, 6), three adapters
   assert f"adapters {n:,}" in text and "stack of 3: 2,3,1" in text
   assert "stack of 3, ranks 2,3,1" in lj.describe(s)
+
+
+def test_a_row_over_the_whole_stack_is_that_adapter():
+  """LoraStack.row_of_all(k) (all factors, a one-hot scale per rank column)
+  stands for adapter k: merged, and in the factored engine; -1 for none."""
+  case = CASES["attention"]
+  base, ds = _adapters(case)
+  stacked = lj.stack(ds)
+  x = case.args[0]
+  from lora_jax._src.stack import stacks  # pylint: disable=import-outside-toplevel
+  for k in (0, 1, 2, -1):
+    row = jax.tree.map(lambda s: s.row_of_all(k) if isinstance(s, lj.LoraStack)
+                       else s, stacked,
+                       is_leaf=lambda s: isinstance(s, lj.LoraStack))
+    for p, d in lj.adapters(row).items():
+      assert d.rank == 3 * stacks(stacked)[p].rank
+    want = (case.fn(case.params, x) if k < 0
+            else lj.wrap(case.fn, "merge")(base, ds[k], x))
+    for mode in MODES:
+      np.testing.assert_allclose(lj.wrap(case.fn, mode)(base, row, x), want,
+                                 rtol=2e-5, atol=2e-6)
