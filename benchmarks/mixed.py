@@ -50,21 +50,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import w1  # pylint: disable=wrong-import-position
 
 SCALING = (1, 2, 4, 8, 16, 32, 64)
-# mixed_factored[one-hot] / [gather]: the factored engine with the stack
-# entering each row as a one-hot contraction over all adapters, or as the
-# row's own gathered factors, whatever the stack's size.
+# mixed_factored[one-hot] / [gather]: the factored engine under vmap over
+# rows (what wrap falls back to where it cannot run the batch whole), the
+# stack entering each row as a one-hot contraction over all adapters, or as
+# the row's own gathered factors, whatever the stack's size.
 FORCED = {"one-hot": 10**9, "gather": 0}
 
 
 def _forced(g, how):
-  """``g`` traced with ``per_row``'s choice forced to ``how``."""
+  """``g`` traced under ``vmap`` over rows (not the whole batch), with
+  ``per_row``'s contraction forced to ``how``."""
   def run(*args, **kwargs):
-    saved = _stack.ONE_HOT_MAX_RANK
-    _stack.ONE_HOT_MAX_RANK = FORCED[how]
+    saved = _stack.ONE_HOT_MAX_RANK, _stack.WHOLE_BATCH
+    _stack.ONE_HOT_MAX_RANK, _stack.WHOLE_BATCH = FORCED[how], False
     try:
       return g(*args, **kwargs)
     finally:
-      _stack.ONE_HOT_MAX_RANK = saved
+      _stack.ONE_HOT_MAX_RANK, _stack.WHOLE_BATCH = saved
   return run
 
 
@@ -291,9 +293,11 @@ def markdown(report):
            f"## Scaling: n adapters in the stack, batch "
            f"{report['scaling']['batch']} ({report['scaling']['ids']})", "",
            "Each cell: ms (median), / merged (medians), / merged (mins), args + "
-           "temp MiB. `factored` is what `lj.wrap` picks (one-hot while n x "
-           f"rank <= {_stack.ONE_HOT_MAX_RANK}, else gather); the next two "
-           "force each contraction.", "",
+           "temp MiB. `factored` is what `lj.wrap` does (the batch run whole, "
+           "each adapted matmul's branch one batched product over rows); the "
+           "next two are its `vmap`-over-rows fallback with each contraction "
+           f"forced (it picks one-hot while n x rank <= "
+           f"{_stack.ONE_HOT_MAX_RANK}, else gather).", "",
            "| n | " + " | ".join(report["scaling"]["by_engine"]) + " |",
            "|---|" + "---|" * len(report["scaling"]["by_engine"])]
   engines = report["scaling"]["by_engine"]

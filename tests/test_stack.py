@@ -12,16 +12,22 @@ from cases import CASES
 from helpers import randomize
 
 MODES = ("auto", "factored", "merge")
-# The factored engine mixes rows by a one-hot contraction over the whole stack
-# (total rank <= stack.ONE_HOT_MAX_RANK) or by gathering each row's factors;
-# every mixed-batch test runs both (the threshold is internal, hence _src).
-CONTRACTIONS = {"one-hot": 10**9, "gather": 0}
+# The factored engine runs a mixed batch whole (each adapted matmul's branch
+# one batched product over rows) where it can follow the rows through the
+# program, else under vmap over rows with a one-hot contraction over the
+# whole stack (total rank <= stack.ONE_HOT_MAX_RANK) or each row's gathered
+# factors. Every mixed-batch test runs all three (the switches are internal,
+# hence _src).
+CONTRACTIONS = {"whole": (True, 64), "one-hot": (False, 10**9),
+                "gather": (False, 0)}
 
 
 @pytest.fixture(params=sorted(CONTRACTIONS))
 def contraction(request, monkeypatch):
   from lora_jax._src import stack  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(stack, "ONE_HOT_MAX_RANK", CONTRACTIONS[request.param])
+  whole, one_hot = CONTRACTIONS[request.param]
+  monkeypatch.setattr(stack, "WHOLE_BATCH", whole)
+  monkeypatch.setattr(stack, "ONE_HOT_MAX_RANK", one_hot)
   return request.param
 
 
@@ -183,3 +189,52 @@ def test_a_row_over_the_whole_stack_is_that_adapter():
     for mode in MODES:
       np.testing.assert_allclose(lj.wrap(case.fn, mode)(base, row, x), want,
                                  rtol=2e-5, atol=2e-6)
+
+
+def _paths_taken(monkeypatch):
+  """Records "vmap" each time wrap falls back to vmap over rows."""
+  from lora_jax._src import wrap as wrap_module  # pylint: disable=import-outside-toplevel
+  taken = []
+  real = wrap_module.per_row
+
+  def spy(*args, **kwargs):
+    taken.append("vmap")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(wrap_module, "per_row", spy)
+  return taken
+
+
+@pytest.mark.parametrize("name,whole", [("dense", True), ("attention", True),
+                                        ("nnx_linear", True),
+                                        ("scan_remat", False)])
+def test_the_batch_runs_whole_where_the_rows_can_be_followed(
+    name, whole, monkeypatch):
+  """Dense, attention and NNX models run the mixed batch whole (no vmap); a
+  scan over layers is run under vmap over rows instead. Both equal per-row
+  inference (test_mixed_batch_equals_each_row_with_its_adapter)."""
+  taken = _paths_taken(monkeypatch)
+  case = CASES[name]
+  base, ds = _adapters(case)
+  x = jnp.concatenate([case.args[0]] * 2)[:4]
+  lj.wrap(case.fn, "factored")(base, lj.stack(ds), x,
+                               adapter_ids=jnp.array([2, -1, 0, 1]))
+  assert taken == ([] if whole else ["vmap"])
+
+
+def test_a_program_that_mixes_rows_runs_under_vmap(monkeypatch):
+  """Batch statistics (a mean over rows) would mix the rows if the batch ran
+  whole: the engine cannot follow the rows there, so it runs each row on its
+  own, as the per-row contract says, and the result is per-row inference."""
+  taken = _paths_taken(monkeypatch)
+  case = CASES["dense"]
+  base, ds = _adapters(case)
+  x = jnp.concatenate([case.args[0]] * 2)[:4]
+  fn = lambda p, x: case.fn(p, x - x.mean(axis=0, keepdims=True))
+  ids = jnp.array([2, -1, 0, 1])
+  got = lj.wrap(fn, "factored")(base, lj.stack(ds), x, adapter_ids=ids)
+  assert taken == ["vmap"]
+  for i, k in enumerate(ids.tolist()):
+    row = x[i:i + 1]
+    want = (fn(case.params, row) if k < 0
+            else lj.wrap(fn, "merge")(base, ds[k], row))
+    np.testing.assert_allclose(got[i:i + 1], want, rtol=2e-5, atol=2e-6)

@@ -90,6 +90,14 @@ ELEMENTWISE = Primitives(*(f"{n}_p" for n in (
     "cbrt", "integer_pow", "pow", "square", "erf", "erfc", "erf_inv", "sin",
     "cos", "select_n", "convert_element_type", "gt", "ge", "lt", "le", "eq",
     "ne", "and", "or", "not", "is_finite", "copy")), names=("square",))
+# Reductions over ``axes``, scans along ``axis``, concatenation along
+# ``dimension`` (the row-axis analysis of mixed-adapter batches reads them).
+REDUCE = Primitives(*(f"{n}_p" for n in (
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+    "reduce_or", "argmax", "argmin")))
+CUMULATIVE = Primitives("cumsum_p", "cumprod_p", "cummax_p", "cummin_p",
+                        "cumlogsumexp_p")
+CONCATENATE = Primitives("concatenate_p")
 # Consumers of a kernel.
 DOT = Primitives("dot_general_p")
 CONV = Primitives("conv_general_dilated_p")
@@ -197,6 +205,18 @@ def squeeze_dims(eqn) -> tuple[int, ...]:
 
 def broadcast_dims(eqn) -> tuple[int, ...]:
   return tuple(eqn.params["broadcast_dimensions"])
+
+
+def reduce_axes(eqn) -> tuple[int, ...]:
+  return tuple(eqn.params["axes"])
+
+
+def cumulative_axis(eqn) -> int:
+  return int(eqn.params["axis"])
+
+
+def concatenate_dim(eqn) -> int:
+  return int(eqn.params["dimension"])
 
 
 def dynamic_slice_sizes(eqn) -> tuple[int, ...]:

@@ -292,10 +292,39 @@ def put(stacked: Any, k: int, delta: Any) -> Any:
   return map_with_paths(one, stacked, is_leaf=is_stack_or_none)
 
 
+# wrap runs a mixed batch whole in the factored engine where it can follow the
+# rows (factored/rows.py); False: always per_row's vmap (for measuring).
+WHOLE_BATCH = True
 # per_row's choice: a one-hot contraction over the whole stack while the
 # stack's total rank n * R is at most this, else per-row gathered factors
 # (benchmarks/results/mixed_cpu.md, the scaling sweep).
 ONE_HOT_MAX_RANK = 64
+
+
+def check_rows(ids, args, kwargs) -> jax.Array:
+  """``ids`` as an array, checked against the arguments' row axes."""
+  ids = jnp.asarray(ids)
+  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"adapter_ids must be a 1-D integer array (one adapter "
+                     f"per row, -1 for none); got {describe_array(ids)}.")
+  for x in jax.tree.leaves((args, kwargs)):
+    if hasattr(x, "shape") and x.ndim and x.shape[0] != ids.shape[0]:
+      raise ValueError(
+          f"adapter_ids has {ids.shape[0]} rows but an argument has shape "
+          f"{tuple(x.shape)}: every array argument's axis 0 is the row "
+          f"axis.")
+  return ids
+
+
+def row_factors(stacked, ids) -> dict:
+  """``{path: (a, b, scale, layout)}`` with row ``i`` holding adapter
+  ``ids[i]``'s factors (scale 0 for ``-1``): a mixed batch for the factored
+  engine to run whole."""
+  i = jnp.maximum(ids, 0)
+  return {p: (s.a[i], s.b[i],
+              jnp.where(ids >= 0, s.scale[i], jnp.zeros((), s.scale.dtype)),
+              s.layout)
+          for p, s in stacks(stacked).items()}
 
 
 def per_row(apply, base, stacked, ids, args, kwargs, one_hot: bool = False):
@@ -309,18 +338,9 @@ def per_row(apply, base, stacked, ids, args, kwargs, one_hot: bool = False):
   engine): a stack of total rank at most :data:`ONE_HOT_MAX_RANK` without
   DoRA enters as :meth:`LoraStack.row_of_all`, else as :meth:`LoraStack.row`.
   """
-  ids = jnp.asarray(ids)
-  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"adapter_ids must be a 1-D integer array (one adapter "
-                     f"per row, -1 for none); got {describe_array(ids)}.")
+  ids = check_rows(ids, args, kwargs)
   leaves, treedef = jax.tree.flatten((args, kwargs))
   rows = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and x.ndim]
-  for i in rows:
-    if leaves[i].shape[0] != ids.shape[0]:
-      raise ValueError(
-          f"adapter_ids has {ids.shape[0]} rows but an argument has shape "
-          f"{tuple(leaves[i].shape)}: every array argument's axis 0 is the "
-          f"row axis.")
 
   def one(row_leaves, index):
     full = list(leaves)

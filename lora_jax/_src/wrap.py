@@ -8,10 +8,11 @@ from typing import Any, Callable
 import jax
 
 from lora_jax._src import factored
+from lora_jax._src import stack as stack_module
 from lora_jax._src.delta import adapters
 from lora_jax._src.jaxpr_core import is_array
 from lora_jax._src.merge import check_matches, merge, placed_like_base
-from lora_jax._src.stack import per_row, stacks
+from lora_jax._src.stack import check_rows, per_row, row_factors, stacks
 
 MODES = ("auto", "merge", "factored")
 
@@ -144,10 +145,37 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
           "wrap: the delta is a stack of adapters (lj.stack); pass "
           "adapter_ids= (one adapter index per row, -1 for none), or take "
           "one adapter out with lj.select(stacked, k).")
+    if mode != "merge" and stack_module.WHOLE_BATCH:
+      whole = _whole_batch(fn, base, delta, adapter_ids, args, kwargs,
+                           lora_rng, strict=strict, choose=choose,
+                           recompute=recompute)
+      if whole is not None:
+        return whole
     apply = lambda b, d, *a, **k: single(b, d, *a, lora_rng=lora_rng, **k)
     return per_row(apply, base, delta, adapter_ids, args, kwargs,
                    one_hot=mode != "merge")
   return _named_like(fn, wrapped)
+
+
+def _whole_batch(fn, base, stacked, ids, args, kwargs, lora_rng, **options):
+  """A mixed-adapter batch in the factored engine on the whole batch at once
+  (each adapted matmul's branch one batched product over rows), or None
+  where that cannot be done (DoRA, LoRA dropout, rows the engine cannot
+  follow through the program): then ``vmap`` over rows does it."""
+  ids = check_rows(ids, args, kwargs)
+  per_path = stacks(stacked)
+  if lora_rng is not None or any(
+      s.magnitude is not None or s.dropout for s in per_path.values()):
+    return None
+  plain = adapters(stacked)  # single adapters beside the stacks
+  check_matches(base, {**plain, **{p: s.row(0) for p, s in per_path.items()}},
+                "wrap")
+  try:
+    return factored.factored_apply(fn, base, plain, args, kwargs,
+                                   row_factors=row_factors(stacked, ids),
+                                   **options)
+  except factored.NeedsRowVmap:
+    return None
 
 
 def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,

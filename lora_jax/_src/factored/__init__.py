@@ -23,4 +23,5 @@ from lora_jax._src.factored.cost import cheaper_engine
 from lora_jax._src.factored.cost import extra_flops
 from lora_jax._src.factored.interpreter import factored_apply
 from lora_jax._src.factored.values import FallbackError
+from lora_jax._src.factored.values import NeedsRowVmap
 from lora_jax._src.factored.values import Report

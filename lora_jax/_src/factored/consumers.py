@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.lowrank import lowrank_dot
-from lora_jax._src.factored.values import Context, FallbackError, Lora
+from lora_jax._src.factored.values import (Context, FallbackError, Lora,
+                                           NeedsRowVmap)
 from lora_jax._src.quant import frozen_linear
 
 
@@ -71,7 +72,7 @@ def consumer(plan_fn: Callable) -> Callable:
     if plan is None:
       return fallback(eqn, invals, ctx)
     lora = plan.lora
-    if (plan.cost is not None and not ctx.dropping(lora)
+    if (plan.cost is not None and not ctx.dropping(lora) and not lora.rows
         and ctx.choose is not None
         and ctx.choose(*plan.cost, lora) == "merge"):
       ctx.report.record(lora.path, "merge (auto: cheaper)")
@@ -121,6 +122,9 @@ def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
   lora, x = (lhs, rhs) if kernel_is_lhs else (rhs, lhs)
   x_contract, k_contract, x_batch, k_batch = jc.dot_dims(eqn).side(
       kernel_is_lhs)
+  if lora.rows:
+    return _rowwise_plan(eqn, lora, x, kernel_is_lhs, x_contract, k_contract,
+                         k_batch, ctx)
   projected = ctx.projected.pop(id(eqn), None)
   lowrank = lambda x_in: lowrank_dot(
       x_in, lora, x_contract, k_contract, x_batch, k_batch, kernel_is_lhs,
@@ -141,6 +145,46 @@ def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
   op = lambda x, w: jc.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
   return Plan(lora, x, rule, lowrank, place, cost=(x.shape, x_contract),
               linear_op=op)
+
+
+def _rowwise_plan(eqn, lora: Lora, x, kernel_is_lhs, x_contract, k_contract,
+                  k_batch, ctx: Context) -> Plan:
+  """A mixed-adapter batch run whole: ``lora``'s factors carry a leading row
+  axis; the branch is one batched product over rows (``x``'s row axis from
+  :mod:`rows`). Only ``x @ kernel`` with ``x``'s contracted axes last and the
+  kernel's input axes contracted has this rule; anything else runs the call
+  under ``vmap`` instead."""
+  lay = lora.layout
+  lhs_rows, rhs_rows = ctx.dot_rows.get(id(eqn), (None, None))
+  r = lhs_rows if not kernel_is_lhs else rhs_rows
+  nd = x.ndim
+  if (kernel_is_lhs or k_batch or lay.batch or not isinstance(r, int)
+      or set(lay.inputs) != set(k_contract)
+      or tuple(x_contract) != tuple(range(nd - len(x_contract), nd))
+      or r >= nd - len(x_contract) or lora.magnitude is not None):
+    raise NeedsRowVmap(f"{lora.path}: {eqn.primitive.name}")
+  in_a, in_b, r_a, r_b = lay.factor_positions()
+  free = sorted(set(range(lora.w.ndim)) - set(k_contract))
+
+  def lowrank(x_in):
+    dtype = x_in.dtype
+    rows = x_in.shape[r]
+    f1 = jnp.transpose(lora.a, [0] + [1 + in_a[k] for k in k_contract]
+                       + [1 + r_a])
+    f1 = f1.reshape(rows, -1, f1.shape[-1]).astype(dtype)
+    f2 = jnp.transpose(lora.b, [0, 1 + r_b] + [1 + in_b[k] for k in free])
+    n_shape = f2.shape[2:]
+    f2 = f2.reshape(rows, f2.shape[1], -1).astype(dtype)
+    xm = jnp.moveaxis(x_in, r, 0)
+    m_shape = xm.shape[1:nd - len(x_contract)]
+    t = jnp.einsum("bmk,bkr->bmr", xm.reshape(rows, -1, f1.shape[1]), f1)
+    t = t * jnp.asarray(lora.scale, dtype)[:, None, None]
+    u = jnp.einsum("bmr,brn->bmn", t, f2)
+    return jnp.moveaxis(u.reshape(rows, *m_shape, *n_shape), 0, r)
+
+  op = lambda x, w: jc.bind(eqn, [x, w])[0]
+  return Plan(lora, x, "dot_general (rows: one product per row)", lowrank,
+              None, linear_op=op)
 
 
 # ---- conv_general_dilated -------------------------------------------------------

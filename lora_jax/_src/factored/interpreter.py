@@ -9,9 +9,9 @@ from typing import Callable
 import jax
 
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored import consumers, programs, recompute, views
+from lora_jax._src.factored import consumers, programs, recompute, rows, views
 from lora_jax._src.factored.siblings import find_group, project_group
-from lora_jax._src.factored.values import Context, Lora, Report
+from lora_jax._src.factored.values import Context, Lora, NeedsRowVmap, Report
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.quant import QArray
 
@@ -56,11 +56,19 @@ def rule_for(primitive) -> Callable:
   return rule
 
 
+# Rules that know a kernel with per-row factors (a mixed batch run whole).
+_ROW_RULES = (consumers.dot_general, views.cast, views.pass_through)
+
+
 def _apply(eqn, invals, ctx: Context) -> list:
   """Runs the rule for ``eqn``; parameters this JAX names differently make
   it a counted merge fallback, never a bare KeyError."""
   try:
     sub = jc.higher_order(eqn)
+    if any(isinstance(x, Lora) and x.rows for x in invals) and (
+        isinstance(sub, (jc.Scan, jc.While, jc.Cond, jc.ShardMap))
+        or (sub is None and rule_for(eqn.primitive) not in _ROW_RULES)):
+      raise NeedsRowVmap(f"{eqn.primitive.name} reads a per-row kernel")
     if sub is not None:
       return PROGRAM_RULES[type(sub)](eqn, sub, invals, ctx, evaluate)
     return rule_for(eqn.primitive)(eqn, invals, ctx)
@@ -145,9 +153,13 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
 
 def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
                    report: Report | None = None, choose: Callable | None = None,
-                   rng=None, recompute: bool = False):
+                   rng=None, recompute: bool = False, row_factors=None):
   """Evaluates ``fn(merge(base, delta), *args, **kwargs)`` in factored form;
-  ``deltas`` is ``{path: LoraDelta}``."""
+  ``deltas`` is ``{path: LoraDelta}``.
+
+  ``row_factors`` (a mixed-adapter batch run whole): ``{path: (a, b, scale,
+  layout)}`` with a leading row axis on each, the rows being axis 0 of every
+  array argument; raises :class:`NeedsRowVmap` where that cannot be done."""
   # fn sees a float array where the base holds a QArray: trace with stand-ins.
   stand_in = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(
@@ -155,9 +167,19 @@ def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
   closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
   ctx = Context(strict, report if report is not None else Report(), choose,
                 rng, recompute)
+  n_params = len(jax.tree.leaves(stand_in))
+  if row_factors:
+    in_rows = [None] * n_params + [0 if getattr(x, "ndim", 0) else None
+                                   for x in inputs[n_params:]]
+    out_rows = rows.analyse(closed.jaxpr, in_rows, ctx.dot_rows)
+    if any(r != 0 for r in out_rows):  # each output must be one per row
+      raise NeedsRowVmap("an output's rows cannot be followed to axis 0")
   for i, (path, leaf) in enumerate(leaves_with_paths(base)):
     d = deltas.get(path)
-    if d is not None:
+    if row_factors and path in row_factors:
+      a, b, scale, layout = row_factors[path]
+      inputs[i] = Lora(leaf, a, b, scale, layout, path, rows=True)
+    elif d is not None:
       inputs[i] = Lora(leaf, d.a, d.b, d.scale, d.layout, path,
                        d.magnitude, d.dropout)
     elif isinstance(leaf, QArray):  # not adapted: dequantized for the program

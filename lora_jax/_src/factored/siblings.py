@@ -25,7 +25,8 @@ def _plain_projection(eqn, env, ctx: Context):
       or jc.is_literal(rhs)):
     return None
   lora, x = env.get(rhs), env.get(lhs)
-  if not isinstance(lora, Lora) or x is None or isinstance(x, Lora):
+  if (not isinstance(lora, Lora) or x is None or isinstance(x, Lora)
+      or lora.rows):
     return None
   nd = len(lhs.aval.shape)
   lc = dims.lhs_contract

@@ -20,6 +20,13 @@ class FallbackError(RuntimeError):
   """Raised under ``strict=True`` when a kernel would have to be merged."""
 
 
+class NeedsRowVmap(Exception):
+  """A mixed-adapter batch the engine cannot run on the whole batch at once
+  (the rows of an adapted matmul's input cannot be followed, or a per-row
+  kernel meets an op without a per-row rule): the caller runs it under
+  ``vmap`` over rows instead."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Lora:
   """A kernel value ``w + scale * a @ b`` kept in factored form.
@@ -43,6 +50,9 @@ class Lora:
   magnitude: Any = None
   dropout: float = 0.0
   dtype: Any = None  # a widening cast of ``w`` not yet applied
+  # A mixed-adapter batch run whole: ``a``, ``b`` and ``scale`` carry a
+  # leading row axis (each row's adapter); only dot_general has a rule.
+  rows: bool = False
 
   @property
   def narrow(self) -> bool:
@@ -152,6 +162,8 @@ class Context:
     self.uses = 0
     # id(eqn) -> scale * x @ a, computed jointly for kernels sharing an input
     self.projected: dict[int, Any] = {}
+    # id(dot eqn) -> (lhs row axis, rhs row axis) of a mixed batch run whole
+    self.dot_rows: dict[int, Any] = {}
 
   def quiet(self) -> "Context":
     """A copy that records into a fresh report (for a second tracing of the
@@ -159,6 +171,7 @@ class Context:
     other = Context(self.strict, Report(), self.choose, self.rng,
                     self.recompute)
     other.uses = self.uses
+    other.dot_rows = self.dot_rows
     return other
 
   def dropping(self, lora: Lora) -> bool:
@@ -179,6 +192,8 @@ class Context:
   def fallback(self, lora: Lora, primitive: str) -> jax.Array:
     """``lora`` merged into a plain kernel for one use: counted and warned
     about, an error under ``strict``."""
+    if lora.rows:
+      raise NeedsRowVmap(f"{lora.path}: {primitive}")
     key = (lora.path, primitive)
     if self.strict:
       raise FallbackError(
@@ -197,4 +212,6 @@ class Context:
 
   def concrete(self, x: Any, what: str) -> Any:
     """``x`` as a plain array (merging a :class:`Lora` by :meth:`fallback`)."""
+    if isinstance(x, Lora) and x.rows:
+      raise NeedsRowVmap(f"{x.path}: {what}")
     return self.fallback(x, what) if isinstance(x, Lora) else x

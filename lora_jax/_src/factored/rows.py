@@ -1,0 +1,140 @@
+"""Row axes for mixed-adapter batches without ``vmap``.
+
+A mixed batch runs row ``i`` with adapter ``ids[i]``. Under ``vmap`` over rows
+JAX tracks the rows for us, but XLA:CPU then runs every low-rank matmul as
+small per-row batched products (1.25x merged inference on W1). Run instead on
+the whole batch, the frozen matmuls are the model's own and each low-rank
+branch is one batched product over rows (1.11x) — if the engine knows which
+axis of each adapted matmul's input is the row axis. This module says: every
+array argument has its rows on axis 0, and the axis is followed through the
+program by one rule per primitive. Where it cannot be followed (a reduction
+over the rows, a reshape that merges them, an op without a rule), the value
+is :data:`UNKNOWN`; an adapted matmul reading such an input makes the call
+fall back to ``vmap`` (``values.NeedsRowVmap``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from lora_jax._src import jaxpr_core as jc
+
+UNKNOWN = "unknown"
+
+
+def _shape(v) -> tuple[int, ...]:
+  return tuple(v.aval.shape)
+
+
+def _reshape(eqn, r):
+  src, dst = _shape(eqn.invars[0]), _shape(eqn.outvars[0])
+  before = math.prod(src[:r])
+  for j in range(len(dst)):
+    if math.prod(dst[:j]) == before and dst[j] == src[r]:
+      return j
+  return UNKNOWN
+
+
+def _dot(eqn, ins):
+  d = jc.dot_dims(eqn)
+  lhs_nd, rhs_nd = (len(_shape(v)) for v in eqn.invars[:2])
+  lhs_free = [i for i in range(lhs_nd) if i not in d.lhs_contract + d.lhs_batch]
+  rhs_free = [i for i in range(rhs_nd) if i not in d.rhs_contract + d.rhs_batch]
+  out = set()
+  for r, contract, batch, free, offset in (
+      (ins[0], d.lhs_contract, d.lhs_batch, lhs_free, len(d.lhs_batch)),
+      (ins[1], d.rhs_contract, d.rhs_batch, rhs_free,
+       len(d.lhs_batch) + len(lhs_free))):
+    if r is None:
+      continue
+    if r == UNKNOWN or r in contract:
+      return UNKNOWN
+    out.add(batch.index(r) if r in batch else offset + free.index(r))
+  return out.pop() if len(out) == 1 else UNKNOWN
+
+
+def _gather(eqn, ins):
+  operand, indices = ins[0], ins[1]
+  g = jc.gather_dims(eqn)
+  idx_nd = len(_shape(eqn.invars[1]))
+  if (operand is not None or indices == UNKNOWN or g.operand_batching_dims
+      or indices >= idx_nd - 1):
+    return UNKNOWN
+  out_nd = len(_shape(eqn.outvars[0]))
+  batch_positions = [i for i in range(out_nd) if i not in g.offset_dims]
+  return batch_positions[indices]
+
+
+def _one(eqn, ins):
+  """The row axis of a single-output equation's result."""
+  prim = eqn.primitive
+  r = next((x for x in ins if x is not None), None)
+  if any(x == UNKNOWN for x in ins):
+    return UNKNOWN
+  if prim in jc.DOT:
+    return _dot(eqn, ins)
+  if prim in jc.GATHER:
+    return _gather(eqn, ins)
+  if len({x for x in ins if x is not None}) != 1:
+    return UNKNOWN
+  out_shape = _shape(eqn.outvars[0])
+  if prim in jc.ELEMENTWISE:
+    # operands carrying rows: the output's shape, or size-1 axes broadcast
+    # (newer JAX lets elementwise ops broadcast those) but never the rows
+    same = all(x is None or (
+        len(_shape(v)) == len(out_shape) and _shape(v)[r] == out_shape[r]
+        and all(a in (b, 1) for a, b in zip(_shape(v), out_shape)))
+               for v, x in zip(eqn.invars, ins))
+    return r if same else UNKNOWN
+  if ins[0] is None:  # rows only in an index / size operand
+    return UNKNOWN
+  if prim in jc.BROADCAST:
+    return jc.broadcast_dims(eqn)[r]
+  if prim in jc.RESHAPE:
+    return _reshape(eqn, r)
+  if prim in jc.TRANSPOSE:
+    return jc.transpose_perm(eqn).index(r)
+  if prim in jc.SQUEEZE:
+    dims = jc.squeeze_dims(eqn)
+    return UNKNOWN if r in dims else r - sum(d < r for d in dims)
+  if prim in jc.SLICE or prim in jc.DYNAMIC_SLICE:
+    return r if out_shape[r] == _shape(eqn.invars[0])[r] else UNKNOWN
+  if prim in jc.REDUCE:
+    axes = jc.reduce_axes(eqn)
+    return UNKNOWN if r in axes else r - sum(a < r for a in axes)
+  if prim in jc.CUMULATIVE:
+    return UNKNOWN if jc.cumulative_axis(eqn) == r else r
+  if prim in jc.CONCATENATE:
+    ok = all(x == r for x in ins) and jc.concatenate_dim(eqn) != r
+    return r if ok else UNKNOWN
+  return UNKNOWN
+
+
+def analyse(jaxpr, in_rows, dots: dict) -> list:
+  """Row axes of ``jaxpr``'s outputs given its inputs' (``None``: no rows).
+  Records ``dots[id(eqn)] = (lhs rows, rhs rows)`` for every ``dot_general``
+  reading rows, in this program and in the calls it inlines."""
+  rows = dict(zip(jaxpr.invars, in_rows))
+  for eqn in jaxpr.eqns:
+    ins = [None if jc.is_literal(v) else rows.get(v) for v in eqn.invars]
+    if all(x is None for x in ins):
+      outs = [None] * len(eqn.outvars)
+    else:
+      if eqn.primitive in jc.DOT:
+        dots[id(eqn)] = (ins[0], ins[1])
+      try:
+        sub = jc.higher_order(eqn)
+      except jc.UnknownSchemaError:
+        sub = UNKNOWN
+      identity = (eqn.primitive in jc.PASS or eqn.primitive in jc.ON_KERNEL
+                  or eqn.primitive in jc.ON_EVERY_PART)
+      if isinstance(sub, (jc.Call, jc.Remat)):
+        outs = analyse(sub.body.jaxpr, ins, dots)
+      elif identity and len(eqn.outvars) == len(ins):
+        outs = ins  # copies, barriers, stop_gradient, sharding constraints
+      elif sub is not None or len(eqn.outvars) != 1:
+        outs = [UNKNOWN] * len(eqn.outvars)
+      else:
+        outs = [_one(eqn, ins)]
+    rows.update(zip(eqn.outvars, outs))
+  return [None if jc.is_literal(v) else rows.get(v) for v in jaxpr.outvars]
