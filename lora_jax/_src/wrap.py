@@ -76,13 +76,19 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
 
   A stacked delta (:func:`lora_jax.stack`) needs ``adapter_ids``: an int
   array with one entry per row of the array arguments (their axis 0); row
-  ``i`` uses adapter ``ids[i]``, ``-1`` the base alone. All rows run in one
-  batched pass (``vmap`` over rows: the frozen matmuls are shared; the
-  factored engine contracts each row with every adapter's factors at once
-  and keeps its own adapter's part by a one-hot scale while the stack's
-  total rank is small, and gathers each row's own factors beyond that; the
-  merge engine builds one merged kernel per row). Rows must be independent,
-  as in serving.
+  ``i`` uses adapter ``ids[i]``, ``-1`` the base alone. Rows must be
+  independent, as in serving. The factored and auto engines run the batch
+  whole where they can follow the rows through the program (axis 0 of every
+  argument, through elementwise ops, matmuls, reshapes, reductions over other
+  axes, ...): the frozen matmuls are the model's own and each adapted
+  matmul's branch is one batched product over rows with each row's factors.
+  Where the rows cannot be followed (a ``scan``, a reduction over rows, an op
+  without a rule), DoRA, or LoRA dropout, the function runs once per row
+  under ``vmap`` instead (a one-hot contraction over the whole stack while
+  its total rank is small, each row's gathered factors beyond); the merge
+  engine always does, building one merged kernel per row. Randomness inside
+  ``fn`` (its own dropout) differs between the two forms: run whole, each
+  row draws its own.
 
   Args:
     fn: ``fn(params, *args, **kwargs)``, e.g. ``lambda p, x:
