@@ -64,7 +64,8 @@ def test_stack_pads_ranks_and_keeps_scales_as_data():
   assert "LoraStack(n=3, ranks=(2, 3, 1)" in repr(q)
 
 
-@pytest.mark.parametrize("name", ["dense", "attention", "scan_remat", "nnx_linear"])
+@pytest.mark.parametrize("name", ["dense", "attention", "scan_remat", "nnx_linear",
+                                  "einsum", "transposed", "embed", "conv2d"])
 @pytest.mark.parametrize("mode", MODES)
 def test_mixed_batch_equals_each_row_with_its_adapter(name, mode, contraction):
   case = CASES[name]
@@ -206,12 +207,13 @@ def _paths_taken(monkeypatch):
 
 @pytest.mark.parametrize("name,whole", [("dense", True), ("attention", True),
                                         ("nnx_linear", True),
-                                        ("scan_remat", False)])
+                                        ("scan_remat", True), ("conv2d", False)])
 def test_the_batch_runs_whole_where_the_rows_can_be_followed(
     name, whole, monkeypatch):
-  """Dense, attention and NNX models run the mixed batch whole (no vmap); a
-  scan over layers is run under vmap over rows instead. Both equal per-row
-  inference (test_mixed_batch_equals_each_row_with_its_adapter)."""
+  """Dense, attention, NNX and scanned-layer models run the mixed batch whole
+  (no vmap); a convolution (no per-row rule) runs under vmap over rows. Both
+  equal per-row inference (test_mixed_batch_equals_each_row_with_its_adapter
+  and below)."""
   taken = _paths_taken(monkeypatch)
   case = CASES[name]
   base, ds = _adapters(case)

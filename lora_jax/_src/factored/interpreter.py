@@ -66,7 +66,7 @@ def _apply(eqn, invals, ctx: Context) -> list:
   try:
     sub = jc.higher_order(eqn)
     if any(isinstance(x, Lora) and x.rows for x in invals) and (
-        isinstance(sub, (jc.Scan, jc.While, jc.Cond, jc.ShardMap))
+        isinstance(sub, (jc.While, jc.Cond, jc.ShardMap))
         or (sub is None and rule_for(eqn.primitive) not in _ROW_RULES)):
       raise NeedsRowVmap(f"{eqn.primitive.name} reads a per-row kernel")
     if sub is not None:

@@ -47,7 +47,8 @@ def _drop_leading(lora: Lora) -> Lora | None:
   if 0 not in lay.batch:
     return None
   i = lay.batch.index(0)
-  move = lambda v: None if v is None else jnp.moveaxis(v, i, 0)
+  axis = i + 1 if lora.rows else i  # per-row factors: after the row axis
+  move = lambda v: None if v is None else jnp.moveaxis(v, axis, 0)
   rest = lay.batch[:i] + lay.batch[i + 1:]
   dec = lambda axes: tuple(k - 1 for k in axes)
   # w stays stacked in the scanned operand; a, b (and magnitude) are scanned

@@ -110,6 +110,26 @@ def _one(eqn, ins):
   return UNKNOWN
 
 
+def _scan(sub, ins, dots: dict) -> list:
+  """A scan over layers: rows in the carry (and in the scanned operands, one
+  axis further in) stay put from step to step; stacked outputs gain the
+  scanned axis in front."""
+  nc, ncarry = sub.num_consts, sub.num_carry
+  step = lambda r: None if r is None else UNKNOWN if r in (UNKNOWN, 0) else r - 1
+  carry = list(ins[nc:nc + ncarry])
+  xs = [step(r) for r in ins[nc + ncarry:]]
+  for _ in range(3):  # the carry's rows must be a fixed point of the body
+    outs = analyse(sub.body.jaxpr, [*ins[:nc], *carry, *xs], dots)
+    if outs[:ncarry] == carry:
+      break
+    carry = [c if c == o else UNKNOWN for c, o in zip(carry, outs[:ncarry])]
+  else:
+    return [UNKNOWN] * len(outs)
+  ys = [None if r is None else UNKNOWN if r == UNKNOWN else r + 1
+        for r in outs[ncarry:]]
+  return [*carry, *ys]
+
+
 def analyse(jaxpr, in_rows, dots: dict) -> list:
   """Row axes of ``jaxpr``'s outputs given its inputs' (``None``: no rows).
   Records ``dots[id(eqn)] = (lhs rows, rhs rows)`` for every ``dot_general``
@@ -130,6 +150,8 @@ def analyse(jaxpr, in_rows, dots: dict) -> list:
                   or eqn.primitive in jc.ON_EVERY_PART)
       if isinstance(sub, (jc.Call, jc.Remat)):
         outs = analyse(sub.body.jaxpr, ins, dots)
+      elif isinstance(sub, jc.Scan):
+        outs = _scan(sub, ins, dots)
       elif identity and len(eqn.outvars) == len(ins):
         outs = ins  # copies, barriers, stop_gradient, sharding constraints
       elif sub is not None or len(eqn.outvars) != 1:
