@@ -80,11 +80,12 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
   independent, as in serving. The factored and auto engines run the batch
   whole where they can follow the rows through the program (axis 0 of every
   argument, through elementwise ops, matmuls, reshapes, reductions over other
-  axes, ...): the frozen matmuls are the model's own and each adapted
-  matmul's branch is one batched product over rows with each row's factors.
-  Where the rows cannot be followed (a ``scan``, a reduction over rows, an op
-  without a rule), DoRA, or LoRA dropout, the function runs once per row
-  under ``vmap`` instead (a one-hot contraction over the whole stack while
+  axes, ``scan`` over layers, ...): the frozen matmuls are the model's own and
+  each adapted ``x @ W``'s branch is one batched product over rows with each
+  row's factors. Where the rows cannot be followed (a reduction over rows,
+  an op without a rule), an adapted kernel is used otherwise (an embedding,
+  ``x @ W.T``, a convolution), with DoRA or with LoRA dropout, the function
+  runs once per row under ``vmap`` instead (a one-hot contraction over the whole stack while
   its total rank is small, each row's gathered factors beyond); the merge
   engine always does, building one merged kernel per row. Randomness inside
   ``fn`` (its own dropout) differs between the two forms: run whole, each
