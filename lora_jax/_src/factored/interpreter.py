@@ -121,9 +121,13 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
   env: dict = dict(zip(jaxpr.constvars, program.consts))
   env.update(zip(jaxpr.invars, args))
   producers: dict = {}  # var -> the equation computing it
-  counted: list = []
-  uses = lambda: counted[0] if counted else counted.append(
-      recompute.use_counts(jaxpr)) or counted[0]
+  counts = None
+
+  def uses():  # how often each variable is read, counted once if needed
+    nonlocal counts
+    if counts is None:
+      counts = recompute.use_counts(jaxpr)
+    return counts
   done: dict = {}  # id(eqn) -> outputs computed with an earlier sibling
   for i, eqn in enumerate(jaxpr.eqns):
     if id(eqn) in done:
