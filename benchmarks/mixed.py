@@ -142,12 +142,7 @@ def measure(steps, reps):
     t0 = time.perf_counter()
     exe = fn.lower(*args).compile()
     out[name] = {"compile_s": time.perf_counter() - t0}
-    mem = exe.memory_analysis()
-    if mem is not None:
-      out[name]["argument_bytes"] = int(mem.argument_size_in_bytes)
-      out[name]["temp_bytes"] = int(mem.temp_size_in_bytes)
-      out[name]["memory_bytes"] = int(mem.argument_size_in_bytes
-                                      + mem.temp_size_in_bytes)
+    out[name].update(w1.memory_stats(exe))
     out[name]["loss"] = float(exe(*args))  # warm up
     compiled[name] = (exe, args)
   times = {name: [] for name in steps}

@@ -226,6 +226,22 @@ def make_steps(apply, params, base, delta, tokens, variants,
   return steps
 
 
+def memory_stats(exe) -> dict:
+  """A compiled step's memory (bytes): arguments, temps, their sum, and what
+  it holds at its peak; empty where the backend reports none."""
+  mem = exe.memory_analysis()
+  if mem is None:
+    return {}
+  args, temp = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+  out, alias = int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes)
+  # At its peak a step holds its arguments, temps and outputs, less the
+  # outputs written into donated arguments: args + temp when the state is
+  # donated (the outputs alias it) and the rest is a scalar.
+  return {"argument_bytes": args, "temp_bytes": temp,
+          "memory_bytes": args + temp, "output_bytes": out,
+          "alias_bytes": alias, "peak_bytes": args + temp + out - alias}
+
+
 def measure(steps, base, tokens, reps: int, inner: int = 1):
   """Compiles each step, then times them interleaved; returns stats.
 
@@ -240,20 +256,7 @@ def measure(steps, base, tokens, reps: int, inner: int = 1):
     lowered = fn.lower(state, *frozen, tokens)
     exe = lowered.compile()
     out[name] = {"compile_s": time.perf_counter() - t0}
-    mem = exe.memory_analysis()
-    if mem is not None:
-      out[name]["argument_bytes"] = int(mem.argument_size_in_bytes)
-      out[name]["temp_bytes"] = int(mem.temp_size_in_bytes)
-      out[name]["memory_bytes"] = int(mem.argument_size_in_bytes
-                                      + mem.temp_size_in_bytes)
-      # What the step holds at its peak: arguments, temps and outputs, less
-      # the outputs written into donated arguments. Equal to args + temp when
-      # the state is donated (outputs alias it) and the rest is a scalar.
-      out[name]["output_bytes"] = int(mem.output_size_in_bytes)
-      out[name]["alias_bytes"] = int(mem.alias_size_in_bytes)
-      out[name]["peak_bytes"] = int(
-          mem.argument_size_in_bytes + mem.temp_size_in_bytes
-          + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    out[name].update(memory_stats(exe))
     state, loss = exe(state, *frozen, tokens)  # warm up
     jax.block_until_ready(loss)
     compiled[name] = [exe, state, frozen]

@@ -3,6 +3,7 @@
 import string
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
@@ -30,3 +31,21 @@ def numpy_delta_weight(d: lj.LoraDelta) -> np.ndarray:
   return d.scale * np.einsum(f"{a_sub},{b_sub}->{out}",
                              np.asarray(d.a, np.float64),
                              np.asarray(d.b, np.float64))
+
+
+def tanh_stack(width: int, scale: float, tokens: int = 8):
+  """``(fn, base, delta, x)``: four ``width x width`` kernels ``w0..w3``
+  (normal * ``scale``) applied as ``x = tanh(x @ w_i)``, rank-8 adapters on
+  each, ``tokens`` rows of input: a model whose parameters dominate."""
+  k = jax.random.split(jax.random.key(0), 5)
+  params = {f"w{i}": jax.random.normal(k[i], (width, width)) * scale
+            for i in range(4)}
+
+  def fn(p, x):
+    for i in range(4):
+      x = jnp.tanh(x @ p[f"w{i}"])
+    return x
+  x = jax.random.normal(k[4], (tokens, width))
+  base, delta = lj.split(params, lj.LoraConfig(rank=8, targets=r"w\d"),
+                         jax.random.key(1))
+  return fn, base, delta, x

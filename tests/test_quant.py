@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
+from helpers import tanh_stack
 
 # bitsandbytes' NF4 table (functional.py, `get_4bit_type("nf4")`), as published.
 PUBLISHED_NF4 = np.array([
@@ -523,17 +524,7 @@ def test_quantized_kernels_shard_like_the_kernel(tmp_path):
 
 
 def test_an_nf4_base_step_holds_a_third_of_the_float_arguments():
-  k = jax.random.split(jax.random.key(0), 5)
-  params = {f"w{i}": jax.random.normal(k[i], (512, 512)) * 0.05
-            for i in range(4)}
-
-  def fn(p, x):
-    for i in range(4):
-      x = jnp.tanh(x @ p[f"w{i}"])
-    return x
-  x = jax.random.normal(k[4], (8, 512))
-  base, delta = lj.split(params, lj.LoraConfig(rank=8, targets=r"w\d"),
-                         jax.random.key(1))
+  fn, base, delta, x = tanh_stack(512, 0.05)
   tx = optax.adam(1e-3)
   apply = lj.wrap(fn, "merge")
 

@@ -19,6 +19,7 @@ import optax
 import pytest
 
 import lora_jax as lj
+from helpers import tanh_stack
 
 
 def _model():
@@ -152,18 +153,7 @@ def _memory(apply, base, delta, x):
 
 def _wide():
   """Four 1024 x 1024 kernels, 8 tokens: the parameters dominate."""
-  k = jax.random.split(jax.random.key(0), 5)
-  params = {f"w{i}": jax.random.normal(k[i], (1024, 1024)) * 0.03
-            for i in range(4)}
-
-  def fn(p, x):
-    for i in range(4):
-      x = jnp.tanh(x @ p[f"w{i}"])
-    return x
-  x = jax.random.normal(k[4], (8, 1024))
-  base, delta = lj.split(params, lj.LoraConfig(rank=8, targets=r"w\d"),
-                         jax.random.key(1))
-  return fn, base, delta, x
+  return tanh_stack(1024, 0.03)
 
 
 @pytest.mark.parametrize("mode", ["factored", "auto"])
