@@ -4,6 +4,7 @@ import string
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 import lora_jax as lj
@@ -49,3 +50,21 @@ def tanh_stack(width: int, scale: float, tokens: int = 8):
   base, delta = lj.split(params, lj.LoraConfig(rank=8, targets=r"w\d"),
                          jax.random.key(1))
   return fn, base, delta, x
+
+
+def train_mse(apply, base, delta, x, y, steps=40):
+  """Adam (1e-2) on ``mean((apply(base, delta, x) - y)^2)`` over ``delta``;
+  returns the loss at each step."""
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(delta, opt, base):
+    l, g = jax.value_and_grad(
+        lambda d: jnp.mean((apply(base, d, x) - y) ** 2))(delta)
+    u, opt = tx.update(g, opt, delta)
+    return optax.apply_updates(delta, u), opt, l
+  opt, losses = tx.init(delta), []
+  for _ in range(steps):
+    delta, opt, l = step(delta, opt, base)
+    losses.append(float(l))
+  return losses

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
-from helpers import tanh_stack
+from helpers import tanh_stack, train_mse
 
 # bitsandbytes' NF4 table (functional.py, `get_4bit_type("nf4")`), as published.
 PUBLISHED_NF4 = np.array([
@@ -422,19 +422,7 @@ def test_qlora_training_lowers_the_loss():
                          jax.random.key(1))
   qbase = lj.quantize(base, "nf4", block_size=32, double_quant=True,
                       targets=r".*kernel")
-  tx = optax.adam(1e-2)
-  apply = lj.wrap(fn, "merge")
-
-  @jax.jit
-  def step(delta, opt, qbase):
-    l, g = jax.value_and_grad(
-        lambda d: jnp.mean((apply(qbase, d, x) - y) ** 2))(delta)
-    u, opt = tx.update(g, opt, delta)
-    return optax.apply_updates(delta, u), opt, l
-  opt, losses = tx.init(delta), []
-  for _ in range(60):
-    delta, opt, l = step(delta, opt, qbase)
-    losses.append(float(l))
+  losses = train_mse(lj.wrap(fn, "merge"), qbase, delta, x, y, steps=60)
   assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import lora_jax as lj
-from helpers import tanh_stack
+from helpers import tanh_stack, train_mse
 
 
 def _model():
@@ -104,22 +104,6 @@ class _Scanned(nn.Module):
     return nn.Dense(8, name="head")(x)
 
 
-def _train(apply, qbase, delta, x, y, steps=40):
-  tx = optax.adam(1e-2)
-
-  @jax.jit
-  def step(delta, opt, qbase):
-    l, g = jax.value_and_grad(
-        lambda d: jnp.mean((apply(qbase, d, x) - y) ** 2))(delta)
-    u, opt = tx.update(g, opt, delta)
-    return optax.apply_updates(delta, u), opt, l
-  opt, losses = tx.init(delta), []
-  for _ in range(steps):
-    delta, opt, l = step(delta, opt, qbase)
-    losses.append(float(l))
-  return losses
-
-
 def test_qlora_trains_a_scanned_flax_model_through_the_factored_engine():
   model = _Scanned()
   x = jax.random.normal(jax.random.key(0), (32, 64))
@@ -132,8 +116,8 @@ def test_qlora_trains_a_scanned_flax_model_through_the_factored_engine():
                       targets=r".*fc\d/kernel", double_quant=True)
   assert repr(qbase["blocks"]["fc1"]["kernel"]) == (
       "QArray(nf4, f32[3,64,128], block 64, axis 1, double quant)")
-  factored = _train(lj.wrap(fn, "factored"), qbase, delta, x, y)
-  merged = _train(lj.wrap(fn, "merge"), qbase, delta, x, y)
+  factored = train_mse(lj.wrap(fn, "factored"), qbase, delta, x, y)
+  merged = train_mse(lj.wrap(fn, "merge"), qbase, delta, x, y)
   assert factored[-1] < 0.5 * factored[0], factored[::10]
   np.testing.assert_allclose(factored, merged, rtol=2e-3)
 
