@@ -274,12 +274,14 @@ def test_unknown_consumer_in_discovery_names_the_primitive_and_the_remedy():
 
 
 def test_unknown_schema_in_the_engine_is_a_counted_fallback(monkeypatch):
-  """A future JAX renaming a dot_general parameter: the engine merges that
-  kernel (counted, an error under strict) instead of raising a KeyError."""
+  """A future JAX renaming a dot_general parameter: the reader raises
+  UnknownSchemaError (not a bare KeyError), and the engine merges that kernel
+  (counted, an error under strict)."""
   real = jc.dot_dims
 
+  @jc.reads_params
   def renamed(eqn):
-    raise KeyError("dimension_numbers")
+    return eqn.params["dimension_numbers_v2"]
   params = {"w": W}
   fn = lambda p, x: x @ p["w"]
   base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="w"),

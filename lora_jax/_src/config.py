@@ -7,9 +7,9 @@ import math
 import re
 from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
-import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.dtypes import is_float_dtype
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import preview
 
@@ -410,7 +410,7 @@ def _dtype(v: Any) -> Any:
   if v is None:
     return None
   dt = np.dtype(v)
-  if not jnp.issubdtype(dt, jnp.floating):
+  if not is_float_dtype(dt):
     raise ValueError(f"LoraConfig.dtype must be a floating dtype, got {dt}.")
   return dt
 

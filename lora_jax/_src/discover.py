@@ -23,9 +23,10 @@ import bisect
 import dataclasses
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
+from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src.layouts import Layout
 
 _EMPTY = frozenset()
@@ -307,15 +308,18 @@ class _Walker:
 
   def _loop(self, body, body_in, taint_in, nc, ncarry, n_out):
     """Runs a loop body until the carry's taint stops growing."""
-    taint_in = list(taint_in)
-    for _ in range(4):
-      _, out_taint = self.run(body, body_in, taint_in)
-      carry = [a | b for a, b in zip(taint_in[nc:nc + ncarry],
-                                     out_taint[:ncarry])]
-      if carry == taint_in[nc:nc + ncarry]:
-        break
-      taint_in[nc:nc + ncarry] = carry
-    return [None] * n_out, list(out_taint)[:n_out]
+    outer = list(taint_in)
+    last: list = []  # the body's output taint in the latest round
+
+    def step(carry):  # the carry's taint after one more trip
+      _, out = self.run(body, body_in, [*outer[:nc], *carry,
+                                        *outer[nc + ncarry:]])
+      last[:] = out
+      return [a | b for a, b in zip(carry, out[:ncarry])]
+    # each carry slot can gain each tracked leaf once: the lattice's height
+    fixpoint.iterate(step, outer[nc:nc + ncarry], ncarry * len(self.uses),
+                     "a loop carry's taint (all-linear discovery)")
+    return [None] * n_out, last[:n_out]
 
 
 def analyze(apply_fn: Callable, params: Any, example_args: Sequence[Any],
@@ -395,9 +399,7 @@ def linear_weights(apply_fn: Callable, params: Any, example_args,
   result reaches a further matmul, whatever its name. Embedding lookups and
   output layers (an LM head, a classifier: their result reaches the output
   with no further matmul) are left out, as PEFT's ``all-linear`` does."""
-  floats = [(i, p, x) for i, p, x in candidates
-            if len(getattr(x, "shape", ())) >= 2
-            and np.issubdtype(getattr(x, "dtype", np.int32), np.floating)]
+  floats = [(i, p, x) for i, p, x in candidates if is_float_matrix(x)]
   found = analyze(apply_fn, params, example_args, example_kwargs,
                   [i for i, _, _ in floats])
   return [floats[n] for n in sorted(found.hidden)]

@@ -27,6 +27,7 @@ Only public API: ``jax.make_jaxpr``, ``jax.extend.core``, ``jax.lax``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -46,6 +47,22 @@ def schema_error(eqn, what: str) -> UnknownSchemaError:
       f"lora_jax cannot read the parameters of {eqn.primitive.name!r} in JAX "
       f"{JAX_VERSION} ({what}; parameters: {sorted(eqn.params)}). Please "
       f"report this with your JAX version.")
+
+
+def reads_params(reader: Callable) -> Callable:
+  """Marks ``reader(eqn, ...)`` as a reader of ``eqn.params``: a parameter
+  this JAX names or shapes differently (a missing key or attribute, a value
+  of another form) becomes an :class:`UnknownSchemaError` naming the
+  equation, never a bare ``KeyError`` that a caller could mistake for its
+  own."""
+  @functools.wraps(reader)
+  def read(eqn, *args, **kwargs):
+    try:
+      return reader(eqn, *args, **kwargs)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+      raise schema_error(
+          eqn, f"{reader.__name__}: {type(e).__name__}: {e}") from None
+  return read
 
 
 # ---- matching primitives ------------------------------------------------------
@@ -98,6 +115,7 @@ REDUCE = Primitives(*(f"{n}_p" for n in (
 CUMULATIVE = Primitives("cumsum_p", "cumprod_p", "cummax_p", "cummin_p",
                         "cumlogsumexp_p")
 CONCATENATE = Primitives("concatenate_p")
+SPLIT = Primitives("split_p", names=("split",))  # jax >= 0.4.36
 # Consumers of a kernel.
 DOT = Primitives("dot_general_p")
 CONV = Primitives("conv_general_dilated_p")
@@ -124,6 +142,7 @@ class DotDims:
     return self.lhs_contract, self.rhs_contract, self.lhs_batch, self.rhs_batch
 
 
+@reads_params
 def dot_dims(eqn) -> DotDims:
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   return DotDims(tuple(lc), tuple(rc), tuple(lb), tuple(rb))
@@ -136,11 +155,31 @@ class ConvDims:
   groups: int                 # feature_group_count * batch_group_count
 
 
+@reads_params
 def conv_dims(eqn) -> ConvDims:
   dn = eqn.params["dimension_numbers"]
   return ConvDims(tuple(dn.rhs_spec), dn.out_spec[1],
                   eqn.params["feature_group_count"]
                   * eqn.params["batch_group_count"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvParams:
+  """What a convolution with other kernels needs (the factored engine's
+  ``x * a`` with ``a`` as an r-feature conv kernel)."""
+  window_strides: Any
+  padding: Any
+  lhs_dilation: Any
+  rhs_dilation: Any
+  dimension_numbers: Any
+  precision: Any
+
+
+@reads_params
+def conv_params(eqn) -> ConvParams:
+  p = eqn.params
+  return ConvParams(p["window_strides"], p["padding"], p["lhs_dilation"],
+                    p["rhs_dilation"], p["dimension_numbers"], p["precision"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +191,7 @@ class GatherDims:
   slice_sizes: tuple[int, ...]
 
 
+@reads_params
 def gather_dims(eqn) -> GatherDims:
   dn = eqn.params["dimension_numbers"]
   return GatherDims(tuple(dn.offset_dims), tuple(dn.collapsed_slice_dims),
@@ -179,6 +219,7 @@ class RaggedDims:
   rhs_group: tuple[int, ...]
 
 
+@reads_params
 def ragged_dims(eqn) -> RaggedDims:
   rd = eqn.params["ragged_dot_dimension_numbers"]
   (lc, rc), (lb, rb) = rd.dot_dimension_numbers
@@ -187,6 +228,7 @@ def ragged_dims(eqn) -> RaggedDims:
                     tuple(rd.rhs_group_dimensions))
 
 
+@reads_params
 def slice_params(eqn):
   """``(start, limit, strides)`` of a ``slice``."""
   p = eqn.params
@@ -194,31 +236,43 @@ def slice_params(eqn):
   return tuple(p["start_indices"]), tuple(p["limit_indices"]), tuple(strides)
 
 
+@reads_params
 def transpose_perm(eqn) -> tuple[int, ...]:
   return tuple(eqn.params["permutation"])
 
 
+@reads_params
 def squeeze_dims(eqn) -> tuple[int, ...]:
   nd = len(eqn.invars[0].aval.shape)
   return tuple(sorted(d % nd for d in eqn.params["dimensions"]))
 
 
+@reads_params
 def broadcast_dims(eqn) -> tuple[int, ...]:
   return tuple(eqn.params["broadcast_dimensions"])
 
 
+@reads_params
 def reduce_axes(eqn) -> tuple[int, ...]:
   return tuple(eqn.params["axes"])
 
 
+@reads_params
 def cumulative_axis(eqn) -> int:
   return int(eqn.params["axis"])
 
 
+@reads_params
 def concatenate_dim(eqn) -> int:
   return int(eqn.params["dimension"])
 
 
+@reads_params
+def split_axis(eqn) -> int:
+  return int(eqn.params["axis"])
+
+
+@reads_params
 def dynamic_slice_sizes(eqn) -> tuple[int, ...]:
   return tuple(eqn.params["slice_sizes"])
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src import safetensors
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
@@ -640,9 +641,7 @@ def _kernels(params: Any) -> list[tuple[str, Any]]:
   """``(path, leaf)`` of every float leaf with ndim >= 2."""
   out = []
   for p, x in leaves_with_paths(params):
-    dtype = getattr(x, "dtype", None)
-    if dtype is not None and len(getattr(x, "shape", ())) >= 2 and (
-        jnp.issubdtype(dtype, jnp.floating)):
+    if is_float_matrix(x):
       out.append((p, x))
   return out
 

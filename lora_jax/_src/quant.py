@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lora_jax._src.dtypes import is_float, is_float_matrix
 from lora_jax._src.config import selector_patterns, selects
 from lora_jax._src.delta import (LoraDelta, adapters, describe_array,
                                  is_delta_or_none)
@@ -422,10 +423,7 @@ def _check_leaf(path: str, x: Any, scheme: str, block_size: int,
 
 def _targeted(path: str, x: Any, targets: Any) -> bool:
   if targets is None:
-    dtype = getattr(x, "dtype", None)
-    return (not isinstance(x, QArray) and dtype is not None
-            and jnp.issubdtype(dtype, jnp.floating)
-            and len(getattr(x, "shape", ())) >= 2)
+    return not isinstance(x, QArray) and is_float_matrix(x)
   return selects(targets, path, x)
 
 
@@ -435,8 +433,8 @@ def _check_target(path: str, x: Any) -> None:
         f"quantize: {path!r} is already quantized ({x!r}). To change its "
         f"scheme or block size, quantize lora_jax.dequantize(tree) instead, "
         f"or leave it out of targets.")
-  dtype = getattr(x, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+  if not is_float(x):
+    dtype = getattr(x, "dtype", None)
     raise TypeError(
         f"quantize: {path!r} is not a floating-point array (dtype {dtype}); "
         f"only float kernels can be quantized. Narrow `targets`.")
@@ -589,81 +587,3 @@ def split_quantized(split_fn: Callable, params: Any, config: Any,
   place = lambda p, d: jax.device_put(d, factor_shardings(placed[p], d)) if (
       isinstance(d, LoraDelta) and p in placed) else d
   return params, map_with_paths(place, delta, is_leaf=is_delta_or_none)
-
-
-# --- frozen kernels at the point of use (for the engines) --------------------
-
-
-def _tied(kernel: Any, anchor: jax.Array) -> Any:
-  """``kernel`` with a data dependency on ``anchor`` that changes no bit.
-
-  XLA:CPU schedules a computation that reads only parameters (a dequantize, a
-  bf16 -> f32 cast) as early as it can, so every layer's float copy is live
-  at once, and ``optimization_barrier`` does not stop it there. Xor-ing the
-  codes (or the bits) with ``anchor[0] != anchor[0]`` (false unless NaN; XLA
-  cannot fold it) makes the copy wait for the activation it multiplies. The
-  cost is one scalar compare and an xor fused into the dequantize.
-  """
-  if anchor.size == 0:
-    return kernel
-  first = anchor.reshape(-1)[0]
-  nan = first != first
-  if isinstance(kernel, QArray):
-    return kernel.replace(codes=kernel.codes ^ nan.astype(kernel.codes.dtype))
-  bits = jnp.dtype(f"uint{8 * jnp.dtype(kernel.dtype).itemsize}")
-  flipped = jax.lax.bitcast_convert_type(kernel, bits) ^ nan.astype(bits)
-  return jax.lax.bitcast_convert_type(flipped, kernel.dtype)
-
-
-def _float_kernel(kernel: Any, anchor: jax.Array, dtype: Any) -> jax.Array:
-  tied = _tied(kernel, anchor)
-  w = dequantize_array(tied) if isinstance(tied, QArray) else tied
-  return w.astype(dtype)
-
-
-def _zero_cotangent(x: Any) -> Any:
-  if x is None:
-    return None
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros(x.shape, x.dtype)
-  return np.zeros(x.shape, jax.dtypes.float0)
-
-
-def frozen_linear(op: Callable[[jax.Array, jax.Array], jax.Array],
-                  x: jax.Array, kernel: Any, dtype: Any = None) -> jax.Array:
-  """``op(x, w)`` with ``w`` the float kernel of a frozen ``kernel`` (a
-  :class:`QArray`, or a narrow float array widened to ``dtype``), built where
-  it is used and rebuilt in the backward pass instead of being kept.
-
-  ``op`` must be linear in ``x`` (a matmul, ``dot_general``, a convolution).
-  The gradient flows to ``x`` only: the kernel is frozen (its cotangent is
-  zero). Reverse mode only (a ``custom_vjp``: ``jax.jvp`` through it raises). The forward pass keeps ``kernel`` (codes or bf16), not its float
-  copy; both passes tie the widening to the activation they multiply (see
-  ``_tied``), so on XLA:CPU at most a layer's float copy is live at a time.
-
-  Args:
-    op: ``(x, w) -> y``, linear in ``x``.
-    x: the activation.
-    kernel: a ``QArray`` or a float array (e.g. bfloat16).
-    dtype: the kernel's compute dtype (default: ``x``'s).
-
-  Returns:
-    ``op(x, w)``.
-  """
-  dtype = jnp.dtype(dtype or x.dtype)
-
-  @jax.custom_vjp
-  def apply(x, kernel):
-    return op(x, _float_kernel(kernel, x, dtype))
-
-  def forward(x, kernel):
-    return apply(x, kernel), (kernel, jax.ShapeDtypeStruct(x.shape, x.dtype))
-
-  def backward(saved, g):
-    kernel, x_like = saved
-    w = _float_kernel(kernel, g, dtype)
-    (dx,) = jax.linear_transpose(lambda x: op(x, w), x_like)(g)
-    return dx, jax.tree.map(_zero_cotangent, kernel)
-
-  apply.defvjp(forward, backward)
-  return apply(x, kernel)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.dtypes import is_float
 from lora_jax._src.config import ALL_LINEAR, LoraConfig, selects
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.discover import layout_from_uses, linear_weights, trace_uses
@@ -65,8 +66,8 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
         f"exclude={config.exclude!r}). Some paths that exist: "
         f"{preview(p for p, _ in leaves)}.")
   for _, p, x in chosen:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    if not is_float(x):
+      dtype = getattr(x, "dtype", None)
       raise TypeError(
           f"Target {p!r} is not a floating-point array (dtype {dtype}); LoRA "
           f"adapts float kernels only. Narrow `targets` or add it to "

@@ -317,32 +317,38 @@ def check_rows(ids, args, kwargs) -> jax.Array:
 
 
 def row_factors(stacked, ids) -> dict:
-  """``{path: (a, b, scale, layout)}`` with row ``i`` holding adapter
-  ``ids[i]``'s factors (scale 0 for ``-1``): a mixed batch for the factored
-  engine to run whole."""
+  """``{path: (a, b, scale, layout, dropout)}`` with row ``i`` holding
+  adapter ``ids[i]``'s factors (scale 0 for ``-1``): a mixed batch for the
+  factored engine to run whole."""
   i = jnp.maximum(ids, 0)
   return {p: (s.a[i], s.b[i],
               jnp.where(ids >= 0, s.scale[i], jnp.zeros((), s.scale.dtype)),
-              s.layout)
+              s.layout, s.dropout)
           for p, s in stacks(stacked).items()}
 
 
-def per_row(apply, base, stacked, ids, args, kwargs, one_hot: bool = False):
-  """``apply(base, delta_i, row_i(args), **kwargs)`` for every row ``i``,
-  with ``delta_i`` adapter ``ids[i]`` of the stack (``-1``: none), in one
-  batched pass (``jax.vmap`` over the rows: the base's matmuls are shared,
-  each row's low-rank branch uses its own gathered factors).
+def per_row(apply, base, stacked, ids, args, kwargs, out_axes: list,
+            out_tree, one_hot: bool = False, rng=None):
+  """``apply(base, delta_i, rng_i, row_i(args), **kwargs)`` for every row
+  ``i``, with ``delta_i`` adapter ``ids[i]`` of the stack (``-1``: none), in
+  one batched pass (``jax.vmap`` over the rows: the base's matmuls are
+  shared, each row's low-rank branch uses its own gathered factors).
 
   Rows must be independent (as in serving); array arguments are split along
-  axis 0, everything else is passed whole. ``one_hot`` (for the factored
-  engine): a stack of total rank at most :data:`ONE_HOT_MAX_RANK` without
-  DoRA enters as :meth:`LoraStack.row_of_all`, else as :meth:`LoraStack.row`.
+  axis 0 (each row runs as a batch of one), everything else is passed whole.
+  ``out_axes``: for each flat output, the axis holding the rows (the row
+  runs with size 1 there, and the rows are stacked back along it), or None
+  for an output that does not read the rows. ``rng``: LoRA dropout's key;
+  row ``i`` draws its masks from ``fold_in(rng, i)``. ``one_hot`` (for the
+  factored engine): a stack of total rank at most :data:`ONE_HOT_MAX_RANK`
+  without DoRA enters as :meth:`LoraStack.row_of_all`, else as
+  :meth:`LoraStack.row`.
   """
   ids = check_rows(ids, args, kwargs)
   leaves, treedef = jax.tree.flatten((args, kwargs))
   rows = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and x.ndim]
 
-  def one(row_leaves, index):
+  def one(row_leaves, index, position):
     full = list(leaves)
     for i, x in zip(rows, row_leaves):
       full[i] = x[None]
@@ -350,9 +356,13 @@ def per_row(apply, base, stacked, ids, args, kwargs, one_hot: bool = False):
     delta = jax.tree.map(lambda s: _row(s, index, one_hot)
                          if isinstance(s, LoraStack) else s, stacked,
                          is_leaf=is_stack_or_none)
-    out = apply(base, delta, *a, **k)
-    return jax.tree.map(lambda y: y[0], out)
-  return jax.vmap(one)([leaves[i] for i in rows], ids)
+    key = None if rng is None else jax.random.fold_in(rng, position)
+    flat = jax.tree.leaves(apply(base, delta, key, *a, **k))
+    return [y if r is None else jax.lax.index_in_dim(y, 0, r, keepdims=False)
+            for y, r in zip(flat, out_axes)]
+  flat = jax.vmap(one, out_axes=list(out_axes))(
+      [leaves[i] for i in rows], ids, jnp.arange(ids.shape[0]))
+  return jax.tree.unflatten(out_tree, flat)
 
 
 def _row(s: LoraStack, index, one_hot: bool) -> LoraDelta:

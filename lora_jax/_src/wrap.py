@@ -158,21 +158,60 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
                            recompute=recompute)
       if whole is not None:
         return whole
-    apply = lambda b, d, *a, **k: single(b, d, *a, lora_rng=lora_rng, **k)
-    return per_row(apply, base, delta, adapter_ids, args, kwargs,
-                   one_hot=mode != "merge")
+    ids = check_rows(adapter_ids, args, kwargs)
+    out_axes, out_tree = _row_axes(fn, base, args, kwargs, ids.shape[0])
+    apply = lambda b, d, key, *a, **k: single(b, d, *a, lora_rng=key, **k)
+    return per_row(apply, base, delta, ids, args, kwargs, out_axes, out_tree,
+                   one_hot=mode != "merge", rng=lora_rng)
   return _named_like(fn, wrapped)
+
+
+def _row_axes(fn, base, args, kwargs, n_rows: int) -> tuple[list, Any]:
+  """Where each output of a mixed batch holds its rows (None: it does not
+  read them), or a ValueError naming the output that has no such axis."""
+  out_rows, shapes, out_tree = factored.output_rows(fn, base, args, kwargs)
+  unknown = [k for k, r in enumerate(out_rows) if r is factored.UNKNOWN]
+  if unknown:
+    # The analysis could not follow the rows to these outputs: the axis that
+    # is n_rows long on the whole batch and 1 long on one row, if one is.
+    one = jax.tree.map(lambda x: x[:1] if is_array(x) and x.ndim else x,
+                       (args, kwargs))
+    _, one_shapes, _ = factored.output_rows(fn, base, *one)
+  names = [jax.tree_util.keystr(p) or "the output" for p, _ in
+           jax.tree_util.tree_flatten_with_path(
+               jax.tree.unflatten(out_tree, list(range(len(shapes)))))[0]]
+  axes = []
+  for k, r in enumerate(out_rows):
+    if r is factored.UNKNOWN:
+      full, row = shapes[k], one_shapes[k]
+      changed = [a for a in range(len(full))
+                 if len(full) == len(row) and full[a] != row[a]]
+      same_rank = len(full) == len(row)
+      if (same_rank and len(changed) == 1 and full[changed[0]] == n_rows
+          and row[changed[0]] == 1):
+        r = changed[0]
+      else:
+        raise ValueError(
+            f"wrap(..., adapter_ids=...): output {names[k]} (shape "
+            f"{full}) has no axis holding one entry per row of adapter_ids "
+            f"({n_rows} rows): its rows are reduced or mixed together. Each "
+            f"row runs with its own adapter, so every output must keep the "
+            f"rows on one axis, or not read them. Return per-row values "
+            f"(for example per-row losses) and reduce them outside the "
+            f"wrapped function.")
+    axes.append(r)
+  return axes, out_tree
 
 
 def _whole_batch(fn, base, stacked, ids, args, kwargs, lora_rng, **options):
   """A mixed-adapter batch in the factored engine on the whole batch at once
-  (each adapted matmul's branch one batched product over rows), or None
-  where that cannot be done (DoRA, LoRA dropout, rows the engine cannot
-  follow through the program): then ``vmap`` over rows does it."""
+  (each adapted matmul's branch one batched product over rows; LoRA dropout
+  draws the masks a single-adapter batch would), or None where that cannot
+  be done (DoRA, rows the engine cannot follow through the program): then
+  ``vmap`` over rows does it."""
   ids = check_rows(ids, args, kwargs)
   per_path = stacks(stacked)
-  if lora_rng is not None or any(
-      s.magnitude is not None or s.dropout for s in per_path.values()):
+  if any(s.magnitude is not None for s in per_path.values()):
     return None
   plain = adapters(stacked)  # single adapters beside the stacks
   check_matches(base, {**plain, **{p: s.row(0) for p, s in per_path.items()}},
@@ -180,7 +219,7 @@ def _whole_batch(fn, base, stacked, ids, args, kwargs, lora_rng, **options):
   try:
     return factored.factored_apply(fn, base, plain, args, kwargs,
                                    row_factors=row_factors(stacked, ids),
-                                   **options)
+                                   rng=lora_rng, **options)
   except factored.NeedsRowVmap:
     return None
 

@@ -22,6 +22,8 @@ from lora_jax._src.factored.cost import FACTORED_FLOP_WEIGHT
 from lora_jax._src.factored.cost import cheaper_engine
 from lora_jax._src.factored.cost import extra_flops
 from lora_jax._src.factored.interpreter import factored_apply
+from lora_jax._src.factored.interpreter import output_rows
+from lora_jax._src.factored.rows import UNKNOWN
 from lora_jax._src.factored.values import FallbackError
 from lora_jax._src.factored.values import NeedsRowVmap
 from lora_jax._src.factored.values import Report

@@ -17,11 +17,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src.dtypes import is_float
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.lowrank import lowrank_dot
-from lora_jax._src.factored.values import (Context, FallbackError, Lora,
-                                           NeedsRowVmap)
-from lora_jax._src.quant import frozen_linear
+from lora_jax._src.factored.values import (NO_SITE, Context, Lora,
+                                           NeedsRowVmap, Site, fallback)
+from lora_jax._src.factored.frozen import frozen_linear
 
 
 @dataclasses.dataclass
@@ -53,22 +54,10 @@ class Plan:
   linear_op: Callable[[Any, Any], Any] | None = None
 
 
-def fallback(eqn, invals, ctx: Context) -> list:
-  """Merges every kernel among ``invals`` for this one use."""
-  for x in invals:
-    if isinstance(x, Lora) and ctx.dropping(x):
-      raise FallbackError(
-          f"lora_jax: {x.path!r} has LoRA dropout and is consumed by "
-          f"{eqn.primitive.name!r} in a way the factored engine cannot "
-          f"express; merging cannot apply input dropout. Set dropout=0 for "
-          f"this leaf or call without lora_rng.")
-  return jc.bind(eqn, [ctx.concrete(x, eqn.primitive.name) for x in invals])
-
-
 def consumer(plan_fn: Callable) -> Callable:
   """A rule from a plan function ``(eqn, invals, ctx) -> Plan | None``."""
-  def rule(eqn, invals, ctx: Context) -> list:
-    plan = plan_fn(eqn, invals, ctx)
+  def rule(eqn, invals, ctx: Context, site: Site = NO_SITE) -> list:
+    plan = plan_fn(eqn, invals, ctx, site)
     if plan is None:
       return fallback(eqn, invals, ctx)
     lora = plan.lora
@@ -104,7 +93,7 @@ def _frozen(eqn, invals, plan: Plan):
   lora, x = plan.lora, plan.x
   dtype = lora.dtype if lora.dtype is not None else jnp.dtype(lora.w.dtype)
   # a mixed-precision op (bf16 kernel, float32 activation) widens it inside
-  widened_by_op = x is not None and jnp.issubdtype(x.dtype, jnp.floating) and (
+  widened_by_op = x is not None and is_float(x) and (
       jnp.dtype(x.dtype).itemsize > dtype.itemsize)
   if (lora.narrow or widened_by_op) and plan.linear_op is not None:
     return frozen_linear(plan.linear_op, x, lora.w,
@@ -114,7 +103,7 @@ def _frozen(eqn, invals, plan: Plan):
 
 # ---- dot_general ----------------------------------------------------------------
 
-def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
+def _dot_plan(eqn, invals, ctx: Context, site: Site) -> Plan | None:
   lhs, rhs = invals
   if isinstance(lhs, Lora) == isinstance(rhs, Lora):
     return None
@@ -124,8 +113,8 @@ def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
       kernel_is_lhs)
   if lora.rows:
     return _rowwise_plan(eqn, lora, x, kernel_is_lhs, x_contract, k_contract,
-                         k_batch, ctx)
-  projected = ctx.projected.pop(id(eqn), None)
+                         k_batch, site)
+  projected = site.projected
   lowrank = lambda x_in: lowrank_dot(
       x_in, lora, x_contract, k_contract, x_batch, k_batch, kernel_is_lhs,
       projected=projected)[0]
@@ -148,16 +137,20 @@ def _dot_plan(eqn, invals, ctx: Context) -> Plan | None:
 
 
 def _rowwise_plan(eqn, lora: Lora, x, kernel_is_lhs, x_contract, k_contract,
-                  k_batch, ctx: Context) -> Plan:
+                  k_batch, site: Site) -> Plan:
   """A mixed-adapter batch run whole: ``lora``'s factors carry a leading row
   axis; the branch is one batched product over rows (``x``'s row axis from
   :mod:`rows`). Only ``x @ kernel`` with ``x``'s contracted axes last and the
   kernel's input axes contracted has this rule; anything else runs the call
   under ``vmap`` instead."""
   lay = lora.layout
-  lhs_rows, rhs_rows = ctx.dot_rows.get(id(eqn), (None, None))
+  lhs_rows, rhs_rows = site.rows or (None, None)
   r = lhs_rows if not kernel_is_lhs else rhs_rows
   nd = x.ndim
+  # the contracted pairs in x's axis order (einsum may list them otherwise)
+  pairs = sorted(zip(x_contract, k_contract))
+  x_contract = tuple(p[0] for p in pairs)
+  k_contract = tuple(p[1] for p in pairs)
   if (kernel_is_lhs or k_batch or lay.batch or not isinstance(r, int)
       or set(lay.inputs) != set(k_contract)
       or tuple(x_contract) != tuple(range(nd - len(x_contract), nd))
@@ -189,8 +182,8 @@ def _rowwise_plan(eqn, lora: Lora, x, kernel_is_lhs, x_contract, k_contract,
 
 # ---- conv_general_dilated -------------------------------------------------------
 
-def _conv_plan(eqn, invals, ctx: Context) -> Plan | None:
-  del ctx
+def _conv_plan(eqn, invals, ctx: Context, site: Site) -> Plan | None:
+  del ctx, site
   lhs, rhs = invals
   dims = jc.conv_dims(eqn)
   if isinstance(lhs, Lora) or dims.groups != 1:
@@ -202,7 +195,7 @@ def _conv_plan(eqn, invals, ctx: Context) -> Plan | None:
       or set(lay.inputs) != set(dims.rhs_spec[1:])):
     return None
   feat = dims.out_feature_axis
-  p = eqn.params
+  p = jc.conv_params(eqn)
 
   def lowrank(x):
     # a as a conv kernel with r output features, in the view's axis order
@@ -211,8 +204,8 @@ def _conv_plan(eqn, invals, ctx: Context) -> Plan | None:
     perm = sorted(range(len(order)), key=lambda i: order[i])
     a_kernel = jnp.transpose(lora.a, perm).astype(x.dtype)
     hidden = jax.lax.conv_general_dilated(
-        x, a_kernel, p["window_strides"], p["padding"], p["lhs_dilation"],
-        p["rhs_dilation"], p["dimension_numbers"], precision=p["precision"])
+        x, a_kernel, p.window_strides, p.padding, p.lhs_dilation,
+        p.rhs_dilation, p.dimension_numbers, precision=p.precision)
     hidden = jnp.moveaxis(hidden, feat, -1) * jnp.asarray(lora.scale, x.dtype)
     shape = hidden.shape
     low = (hidden.reshape(-1, r) @ lora.b.astype(x.dtype)).reshape(
@@ -227,8 +220,8 @@ def _conv_plan(eqn, invals, ctx: Context) -> Plan | None:
 
 # ---- gather (embedding lookup) ----------------------------------------------------
 
-def _gather_plan(eqn, invals, ctx: Context) -> Plan | None:
-  del ctx
+def _gather_plan(eqn, invals, ctx: Context, site: Site) -> Plan | None:
+  del ctx, site
   operand, indices = invals
   if isinstance(indices, Lora):
     return None
@@ -259,8 +252,8 @@ def _gather_plan(eqn, invals, ctx: Context) -> Plan | None:
 
 # ---- ragged_dot_general (grouped matmul: MoE experts) -------------------------
 
-def _ragged_plan(eqn, invals, ctx: Context) -> Plan | None:
-  del ctx
+def _ragged_plan(eqn, invals, ctx: Context, site: Site) -> Plan | None:
+  del ctx, site
   lhs, rhs, group_sizes = invals[0], invals[1], invals[2]
   if isinstance(lhs, Lora) or not isinstance(rhs, Lora) or isinstance(
       group_sizes, Lora) or len(invals) != 3:

@@ -4,6 +4,7 @@ to its rule (one table, :data:`RULES`); everything else is bound as traced."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -11,7 +12,9 @@ import jax
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored import consumers, programs, recompute, rows, views
 from lora_jax._src.factored.siblings import find_group, project_group
-from lora_jax._src.factored.values import Context, Lora, NeedsRowVmap, Report
+from lora_jax._src.factored.values import (NO_SITE, Context, FallbackError,
+                                           Lora, NeedsRowVmap, Report, Site,
+                                           fallback)
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.quant import QArray
 
@@ -41,53 +44,75 @@ PROGRAM_RULES = {
     jc.ShardMap: programs.shard_map,
 }
 
-_cache: dict = {}
-
-
-def rule_for(primitive) -> Callable:
-  """The rule for an equation with a kernel among its operands."""
-  try:
-    return _cache[primitive]
-  except KeyError:
-    pass
-  rule = next((r for prims, r in RULES if primitive in prims),
-              consumers.fallback)
-  _cache[primitive] = rule
-  return rule
+def rule_for(primitive) -> Callable | None:
+  """The rule for a first-order equation with a kernel among its operands,
+  or None: no rule (a counted merge fallback)."""
+  return next((r for prims, r in RULES if primitive in prims), None)
 
 
 # Rules that know a kernel with per-row factors (a mixed batch run whole).
 _ROW_RULES = (consumers.dot_general, views.cast, views.pass_through)
 
 
-def _apply(eqn, invals, ctx: Context) -> list:
-  """Runs the rule for ``eqn``; parameters this JAX names differently make
-  it a counted merge fallback, never a bare KeyError."""
+def _apply(eqn, invals, ctx: Context, site: Site = NO_SITE,
+           plans: tuple | None = None) -> list:
+  """Runs the rule for ``eqn`` (``plans``: its sub-programs' row plans).
+
+  Exactly two things become a counted merge fallback: a primitive without a
+  rule, and parameters this JAX names differently
+  (:class:`jaxpr_core.UnknownSchemaError`). Any other exception inside a rule
+  is a bug, and propagates with the equation and the kernels' paths added.
+  """
   try:
     sub = jc.higher_order(eqn)
-    if any(isinstance(x, Lora) and x.rows for x in invals) and (
-        isinstance(sub, (jc.While, jc.Cond, jc.ShardMap))
-        or (sub is None and rule_for(eqn.primitive) not in _ROW_RULES)):
-      raise NeedsRowVmap(f"{eqn.primitive.name} reads a per-row kernel")
+  except jc.UnknownSchemaError:
+    return fallback(eqn, invals, ctx)
+  rule = (rule_for(eqn.primitive) if sub is None
+          else PROGRAM_RULES.get(type(sub)))
+  if any(isinstance(x, Lora) and x.rows for x in invals) and (
+      isinstance(sub, (jc.While, jc.Cond, jc.ShardMap))
+      or (sub is None and rule not in _ROW_RULES)):
+    raise NeedsRowVmap(f"{eqn.primitive.name} reads a per-row kernel")
+  if rule is None:
+    return fallback(eqn, invals, ctx)
+  try:
     if sub is not None:
-      return PROGRAM_RULES[type(sub)](eqn, sub, invals, ctx, evaluate)
-    return rule_for(eqn.primitive)(eqn, invals, ctx)
-  except (KeyError, jc.UnknownSchemaError):
-    return consumers.fallback(eqn, invals, ctx)
+      body_plan = plans[0] if plans else None
+      return rule(eqn, sub, invals, ctx,
+                  functools.partial(evaluate, plan=body_plan))
+    return rule(eqn, invals, ctx, site)
+  except jc.UnknownSchemaError:
+    return fallback(eqn, invals, ctx)
+  except (NeedsRowVmap, FallbackError):
+    raise  # the engine's own signals, already saying what and where
+  except Exception as e:
+    paths = sorted({x.path for x in invals if isinstance(x, Lora)})
+    e.add_note(f"lora_jax factored engine: raised in the rule for "
+               f"{eqn.primitive.name!r} consuming {', '.join(paths)} "
+               f"(equation: {str(eqn)[:300]}). This is a bug in lora_jax; "
+               f"mode='merge' avoids the rule until it is fixed.")
+    raise
+
+
+def _site(plan: rows.RowPlan | None, i: int, projected: dict) -> Site:
+  return Site(rows=plan.dots.get(i) if plan else None,
+              projected=projected.pop(i, None))
 
 
 def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
-                    producers: dict, uses) -> dict | None:
-  """Outputs ``{id(eqn): outputs}`` for the adapted ``dot_general``
+                    producers: dict, uses, plan, projected: dict
+                    ) -> dict | None:
+  """Outputs ``{index: outputs}`` for the adapted ``dot_general``
   ``jaxpr.eqns[i]`` and the later ones projecting the same input (computed
   together), when its input is recomputed (:mod:`recompute`); otherwise None
-  (after projecting the siblings jointly) and the caller applies the rule."""
+  (after projecting the siblings jointly into ``projected``) and the caller
+  applies the rule."""
   eqn = jaxpr.eqns[i]
   try:
     group = find_group(jaxpr.eqns, i, env, ctx)
-  except (KeyError, jc.UnknownSchemaError):
+  except jc.UnknownSchemaError:
     group = None  # the rule falls back for this equation
-  members = [e for e, _ in group] if group else [eqn]
+  members = [(j, e) for j, e, _ in group] if group else [(i, eqn)]
   loras = [x for x in invals if isinstance(x, Lora)]
   region = None
   if (ctx.recompute and len(invals) == 2 and len(loras) == 1
@@ -97,25 +122,31 @@ def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
                                     len(members))
   if region is None:
     if group:
-      project_group(group, env[group[0][0].invars[0]], ctx)
+      projected.update(project_group(group, env[group[0][1].invars[0]]))
     return None
 
   def compute(c: Context, x, member_invals):
+    proj: dict = {}
     if group:  # with the kernel values passed in, not the outer ones
-      project_group([(e, next(v for v in vals if isinstance(v, Lora)))
-                     for e, vals in zip(members, member_invals)], x, c)
-    return [_apply(e, vals, c) for e, vals in zip(members, member_invals)]
-  outs = recompute.apply_recomputing(region, x_var, members, env, compute,
-                                     ctx)
-  return {id(e): o for e, o in zip(members, outs)}
+      proj = project_group(
+          [(j, e, next(v for v in vals if isinstance(v, Lora)))
+           for (j, e), vals in zip(members, member_invals)], x)
+    return [_apply(e, vals, c, _site(plan, j, proj))
+            for (j, e), vals in zip(members, member_invals)]
+  outs = recompute.apply_recomputing(region, x_var, [e for _, e in members],
+                                     env, compute, ctx)
+  return {j: o for (j, _), o in zip(members, outs)}
 
 
 def evaluate(program: jc.Program, args, ctx: Context, *,
+             plan: rows.RowPlan | None = None,
              symbolic_outputs: bool = False) -> list:
   """Evaluates ``program`` where some inputs may be :class:`Lora` values.
 
-  Its outputs are plain arrays (a kernel returned as such is merged), except
-  with ``symbolic_outputs`` (an inlined call: the caller goes on with them).
+  ``plan``: the row analysis of this program at this call site (a mixed
+  batch run whole), else None. Its outputs are plain arrays (a kernel
+  returned as such is merged), except with ``symbolic_outputs`` (an inlined
+  call: the caller goes on with them).
   """
   jaxpr = program.jaxpr
   env: dict = dict(zip(jaxpr.constvars, program.consts))
@@ -128,23 +159,25 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
     if counts is None:
       counts = recompute.use_counts(jaxpr)
     return counts
-  done: dict = {}  # id(eqn) -> outputs computed with an earlier sibling
+  done: dict = {}       # index -> outputs computed with an earlier sibling
+  projected: dict = {}  # index -> scale * x @ a, computed with its siblings
   for i, eqn in enumerate(jaxpr.eqns):
-    if id(eqn) in done:
-      outs = done.pop(id(eqn))
+    if i in done:
+      outs = done.pop(i)
     else:
       invals = [jc.read(env, v) for v in eqn.invars]
       computed = None
       if not any(isinstance(x, Lora) for x in invals):
         outs = jc.bind(eqn, invals)
       else:
-        if eqn.primitive in jc.DOT and id(eqn) not in ctx.projected:
+        if eqn.primitive in jc.DOT and i not in projected:
           computed = _adapted_matmul(jaxpr, i, invals, env, ctx, producers,
-                                     uses)
+                                     uses, plan, projected)
         if computed is None:
-          outs = _apply(eqn, invals, ctx)
+          outs = _apply(eqn, invals, ctx, _site(plan, i, projected),
+                        plan.subs.get(i) if plan else None)
         else:
-          outs = computed.pop(id(eqn))
+          outs = computed.pop(i)
           done.update(computed)
     for v, x in zip(eqn.outvars, outs):
       if not jc.is_dropvar(v):
@@ -155,6 +188,30 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
                                         for x in outs]
 
 
+def _stand_ins(base):
+  """``base`` with each QArray as the float array ``fn`` sees (abstract)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(
+          x, QArray) else x, base, is_leaf=lambda x: isinstance(x, QArray))
+
+
+def _row_analysis(closed, n_params: int, inputs):
+  in_rows = [None] * n_params + [0 if getattr(x, "ndim", 0) else None
+                                 for x in inputs[n_params:]]
+  return rows.analyse(closed.jaxpr, in_rows)
+
+
+def output_rows(fn, base, args, kwargs) -> tuple[list, list, object]:
+  """For a mixed-adapter batch (rows on axis 0 of every array argument):
+  ``(row axis of each flat output, each flat output's shape, out tree)``;
+  a row axis is an int, None (the output does not read the rows) or
+  :data:`rows.UNKNOWN`."""
+  stand_in = _stand_ins(base)
+  closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
+  out_rows, _ = _row_analysis(closed, len(jax.tree.leaves(stand_in)), inputs)
+  return out_rows, [tuple(a.shape) for a in closed.out_avals], out_tree
+
+
 def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
                    report: Report | None = None, choose: Callable | None = None,
                    rng=None, recompute: bool = False, row_factors=None):
@@ -162,31 +219,32 @@ def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
   ``deltas`` is ``{path: LoraDelta}``.
 
   ``row_factors`` (a mixed-adapter batch run whole): ``{path: (a, b, scale,
-  layout)}`` with a leading row axis on each, the rows being axis 0 of every
+  layout, dropout)}`` with a leading row axis on each, the rows being axis 0 of every
   array argument; raises :class:`NeedsRowVmap` where that cannot be done."""
   # fn sees a float array where the base holds a QArray: trace with stand-ins.
-  stand_in = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(
-          x, QArray) else x, base, is_leaf=lambda x: isinstance(x, QArray))
+  stand_in = _stand_ins(base)
   closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
   ctx = Context(strict, report if report is not None else Report(), choose,
                 rng, recompute)
   n_params = len(jax.tree.leaves(stand_in))
+  plan = None
   if row_factors:
-    in_rows = [None] * n_params + [0 if getattr(x, "ndim", 0) else None
-                                   for x in inputs[n_params:]]
-    out_rows = rows.analyse(closed.jaxpr, in_rows, ctx.dot_rows)
-    if any(r != 0 for r in out_rows):  # each output must be one per row
-      raise NeedsRowVmap("an output's rows cannot be followed to axis 0")
+    out_rows, plan = _row_analysis(closed, n_params, inputs)
+    if any(r is rows.UNKNOWN for r in out_rows):
+      # an output mixes rows, or they cannot be followed: vmap over rows
+      # decides (and refuses what has no per-row meaning)
+      raise NeedsRowVmap("an output's rows cannot be followed")
   for i, (path, leaf) in enumerate(leaves_with_paths(base)):
     d = deltas.get(path)
     if row_factors and path in row_factors:
-      a, b, scale, layout = row_factors[path]
-      inputs[i] = Lora(leaf, a, b, scale, layout, path, rows=True)
+      a, b, scale, layout, dropout = row_factors[path]
+      inputs[i] = Lora(leaf, a, b, scale, layout, path, dropout=dropout,
+                       rows=True)
     elif d is not None:
       inputs[i] = Lora(leaf, d.a, d.b, d.scale, d.layout, path,
                        d.magnitude, d.dropout)
     elif isinstance(leaf, QArray):  # not adapted: dequantized for the program
       inputs[i] = leaf.dequantize()
-  outs = evaluate(jc.Program(closed.jaxpr, tuple(closed.consts)), inputs, ctx)
+  outs = evaluate(jc.Program(closed.jaxpr, tuple(closed.consts)), inputs, ctx,
+                  plan=plan)
   return jax.tree.unflatten(out_tree, outs)

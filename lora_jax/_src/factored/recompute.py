@@ -25,13 +25,16 @@ import collections
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.ordering import after
 from lora_jax._src.factored.values import Lora, flatten
 
-MAX_REGION = 64  # equations: a longer elementwise chain is left as it is
+# A size limit, not a loop bound: a region of more equations than this is
+# left as it is (recomputing a long chain costs more than keeping its input).
+MAX_REGION = 64
 
 
 def _is_elementwise(eqn) -> bool:
@@ -65,9 +68,13 @@ def input_region(x_var, producers: dict, uses, env: dict, readers: int = 1):
       or x_var not in producers):
     return None
   x_size = _size(x_var)
-  stop: set = set()  # intermediates read outside the region become roots
-  for _ in range(MAX_REGION):
-    region, roots, todo = {}, [], [x_var]
+
+  def grow(stop: frozenset):
+    """The region above ``x_var`` that stops at ``stop``: ``(equations by
+    id, roots)``."""
+    region: dict = {}
+    roots: list = []
+    todo = [x_var]
     while todo:
       v = todo.pop()
       if jc.is_literal(v) or v in roots:
@@ -79,16 +86,20 @@ def input_region(x_var, producers: dict, uses, env: dict, readers: int = 1):
       if id(eqn) not in region:
         region[id(eqn)] = eqn
         todo.extend(eqn.invars)
-    if not region or len(region) > MAX_REGION:
-      return None
+    return region, roots
+
+  def shrink(stop: frozenset) -> frozenset:
+    """Intermediates read outside the region become roots too."""
+    region, _ = grow(stop)
     inner = collections.Counter(
         v for e in region.values() for v in e.invars if not jc.is_literal(v))
-    leaking = {v for e in region.values() for v in e.outvars
-               if v is not x_var and uses[v] != inner[v]}
-    if not leaking:
-      break
-    stop |= leaking
-  else:
+    return stop | {v for e in region.values() for v in e.outvars
+                   if v is not x_var and uses[v] != inner[v]}
+  # every round adds a variable defined so far, or ends
+  stop = fixpoint.iterate(shrink, frozenset(), len(producers),
+                          "a recompute region")
+  region, roots = grow(stop)
+  if not region or len(region) > MAX_REGION:
     return None
   if any(isinstance(env.get(r), Lora) or _size(r) > x_size for r in roots):
     return None
@@ -105,7 +116,8 @@ def apply_recomputing(region, x_var, members, env: dict,
   the operands, and whose backward pass ties the recomputation to the
   incoming cotangent, so that the backend can neither run it in the forward
   pass nor merge it with the forward pass's copy (XLA:CPU does both with
-  ``jax.checkpoint``'s recomputation). Returns each member's outputs."""
+  ``jax.checkpoint``'s recomputation; see :mod:`ordering`, which leaves
+  every value as it is). Returns each member's outputs."""
   eqns, roots = region
   member_vars = [list(e.invars) for e in members]
   flat, rebuild = flatten([None if v is x_var else jc.read(env, v)
@@ -131,7 +143,7 @@ def apply_recomputing(region, x_var, members, env: dict,
 
   def backward(saved, g):
     root_vals, flat_vals = saved
-    root_vals = _tie(root_vals, g)
+    root_vals = after(root_vals, g)  # in the backward pass, unchanged
     quiet = ctx.quiet()
     _, vjp = jax.vjp(lambda r, f: region_fn(quiet, r, f), root_vals,
                      flat_vals)
@@ -146,23 +158,3 @@ def apply_recomputing(region, x_var, members, env: dict,
     if "forward-mode" not in str(e):
       raise
     return region_fn(ctx, root_vals, flat)
-
-
-def _tie(root_vals, g):
-  """``root_vals``, made to depend on the cotangent ``g``.
-
-  The recomputation must run in the backward pass, after ``g`` exists, and
-  must not be merged with the forward pass's identical computation. An
-  ``optimization_barrier`` says so on GPU and TPU; XLA:CPU drops barriers
-  before common-subexpression elimination, so each float root also gets
-  ``min(|g_0|, 0)`` added: zero for every finite or infinite ``g_0`` (NaN
-  stays NaN, as the gradient would), which no compiler may fold away.
-  """
-  root_vals, g = jax.lax.optimization_barrier((root_vals, g))
-  first = next((x for x in jax.tree.leaves(g)
-                if jnp.issubdtype(x.dtype, jnp.inexact) and x.size), None)
-  if first is None:
-    return root_vals
-  zero = jnp.minimum(jnp.abs(jnp.ravel(first)[0]), 0)
-  return [r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.inexact)
-          else r for r in root_vals]

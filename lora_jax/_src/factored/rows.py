@@ -15,11 +15,36 @@ fall back to ``vmap`` (``values.NeedsRowVmap``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Mapping
 
+from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
 
-UNKNOWN = "unknown"
+class _Unknown:
+  """The row axis of a value whose rows cannot be followed."""
+
+  def __repr__(self) -> str:
+    return "UNKNOWN"
+
+
+UNKNOWN = _Unknown()
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+  """What the analysis found in one program at one call site.
+
+  ``dots``: equation index -> ``(lhs row axis, rhs row axis)`` of every
+  ``dot_general`` reading rows; ``subs``: equation index -> the plans of its
+  sub-programs (an inlined call's body, a scan's body at its fixed point).
+  Keyed by position, so a jaxpr shared by two call sites (a jitted helper
+  called twice) gets a plan at each.
+  """
+  dots: Mapping[int, tuple] = dataclasses.field(default_factory=dict)
+  subs: Mapping[int, tuple["RowPlan", ...]] = dataclasses.field(
+      default_factory=dict)
 
 
 def _shape(v) -> tuple[int, ...]:
@@ -69,7 +94,7 @@ def _one(eqn, ins):
   """The row axis of a single-output equation's result."""
   prim = eqn.primitive
   r = next((x for x in ins if x is not None), None)
-  if any(x == UNKNOWN for x in ins):
+  if any(x is UNKNOWN for x in ins):
     return UNKNOWN
   if prim in jc.DOT:
     return _dot(eqn, ins)
@@ -104,59 +129,80 @@ def _one(eqn, ins):
     return UNKNOWN if r in axes else r - sum(a < r for a in axes)
   if prim in jc.CUMULATIVE:
     return UNKNOWN if jc.cumulative_axis(eqn) == r else r
+  if prim in jc.SPLIT:  # (one output per part: handled by analyse)
+    return UNKNOWN
   if prim in jc.CONCATENATE:
     ok = all(x == r for x in ins) and jc.concatenate_dim(eqn) != r
     return r if ok else UNKNOWN
   return UNKNOWN
 
 
-def _scan(sub, ins, dots: dict) -> list:
+def _scan(sub, ins) -> tuple[list, RowPlan]:
   """A scan over layers: rows in the carry (and in the scanned operands, one
   axis further in) stay put from step to step; stacked outputs gain the
   scanned axis in front."""
   nc, ncarry = sub.num_consts, sub.num_carry
   step = lambda r: None if r is None else UNKNOWN if r in (UNKNOWN, 0) else r - 1
-  carry = list(ins[nc:nc + ncarry])
   xs = [step(r) for r in ins[nc + ncarry:]]
-  for _ in range(3):  # the carry's rows must be a fixed point of the body
-    outs = analyse(sub.body.jaxpr, [*ins[:nc], *carry, *xs], dots)
-    if outs[:ncarry] == carry:
-      break
-    carry = [c if c == o else UNKNOWN for c, o in zip(carry, outs[:ncarry])]
-  else:
-    return [UNKNOWN] * len(outs)
-  ys = [None if r is None else UNKNOWN if r == UNKNOWN else r + 1
+  last: list = []  # (outputs, plan) of the body in the latest round
+
+  def trip(carry):  # the carry's rows must be a fixed point of the body
+    last[:] = analyse(sub.body.jaxpr, [*ins[:nc], *carry, *xs])
+    return [c if c == o else UNKNOWN for c, o in zip(carry, last[0][:ncarry])]
+  # a slot only ever changes to UNKNOWN: at most ncarry changes
+  carry = fixpoint.iterate(trip, list(ins[nc:nc + ncarry]), ncarry,
+                           "a scan carry's row axes")
+  outs, plan = last
+  ys = [None if r is None else UNKNOWN if r is UNKNOWN else r + 1
         for r in outs[ncarry:]]
-  return [*carry, *ys]
+  return [*carry, *ys], plan
 
 
-def analyse(jaxpr, in_rows, dots: dict) -> list:
-  """Row axes of ``jaxpr``'s outputs given its inputs' (``None``: no rows).
-  Records ``dots[id(eqn)] = (lhs rows, rhs rows)`` for every ``dot_general``
-  reading rows, in this program and in the calls it inlines."""
+def analyse(jaxpr, in_rows) -> tuple[list, RowPlan]:
+  """Row axes of ``jaxpr``'s outputs given its inputs' (``None``: no rows;
+  :data:`UNKNOWN`: rows that cannot be followed), and the :class:`RowPlan`
+  of this call site."""
   rows = dict(zip(jaxpr.invars, in_rows))
-  for eqn in jaxpr.eqns:
+  dots: dict = {}
+  subs: dict = {}
+  for i, eqn in enumerate(jaxpr.eqns):
     ins = [None if jc.is_literal(v) else rows.get(v) for v in eqn.invars]
     if all(x is None for x in ins):
       outs = [None] * len(eqn.outvars)
     else:
       if eqn.primitive in jc.DOT:
-        dots[id(eqn)] = (ins[0], ins[1])
-      try:
-        sub = jc.higher_order(eqn)
-      except jc.UnknownSchemaError:
-        sub = UNKNOWN
-      identity = (eqn.primitive in jc.PASS or eqn.primitive in jc.ON_KERNEL
-                  or eqn.primitive in jc.ON_EVERY_PART)
-      if isinstance(sub, (jc.Call, jc.Remat)):
-        outs = analyse(sub.body.jaxpr, ins, dots)
-      elif isinstance(sub, jc.Scan):
-        outs = _scan(sub, ins, dots)
-      elif identity and len(eqn.outvars) == len(ins):
-        outs = ins  # copies, barriers, stop_gradient, sharding constraints
-      elif sub is not None or len(eqn.outvars) != 1:
-        outs = [UNKNOWN] * len(eqn.outvars)
-      else:
-        outs = [_one(eqn, ins)]
+        dots[i] = (ins[0], ins[1])
+      outs = _equation(eqn, ins, subs, i)
     rows.update(zip(eqn.outvars, outs))
-  return [None if jc.is_literal(v) else rows.get(v) for v in jaxpr.outvars]
+  return ([None if jc.is_literal(v) else rows.get(v) for v in jaxpr.outvars],
+          RowPlan(dots, subs))
+
+
+def _equation(eqn, ins, subs: dict, i: int) -> list:
+  """The row axes of one equation's outputs (recording sub-plans)."""
+  try:
+    sub = jc.higher_order(eqn)
+  except jc.UnknownSchemaError:
+    return [UNKNOWN] * len(eqn.outvars)
+  if isinstance(sub, (jc.Call, jc.Remat)):
+    outs, plan = analyse(sub.body.jaxpr, ins)
+    subs[i] = (plan,)
+    return outs
+  if isinstance(sub, jc.Scan):
+    outs, plan = _scan(sub, ins)
+    subs[i] = (plan,)
+    return outs
+  if sub is not None:  # cond, while, shard_map: rows are not followed
+    return [UNKNOWN] * len(eqn.outvars)
+  prim = eqn.primitive
+  identity = (prim in jc.PASS or prim in jc.ON_KERNEL
+              or prim in jc.ON_EVERY_PART)
+  if identity and len(eqn.outvars) == len(ins):
+    return list(ins)  # copies, barriers, stop_gradient, sharding constraints
+  if prim in jc.SPLIT:  # parts along another axis keep the rows
+    r = ins[0]
+    ok = isinstance(r, int) and jc.split_axis(eqn) != r
+    return [r if ok else UNKNOWN] * len(eqn.outvars)
+  if len(eqn.outvars) != 1:
+    return [UNKNOWN] * len(eqn.outvars)
+  return [_one(eqn, ins)]

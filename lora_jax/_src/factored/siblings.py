@@ -41,25 +41,25 @@ def _plain_projection(eqn, env, ctx: Context):
 
 
 def find_group(eqns, i: int, env: dict, ctx: Context):
-  """``[(eqn, lora), ...]``: ``eqns[i]`` and every later equation of the
-  same program that projects the same ``x`` (at least two), or None."""
+  """``[(index, eqn, lora), ...]``: ``eqns[i]`` and every later equation of
+  the same program that projects the same ``x`` (at least two), or None."""
   head = _plain_projection(eqns[i], env, ctx)
   if head is None:
     return None
-  group = [(eqns[i], head[2])]
-  for eqn in eqns[i + 1:]:
-    other = _plain_projection(eqn, env, ctx)
+  group = [(i, eqns[i], head[2])]
+  for j in range(i + 1, len(eqns)):
+    other = _plain_projection(eqns[j], env, ctx)
     if other is not None and other[:2] == head[:2]:
-      group.append((eqn, other[2]))
+      group.append((j, eqns[j], other[2]))
   return group if len(group) > 1 else None
 
 
-def project_group(group, x, ctx: Context) -> None:
-  """Computes ``scale * x @ a`` jointly for the group's equations and leaves
-  the results in ``ctx.projected`` keyed by equation."""
-  dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, lora in group))
+def project_group(group, x) -> dict:
+  """``{index: scale * x @ a}`` for the group's equations, computed in one
+  matmul against the concatenated ``a``s."""
+  dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, _, lora in group))
   firsts = []
-  for eqn, lora in group:
+  for _, eqn, lora in group:
     in_a, _, r_a, _ = lora.layout.factor_positions()
     f1 = jnp.transpose(lora.a, [in_a[k] for k in jc.dot_dims(eqn).rhs_contract]
                        + [r_a])
@@ -67,5 +67,5 @@ def project_group(group, x, ctx: Context) -> None:
   x2 = x.astype(dtype).reshape(-1, firsts[0].shape[0])
   t = project(x2, jnp.concatenate(firsts, axis=1))
   offsets = list(itertools.accumulate(f.shape[1] for f in firsts))[:-1]
-  for (eqn, lora), part in zip(group, jnp.split(t, offsets, axis=1)):
-    ctx.projected[id(eqn)] = part * jnp.asarray(lora.scale, dtype)
+  return {j: part * jnp.asarray(lora.scale, dtype)
+          for (j, _, lora), part in zip(group, jnp.split(t, offsets, axis=1))}

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src import dora
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.quant import QArray
 from lora_jax._src.layouts import Layout
@@ -39,7 +40,7 @@ class Lora:
   A *narrow* frozen kernel stays narrow: ``w`` may be a :class:`QArray`, or
   a bf16 array the program widens (``dtype``: the pending cast). Consumers
   build the float kernel at the point of use and rebuild it in the backward
-  pass (``quant.frozen_linear``), so no widened copy lives across the step.
+  pass (``frozen.frozen_linear``), so no widened copy lives across the step.
   """
   w: Any
   a: Any
@@ -91,6 +92,23 @@ class Lora:
   def dora_factor(self, dtype) -> jax.Array:
     """``magnitude / ||W0 + s a b||`` per output unit, norm held constant."""
     return dora.output_factor(self.kernel(), self.delta, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """What the analyses say about one equation at one call site.
+
+  Attributes:
+    rows: ``(lhs row axis, rhs row axis)`` of a ``dot_general`` in a mixed
+      batch run whole (:mod:`rows`), else None.
+    projected: ``scale * x @ a`` computed jointly with the siblings reading
+      the same ``x`` (:mod:`siblings`), else None.
+  """
+  rows: tuple | None = None
+  projected: Any = None
+
+
+NO_SITE = Site()
 
 
 def flatten(values: list, scales: bool = False
@@ -160,10 +178,6 @@ class Context:
     self.choose = choose  # (x_shape, x_contract, lora) -> "factored" | "merge"
     self.rng = rng        # dropout key; None: no dropout (inference)
     self.uses = 0
-    # id(eqn) -> scale * x @ a, computed jointly for kernels sharing an input
-    self.projected: dict[int, Any] = {}
-    # id(dot eqn) -> (lhs row axis, rhs row axis) of a mixed batch run whole
-    self.dot_rows: dict[int, Any] = {}
 
   def quiet(self) -> "Context":
     """A copy that records into a fresh report (for a second tracing of the
@@ -171,7 +185,6 @@ class Context:
     other = Context(self.strict, Report(), self.choose, self.rng,
                     self.recompute)
     other.uses = self.uses
-    other.dot_rows = self.dot_rows
     return other
 
   def dropping(self, lora: Lora) -> bool:
@@ -215,3 +228,15 @@ class Context:
     if isinstance(x, Lora) and x.rows:
       raise NeedsRowVmap(f"{x.path}: {what}")
     return self.fallback(x, what) if isinstance(x, Lora) else x
+
+
+def fallback(eqn, invals, ctx: Context) -> list:
+  """Merges every kernel among ``invals`` for this one use."""
+  for x in invals:
+    if isinstance(x, Lora) and ctx.dropping(x):
+      raise FallbackError(
+          f"lora_jax: {x.path!r} has LoRA dropout and is consumed by "
+          f"{eqn.primitive.name!r} in a way the factored engine cannot "
+          f"express; merging cannot apply input dropout. Set dropout=0 for "
+          f"this leaf or call without lora_rng.")
+  return jc.bind(eqn, [ctx.concrete(x, eqn.primitive.name) for x in invals])

@@ -9,32 +9,32 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src.dtypes import is_float_dtype
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored.consumers import fallback
-from lora_jax._src.factored.values import Lora
+from lora_jax._src.factored.values import Lora, fallback
 from lora_jax._src.layouts import Layout
 from lora_jax._src.quant import QArray
 
 
-def pass_through(eqn, invals, ctx):
+def pass_through(eqn, invals, ctx, site=None):
   """copy, optimization_barrier: the kernel value itself."""
   del ctx
   return list(invals[:len(eqn.outvars)])
 
 
-def cast(eqn, invals, ctx):
+def cast(eqn, invals, ctx, site=None):
   """A widening cast of a narrow (quantized or bf16) kernel stays pending
   until the point of use; any other cast applies to ``W0`` alone."""
   (x,) = invals
   to = jnp.dtype(eqn.outvars[0].aval.dtype)
   stored_narrow = isinstance(x.w, QArray) or (
       jnp.dtype(x.w.dtype).itemsize < to.itemsize)
-  if stored_narrow and jnp.issubdtype(to, jnp.floating):
+  if stored_narrow and is_float_dtype(to):
     return [dataclasses.replace(x, dtype=to)]
   return on_kernel(eqn, [x.eager()], ctx)
 
 
-def on_kernel(eqn, invals, ctx):
+def on_kernel(eqn, invals, ctx, site=None):
   """sharding constraints, device_put: applied to ``W0`` alone; the factors
   keep their own dtype and placement."""
   del ctx
@@ -44,7 +44,7 @@ def on_kernel(eqn, invals, ctx):
           for x, o in zip(invals, outs)]
 
 
-def on_every_part(eqn, invals, ctx):
+def on_every_part(eqn, invals, ctx, site=None):
   """``pvary``, ``stop_gradient``: applied to ``W0`` and to each factor."""
   del ctx
   x = invals[0].eager()
@@ -52,7 +52,7 @@ def on_every_part(eqn, invals, ctx):
   return [x.with_parts([apply(v) for v in x.parts()])]
 
 
-def transpose(eqn, invals, ctx):
+def transpose(eqn, invals, ctx, site=None):
   del ctx
   x = invals[0].eager()
   perm = jc.transpose_perm(eqn)
@@ -86,7 +86,7 @@ def _cut(x: Lora, cuts: dict, cut_fn) -> Lora | None:
   return x.with_parts([w, a, b, m])
 
 
-def slice_(eqn, invals, ctx):
+def slice_(eqn, invals, ctx, site=None):
   """A static slice of any kernel axes: the same slice of the factor that
   holds each axis (a stacked layer, an expert, q out of a fused qkv)."""
   x = invals[0].eager()
@@ -98,7 +98,7 @@ def slice_(eqn, invals, ctx):
   return fallback(eqn, invals, ctx) if out is None else [out]
 
 
-def dynamic_slice(eqn, invals, ctx):
+def dynamic_slice(eqn, invals, ctx, site=None):
   """A dynamic slice (``w[i]`` with a traced ``i``) of any kernel axes."""
   x, *starts = invals
   x = x.eager()
@@ -112,7 +112,7 @@ def dynamic_slice(eqn, invals, ctx):
   return fallback(eqn, invals, ctx) if out is None else [out]
 
 
-def squeeze(eqn, invals, ctx):
+def squeeze(eqn, invals, ctx, site=None):
   """Dropping size-1 stacked axes (after slicing one layer or expert)."""
   x = invals[0].eager()
   dims = jc.squeeze_dims(eqn)

@@ -1,0 +1,80 @@
+"""Ordering without data: values made to wait for another value, unchanged.
+
+Two places in the engine must tell XLA *when* to compute something, not what:
+
+* a narrow frozen kernel (a :class:`QArray`, a bf16 kernel the program widens)
+  is widened where it is used, after the activation it multiplies exists;
+  otherwise XLA:CPU hoists every layer's widening to the start of the step
+  and all the float copies are live at once (``frozen.frozen_linear``);
+* a recomputed region runs in the backward pass, after the cotangent exists;
+  otherwise XLA merges it with the forward pass's identical computation and
+  keeps its result after all (``recompute``).
+
+``lax.optimization_barrier`` says this on GPU and TPU, but XLA:CPU removes
+barriers before scheduling and common-subexpression elimination. So
+:func:`after` also threads a zero through the bits of the values: the zero is
+``min(popcount(bits of one scalar of the anchor), 0)``, which is 0 for every
+bit pattern (a population count is never negative: NaN, inf and -0.0 give 0
+like any other number), and xor-ing bits with 0 changes none. No output bit
+depends on any value of the anchor; only the schedule does. XLA cannot fold
+the zero (it does not reason about the range of a population count), so the
+dependency survives to the schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _anchor_scalar(anchor: Any) -> jax.Array | None:
+  """One scalar read from ``anchor``'s first non-empty numeric leaf."""
+  for x in jax.tree.leaves(anchor):
+    dtype = jnp.dtype(x.dtype)
+    if x.size and (jnp.issubdtype(dtype, jnp.inexact)
+                   or jnp.issubdtype(dtype, jnp.integer)) and not (
+                       jnp.issubdtype(dtype, jnp.complexfloating)):
+      return jnp.ravel(x)[0]
+  return None
+
+
+def _bits_dtype(dtype) -> jnp.dtype:
+  return jnp.dtype(f"int{8 * jnp.dtype(dtype).itemsize}")
+
+
+def zero_after(anchor: Any) -> jax.Array | None:
+  """An int32 0 that XLA computes only once ``anchor`` exists (None when the
+  anchor has no numeric element to wait for)."""
+  x = _anchor_scalar(anchor)
+  if x is None:
+    return None
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    x = jax.lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
+  count = jax.lax.population_count(x).astype(jnp.int32)  # in [0, bits]
+  return jnp.minimum(count, 0)
+
+
+def _xor(x: jax.Array, zero: jax.Array) -> jax.Array:
+  dtype = jnp.dtype(x.dtype)
+  if jnp.issubdtype(dtype, jnp.integer):
+    return x ^ zero.astype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    bits = _bits_dtype(dtype)
+    flipped = jax.lax.bitcast_convert_type(x, bits) ^ zero.astype(bits)
+    return jax.lax.bitcast_convert_type(flipped, dtype)
+  return x  # bool, complex: no bits to thread through; left as they are
+
+
+def after(values: Any, anchor: Any) -> Any:
+  """``values`` (a pytree), bit for bit, computed after ``anchor`` exists.
+
+  Every array leaf of ``values`` is returned unchanged whatever ``anchor``
+  holds (NaN and inf included); the dependency is on the schedule only.
+  """
+  values, anchor = jax.lax.optimization_barrier((values, anchor))
+  zero = zero_after(anchor)
+  if zero is None:
+    return values
+  return jax.tree.map(lambda v: _xor(v, zero), values)

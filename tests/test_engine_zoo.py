@@ -1,0 +1,455 @@
+"""The engine zoo: programs shaped like our users' x stresses that a review
+found silent failures under.
+
+Programs: a dense GELU MLP (a recompute region), q/k/v siblings behind a
+LayerNorm, GQA einsum attention, scan over stacked layers, remat, cond, a
+while loop, shard_map. Bases: float32, bfloat16 (the program widens it),
+QArray (nf4). Stresses:
+
+* engines agree: factored (with and without recompute) equals merge, for
+  outputs and input gradients;
+* rows are independent: a NaN or inf in one row's input, or in one row's
+  cotangent, changes no other row's output or input gradient, in every mode;
+* discovery: ``all-linear`` finds the expected set on bf16 models and through
+  a 6-deep scan carry pipeline;
+* a bug injected into a rule propagates (it is not reported as a fallback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+from lora_jax._src.factored import consumers
+
+from helpers import randomize
+
+B, D, H, KV, HD = 4, 8, 4, 2, 4  # rows, width, heads, kv heads, head dim
+
+
+def _normal(key, shape, scale=0.4):
+  return scale * jax.random.normal(key, shape)
+
+
+def _keys(n, seed=0):
+  return list(jax.random.split(jax.random.key(seed), n))
+
+
+@dataclasses.dataclass
+class Program:
+  name: str
+  params: dict
+  fn: Callable
+  targets: str
+  x_shape: tuple = (B, 3, D)  # rows first
+
+
+def dense():
+  k = _keys(3)
+  params = {"fc1": _normal(k[0], (D, 2 * D)), "fc2": _normal(k[1], (2 * D, D)),
+            "head": _normal(k[2], (D, 5))}
+
+  def fn(p, x):
+    h = jax.nn.gelu(x @ p["fc1"]) @ p["fc2"]
+    return h @ p["head"]
+  return Program("dense", params, fn, "fc1|fc2")
+
+
+def siblings():
+  k = _keys(4)
+  params = {n: _normal(k[i], (D, D)) for i, n in enumerate("qkvo")}
+  params["ln"] = jnp.ones((D,))
+
+  def fn(p, x):
+    mu = x.mean(-1, keepdims=True)
+    h = (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    h = h * p["ln"]
+    q, kk, v = h @ p["q"], h @ p["k"], h @ p["v"]
+    return jnp.tanh(q * kk + v) @ p["o"]
+  return Program("siblings", params, fn, "q|k|v|o")
+
+
+def gqa():
+  k = _keys(4)
+  params = {"q": _normal(k[0], (D, H, HD)), "k": _normal(k[1], (D, KV, HD)),
+            "v": _normal(k[2], (D, KV, HD)), "o": _normal(k[3], (H, HD, D))}
+
+  def fn(p, x):
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"])
+    kk = jnp.einsum("btd,dkh->btkh", x, p["k"])
+    v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+    q = q.reshape(*q.shape[:2], KV, H // KV, HD)
+    s = jnp.einsum("btkgh,bskh->bkgts", q, kk) / np.sqrt(HD)
+    t = x.shape[1]
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+    a = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s, -1), v)
+    return jnp.einsum("btnh,nhd->btd", a.reshape(*a.shape[:2], H, HD), p["o"])
+  return Program("gqa", params, fn, "q|k|v|o")
+
+
+def scanned():
+  k = _keys(2)
+  params = {"w": _normal(k[0], (3, D, D)), "u": _normal(k[1], (3, D, D))}
+
+  def fn(p, x):
+    def layer(h, w):
+      return h + jnp.tanh(jax.nn.gelu(h @ w["w"]) @ w["u"]), None
+    return jax.lax.scan(layer, x, p)[0]
+  return Program("scan", params, fn, "w|u")
+
+
+def remat():
+  k = _keys(2)
+  params = {"w": _normal(k[0], (D, D)), "u": _normal(k[1], (D, D))}
+
+  @jax.checkpoint
+  def block(p, x):
+    return jnp.tanh(x @ p["w"]) @ p["u"]
+
+  def fn(p, x):
+    return block(p, x) + x
+  return Program("remat", params, fn, "w|u")
+
+
+def cond():
+  k = _keys(2)
+  params = {"w": _normal(k[0], (D, D)), "u": _normal(k[1], (D, D)),
+            "gate": jnp.ones(())}
+
+  def fn(p, x):
+    # the predicate reads a parameter, not the rows
+    return jax.lax.cond(p["gate"] > 0,
+                        lambda x: jnp.tanh(x @ p["w"]) @ p["u"],
+                        lambda x: x @ p["u"], x)
+  return Program("cond", params, fn, "w|u")
+
+
+def while_loop():
+  k = _keys(1)
+  params = {"w": _normal(k[0], (D, D))}
+
+  def fn(p, x):
+    return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]), x)
+  return Program("while", params, fn, "w")
+
+
+def sharded():
+  k = _keys(2)
+  params = {"w": _normal(k[0], (D, D)), "u": _normal(k[1], (D, D))}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("d",))
+
+  def fn(p, x):
+    body = lambda p, x: jnp.tanh(x @ p["w"]) @ p["u"]
+    return lj_shard_map(body, mesh, (P(), P("d")), P("d"))(p, x)
+  return Program("shard_map", params, fn, "w|u")
+
+
+def lj_shard_map(body, mesh, in_specs, out_specs):
+  """shard_map from where this JAX has it."""
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs)
+  from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  return shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+PROGRAMS = [dense, siblings, gqa, scanned, remat, cond, while_loop, sharded]
+
+
+def _base(prog: Program, kind: str):
+  """``(fn, base, delta)`` with the base float32, bf16 or nf4. The program
+  computes in float32 (a bf16 base is widened by it)."""
+  config = lj.LoraConfig(rank=2, targets=prog.targets)
+  base, delta = lj.split(prog.params, config, jax.random.key(1), prog.fn,
+                         (_x(prog),))
+  delta = randomize(delta)
+  if kind == "f32":
+    return prog.fn, base, delta
+  if kind == "bf16":
+    base = jax.tree.map(lambda w: w.astype(jnp.bfloat16), base)
+    fn = lambda p, x: prog.fn(jax.tree.map(lambda w: w.astype(jnp.float32), p), x)
+    return fn, base, delta
+  assert kind == "nf4"
+  return prog.fn, lj.quantize(base, "nf4", block_size=2, delta=delta), delta
+
+
+ENGINES = {
+    "merge": dict(mode="merge"),
+    "factored": dict(mode="factored", strict=True),
+    "factored[recompute=False]": dict(mode="factored", strict=True,
+                                      recompute=False),
+}
+# Every program on a float32 base; the narrow bases on the programs whose
+# kernels they change the rules for (dense matmuls, einsums, scan slices).
+CASES = ([(p, "f32") for p in PROGRAMS]
+         + [(p, kind) for p in (dense, gqa, scanned) for kind in ("bf16", "nf4")])
+
+
+def _x(prog):
+  return jax.random.normal(jax.random.key(7), prog.x_shape)
+
+
+def _vjp(g, base, delta, x, ct):
+  out, pull = jax.vjp(lambda x: g(base, delta, x), x)
+  return out, pull(ct)[0]
+
+
+@pytest.fixture(scope="module", params=CASES,
+                ids=[f"{p.__name__}-{k}" for p, k in CASES])
+def case(request):
+  make, kind = request.param
+  prog = make()
+  fn, base, delta = _base(prog, kind)
+  x = _x(prog)
+  ct = jax.random.normal(jax.random.key(8), jax.eval_shape(
+      lambda: prog.fn(prog.params, x)).shape)
+  results = {}
+  for name, opts in ENGINES.items():
+    g = jax.jit(lambda b, d, x, ct, opts=opts: _vjp(lj.wrap(fn, **opts), b, d, x, ct))
+    results[name] = (g, jax.device_get(g(base, delta, x, ct)))
+  # What the factored engine must equal: the program on merge(base, delta),
+  # merged in the program's float32 (merging into a bf16 kernel would round
+  # the update to bf16 first).
+  wide = jax.tree.map(lambda w: w.astype(jnp.float32)
+                      if w.dtype == jnp.bfloat16 else w, base)
+  merged = lambda b, d, x: fn(lj.merge(b, d), x)
+  results["reference"] = jax.device_get(_vjp(merged, wide, delta, x, ct))
+  # mode="merge" is lj.merge itself: into the base's own dtype.
+  results["reference[merge]"] = jax.device_get(_vjp(merged, base, delta, x, ct))
+  return base, delta, x, ct, results
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_engines_equal_merge(case, engine):
+  *_, results = case
+  reference = "reference[merge]" if engine == "merge" else "reference"
+  (out, dx), (want, want_dx) = results[engine][1], results[reference]
+  np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(dx, want_dx, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("where", ["input", "cotangent"])
+def test_rows_are_independent(case, engine, bad, where):
+  base, delta, x, ct, results = case
+  g, (out, dx) = results[engine]
+  if where == "input":
+    x = x.at[0].set(bad)
+  else:
+    ct = ct.at[0].set(bad)
+  out2, dx2 = jax.device_get(g(base, delta, x, ct))
+  # Every other row: bit for bit what it was.
+  np.testing.assert_array_equal(out2[1:], out[1:])
+  np.testing.assert_array_equal(dx2[1:], dx[1:])
+  if where == "input":
+    assert not np.isfinite(out2[0]).all()
+
+
+# ---- discovery --------------------------------------------------------------
+
+def test_all_linear_on_a_bf16_model():
+  k = _keys(3)
+  params = {"q": _normal(k[0], (D, H, HD)).astype(jnp.bfloat16),
+            "o": _normal(k[1], (H, HD, D)).astype(jnp.bfloat16),
+            "head": _normal(k[2], (D, 5)).astype(jnp.bfloat16),
+            "norm": jnp.ones((D,), jnp.bfloat16)}
+
+  def fn(p, x):
+    h = jnp.einsum("btd,dnh->btnh", x, p["q"])
+    h = jnp.einsum("btnh,nhd->btd", jax.nn.relu(h), p["o"]) * p["norm"]
+    return h @ p["head"]
+  x = jnp.ones((2, 3, D), jnp.bfloat16)
+  _, delta = lj.split(params, lj.LoraConfig(rank=2, targets="all-linear"),
+                      jax.random.key(0), fn, (x,))
+  assert sorted(lj.adapters(delta)) == ["o", "q"]  # head: the output layer
+
+
+@pytest.mark.parametrize("depth", [1, 5, 6])
+def test_all_linear_through_a_deep_scan_carry(depth):
+  """The product of ``w`` moves one carry slot per step; only after
+  ``depth`` steps does it reach the matmul with ``u``."""
+  k = _keys(3)
+  params = {"w": _normal(k[0], (D, D)), "u": _normal(k[1], (D, D)),
+            "head": _normal(k[2], (D, 3))}
+
+  def fn(p, x):
+    def body(c, _):
+      return (x @ p["w"], *c[:-1]), None
+    c, _ = jax.lax.scan(body, tuple(jnp.zeros_like(x) for _ in range(depth)),
+                        None, length=depth + 2)
+    return jnp.tanh(c[-1] @ p["u"]) @ p["head"]
+  _, delta = lj.split(params, lj.LoraConfig(rank=2, targets="all-linear"),
+                      jax.random.key(0), fn, (jnp.ones((2, D)),))
+  assert sorted(lj.adapters(delta)) == ["u", "w"]
+
+
+# ---- a bug in a rule is a bug, not a fallback ---------------------------------
+
+@pytest.mark.parametrize("error", [KeyError, ValueError])
+def test_a_bug_in_a_rule_propagates(monkeypatch, error):
+  prog = dense()
+  fn, base, delta = _base(prog, "f32")
+
+  def broken(*args, **kwargs):
+    raise error("injected")
+  monkeypatch.setattr(consumers, "lowrank_dot", broken)
+  for run in (lambda: lj.wrap(fn, "factored")(base, delta, _x(prog)),
+              lambda: lj.explain(fn, base, delta, _x(prog), mode="factored")):
+    with pytest.raises(error, match="injected") as info:
+      run()
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "'dot_general'" in notes and "fc1" in notes, notes
+
+
+# ---- mixed-adapter batches ----------------------------------------------------
+
+def _stacked(params, targets, n=3, dropout=0.0, fn=None, x=None):
+  """``(base, [delta_k], stack)``: ``n`` random adapters on ``targets``."""
+  ds = []
+  for k in range(n):
+    base, d = lj.split(params, lj.LoraConfig(rank=2, targets=targets,
+                                             dropout=dropout),
+                       jax.random.key(k), *(() if fn is None else (fn, (x,))))
+    ds.append(randomize(d, seed=10 + k))
+  return base, ds, lj.stack(ds)
+
+
+def _per_row(fn, base, ds, ids, x, axis=0):
+  """The contract: row ``i`` run alone on ``merge(base, ds[ids[i]])``,
+  the rows stacked back on the output's row axis ``axis``."""
+  rows = []
+  for i, k in enumerate(ids):
+    p = base if k < 0 else lj.merge(base, ds[k])
+    rows.append(fn(p, x[i:i + 1]))
+  return jnp.concatenate(rows, axis=axis)
+
+
+def _whole_or_vmap(monkeypatch, whole: bool):
+  from lora_jax._src import stack as stack_module  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(stack_module, "WHOLE_BATCH", whole)
+
+
+def _two_sites():
+  k = _keys(2)
+  params = {"w": _normal(k[0], (D, D)), "u": _normal(k[1], (D, D))}
+
+  @jax.jit
+  def helper(w, x):  # one jaxpr, two call sites
+    return x @ w
+
+  def fn(p, x):  # x (B, T, D)
+    h = jnp.tanh(helper(p["w"], x))                # rows on axis 0
+    t = helper(p["w"], jnp.swapaxes(x, 0, 1))      # rows on axis 1
+    return h @ p["u"] + jnp.swapaxes(t, 0, 1)
+  return params, fn
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_jaxpr_shared_by_two_call_sites(monkeypatch, whole):
+  _whole_or_vmap(monkeypatch, whole)
+  params, fn = _two_sites()
+  base, ds, st = _stacked(params, "w|u")
+  x = jax.random.normal(jax.random.key(3), (4, 5, D))
+  ids = [0, 2, -1, 1]
+  got = jax.jit(lj.wrap(fn, "factored"))(base, st, x, adapter_ids=jnp.array(ids))
+  np.testing.assert_allclose(got, _per_row(fn, base, ds, ids, x),
+                             rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["factored", "merge"])
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_time_major_output_keeps_every_step(monkeypatch, mode, whole):
+  _whole_or_vmap(monkeypatch, whole)
+  prog = dense()
+  base, ds, st = _stacked(prog.params, prog.targets)
+  fn = lambda p, x: jnp.swapaxes(prog.fn(p, x), 0, 1)  # (T, B, V)
+  x = _x(prog)
+  ids = [1, 0, 2, -1]
+  got = lj.wrap(fn, mode)(base, st, x, adapter_ids=jnp.array(ids))
+  assert got.shape == (3, B, 5)
+  np.testing.assert_allclose(got, _per_row(fn, base, ds, ids, x, axis=1),
+                             rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["factored", "merge"])
+@pytest.mark.parametrize("whole", [True, False])
+def test_outputs_without_rows(monkeypatch, mode, whole):
+  """A 0-d output that does not read the rows comes back as it is; one that
+  reduces over the rows is refused, naming the output and adapter_ids."""
+  _whole_or_vmap(monkeypatch, whole)
+  prog = dense()
+  base, ds, st = _stacked(prog.params, prog.targets)
+  x, ids = _x(prog), jnp.array([0, 1, 2, 0])
+  aux = lambda p, x: {"y": prog.fn(p, x), "aux": jnp.float32(3.5)}
+  got = lj.wrap(aux, mode)(base, st, x, adapter_ids=ids)
+  assert got["aux"].shape == () and float(got["aux"]) == 3.5
+  np.testing.assert_allclose(got["y"], _per_row(prog.fn, base, ds, ids, x),
+                             rtol=2e-5, atol=2e-5)
+  loss = lambda p, x: {"y": prog.fn(p, x), "loss": prog.fn(p, x).mean()}
+  with pytest.raises(ValueError, match=r"output \['loss'\].*adapter_ids"):
+    lj.wrap(loss, mode)(base, st, x, adapter_ids=ids)
+
+
+def test_mixed_dropout_draws_each_rows_own_mask(monkeypatch):
+  prog = dense()
+  x = jnp.broadcast_to(_x(prog)[:1], (B, 3, D))  # four identical rows
+  base, ds, st = _stacked(prog.params, prog.targets, dropout=0.5)
+  ids, rng = jnp.array([1, 1, 1, 1]), jax.random.key(5)
+  g = lj.wrap(prog.fn, "factored")
+  # Run whole: the very masks of a single-adapter batch.
+  got = g(base, st, x, adapter_ids=ids, lora_rng=rng)
+  want = g(base, ds[1], x, lora_rng=rng)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert not np.allclose(got[0], got[1])
+  # Under vmap over rows: each row its own key, so identical rows differ.
+  _whole_or_vmap(monkeypatch, False)
+  got = g(base, st, x, adapter_ids=ids, lora_rng=rng)
+  assert not np.allclose(got[0], got[1])
+  assert not np.allclose(got[2], got[3])
+
+
+@pytest.mark.parametrize("whole", [True, False])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_bad_row_in_a_mixed_batch_stays_in_its_row(monkeypatch, whole, bad):
+  _whole_or_vmap(monkeypatch, whole)
+  prog = gqa()
+  base, ds, st = _stacked(prog.params, prog.targets, fn=prog.fn, x=_x(prog))
+  x, ids = _x(prog), jnp.array([0, 1, 2, -1])
+  g = jax.jit(lj.wrap(prog.fn, "factored"))
+  clean = g(base, st, x, adapter_ids=ids)
+  dirty = g(base, st, x.at[0].set(bad), adapter_ids=ids)
+  np.testing.assert_array_equal(dirty[1:], clean[1:])
+
+
+def test_einsum_contractions_in_any_order_and_split_run_whole(monkeypatch):
+  """tunix's attention output ``BTNH,NHD->BTD`` lists its contractions out
+  of axis order, and its RoPE splits the head axis in two: the batch still
+  runs whole (no vmap), equal to the rows run alone."""
+  taken = []
+  from lora_jax._src import wrap as wrap_module  # pylint: disable=g-import-not-at-top
+  real = wrap_module.per_row
+  monkeypatch.setattr(wrap_module, "per_row",
+                      lambda *a, **k: taken.append(1) or real(*a, **k))
+  k = _keys(2)
+  params = {"q": _normal(k[0], (D, H, HD)), "o": _normal(k[1], (H, HD, D))}
+
+  def fn(p, x):
+    q = jnp.einsum("BTD,DNH->BTNH", x, p["q"])
+    lo, hi = jnp.split(q, 2, axis=-1)
+    q = jnp.concatenate([lo * 0.5 - hi, hi * 0.5 + lo], axis=-1)
+    return jnp.einsum("BTNH,NHD->BTD", q, p["o"])
+  x = jax.random.normal(jax.random.key(3), (4, 3, D))
+  base, ds, st = _stacked(params, "q|o", fn=fn, x=x)
+  ids = [2, 0, 1, -1]
+  got = lj.wrap(fn, "factored")(base, st, x, adapter_ids=jnp.array(ids))
+  assert not taken
+  np.testing.assert_allclose(got, _per_row(fn, base, ds, ids, x),
+                             rtol=2e-5, atol=2e-5)
