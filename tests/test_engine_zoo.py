@@ -453,3 +453,23 @@ def test_einsum_contractions_in_any_order_and_split_run_whole(monkeypatch):
   assert not taken
   np.testing.assert_allclose(got, _per_row(fn, base, ds, ids, x),
                              rtol=2e-5, atol=2e-5)
+
+
+# ---- forward mode -------------------------------------------------------------
+
+def test_forward_mode_as_the_readme_says():
+  """An eager ``jax.jvp`` falls back by itself with recompute on (the
+  default); ``jax.linearize`` raises JAX's forward-mode error there and works
+  with ``recompute=False``; all equal merge."""
+  prog = dense()
+  fn, base, delta = _base(prog, "f32")
+  x, t = _x(prog), jax.random.normal(jax.random.key(9), _x(prog).shape)
+  want = jax.jvp(lambda x: fn(lj.merge(base, delta), x), (x,), (t,))[1]
+  g = lambda x: lj.wrap(fn, "factored")(base, delta, x)
+  np.testing.assert_allclose(jax.jvp(g, (x,), (t,))[1], want,
+                             rtol=2e-5, atol=2e-5)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.linearize(g, x)[1](t)
+  g = lambda x: lj.wrap(fn, "factored", recompute=False)(base, delta, x)
+  np.testing.assert_allclose(jax.linearize(g, x)[1](t), want,
+                             rtol=2e-5, atol=2e-5)
