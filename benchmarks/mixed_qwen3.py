@@ -41,7 +41,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lora_jax as lj
 # Only to report whether wrap ran the mixed batch whole or fell back to vmap.
@@ -80,48 +79,11 @@ def setup(config, batch, seq, n=N_ADAPTERS, rank=RANK, seed=0):
   return apply, base, deltas, tokens
 
 
-def row_ids(n, batch):
-  return jnp.asarray([i * n // batch for i in range(batch)], jnp.int32)
-
-
-def steps_for(apply, base, deltas, tokens, variants):
-  """``{name: (jitted fn, args)}``; each fn returns the mean cross-entropy."""
-  n, batch = len(deltas), tokens.shape[0]
-  ce = w1.cross_entropy
-  stacked = lj.stack(deltas)
-  ids = row_ids(n, batch)
-  out = {}
-  for v in variants:
-    if v == "base":
-      out[v] = (jax.jit(lambda p, x: ce(apply(p, x), x)), (base, tokens))
-    elif v == "merged":
-      merged = lj.merge(base, deltas[0])
-      out[v] = (jax.jit(lambda p, x: ce(apply(p, x), x)), (merged, tokens))
-    elif v in ("mixed_factored", "mixed_merge"):
-      g = lj.wrap(apply, v.split("_", 1)[1])
-      out[v] = (jax.jit(lambda b, s, x, i, g=g: ce(g(b, s, x, adapter_ids=i),
-                                                   x)),
-                (base, stacked, tokens, ids))
-    elif v == "loop":
-      groups = [np.flatnonzero(np.asarray(ids) == k) for k in range(n)]
-      groups = [(k, r) for k, r in enumerate(groups) if len(r)]
-      order = np.argsort(np.concatenate([r for _, r in groups]))
-      g = lj.wrap(apply, "factored")
-
-      def loop(b, ds, x, groups=groups, order=order, g=g):
-        parts = [g(b, ds[k], x[r]) for k, r in groups]
-        return ce(jnp.concatenate(parts)[order], x)
-      out[v] = (jax.jit(loop), (base, deltas, tokens))
-    else:
-      raise ValueError(f"unknown variant {v!r}")
-  return out
-
-
 def check_equal(apply, base, deltas, tokens, tol):
   """Max |logit difference| of each engine's mixed pass against per-row
   merged inference with ``lj.select``; raises above ``tol``."""
   stacked = lj.stack(deltas)
-  ids = row_ids(len(deltas), tokens.shape[0])
+  ids = mixed.row_ids(len(deltas), tokens.shape[0])
   fwd = jax.jit(apply)
   want = jnp.concatenate([
       fwd(lj.merge(base, lj.select(stacked, int(k))), tokens[i:i + 1])
@@ -145,7 +107,7 @@ def diagnose(apply, base, deltas, tokens):
   batched low-rank product per kernel) or falls back to ``vmap`` over rows,
   and ``lj.explain``'s rules for one adapter."""
   stacked = lj.stack(deltas)
-  ids = row_ids(len(deltas), tokens.shape[0])
+  ids = mixed.row_ids(len(deltas), tokens.shape[0])
   whole = jax.eval_shape(
       lambda b, s, x, i: _wrap._whole_batch(  # pylint: disable=protected-access
           apply, b, s, i, (x,), {}, None, strict=False, choose=None,
@@ -177,10 +139,10 @@ def main(argv=None):
   print("factored mixed batch run whole:", diag["whole_batch"], flush=True)
   print(diag["explain"], flush=True)
 
-  res = mixed.measure(steps_for(apply, base, deltas, tokens,
+  res = mixed.measure(mixed.steps_for(apply, base, deltas, tokens,
                                 ["base", "merged", "mixed_factored", "loop"]),
                       reps)
-  merge_group = mixed.measure(steps_for(apply, base, deltas, tokens,
+  merge_group = mixed.measure(mixed.steps_for(apply, base, deltas, tokens,
                                         ["merged", "mixed_merge"]),
                               max(3, reps // 3))
   for group in (res, merge_group):
@@ -199,7 +161,7 @@ def main(argv=None):
             "model": dataclasses.asdict(config), "batch": batch, "seq": seq,
             "adapters": N_ADAPTERS, "rank": RANK, "alpha": ALPHA,
             "targets": qwen3.TARGETS,
-            "ids": [int(i) for i in row_ids(N_ADAPTERS, batch)],
+            "ids": [int(i) for i in mixed.row_ids(N_ADAPTERS, batch)],
             "reps": reps, "environment": w1.environment(),
             "max_abs_logit_diff": diffs, "adapter_logit_spread": spread,
             "whole_batch": diag["whole_batch"], "explain": diag["explain"],

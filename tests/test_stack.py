@@ -104,10 +104,14 @@ def test_one_trace_across_id_changes_and_slot_swaps(contraction):
   stacked = lj.stack(ds[:2])
   x = jnp.stack([case.args[0][0]] * 2)  # two identical rows
   out1 = step(base, stacked, x, adapter_ids=jnp.array([0, 1]))
+  # one compile; under vmap over rows wrap also traces fn once abstractly
+  # on the whole batch, to find which output axis holds the rows
+  first = len(traces)
+  assert first <= 2
   out2 = step(base, stacked, x, adapter_ids=jnp.array([1, 0]))
   swapped = lj.put(stacked, 1, ds[2])
   out3 = step(base, swapped, x, adapter_ids=jnp.array([0, 1]))
-  assert len(traces) == 1
+  assert len(traces) == first  # no retrace
   np.testing.assert_allclose(out2[0], out1[1], rtol=1e-6)
   want = lj.wrap(case.fn, "merge")(base, ds[2], x[1:2])
   np.testing.assert_allclose(out3[1:2], want, rtol=2e-5, atol=2e-6)

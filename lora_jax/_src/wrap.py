@@ -170,37 +170,38 @@ def _row_axes(fn, base, args, kwargs, n_rows: int) -> tuple[list, Any]:
   """Where each output of a mixed batch holds its rows (None: it does not
   read them), or a ValueError naming the output that has no such axis."""
   out_rows, shapes, out_tree = factored.output_rows(fn, base, args, kwargs)
-  unknown = [k for k, r in enumerate(out_rows) if r is factored.UNKNOWN]
-  if unknown:
+  one_shapes = shapes
+  if any(r is factored.UNKNOWN for r in out_rows):
     # The analysis could not follow the rows to these outputs: the axis that
     # is n_rows long on the whole batch and 1 long on one row, if one is.
     one = jax.tree.map(lambda x: x[:1] if is_array(x) and x.ndim else x,
                        (args, kwargs))
     _, one_shapes, _ = factored.output_rows(fn, base, *one)
-  names = [jax.tree_util.keystr(p) or "the output" for p, _ in
-           jax.tree_util.tree_flatten_with_path(
-               jax.tree.unflatten(out_tree, list(range(len(shapes)))))[0]]
   axes = []
-  for k, r in enumerate(out_rows):
+  for k, (r, full, row) in enumerate(zip(out_rows, shapes, one_shapes)):
     if r is factored.UNKNOWN:
-      full, row = shapes[k], one_shapes[k]
-      changed = [a for a in range(len(full))
-                 if len(full) == len(row) and full[a] != row[a]]
-      same_rank = len(full) == len(row)
-      if (same_rank and len(changed) == 1 and full[changed[0]] == n_rows
-          and row[changed[0]] == 1):
+      changed = [a for a, (m, n) in enumerate(zip(full, row)) if m != n]
+      if (len(full) == len(row) and len(changed) == 1
+          and (full[changed[0]], row[changed[0]]) == (n_rows, 1)):
         r = changed[0]
       else:
+        name = jax.tree_util.keystr(_output_paths(out_tree)[k]) or "the output"
         raise ValueError(
-            f"wrap(..., adapter_ids=...): output {names[k]} (shape "
-            f"{full}) has no axis holding one entry per row of adapter_ids "
-            f"({n_rows} rows): its rows are reduced or mixed together. Each "
-            f"row runs with its own adapter, so every output must keep the "
-            f"rows on one axis, or not read them. Return per-row values "
-            f"(for example per-row losses) and reduce them outside the "
-            f"wrapped function.")
+            f"wrap(..., adapter_ids=...): output {name} (shape {full}) has "
+            f"no axis holding one entry per row of adapter_ids ({n_rows} "
+            f"rows): its rows are reduced or mixed together. Each row runs "
+            f"with its own adapter, so every output must keep the rows on "
+            f"one axis, or not read them. Return per-row values (for "
+            f"example per-row losses) and reduce them outside the wrapped "
+            f"function.")
     axes.append(r)
   return axes, out_tree
+
+
+def _output_paths(out_tree) -> list:
+  """The key path of each flat output."""
+  placeholder = jax.tree.unflatten(out_tree, [0] * out_tree.num_leaves)
+  return [p for p, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0]]
 
 
 def _whole_batch(fn, base, stacked, ids, args, kwargs, lora_rng, **options):

@@ -12,13 +12,14 @@ Two places in the engine must tell XLA *when* to compute something, not what:
 
 ``lax.optimization_barrier`` says this on GPU and TPU, but XLA:CPU removes
 barriers before scheduling and common-subexpression elimination. So
-:func:`after` also threads a zero through the bits of the values: the zero is
+:func:`after` also threads a zero through the values: the zero is
 ``min(popcount(bits of one scalar of the anchor), 0)``, which is 0 for every
 bit pattern (a population count is never negative: NaN, inf and -0.0 give 0
-like any other number), and xor-ing bits with 0 changes none. No output bit
-depends on any value of the anchor; only the schedule does. XLA cannot fold
-the zero (it does not reason about the range of a population count), so the
-dependency survives to the schedule.
+like any other number). Floats get ``x - 0.0``, exact for every float
+(``-0.0``, inf and NaN included), integers (quantized codes) ``x ^ 0``. No
+output depends on any value of the anchor; only the schedule does. XLA cannot
+fold the zero (it does not reason about the range of a population count), so
+the dependency survives to the schedule.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def _xor(x: jax.Array, zero: jax.Array) -> jax.Array:
   if jnp.issubdtype(dtype, jnp.integer):
     return x ^ zero.astype(dtype)
   if jnp.issubdtype(dtype, jnp.floating):
-    bits = _bits_dtype(dtype)
-    flipped = jax.lax.bitcast_convert_type(x, bits) ^ zero.astype(bits)
-    return jax.lax.bitcast_convert_type(flipped, dtype)
+    # x - (+0.0) is x for every float, -0.0, inf and NaN included (x + 0.0
+    # would turn -0.0 into +0.0); an add fuses where a bitcast may not
+    return x - zero.astype(dtype)
   return x  # bool, complex: no bits to thread through; left as they are
 
 
