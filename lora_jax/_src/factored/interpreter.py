@@ -224,7 +224,7 @@ def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
   # fn sees a float array where the base holds a QArray: trace with stand-ins.
   stand_in = _stand_ins(base)
   closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
-  ctx = Context(strict, report if report is not None else Report(), choose,
+  ctx = Context.create(strict, report if report is not None else Report(), choose,
                 rng, recompute)
   n_params = len(jax.tree.leaves(stand_in))
   plan = None

@@ -78,18 +78,13 @@ def scan(eqn, sub: jc.Scan, invals, ctx: Context, evaluate):
       moved.append(x)
   xs_flat, rebuild = flatten(moved)
   # Dropout draws a fresh key per scan step.
-  keys = (None if ctx.rng is None
-          else jax.random.split(ctx.next_key(), sub.length))
+  keys = (jax.random.split(ctx.next_key(), sub.length) if ctx.has_rng
+          else None)
 
   def body(carry, step):
     x_slices, key = step
-    outer = ctx.rng
-    ctx.rng = key
-    try:
-      outs = evaluate(sub.body, [*consts, *carry, *rebuild(list(x_slices))],
-                      ctx)
-    finally:
-      ctx.rng = outer
+    outs = evaluate(sub.body, [*consts, *carry, *rebuild(list(x_slices))],
+                    ctx.with_rng(key))
     return outs[:ncarry], outs[ncarry:]
   carry, ys = jax.lax.scan(body, list(init), (xs_flat, keys),
                            length=sub.length, reverse=sub.reverse,

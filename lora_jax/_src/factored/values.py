@@ -167,32 +167,74 @@ class Report:
     return "\n".join(lines)
 
 
-class Context:
-  """Per-call settings and bookkeeping of the interpreter."""
+class KeyStream:
+  """Dropout keys, one per use: ``fold_in(rng, 1)``, ``fold_in(rng, 2)``, ...
+  in the order the program's uses are traced."""
 
-  def __init__(self, strict: bool, report: Report, choose: Callable | None,
-               rng: jax.Array | None = None, recompute: bool = False):
-    self.strict = strict
-    self.recompute = recompute  # adapters' inputs (factored/recompute.py)
-    self.report = report
-    self.choose = choose  # (x_shape, x_contract, lora) -> "factored" | "merge"
-    self.rng = rng        # dropout key; None: no dropout (inference)
-    self.uses = 0
+  def __init__(self, rng: jax.Array, used: int = 0):
+    self.rng = rng
+    self.used = used
+
+  def next(self) -> jax.Array:
+    self.used += 1
+    return jax.random.fold_in(self.rng, self.used)
+
+  def copy(self) -> "KeyStream":
+    return KeyStream(self.rng, self.used)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Per-call settings of the interpreter, and where it records.
+
+  Rules never change a context: a sub-program with other dropout keys (a
+  scan step) gets a new one (:meth:`with_rng`), and a second tracing (a
+  backward pass) one that records into a fresh report (:meth:`quiet`).
+
+  Attributes:
+    strict: a merge fallback is an error.
+    report: what happened to each kernel.
+    choose: ``(x_shape, x_contract, lora) -> "factored" | "merge"`` for
+      ``mode="auto"``, or None (always factored).
+    keys: LoRA dropout's key stream, or None (no dropout: inference).
+    recompute: recompute adapters' inputs (:mod:`recompute`).
+  """
+  strict: bool
+  report: Report
+  choose: Callable | None = None
+  keys: KeyStream | None = None
+  recompute: bool = False
+
+  @classmethod
+  def create(cls, strict: bool, report: Report, choose: Callable | None,
+             rng: jax.Array | None = None, recompute: bool = False
+             ) -> "Context":
+    return cls(strict, report, choose,
+               None if rng is None else KeyStream(rng), recompute)
+
+  def with_rng(self, rng: jax.Array | None) -> "Context":
+    """This context with dropout keys drawn from ``rng``."""
+    return dataclasses.replace(
+        self, keys=None if rng is None else KeyStream(rng))
 
   def quiet(self) -> "Context":
-    """A copy that records into a fresh report (for a second tracing of the
-    same equation, in a backward pass)."""
-    other = Context(self.strict, Report(), self.choose, self.rng,
-                    self.recompute)
-    other.uses = self.uses
-    return other
+    """A copy that records into a fresh report and draws the keys this one
+    would draw next (for a second tracing of the same equations, in a
+    backward pass)."""
+    return dataclasses.replace(
+        self, report=Report(),
+        keys=None if self.keys is None else self.keys.copy())
+
+  @property
+  def has_rng(self) -> bool:
+    return self.keys is not None
 
   def dropping(self, lora: Lora) -> bool:
-    return self.rng is not None and lora.dropout > 0
+    return self.keys is not None and lora.dropout > 0
 
   def next_key(self) -> jax.Array:
-    self.uses += 1
-    return jax.random.fold_in(self.rng, self.uses)
+    assert self.keys is not None, "next_key without a dropout rng"
+    return self.keys.next()
 
   def dropout(self, x: jax.Array, lora: Lora) -> jax.Array:
     """Inverted dropout on the LoRA branch's input (as PEFT), if enabled."""
