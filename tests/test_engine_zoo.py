@@ -473,3 +473,33 @@ def test_forward_mode_as_the_readme_says():
   g = lambda x: lj.wrap(fn, "factored", recompute=False)(base, delta, x)
   np.testing.assert_allclose(jax.linearize(g, x)[1](t), want,
                              rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("make", [dense, siblings, gqa, scanned, remat],
+                         ids=lambda m: m.__name__)
+def test_a_mixed_batch_run_whole_equals_each_row_alone(monkeypatch, make,
+                                                       recompute):
+  """Siblings share one batched projection over rows, recompute regions form
+  in that mode too; each row equals its adapter run alone."""
+  from lora_jax._src.factored import interpreter  # pylint: disable=g-import-not-at-top
+  grouped = []
+  real = interpreter.project_group
+  monkeypatch.setattr(interpreter, "project_group",
+                      lambda g, x, r=None: grouped.append(r) or real(g, x, r))
+  taken = []
+  from lora_jax._src import wrap as wrap_module  # pylint: disable=g-import-not-at-top
+  real_per_row = wrap_module.per_row
+  monkeypatch.setattr(wrap_module, "per_row",
+                      lambda *a, **k: taken.append(1) or real_per_row(*a, **k))
+  prog = make()
+  x = _x(prog)
+  base, ds, st = _stacked(prog.params, prog.targets, fn=prog.fn, x=x)
+  ids = [2, 0, -1, 1]
+  g = lj.wrap(prog.fn, "factored", recompute=recompute)
+  got = g(base, st, x, adapter_ids=jnp.array(ids))
+  assert not taken  # whole, no vmap
+  if make in (siblings, gqa):  # q, k, v read one input
+    assert grouped and all(r == 0 for r in grouped), grouped
+  np.testing.assert_allclose(got, _per_row(prog.fn, base, ds, ids, x),
+                             rtol=2e-5, atol=2e-5)

@@ -170,8 +170,11 @@ def _rowwise_plan(eqn, lora: Lora, x, kernel_is_lhs, x_contract, k_contract,
     f2 = f2.reshape(rows, f2.shape[1], -1).astype(dtype)
     xm = jnp.moveaxis(x_in, r, 0)
     m_shape = xm.shape[1:nd - len(x_contract)]
-    t = jnp.einsum("bmk,bkr->bmr", xm.reshape(rows, -1, f1.shape[1]), f1)
-    t = t * jnp.asarray(lora.scale, dtype)[:, None, None]
+    if site.projected is not None:  # computed with its siblings
+      t = site.projected.astype(dtype)
+    else:
+      t = jnp.einsum("bmk,bkr->bmr", xm.reshape(rows, -1, f1.shape[1]), f1)
+      t = t * jnp.asarray(lora.scale, dtype)[:, None, None]
     u = jnp.einsum("bmr,brn->bmn", t, f2)
     return jnp.moveaxis(u.reshape(rows, *m_shape, *n_shape), 0, r)
 

@@ -109,9 +109,11 @@ def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
   applies the rule."""
   eqn = jaxpr.eqns[i]
   try:
-    group = find_group(jaxpr.eqns, i, env, ctx)
+    found = find_group(jaxpr.eqns, i, env, ctx,
+                       lambda j: plan.dots.get(j) if plan else None)
   except jc.UnknownSchemaError:
-    group = None  # the rule falls back for this equation
+    found = None  # the rule falls back for this equation
+  group, x_rows = found if found else (None, None)
   members = [(j, e) for j, e, _ in group] if group else [(i, eqn)]
   loras = [x for x in invals if isinstance(x, Lora)]
   region = None
@@ -122,7 +124,8 @@ def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
                                     len(members))
   if region is None:
     if group:
-      projected.update(project_group(group, env[group[0][1].invars[0]]))
+      projected.update(project_group(group, env[group[0][1].invars[0]],
+                                     x_rows))
     return None
 
   def compute(c: Context, x, member_invals):
@@ -130,7 +133,7 @@ def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
     if group:  # with the kernel values passed in, not the outer ones
       proj = project_group(
           [(j, e, next(v for v in vals if isinstance(v, Lora)))
-           for (j, e), vals in zip(members, member_invals)], x)
+           for (j, e), vals in zip(members, member_invals)], x, x_rows)
     return [_apply(e, vals, c, _site(plan, j, proj))
             for (j, e), vals in zip(members, member_invals)]
   outs = recompute.apply_recomputing(region, x_var, [e for _, e in members],

@@ -1,6 +1,8 @@
 """Kernels that read the same input (q, k, v; gate and up) get their
 ``x @ a`` in one matmul against the concatenated ``a``s: one pass over ``x``
-forward and one for the gradients, instead of one per kernel."""
+forward and one for the gradients, instead of one per kernel. In a mixed
+batch run whole (per-row factors), one batched product over rows against the
+concatenated per-row ``a``s."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ from lora_jax._src.factored.lowrank import project
 from lora_jax._src.factored.values import Context, Lora
 
 
-def _plain_projection(eqn, env, ctx: Context):
-  """``(x var, contraction, lora)`` if ``eqn`` is ``x @ kernel`` taking the
-  2-D fast path of ``lowrank_dot`` with a plain (no DoRA, no dropout)
-  adapter that the engine would factor; else None."""
+def _plain_projection(eqn, env, ctx: Context, rows: tuple | None):
+  """``(x var, contraction, x's row axis, lora)`` if ``eqn`` is ``x @
+  kernel`` taking the 2-D fast path of ``lowrank_dot`` (or, for per-row
+  factors, the batched product over rows; ``rows``: the dot's row axes) with
+  a plain (no DoRA, no dropout) adapter that the engine would factor; else
+  None."""
   if eqn.primitive not in jc.DOT:
     return None
   dims = jc.dot_dims(eqn)
@@ -25,47 +29,63 @@ def _plain_projection(eqn, env, ctx: Context):
       or jc.is_literal(rhs)):
     return None
   lora, x = env.get(rhs), env.get(lhs)
-  if (not isinstance(lora, Lora) or x is None or isinstance(x, Lora)
-      or lora.rows):
+  if not isinstance(lora, Lora) or x is None or isinstance(x, Lora):
     return None
   nd = len(lhs.aval.shape)
   lc = dims.lhs_contract
+  r = None
+  if lora.rows:  # x's row axis, a free axis of x
+    r = rows[0] if rows else None
+    if not isinstance(r, int) or rows[1] is not None or r >= nd - len(lc):
+      return None
   lay = lora.layout
   if (lora.magnitude is not None or ctx.dropping(lora) or lay.batch
       or set(lay.inputs) != set(dims.rhs_contract)
       or lc != tuple(range(nd - len(lc), nd))):
     return None
-  if ctx.choose is not None and ctx.choose(x.shape, lc, lora) == "merge":
+  if (not lora.rows and ctx.choose is not None
+      and ctx.choose(x.shape, lc, lora) == "merge"):
     return None
-  return lhs, lc, lora
+  return lhs, lc, r, lora
 
 
-def find_group(eqns, i: int, env: dict, ctx: Context):
-  """``[(index, eqn, lora), ...]``: ``eqns[i]`` and every later equation of
-  the same program that projects the same ``x`` (at least two), or None."""
-  head = _plain_projection(eqns[i], env, ctx)
+def find_group(eqns, i: int, env: dict, ctx: Context, rows_of=lambda j: None):
+  """``([(index, eqn, lora), ...], x's row axis)``: ``eqns[i]`` and every
+  later equation of the same program that projects the same ``x`` (at least
+  two), or None. ``rows_of(j)``: the row axes of dot ``j`` (a mixed batch)."""
+  head = _plain_projection(eqns[i], env, ctx, rows_of(i))
   if head is None:
     return None
-  group = [(i, eqns[i], head[2])]
+  group = [(i, eqns[i], head[3])]
   for j in range(i + 1, len(eqns)):
-    other = _plain_projection(eqns[j], env, ctx)
-    if other is not None and other[:2] == head[:2]:
-      group.append((j, eqns[j], other[2]))
-  return group if len(group) > 1 else None
+    other = _plain_projection(eqns[j], env, ctx, rows_of(j))
+    if other is not None and other[:3] == head[:3]:
+      group.append((j, eqns[j], other[3]))
+  return (group, head[2]) if len(group) > 1 else None
 
 
-def project_group(group, x) -> dict:
+def project_group(group, x, r: int | None = None) -> dict:
   """``{index: scale * x @ a}`` for the group's equations, computed in one
-  matmul against the concatenated ``a``s."""
+  matmul against the concatenated ``a``s. With per-row factors (``r``: x's
+  row axis): ``(rows, M, rank)`` each, one batched product over rows."""
   dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, _, lora in group))
+  lead = [] if r is None else [0]  # per-row factors: the row axis first
   firsts = []
   for _, eqn, lora in group:
     in_a, _, r_a, _ = lora.layout.factor_positions()
-    f1 = jnp.transpose(lora.a, [in_a[k] for k in jc.dot_dims(eqn).rhs_contract]
-                       + [r_a])
-    firsts.append(f1.reshape(-1, f1.shape[-1]).astype(dtype))
-  x2 = x.astype(dtype).reshape(-1, firsts[0].shape[0])
-  t = project(x2, jnp.concatenate(firsts, axis=1))
-  offsets = list(itertools.accumulate(f.shape[1] for f in firsts))[:-1]
-  return {j: part * jnp.asarray(lora.scale, dtype)
-          for (j, _, lora), part in zip(group, jnp.split(t, offsets, axis=1))}
+    f1 = jnp.transpose(lora.a, lead + [len(lead) + in_a[k] for k in
+                                       jc.dot_dims(eqn).rhs_contract]
+                       + [len(lead) + r_a])
+    firsts.append(f1.reshape(*f1.shape[:len(lead)], -1, f1.shape[-1])
+                  .astype(dtype))
+  a = jnp.concatenate(firsts, axis=-1)
+  if r is None:
+    t = project(x.astype(dtype).reshape(-1, a.shape[0]), a)
+  else:
+    xm = jnp.moveaxis(x.astype(dtype), r, 0)
+    t = jnp.einsum("bmk,bkr->bmr", xm.reshape(xm.shape[0], -1, a.shape[1]), a)
+  offsets = list(itertools.accumulate(f.shape[-1] for f in firsts))[:-1]
+  parts = jnp.split(t, offsets, axis=-1)
+  scale = lambda lora: (jnp.asarray(lora.scale, dtype) if r is None
+                        else jnp.asarray(lora.scale, dtype)[:, None, None])
+  return {j: part * scale(lora) for (j, _, lora), part in zip(group, parts)}
