@@ -24,10 +24,10 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 
-from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src.layouts import Layout
+from lora_jax._src import walk
 
 _EMPTY = frozenset()
 
@@ -102,9 +102,10 @@ def _roles(t: _Tracked, role_of_axis: dict[int, str]) -> dict | None:
   return roles
 
 
-class _Walker:
+class _Walker(walk.Walker):
   """Walks a program tracking kernel views (``_Tracked``) and, per value,
-  which kernels' matmul results reached it with no matmul since (taint)."""
+  which kernels' matmul results reached it with no matmul since (taint).
+  A value is the pair ``(tracked or None, taint)``."""
 
   def __init__(self, num_leaves: int):
     self.uses: list[list[Use]] = [[] for _ in range(num_leaves)]
@@ -123,43 +124,36 @@ class _Walker:
     self.uses[t.leaf].append(Use(prim, roles))
     return roles is not None
 
-  def run(self, program: jc.Program, tracked_in: Sequence[_Tracked | None],
+  def empty(self):
+    return (None, _EMPTY)
+
+  def run(self, program_or_jaxpr, tracked_in: Sequence[_Tracked | None],
           taint_in: Sequence[frozenset]):
-    """Walks ``program``; returns tracked values and taints of its outputs."""
-    jaxpr = program.jaxpr
-    env: dict[Any, _Tracked] = {}
-    taint: dict[Any, frozenset] = {}
-    for v in jaxpr.constvars:
-      taint[v] = _EMPTY
-    for v, t, s in zip(jaxpr.invars, tracked_in, taint_in):
-      if t is not None:
-        env[v] = t
-      taint[v] = s
-    get = lambda v: None if jc.is_literal(v) else env.get(v)
-    get_taint = lambda v: _EMPTY if jc.is_literal(v) else taint.get(v, _EMPTY)
-    for eqn in jaxpr.eqns:
-      ins = [get(v) for v in eqn.invars]
-      in_taint = [get_taint(v) for v in eqn.invars]
-      try:
-        outs, out_taint = self.eqn(eqn, ins, in_taint)
-      except KeyError as e:  # a parameter this JAX names differently
-        raise jc.schema_error(eqn, f"missing parameter {e}") from None
-      for v, t, s in zip(eqn.outvars, outs, out_taint):
-        if jc.is_dropvar(v):
-          continue
-        if t is not None:
-          env[v] = t
-        taint[v] = s
-    return ([get(v) for v in jaxpr.outvars],
-            [get_taint(v) for v in jaxpr.outvars])
+    """Walks a program; returns tracked values and taints of its outputs."""
+    jaxpr = getattr(program_or_jaxpr, "jaxpr", program_or_jaxpr)
+    outs, _ = self.walk(jaxpr, list(zip(tracked_in, taint_in)))
+    return [t for t, _ in outs], [s for _, s in outs]
+
+  def first_order(self, frame, i, eqn, ins):
+    del frame, i
+    outs, taint = self.eqn(eqn, [t for t, _ in ins], [s for _, s in ins])
+    return list(zip(outs, taint))
+
+  def _pairs(self, tracked: list, taint: list) -> list:
+    return list(zip(tracked, taint))
+
+  def scan(self, frame, i, eqn, sub, ins):
+    del frame, i
+    return self._pairs(*self.higher_order(
+        eqn, sub, [t for t, _ in ins], [s for _, s in ins]))
+
+  cond = while_ = scan
 
   # -- one equation ---------------------------------------------------------
 
   def eqn(self, eqn, ins, in_taint):
+    """A first-order equation: tracked outputs and taints."""
     n_out = len(eqn.outvars)
-    sub = jc.higher_order(eqn)
-    if sub is not None:
-      return self.higher_order(eqn, sub, ins, in_taint)
     prim = eqn.primitive
     union = _EMPTY.union(*in_taint)
     if prim in jc.DOT or prim in jc.CONV or prim in jc.RAGGED_DOT:
@@ -272,9 +266,8 @@ class _Walker:
   # -- sub-programs -------------------------------------------------------
 
   def higher_order(self, eqn, sub, ins, in_taint):
+    """A scan, cond or while (calls and shard_map: :meth:`walk.Walker.call`)."""
     n_out = len(eqn.outvars)
-    if isinstance(sub, (jc.Call, jc.Remat, jc.ShardMap)):
-      return self.run(sub.body, ins, in_taint)
     if isinstance(sub, jc.Cond):
       outs_taint = [_EMPTY] * n_out
       for branch in sub.branches:
@@ -309,17 +302,15 @@ class _Walker:
   def _loop(self, body, body_in, taint_in, nc, ncarry, n_out):
     """Runs a loop body until the carry's taint stops growing."""
     outer = list(taint_in)
-    last: list = []  # the body's output taint in the latest round
-
-    def step(carry):  # the carry's taint after one more trip
-      _, out = self.run(body, body_in, [*outer[:nc], *carry,
-                                        *outer[nc + ncarry:]])
-      last[:] = out
-      return [a | b for a, b in zip(carry, out[:ncarry])]
     # each carry slot can gain each tracked leaf once: the lattice's height
-    fixpoint.iterate(step, outer[nc:nc + ncarry], ncarry * len(self.uses),
-                     "a loop carry's taint (all-linear discovery)")
-    return [None] * n_out, last[:n_out]
+    _, outs, _ = self.loop(
+        body.jaxpr,
+        lambda carry: list(zip(body_in, [*outer[:nc], *carry,
+                                         *outer[nc + ncarry:]])),
+        outer[nc:nc + ncarry],
+        lambda carry, out: [a | s for a, (_, s) in zip(carry, out)],
+        ncarry * len(self.uses), "a loop carry's taint (all-linear discovery)")
+    return [None] * n_out, [s for _, s in outs][:n_out]
 
 
 def analyze(apply_fn: Callable, params: Any, example_args: Sequence[Any],

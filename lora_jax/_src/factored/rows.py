@@ -19,8 +19,8 @@ import dataclasses
 import math
 from typing import Mapping
 
-from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
+from lora_jax._src import walk
 
 class _Unknown:
   """The row axis of a value whose rows cannot be followed."""
@@ -137,72 +137,73 @@ def _one(eqn, ins):
   return UNKNOWN
 
 
-def _scan(sub, ins) -> tuple[list, RowPlan]:
-  """A scan over layers: rows in the carry (and in the scanned operands, one
-  axis further in) stay put from step to step; stacked outputs gain the
-  scanned axis in front."""
-  nc, ncarry = sub.num_consts, sub.num_carry
-  step = lambda r: None if r is None else UNKNOWN if r in (UNKNOWN, 0) else r - 1
-  xs = [step(r) for r in ins[nc + ncarry:]]
-  last: list = []  # (outputs, plan) of the body in the latest round
+class _Rows(walk.Walker):
+  """The row-axis analysis: a value is a variable's row axis (an int), None
+  (no rows) or :data:`UNKNOWN`; each walk of a program records a
+  :class:`RowPlan`."""
 
-  def trip(carry):  # the carry's rows must be a fixed point of the body
-    last[:] = analyse(sub.body.jaxpr, [*ins[:nc], *carry, *xs])
-    return [c if c == o else UNKNOWN for c, o in zip(carry, last[0][:ncarry])]
-  # a slot only ever changes to UNKNOWN: at most ncarry changes
-  carry = fixpoint.iterate(trip, list(ins[nc:nc + ncarry]), ncarry,
-                           "a scan carry's row axes")
-  outs, plan = last
-  ys = [None if r is None else UNKNOWN if r is UNKNOWN else r + 1
-        for r in outs[ncarry:]]
-  return [*carry, *ys], plan
+  def new_frame(self) -> RowPlan:
+    return RowPlan({}, {})
+
+  def record(self, frame: RowPlan, i: int, frames: tuple) -> None:
+    frame.subs[i] = frames  # type: ignore[index]
+
+  def unreadable(self, eqn, ins, error):
+    del ins, error
+    return [UNKNOWN] * len(eqn.outvars)
+
+  def visit(self, frame, i, eqn, ins):
+    if all(x is None for x in ins):  # nothing here reads the rows
+      return [None] * len(eqn.outvars)
+    return super().visit(frame, i, eqn, ins)
+
+  def first_order(self, frame, i, eqn, ins):
+    prim = eqn.primitive
+    if prim in jc.DOT:
+      frame.dots[i] = (ins[0], ins[1])
+    identity = (prim in jc.PASS or prim in jc.ON_KERNEL
+                or prim in jc.ON_EVERY_PART)
+    if identity and len(eqn.outvars) == len(ins):
+      return list(ins)  # copies, barriers, stop_gradient, sharding constraints
+    if prim in jc.SPLIT:  # parts along another axis keep the rows
+      r = ins[0]
+      ok = isinstance(r, int) and jc.split_axis(eqn) != r
+      return [r if ok else UNKNOWN] * len(eqn.outvars)
+    if len(eqn.outvars) != 1:
+      return [UNKNOWN] * len(eqn.outvars)
+    return [_one(eqn, ins)]
+
+  def shard_map(self, frame, i, eqn, sub, ins):  # rows are not followed
+    return [UNKNOWN] * len(eqn.outvars)
+
+  def cond(self, frame, i, eqn, sub, ins):
+    return [UNKNOWN] * len(eqn.outvars)
+
+  def while_(self, frame, i, eqn, sub, ins):
+    return [UNKNOWN] * len(eqn.outvars)
+
+  def scan(self, frame, i, eqn, sub, ins):
+    """A scan over layers: rows in the carry (and in the scanned operands,
+    one axis further in) stay put from step to step; stacked outputs gain
+    the scanned axis in front."""
+    nc, ncarry = sub.num_consts, sub.num_carry
+    step = lambda r: (None if r is None else UNKNOWN if r in (UNKNOWN, 0)
+                      else r - 1)
+    xs = [step(r) for r in ins[nc + ncarry:]]
+    # the carry's rows must be a fixed point of the body; a slot only ever
+    # changes to UNKNOWN: at most ncarry changes
+    carry, outs, body = self.loop(
+        sub.body.jaxpr, lambda c: [*ins[:nc], *c, *xs], ins[nc:nc + ncarry],
+        lambda c, o: [a if a == b else UNKNOWN for a, b in zip(c, o)],
+        ncarry, "a scan carry's row axes")
+    self.record(frame, i, (body,))
+    ys = [None if r is None else UNKNOWN if r is UNKNOWN else r + 1
+          for r in outs[ncarry:]]
+    return [*carry, *ys]
 
 
 def analyse(jaxpr, in_rows) -> tuple[list, RowPlan]:
   """Row axes of ``jaxpr``'s outputs given its inputs' (``None``: no rows;
   :data:`UNKNOWN`: rows that cannot be followed), and the :class:`RowPlan`
   of this call site."""
-  rows = dict(zip(jaxpr.invars, in_rows))
-  dots: dict = {}
-  subs: dict = {}
-  for i, eqn in enumerate(jaxpr.eqns):
-    ins = [None if jc.is_literal(v) else rows.get(v) for v in eqn.invars]
-    if all(x is None for x in ins):
-      outs = [None] * len(eqn.outvars)
-    else:
-      if eqn.primitive in jc.DOT:
-        dots[i] = (ins[0], ins[1])
-      outs = _equation(eqn, ins, subs, i)
-    rows.update(zip(eqn.outvars, outs))
-  return ([None if jc.is_literal(v) else rows.get(v) for v in jaxpr.outvars],
-          RowPlan(dots, subs))
-
-
-def _equation(eqn, ins, subs: dict, i: int) -> list:
-  """The row axes of one equation's outputs (recording sub-plans)."""
-  try:
-    sub = jc.higher_order(eqn)
-  except jc.UnknownSchemaError:
-    return [UNKNOWN] * len(eqn.outvars)
-  if isinstance(sub, (jc.Call, jc.Remat)):
-    outs, plan = analyse(sub.body.jaxpr, ins)
-    subs[i] = (plan,)
-    return outs
-  if isinstance(sub, jc.Scan):
-    outs, plan = _scan(sub, ins)
-    subs[i] = (plan,)
-    return outs
-  if sub is not None:  # cond, while, shard_map: rows are not followed
-    return [UNKNOWN] * len(eqn.outvars)
-  prim = eqn.primitive
-  identity = (prim in jc.PASS or prim in jc.ON_KERNEL
-              or prim in jc.ON_EVERY_PART)
-  if identity and len(eqn.outvars) == len(ins):
-    return list(ins)  # copies, barriers, stop_gradient, sharding constraints
-  if prim in jc.SPLIT:  # parts along another axis keep the rows
-    r = ins[0]
-    ok = isinstance(r, int) and jc.split_axis(eqn) != r
-    return [r if ok else UNKNOWN] * len(eqn.outvars)
-  if len(eqn.outvars) != 1:
-    return [UNKNOWN] * len(eqn.outvars)
-  return [_one(eqn, ins)]
+  return _Rows().walk(jaxpr, in_rows)
