@@ -120,7 +120,7 @@ def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
   if (ctx.recompute and len(invals) == 2 and len(loras) == 1
       and not ctx.dropping(loras[0])):
     x_var = eqn.invars[1] if isinstance(invals[0], Lora) else eqn.invars[0]
-    region = recompute.input_region(x_var, producers, uses(), env,
+    region = recompute.input_region(x_var, jaxpr.eqns, producers, uses(), env,
                                     len(members))
   if region is None:
     if group:
@@ -154,7 +154,7 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
   jaxpr = program.jaxpr
   env: dict = dict(zip(jaxpr.constvars, program.consts))
   env.update(zip(jaxpr.invars, args))
-  producers: dict = {}  # var -> the equation computing it
+  producers: dict = {}  # var -> the position of the equation computing it
   counts = None
 
   def uses():  # how often each variable is read, counted once if needed
@@ -185,7 +185,7 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
     for v, x in zip(eqn.outvars, outs):
       if not jc.is_dropvar(v):
         env[v] = x
-        producers[v] = eqn
+        producers[v] = i
   outs = [jc.read(env, v) for v in jaxpr.outvars]
   return outs if symbolic_outputs else [ctx.concrete(x, "output")
                                         for x in outs]

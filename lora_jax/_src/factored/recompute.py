@@ -59,11 +59,13 @@ def _size(v) -> int:
   return int(np.prod(v.aval.shape, dtype=np.int64))
 
 
-def input_region(x_var, producers: dict, uses, env: dict, readers: int = 1):
+def input_region(x_var, eqns, producers: dict, uses, env: dict,
+                 readers: int = 1):
   """``(equations in program order, root variables)`` computing ``x_var``
   by elementwise maths from roots no larger than it, every intermediate read
   only inside the region and ``x_var`` read ``readers`` times (by the
-  matmuls); None when there is no such region."""
+  matmuls); None when there is no such region. ``producers``: variable ->
+  the position in ``eqns`` of the equation computing it."""
   if (jc.is_literal(x_var) or uses[x_var] != readers
       or x_var not in producers):
     return None
@@ -71,7 +73,7 @@ def input_region(x_var, producers: dict, uses, env: dict, readers: int = 1):
 
   def grow(stop: frozenset):
     """The region above ``x_var`` that stops at ``stop``: ``(equations by
-    id, roots)``."""
+    position, roots)``."""
     region: dict = {}
     roots: list = []
     todo = [x_var]
@@ -79,13 +81,13 @@ def input_region(x_var, producers: dict, uses, env: dict, readers: int = 1):
       v = todo.pop()
       if jc.is_literal(v) or v in roots:
         continue
-      eqn = producers.get(v)
-      if eqn is None or v in stop or not _is_elementwise(eqn):
+      i = producers.get(v)
+      if i is None or v in stop or not _is_elementwise(eqns[i]):
         roots.append(v)
         continue
-      if id(eqn) not in region:
-        region[id(eqn)] = eqn
-        todo.extend(eqn.invars)
+      if i not in region:
+        region[i] = eqns[i]
+        todo.extend(eqns[i].invars)
     return region, roots
 
   def shrink(stop: frozenset) -> frozenset:
@@ -103,9 +105,7 @@ def input_region(x_var, producers: dict, uses, env: dict, readers: int = 1):
     return None
   if any(isinstance(env.get(r), Lora) or _size(r) > x_size for r in roots):
     return None
-  order = {id(e): i for i, e in enumerate(producers.values())}
-  eqns = sorted(region.values(), key=lambda e: order[id(e)])
-  return eqns, roots
+  return [region[i] for i in sorted(region)], roots
 
 
 def apply_recomputing(region, x_var, members, env: dict,
