@@ -503,3 +503,95 @@ def test_a_mixed_batch_run_whole_equals_each_row_alone(monkeypatch, make,
     assert grouped and all(r == 0 for r in grouped), grouped
   np.testing.assert_allclose(got, _per_row(prog.fn, base, ds, ids, x),
                              rtol=2e-5, atol=2e-5)
+
+
+def _cond_program():
+  """A program whose rows the analysis does not follow (lax.cond): mixed
+  batches run under vmap over rows."""
+  prog = cond()
+  return prog, prog.fn
+
+
+PATHS = ["whole", "vmap", "merge"]
+
+
+def _run(path, monkeypatch, fn, base, st, x, ids, jit=False, **kw):
+  _whole_or_vmap(monkeypatch, path == "whole")
+  g = lj.wrap(fn, "merge" if path == "merge" else "factored")
+  g = jax.jit(g) if jit else g
+  return g(base, st, x, adapter_ids=ids, **kw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_adapter_ids_out_of_range(monkeypatch, path):
+  """Concrete ids outside [-1, n) are an error naming them; under jit
+  (ids unknown) their rows come out NaN on every path, the others exact."""
+  prog = dense()
+  base, ds, st = _stacked(prog.params, prog.targets)
+  x = _x(prog)
+  with pytest.raises(ValueError, match=r"adapter_ids \[-2, 3\] are outside \[-1, 3\)"):
+    _run(path, monkeypatch, prog.fn, base, st, x, jnp.array([0, 3, -2, 1]))
+  got = _run(path, monkeypatch, prog.fn, base, st, x, jnp.array([0, 3, -2, 1]),
+             jit=True)
+  assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
+  want = _per_row(prog.fn, base, ds, [0, 0, 0, 1], x)
+  np.testing.assert_allclose(got[np.array([0, 3])], want[np.array([0, 3])],
+                             rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_non_finite_adapter_stays_in_its_rows(monkeypatch, path):
+  """One diverged adapter in the stack (inf in b) reaches only the rows
+  that use it; a base row (-1) gathers nothing of it."""
+  prog, fn = _cond_program() if path == "vmap" else (dense(), dense().fn)
+  base, ds, st = _stacked(prog.params, prog.targets)
+  bad = jax.tree.map(lambda d: d.replace(b=d.b.at[0].set(jnp.inf))
+                     if isinstance(d, lj.LoraDelta) else d, ds[0],
+                     is_leaf=lambda d: isinstance(d, lj.LoraDelta))
+  st = lj.stack([bad, ds[1], ds[2]])
+  x = _x(prog)
+  got = _run(path, monkeypatch, fn, base, st, x, jnp.array([1, -1, 2, 0]))
+  want = _per_row(fn, base, ds, [1, -1, 2], x[:3])
+  np.testing.assert_allclose(got[:3], want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("path", ["vmap", "merge"])
+def test_one_row_on_a_program_whose_rows_are_not_followed(monkeypatch, path):
+  prog, fn = _cond_program()
+  base, ds, st = _stacked(prog.params, prog.targets)
+  x = _x(prog)[:1]
+  for k in (-1, 2):
+    got = _run(path, monkeypatch, fn, base, st, x, jnp.array([k]))
+    np.testing.assert_allclose(got, _per_row(fn, base, ds, [k], x),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_output_reading_the_kernels_but_no_row_is_refused(monkeypatch,
+                                                             path):
+  prog = dense()
+  base, ds, st = _stacked(prog.params, prog.targets)
+  fn = lambda p, x: {"y": prog.fn(p, x), "l2": jnp.sum(p["fc1"] ** 2)}
+  with pytest.raises(ValueError, match=r"output \['l2'\].*reads no row but "
+                                       r"reads the adapted kernels"):
+    _run(path, monkeypatch, fn, base, st, _x(prog), jnp.array([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("mode", ["factored", "merge"])
+def test_dora_stack_base_rows_are_the_base_model(mode):
+  """A row with id -1 in a DoRA stack is the base model (its magnitude is
+  ||W0||, not another adapter's)."""
+  prog = dense()
+  ds = []
+  for k in range(2):
+    base, d = lj.split(prog.params, lj.LoraConfig(rank=2, targets="fc1|fc2",
+                                                  dora=True),
+                       jax.random.key(k))
+    d = randomize(d, seed=k)
+    ds.append(jax.tree.map(lambda d: d.replace(magnitude=d.magnitude * 1.5)
+                           if isinstance(d, lj.LoraDelta) else d, d,
+                           is_leaf=lambda d: isinstance(d, lj.LoraDelta)))
+  x, ids = _x(prog), [-1, 0, 1, -1]
+  got = lj.wrap(prog.fn, mode)(base, lj.stack(ds), x, adapter_ids=jnp.array(ids))
+  np.testing.assert_allclose(got, _per_row(prog.fn, base, ds, ids, x),
+                             rtol=2e-5, atol=2e-5)

@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.delta import LoraDelta, adapters, check_same_kernel
-from lora_jax._src.delta import describe_array
+from lora_jax._src.delta import describe_array, is_concrete
 from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.layouts import Layout
-from lora_jax._src.paths import map_with_paths, preview
+from lora_jax._src import dora
+from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.quant import QArray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,16 +109,44 @@ class LoraStack:
     return (f"LoraStack({head}a={describe_array(self.a)}, "
             f"b={describe_array(self.b)})")
 
-  def row(self, index) -> LoraDelta:
+  def rows(self, ids, base_norm=None) -> tuple:
+    """``(a, b, scale, magnitude)`` of adapters ``ids`` (an int array of any
+    shape, traced or not; the results gain its axes in front).
+
+    Index ``-1`` gives the base model: zero factors, scale 0 and, with DoRA,
+    ``base_norm`` (``||W0||`` per output unit) as the magnitude, so nothing
+    of any adapter (not even a non-finite value) reaches that row. Any
+    other index outside ``[0, n)`` (possible only under ``jit``, where
+    ``wrap`` cannot check the ids) gives a NaN scale: its rows come out NaN
+    on every path, never as another adapter's or the base model's answer.
+    """
+    ids = jnp.asarray(ids)
+    ok = (ids >= 0) & (ids < self.size)
+    i = jnp.clip(ids, 0, self.size - 1)
+
+    def take(v):
+      got = v[i]
+      mask = jnp.reshape(ok, ok.shape + (1,) * (got.ndim - ok.ndim))
+      return jnp.where(mask, got, jnp.zeros((), got.dtype))
+    dtype = self.scale.dtype
+    scale = jnp.where(ok, self.scale[i], jnp.where(
+        ids == -1, jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)))
+    magnitude = None
+    if self.magnitude is not None:  # -1 without base_norm: NaN, not a guess
+      got = self.magnitude[i]
+      mask = jnp.reshape(ok, ok.shape + (1,) * (got.ndim - ok.ndim))
+      other = (jnp.full((), jnp.nan, got.dtype) if base_norm is None
+               else base_norm.astype(got.dtype))
+      magnitude = jnp.where(mask, got, other)
+    return take(self.a), take(self.b), scale, magnitude
+
+  def row(self, index, base_norm=None) -> LoraDelta:
     """The adapter at ``index`` (an int or a traced int) as a
-    :class:`LoraDelta` of the padded rank, its scale as data. Index ``-1``
-    gives a zero update (scale 0): the base model alone."""
-    i = jnp.maximum(index, 0)
-    scale = jnp.where(index >= 0, self.scale[i], jnp.zeros((), self.scale.dtype))
-    take = lambda v: None if v is None else v[i]
-    return LoraDelta(take(self.a), take(self.b), scale=scale,
-                     layout=self.layout, magnitude=take(self.magnitude),
-                     dropout=self.dropout)
+    :class:`LoraDelta` of the padded rank, its scale as data (see
+    :meth:`rows` for ``-1``, out-of-range indices and ``base_norm``)."""
+    a, b, scale, magnitude = self.rows(index, base_norm)
+    return LoraDelta(a, b, scale=scale, layout=self.layout,
+                     magnitude=magnitude, dropout=self.dropout)
 
 
   def row_of_all(self, index) -> LoraDelta:
@@ -136,6 +166,8 @@ class LoraStack:
     b = jnp.moveaxis(self.b, 0, nb)
     b = b.reshape(*b.shape[:nb], n * r, *b.shape[nb + 2:])
     pick = jax.nn.one_hot(index, n, dtype=self.scale.dtype) * self.scale
+    valid = (index >= -1) & (index < n)  # outside: NaN, as in rows()
+    pick = jnp.where(valid, pick, jnp.full((), jnp.nan, pick.dtype))
     return LoraDelta(a, b, scale=jnp.repeat(pick, r), layout=self.layout,
                      dropout=self.dropout)
 
@@ -297,16 +329,30 @@ def put(stacked: Any, k: int, delta: Any) -> Any:
 WHOLE_BATCH = True
 # per_row's choice: a one-hot contraction over the whole stack while the
 # stack's total rank n * R is at most this, else per-row gathered factors
-# (benchmarks/results/mixed_cpu.md, the scaling sweep).
-ONE_HOT_MAX_RANK = 64
+# (benchmarks/results/mixed_cpu.md, the scaling sweep). 0: never by default.
+# The one-hot contraction multiplies every adapter's factors by the other
+# rows' zero weights, so one non-finite adapter (a diverged tenant) would
+# turn every row NaN (0 * inf); gathered factors keep each row to its own
+# adapter. Set it above 0 only for stacks known to be finite (it is faster:
+# 1.16x merged inference against 1.2-1.3x on W1, vmap fallback only).
+ONE_HOT_MAX_RANK = 0
 
 
-def check_rows(ids, args, kwargs) -> jax.Array:
-  """``ids`` as an array, checked against the arguments' row axes."""
+def check_rows(ids, args, kwargs, n: int) -> jax.Array:
+  """``ids`` as an array, checked against the arguments' row axes and, when
+  its values are known (not under ``jit``), against the stack's ``n``
+  adapters."""
   ids = jnp.asarray(ids)
   if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"adapter_ids must be a 1-D integer array (one adapter "
                      f"per row, -1 for none); got {describe_array(ids)}.")
+  if is_concrete(ids):
+    bad = sorted({int(k) for k in ids.tolist() if not -1 <= k < n})
+    if bad:
+      raise ValueError(
+          f"adapter_ids {bad[:8]} are outside [-1, {n}): the stack holds {n} "
+          f"adapters (0..{n - 1}), and -1 runs a row on the base model. "
+          f"Under jit, where ids cannot be checked, such rows come out NaN.")
   for x in jax.tree.leaves((args, kwargs)):
     if hasattr(x, "shape") and x.ndim and x.shape[0] != ids.shape[0]:
       raise ValueError(
@@ -318,13 +364,25 @@ def check_rows(ids, args, kwargs) -> jax.Array:
 
 def row_factors(stacked, ids) -> dict:
   """``{path: (a, b, scale, layout, dropout)}`` with row ``i`` holding
-  adapter ``ids[i]``'s factors (scale 0 for ``-1``): a mixed batch for the
-  factored engine to run whole."""
-  i = jnp.maximum(ids, 0)
-  return {p: (s.a[i], s.b[i],
-              jnp.where(ids >= 0, s.scale[i], jnp.zeros((), s.scale.dtype)),
-              s.layout, s.dropout)
+  adapter ``ids[i]``'s factors (:meth:`LoraStack.rows`): a mixed batch for
+  the factored engine to run whole. Not for DoRA stacks."""
+  return {p: (*s.rows(ids)[:3], s.layout, s.dropout)
           for p, s in stacks(stacked).items()}
+
+
+def base_norms(base, stacked) -> dict:
+  """``{path: ||W0||}`` (per output unit) for each DoRA stack's kernel: the
+  magnitude of a row on the base model (id -1)."""
+  out = {}
+  for p, s in stacks(stacked).items():
+    if s.magnitude is not None:
+      w0 = dict(leaves_with_paths(base))[p]
+      if isinstance(w0, QArray):
+        w0 = w0.dequantize()
+      zero = LoraDelta(jnp.zeros_like(s.a[0]), jnp.zeros_like(s.b[0]),
+                       layout=s.layout)
+      out[p] = dora.norm(w0, zero)
+  return out
 
 
 def per_row(apply, base, stacked, ids, args, kwargs, out_axes: list,
@@ -344,18 +402,16 @@ def per_row(apply, base, stacked, ids, args, kwargs, out_axes: list,
   without DoRA enters as :meth:`LoraStack.row_of_all`, else as
   :meth:`LoraStack.row`.
   """
-  ids = check_rows(ids, args, kwargs)
   leaves, treedef = jax.tree.flatten((args, kwargs))
   rows = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and x.ndim]
+  norms = base_norms(base, stacked)
 
   def one(row_leaves, index, position):
     full = list(leaves)
     for i, x in zip(rows, row_leaves):
       full[i] = x[None]
     a, k = jax.tree.unflatten(treedef, full)
-    delta = jax.tree.map(lambda s: _row(s, index, one_hot)
-                         if isinstance(s, LoraStack) else s, stacked,
-                         is_leaf=is_stack_or_none)
+    delta = row_delta(stacked, index, norms, one_hot)
     key = None if rng is None else jax.random.fold_in(rng, position)
     flat = jax.tree.leaves(apply(base, delta, key, *a, **k))
     return [y if r is None else jax.lax.index_in_dim(y, 0, r, keepdims=False)
@@ -365,8 +421,16 @@ def per_row(apply, base, stacked, ids, args, kwargs, out_axes: list,
   return jax.tree.unflatten(out_tree, flat)
 
 
-def _row(s: LoraStack, index, one_hot: bool) -> LoraDelta:
+def row_delta(stacked, index, norms: dict, one_hot: bool = False) -> Any:
+  """``stacked`` with each stack replaced by its adapter ``index`` (a
+  :class:`LoraDelta`; ``norms``: :func:`base_norms`, for DoRA's ``-1``)."""
+  return map_with_paths(
+      lambda p, s: _row(s, index, one_hot, norms.get(p))
+      if isinstance(s, LoraStack) else s, stacked, is_leaf=is_stack_or_none)
+
+
+def _row(s: LoraStack, index, one_hot: bool, base_norm=None) -> LoraDelta:
   if (one_hot and s.magnitude is None
       and s.size * s.rank <= ONE_HOT_MAX_RANK):
     return s.row_of_all(index)
-  return s.row(index)
+  return s.row(index, base_norm)

@@ -152,31 +152,45 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
           "wrap: the delta is a stack of adapters (lj.stack); pass "
           "adapter_ids= (one adapter index per row, -1 for none), or take "
           "one adapter out with lj.select(stacked, k).")
+    n = next(iter(stacks(delta).values())).size
+    ids = check_rows(adapter_ids, args, kwargs, n)
     if mode != "merge" and stack_module.WHOLE_BATCH:
-      whole = _whole_batch(fn, base, delta, adapter_ids, args, kwargs,
+      whole = _whole_batch(fn, base, delta, ids, args, kwargs,
                            lora_rng, strict=strict, choose=choose,
                            recompute=recompute)
       if whole is not None:
         return whole
-    ids = check_rows(adapter_ids, args, kwargs)
-    out_axes, out_tree = _row_axes(fn, base, args, kwargs, ids.shape[0])
     apply = lambda b, d, key, *a, **k: single(b, d, *a, lora_rng=key, **k)
+    if ids.shape[0] == 1:  # one row: the function itself, on that adapter
+      return apply(base, _first_row(base, delta, ids), lora_rng, *args,
+                   **kwargs)
+    out_axes, out_tree = _row_axes(fn, base, delta, args, kwargs,
+                                   ids.shape[0])
     return per_row(apply, base, delta, ids, args, kwargs, out_axes, out_tree,
                    one_hot=mode != "merge", rng=lora_rng)
   return _named_like(fn, wrapped)
 
 
-def _row_axes(fn, base, args, kwargs, n_rows: int) -> tuple[list, Any]:
+def _first_row(base, stacked, ids):
+  """The delta of a one-row batch: each stack's adapter ``ids[0]``."""
+  return stack_module.row_delta(stacked, ids[0],
+                                stack_module.base_norms(base, stacked))
+
+
+def _row_axes(fn, base, stacked, args, kwargs, n_rows: int
+              ) -> tuple[list, Any]:
   """Where each output of a mixed batch holds its rows (None: it does not
-  read them), or a ValueError naming the output that has no such axis."""
-  out_rows, shapes, out_tree = factored.output_rows(fn, base, args, kwargs)
+  read them), or a ValueError naming the output that has none."""
+  per_row_kernels = set(stacks(stacked))
+  out_rows, shapes, out_tree, reads = factored.output_rows(
+      fn, base, args, kwargs, per_row_kernels)
   one_shapes = shapes
   if any(r is factored.UNKNOWN for r in out_rows):
     # The analysis could not follow the rows to these outputs: the axis that
     # is n_rows long on the whole batch and 1 long on one row, if one is.
     one = jax.tree.map(lambda x: x[:1] if is_array(x) and x.ndim else x,
                        (args, kwargs))
-    _, one_shapes, _ = factored.output_rows(fn, base, *one)
+    one_shapes = factored.output_rows(fn, base, *one, per_row_kernels)[1]
   axes = []
   for k, (r, full, row) in enumerate(zip(out_rows, shapes, one_shapes)):
     if r is factored.UNKNOWN:
@@ -185,23 +199,32 @@ def _row_axes(fn, base, args, kwargs, n_rows: int) -> tuple[list, Any]:
           and (full[changed[0]], row[changed[0]]) == (n_rows, 1)):
         r = changed[0]
       else:
-        name = jax.tree_util.keystr(_output_paths(out_tree)[k]) or "the output"
         raise ValueError(
-            f"wrap(..., adapter_ids=...): output {name} (shape {full}) has "
-            f"no axis holding one entry per row of adapter_ids ({n_rows} "
-            f"rows): its rows are reduced or mixed together. Each row runs "
-            f"with its own adapter, so every output must keep the rows on "
-            f"one axis, or not read them. Return per-row values (for "
-            f"example per-row losses) and reduce them outside the wrapped "
+            f"wrap(..., adapter_ids=...): {_output_name(out_tree, k)} (shape "
+            f"{full}) has no axis holding one entry per row of adapter_ids "
+            f"({n_rows} rows): its rows are reduced, mixed together or "
+            f"merged with another axis. Each row runs with its own adapter, "
+            f"so every output must keep the rows on one axis of their own, "
+            f"or not read them. Return per-row values (for example per-row "
+            f"losses) and reduce or reshape them outside the wrapped "
             f"function.")
+    elif r is None and reads[k]:
+      raise ValueError(
+          f"wrap(..., adapter_ids=...): {_output_name(out_tree, k)} (shape "
+          f"{full}) reads no row but reads the adapted kernels, which differ "
+          f"from row to row: it has no single value for the batch. Compute "
+          f"it per row (keep a row axis), or outside the wrapped function "
+          f"for each adapter (lj.select).")
     axes.append(r)
   return axes, out_tree
 
 
-def _output_paths(out_tree) -> list:
-  """The key path of each flat output."""
+def _output_name(out_tree, k: int) -> str:
+  """``output ['loss']``, or ``the output`` for a bare array."""
   placeholder = jax.tree.unflatten(out_tree, [0] * out_tree.num_leaves)
-  return [p for p, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0]]
+  path = jax.tree_util.tree_flatten_with_path(placeholder)[0][k][0]
+  key = jax.tree_util.keystr(path)
+  return f"output {key}" if key else "the output"
 
 
 def _whole_batch(fn, base, stacked, ids, args, kwargs, lora_rng, **options):
@@ -210,7 +233,6 @@ def _whole_batch(fn, base, stacked, ids, args, kwargs, lora_rng, **options):
   draws the masks a single-adapter batch would), or None where that cannot
   be done (DoRA, rows the engine cannot follow through the program): then
   ``vmap`` over rows does it."""
-  ids = check_rows(ids, args, kwargs)
   per_path = stacks(stacked)
   if any(s.magnitude is not None for s in per_path.values()):
     return None

@@ -4,6 +4,7 @@ to its rule (one table, :data:`RULES`); everything else is bound as traced."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -76,14 +77,24 @@ def _apply(eqn, invals, ctx: Context, site: Site = NO_SITE,
   if rule is None:
     return fallback(eqn, invals, ctx)
   try:
-    if sub is not None:
-      body_plan = plans[0] if plans else None
-      return rule(eqn, sub, invals, ctx,
-                  functools.partial(evaluate, plan=body_plan))
-    return rule(eqn, invals, ctx, site)
+    with _bugs_named(eqn, invals):
+      if sub is not None:
+        body_plan = plans[0] if plans else None
+        return rule(eqn, sub, invals, ctx,
+                    functools.partial(evaluate, plan=body_plan))
+      return rule(eqn, invals, ctx, site)
   except jc.UnknownSchemaError:
     return fallback(eqn, invals, ctx)
-  except (NeedsRowVmap, FallbackError):
+
+
+@contextlib.contextmanager
+def _bugs_named(eqn, invals):
+  """An exception inside a rule (a bug: the engine's own signals and
+  :class:`jaxpr_core.UnknownSchemaError` aside) propagates with the
+  equation and the kernels' paths added."""
+  try:
+    yield
+  except (NeedsRowVmap, FallbackError, jc.UnknownSchemaError):
     raise  # the engine's own signals, already saying what and where
   except Exception as e:
     paths = sorted({x.path for x in invals if isinstance(x, Lora)})
@@ -124,16 +135,18 @@ def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
                                     len(members))
   if region is None:
     if group:
-      projected.update(project_group(group, env[group[0][1].invars[0]],
-                                     x_rows))
+      with _bugs_named(eqn, invals):
+        projected.update(project_group(group, env[group[0][1].invars[0]],
+                                       x_rows))
     return None
 
   def compute(c: Context, x, member_invals):
     proj: dict = {}
     if group:  # with the kernel values passed in, not the outer ones
-      proj = project_group(
-          [(j, e, next(v for v in vals if isinstance(v, Lora)))
-           for (j, e), vals in zip(members, member_invals)], x, x_rows)
+      with _bugs_named(eqn, invals):
+        proj = project_group(
+            [(j, e, next(v for v in vals if isinstance(v, Lora)))
+             for (j, e), vals in zip(members, member_invals)], x, x_rows)
     return [_apply(e, vals, c, _site(plan, j, proj))
             for (j, e), vals in zip(members, member_invals)]
   outs = recompute.apply_recomputing(region, x_var, [e for _, e in members],
@@ -204,15 +217,22 @@ def _row_analysis(closed, n_params: int, inputs):
   return rows.analyse(closed.jaxpr, in_rows)
 
 
-def output_rows(fn, base, args, kwargs) -> tuple[list, list, object]:
+def output_rows(fn, base, args, kwargs, kernels=frozenset()
+                ) -> tuple[list, list, object, list]:
   """For a mixed-adapter batch (rows on axis 0 of every array argument):
-  ``(row axis of each flat output, each flat output's shape, out tree)``;
+  ``(row axis of each flat output, each flat output's shape, out tree,
+  whether each flat output reads a base leaf whose path is in kernels)``;
   a row axis is an int, None (the output does not read the rows) or
   :data:`rows.UNKNOWN`."""
   stand_in = _stand_ins(base)
   closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
-  out_rows, _ = _row_analysis(closed, len(jax.tree.leaves(stand_in)), inputs)
-  return out_rows, [tuple(a.shape) for a in closed.out_avals], out_tree
+  n_params = len(jax.tree.leaves(stand_in))
+  out_rows, _ = _row_analysis(closed, n_params, inputs)
+  in_reads = [p in kernels for p, _ in leaves_with_paths(stand_in)]
+  reads = rows.reads(closed.jaxpr,
+                     in_reads + [False] * (len(inputs) - n_params))
+  return (out_rows, [tuple(a.shape) for a in closed.out_avals], out_tree,
+          reads)
 
 
 def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,

@@ -207,3 +207,28 @@ def analyse(jaxpr, in_rows) -> tuple[list, RowPlan]:
   :data:`UNKNOWN`: rows that cannot be followed), and the :class:`RowPlan`
   of this call site."""
   return _Rows().walk(jaxpr, in_rows)
+
+
+class _Reads(walk.Walker):
+  """Which values read any of some inputs (a value is a bool). Loops and
+  branches are taken whole: every output of one reads what any operand
+  reads (a sound over-approximation)."""
+
+  def empty(self) -> bool:
+    return False
+
+  def first_order(self, frame, i, eqn, ins):
+    return [any(ins)] * len(eqn.outvars)
+
+  def scan(self, frame, i, eqn, sub, ins):
+    return [any(ins)] * len(eqn.outvars)
+
+  cond = while_ = scan
+
+  def unreadable(self, eqn, ins, error):
+    return [any(ins)] * len(eqn.outvars)
+
+
+def reads(jaxpr, in_flags) -> list:
+  """For each output of ``jaxpr``, whether it reads an input flagged True."""
+  return _Reads().walk(jaxpr, in_flags)[0]

@@ -1,0 +1,143 @@
+"""Trace and compile time of a training step on a deep unscanned NNX decoder.
+
+The factored engine re-evaluates the traced program with its own rules, so
+its step takes longer to trace than full fine-tuning's; this measures by how
+much (BENCHMARKS.md "Compile and trace time": a 48-layer unscanned NNX
+decoder, target <= 1.2x full fine-tuning's trace + compile).
+
+Model: ``benchmarks/qwen3.py``'s tunix-style Qwen3 with ``--layers`` layers
+(default 48; d 256, ffn 1024, vocab 2048), batch 2 x 64 tokens, Adam. Steps:
+
+- ``full``: full fine-tuning, grad over every parameter;
+- ``factored``: LoRA rank 8 on q/k/v/o/gate/up/down through
+  ``lj.wrap(apply, "factored")``, grad over the delta (recompute on);
+- ``factored[recompute=False]``;
+- ``merge``: ``lj.wrap(apply, "merge")``.
+
+Each rep builds fresh jitted steps (no trace cache) and times
+``jit(step).trace(...)`` (Python tracing, ``.lower()`` where this JAX has no
+``trace``), ``.lower()`` and ``.compile()``; reps interleave the variants,
+medians are reported.
+
+    python benchmarks/compile_time.py [--layers 48] [--reps 3]
+
+Writes ``results/compile_time_<platform>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import optax
+
+import lora_jax as lj
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qwen3  # pylint: disable=wrong-import-position
+import w1  # pylint: disable=wrong-import-position
+
+VARIANTS = ("full", "factored", "factored[recompute=False]", "merge")
+
+
+def make_step(variant, apply):
+  """``(step, state)``: a jitted Adam step on what the variant trains."""
+  tx = optax.adam(1e-4)
+  if variant == "full":
+    def loss(p, base, x):
+      del base
+      return w1.cross_entropy(apply(p, x), x)
+  else:
+    mode, _, opt = variant.partition("[")
+    g = lj.wrap(apply, mode, recompute=opt != "recompute=False]")
+
+    def loss(d, base, x):
+      return w1.cross_entropy(g(base, d, x), x)
+
+  def step(state, base, x):
+    trained, opt_state = state
+    l, grads = jax.value_and_grad(loss)(trained, base, x)
+    updates, opt_state = tx.update(grads, opt_state, trained)
+    return (optax.apply_updates(trained, updates), opt_state), l
+  return jax.jit(step, donate_argnums=0), tx
+
+
+def time_variant(variant, apply, params, base, delta, tokens) -> dict:
+  step, tx = make_step(variant, apply)
+  trained = params if variant == "full" else delta
+  state = (trained, tx.init(trained))
+  frozen = None if variant == "full" else base
+  t0 = time.perf_counter()
+  if hasattr(step, "trace"):
+    traced = step.trace(state, frozen, tokens)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+  else:
+    lowered = step.lower(state, frozen, tokens)
+    t1 = time.perf_counter()
+  t2 = time.perf_counter()
+  lowered.compile()
+  t3 = time.perf_counter()
+  return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2,
+          "total_s": t3 - t0}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--layers", type=int, default=48)
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--name", default=None)
+  args = ap.parse_args(argv)
+  config = dataclasses.replace(qwen3.Config(), num_layers=args.layers)
+  params, apply = qwen3.build(jax.random.key(0), config=config)
+  tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, config.vocab_size)
+  base, delta = lj.split(params, lj.LoraConfig(rank=8, targets=qwen3.TARGETS),
+                         jax.random.key(2), apply, (tokens,))
+  variants = args.variants.split(",")
+  runs = {v: [] for v in variants}
+  for rep in range(args.reps):
+    for v in (variants if rep % 2 == 0 else variants[::-1]):
+      runs[v].append(time_variant(v, apply, params, base, delta, tokens))
+      print(v, {k: round(x, 2) for k, x in runs[v][-1].items()}, flush=True)
+  results = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+             for v, rs in runs.items()}
+  full = results.get("full")
+  for r in results.values():
+    if full:
+      r["total_over_full"] = r["total_s"] / full["total_s"]
+  name = args.name or f"compile_time_{jax.devices()[0].platform}"
+  report = {"layers": args.layers, "model": dataclasses.asdict(config),
+            "batch": list(tokens.shape), "reps": args.reps,
+            "environment": w1.environment(), "results": results,
+            "runs": runs}
+  os.makedirs(w1.RESULTS, exist_ok=True)
+  with open(os.path.join(w1.RESULTS, f"{name}.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  rows = ["| variant | trace (s) | lower (s) | compile (s) | total (s) | / full |",
+          "|---|---|---|---|---|---|"]
+  for v, r in results.items():
+    rows.append(f"| {v} | {r['trace_s']:.2f} | {r['lower_s']:.2f} | "
+                f"{r['compile_s']:.2f} | {r['total_s']:.2f} | "
+                f"{r.get('total_over_full', float('nan')):.2f} |")
+  md = (f"# {name}\n\n{json.dumps(report['environment'])}\n\n"
+        f"{args.layers}-layer unscanned tunix-style Qwen3 (NNX), batch 2 x 64, "
+        f"Adam step; medians of {args.reps} interleaved reps, each with fresh "
+        f"jitted steps. `python benchmarks/compile_time.py --layers "
+        f"{args.layers} --reps {args.reps}`\n\n" + "\n".join(rows)
+        + "\n\nTarget: factored trace + compile <= 1.2x full fine-tuning's.\n")
+  with open(os.path.join(w1.RESULTS, f"{name}.md"), "w") as f:
+    f.write(md)
+  print(md)
+  return report
+
+
+if __name__ == "__main__":
+  main()
