@@ -4,6 +4,7 @@ CheckpointError."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +177,33 @@ def test_load_stack_onto_shardings(tmp_path):
   assert split >= 4  # the test has teeth: factors really are split
   with pytest.raises(lj.CheckpointError, match="no adapter"):
     lj.load_stack(path, shardings={"nope": stacks(want)[next(iter(stacks(want)))]})
+
+
+def _is_w(path, leaf):
+  return path == "w"
+
+
+def test_load_stack_takes_back_callable_targets(tmp_path):
+  params = {"w": jnp.ones((6, 4)), "v": jnp.ones((6, 4))}
+  cfgs = [lj.LoraConfig(rank=r, targets=_is_w) for r in (1, 2)]
+  ds = [lj.split(params, c, jax.random.key(0))[1] for c in cfgs]
+  path = lj.save_stack(tmp_path / "s", lj.stack(ds), cfgs)
+  with pytest.raises(lj.CheckpointError, match=re.escape(
+      "lora_jax.load_stack: the config of adapter 0 in " + path + " cannot be "
+      "read back: LoraConfig.from_json: targets was a callable (_is_w), which "
+      "JSON cannot hold; pass it again: LoraConfig.from_json(data, "
+      "targets=<the function>). load_stack takes such fields too: "
+      "lora_jax.load_stack(path, return_configs=True, targets=<the "
+      "function>).")):
+    lj.load_stack(path, return_configs=True)
+  back, configs = lj.load_stack(path, return_configs=True, targets=_is_w)
+  assert configs == cfgs and [c.rank for c in configs] == [1, 2]
+  assert list(back) == ["w"]
+  with pytest.raises(TypeError, match=re.escape(
+      "lora_jax.load_stack got unexpected keyword arguments ['target']; "
+      "besides shardings and return_configs it takes LoraConfig fields")):
+    lj.load_stack(path, return_configs=True, target=_is_w)
+  with pytest.raises(TypeError, match=re.escape(
+      "lora_jax.load_stack: ['targets'] set fields of the configs it returns; "
+      "pass return_configs=True too.")):
+    lj.load_stack(path, targets=_is_w)

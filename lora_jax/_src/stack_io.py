@@ -12,6 +12,7 @@ and names :func:`load_stack`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -171,8 +172,26 @@ def _check_stack(folder: str, meta: dict) -> dict:
   return info
 
 
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig)
+                           if f.init)
+
+
+def _check_overrides(overrides: dict, return_configs: bool) -> None:
+  unknown = sorted(set(overrides) - _CONFIG_FIELDS)
+  if unknown:
+    raise TypeError(
+        f"lora_jax.load_stack got unexpected keyword arguments {unknown}; "
+        f"besides shardings and return_configs it takes LoraConfig fields "
+        f"({', '.join(sorted(_CONFIG_FIELDS))}) to set in the configs it "
+        f"returns.")
+  if overrides and not return_configs:
+    raise TypeError(
+        f"lora_jax.load_stack: {sorted(overrides)} set fields of the configs "
+        f"it returns; pass return_configs=True too.")
+
+
 def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
-               return_configs: bool = False) -> Any:
+               return_configs: bool = False, **overrides: Any) -> Any:
   """Restores a stack saved by :func:`save_stack`, bit for bit.
 
   Args:
@@ -184,6 +203,10 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
       for default placement.
     return_configs: also return the list of per-adapter configs (None where
       none was saved).
+    **overrides: config fields to set instead of the recorded ones, in every
+      adapter's config (as :func:`lora_jax.load_config` takes them); needed
+      for a callable ``targets`` / ``exclude`` / ``init``, which JSON cannot
+      hold: ``load_stack(path, return_configs=True, targets=my_fn)``.
 
   Returns:
     A nested dict with a :class:`lora_jax.LoraStack` at each adapted path
@@ -198,6 +221,7 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
   >>> lj.load_stack(path)["w"].info.scales
   (0.5, 1.5)
   """
+  _check_overrides(overrides, return_configs)
   folder, meta = checkpoint._read_meta(directory)  # pylint: disable=protected-access
   if "stack" not in meta:
     raise CheckpointError(
@@ -229,10 +253,12 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
   for k, a in enumerate(per):
     try:
       configs.append(None if a["config"] is None
-                     else LoraConfig.from_json(a["config"]))
+                     else LoraConfig.from_json(a["config"], **overrides))
     except (TypeError, ValueError) as e:
       raise CheckpointError(
           f"lora_jax.load_stack: the config of adapter {k} in {folder} "
-          f"cannot be read back: {e}") from None
+          f"cannot be read back: {e} load_stack takes such fields too: "
+          f"lora_jax.load_stack(path, return_configs=True, "
+          f"targets=<the function>).") from None
   return stacked, configs
 
