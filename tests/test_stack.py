@@ -43,7 +43,7 @@ def _adapters(case, n=3, ranks=(2, 3, 1), alphas=(2.0, 5.0, 1.0)):
   return base, out
 
 
-def test_stack_pads_ranks_and_keeps_scales_as_data():
+def test_stack_pads_ranks_and_keeps_each_scale():
   case = CASES["attention"]
   _, ds = _adapters(case)
   s = lj.stack(ds)
@@ -94,7 +94,9 @@ def test_minus_one_rows_equal_the_base_model_bit_for_bit(contraction):
 
 def test_one_trace_across_id_changes_and_slot_swaps(contraction):
   case = CASES["dense"]
-  base, ds = _adapters(case, ranks=(2, 2, 2))
+  # one scale: scales are static, so a put of another scale retraces
+  # (test_a_stacks_scales_are_static_and_never_trained)
+  base, ds = _adapters(case, ranks=(2, 2, 2), alphas=(2.0, 2.0, 2.0))
   traces = []
 
   def fn(p, x):
@@ -119,9 +121,9 @@ def test_one_trace_across_id_changes_and_slot_swaps(contraction):
 
 def test_put_of_a_smaller_rank_does_not_retrace_and_select_knows_its_rank():
   case = CASES["dense"]
-  base, ds = _adapters(case, ranks=(3, 3, 1))
+  base, ds = _adapters(case, ranks=(3, 3, 1), alphas=(3.0, 5.0, 1.0))
   stacked = lj.stack(ds[:2])
-  put = lj.put(stacked, 0, ds[2])
+  put = lj.put(stacked, 0, ds[2])  # the same scale (1.0), a smaller rank
   assert jax.tree.structure(put) == jax.tree.structure(stacked)
   assert lj.select(put, 0)["kernel"].rank == 1
   with pytest.raises(ValueError, match="rank 3, more than the stack's padded rank 1"):
@@ -244,3 +246,135 @@ def test_a_program_that_mixes_rows_runs_under_vmap(monkeypatch):
     want = (fn(case.params, row) if k < 0
             else lj.wrap(fn, "merge")(base, ds[k], row))
     np.testing.assert_allclose(got[i:i + 1], want, rtol=2e-5, atol=2e-6)
+
+
+def test_a_stacks_scales_are_static_and_never_trained():
+  """scale is static, as a LoraDelta's: not a leaf, so jax.grad,
+  lj.optimizer and a plain optax loop (weight decay included) leave it as it
+  was, and select gives adapters computing what the trained stack computes.
+  A put of another scale retraces (static metadata) and computes with it."""
+  case = CASES["dense"]
+  base, ds = _adapters(case)  # scales 1.0, 5/3, 1.0
+  stacked = lj.stack(ds)
+  scales = (1.0, 5.0 / 3, 1.0)
+  assert stacked["kernel"].scale == scales
+  assert len(jax.tree.leaves(stacked)) == 2  # a and b only
+  x = jnp.concatenate([case.args[0]] * 2)  # 4 rows
+  ids = jnp.array([0, 1, 2, 1])
+  apply = jax.jit(lj.wrap(case.fn, "factored"))
+  single = jax.jit(lj.wrap(case.fn, "factored"))  # one trace per scale
+  loss = lambda s: jnp.sum(jnp.sin(apply(base, s, x, adapter_ids=ids)))
+  grads = jax.grad(loss)(stacked)
+  assert grads["kernel"].scale == scales
+  pair_tx = lj.optimizer(optax.adamw(0.1, weight_decay=0.5))
+  pair = (base, stacked)
+  g_pair = (jax.tree.map(jnp.zeros_like, base), grads)
+  _, trained = optax.apply_updates(pair, pair_tx.update(
+      g_pair, pair_tx.init(pair), pair)[0])
+  tx = optax.adamw(0.1, weight_decay=0.5)
+  plain = optax.apply_updates(stacked, tx.update(grads, tx.init(stacked),
+                                                 stacked)[0])
+  for new in (trained, plain):
+    s = new["kernel"]
+    assert s.scale == scales
+    assert float(jnp.abs(s.a - stacked["kernel"].a).max()) > 0.01  # trained
+    got = apply(base, new, x, adapter_ids=ids)
+    for i, k in enumerate(ids.tolist()):
+      one = lj.select(new, k)
+      assert one["kernel"].scale == scales[k]
+      want = single(base, one, x[i:i + 1])
+      np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-5, atol=1e-6)
+  # tree operations keep the scales; a put of another scale is used at once
+  doubled = jax.tree.map(lambda v: 2 * v, stacked)
+  assert doubled["kernel"].scale == scales
+  other = {"kernel": ds[0]["kernel"].replace(scale=4.0)}
+  swapped = lj.put(stacked, 1, other)
+  assert swapped["kernel"].scale == (1.0, 4.0, 1.0)
+  got = apply(base, swapped, x, adapter_ids=ids)
+  want = single(base, other, x[1:2])
+  np.testing.assert_allclose(got[1:2], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stack_of_stacks_is_refused():
+  case = CASES["dense"]
+  _, ds = _adapters(case)
+  s = lj.stack(ds)
+  with pytest.raises(ValueError, match=r"lj.stack: delta 0 holds a stack of "
+                     r"adapters \(a LoraStack at \['kernel'\]\); stacks do "
+                     r"not nest\. Stack single adapters: lj.stack\("
+                     r"\[lj.select\(stacked, i\)"):
+    lj.stack([s, s])
+  with pytest.raises(ValueError, match=r"delta 1 holds a stack of adapters"):
+    lj.stack([ds[0], s])
+  with pytest.raises(ValueError, match=r"lj.stack: delta 0 holds no adapter"):
+    lj.stack([{"kernel": None}])
+
+
+def test_principal_init_marks_are_kept_per_adapter_and_checked(tmp_path):
+  """PiSSA adapters keep their residual-base marks in a stack, in select and
+  through save_stack / load_stack; a stack on the original weights is refused
+  as a single adapter is, and adapters of different bases do not stack."""
+  case = CASES["dense"]
+  cfg = lj.LoraConfig(rank=2, targets=case.targets, init="pissa")
+  residual, d0 = lj.split(case.params, cfg, jax.random.key(1))
+  ds = [randomize(d0, seed=k) for k in range(2)]  # "trained"
+  mark = d0["kernel"].residual_of
+  assert mark is not None and mark.init == "pissa"
+  s = lj.stack(ds)
+  assert s["kernel"].residual_of == (mark, mark)
+  assert lj.select(s, 1)["kernel"].residual_of == mark
+  back = lj.load_stack(lj.save_stack(tmp_path / "s", s))
+  assert back["kernel"].residual_of == (mark, mark)
+  x = case.args[0]
+  ids = jnp.array([1, 0])
+  with pytest.raises(ValueError, match=r"Adapter 0 of the stack at 'kernel' "
+                     r"was made with init='pissa'.*looks like the original "
+                     r"weights.*lora_jax.to_plain_lora"):
+    lj.wrap(case.fn)(case.params, back, x, adapter_ids=ids)
+  with pytest.raises(ValueError, match=r"The adapter at 'kernel' was made "
+                     r"with init='pissa'"):
+    lj.merge(case.params, lj.select(back, 0))
+  got = lj.wrap(case.fn)(residual, back, x, adapter_ids=ids)  # its base: runs
+  for i, k in enumerate(ids.tolist()):
+    want = lj.wrap(case.fn, "merge")(residual, ds[k], x[i:i + 1])
+    np.testing.assert_allclose(got[i:i + 1], want, rtol=2e-5, atol=2e-6)
+  plain = lj.split(case.params, lj.LoraConfig(rank=2, targets=case.targets),
+                   jax.random.key(2))[1]
+  with pytest.raises(ValueError, match=r"lj.stack: at 'kernel' adapter 1 is "
+                     r"a plain adapter \(for the original weights\) and "
+                     r"adapter 0 was made with init='pissa'.*one base"):
+    lj.stack([ds[0], plain])
+  with pytest.raises(ValueError, match=r"lj.put: at 'kernel' adapter 0 is a "
+                     r"plain adapter.*adapter 1 was made with init='pissa'"):
+    lj.put(s, 0, plain)
+
+
+def test_out_of_range_indices_and_misplaced_stacks_say_so(tmp_path):
+  case = CASES["dense"]
+  base, ds = _adapters(case)
+  s = lj.stack(ds)
+  valid = r"valid indices are 0\.\.2 \(or -3\.\.-1 from the end\)"
+  with pytest.raises(IndexError, match=r"lj.select: adapter index 3 is out "
+                     r"of range for a stack of 3 adapters: " + valid):
+    lj.select(s, 3)
+  with pytest.raises(IndexError, match=r"lj.put: adapter index -4 is out of "
+                     r"range for a stack of 3 adapters: " + valid):
+    lj.put(s, -4, ds[0])
+  np.testing.assert_array_equal(lj.select(s, -1)["kernel"].a, ds[2]["kernel"].a)
+  stack_at = r"the delta holds a stack of adapters \(lj.stack\) at \['kernel'\]"
+  # a stack beside a single adapter is refused too (not merged in part)
+  mixed = {"kernel": s["kernel"], "bias": ds[0]["kernel"]}
+  for call, who, instead in [
+      (lambda: lj.merge(base, s), "merge", r"lj.merge\(base, lj.select"),
+      (lambda: lj.merge(base, mixed), "merge", r"lj.select\(stacked, k\)"),
+      (lambda: lj.unmerge(case.params, s), "unmerge",
+       r"lj.unmerge\(params, lj.select"),
+      (lambda: lj.combine([ds[0], s]), r"lj.combine \(delta 1\)",
+       r"lj.combine\(\[lj.select\(stacked, k\)"),
+      (lambda: lj.explain(case.fn, base, s, case.args[0]), "explain",
+       r"lj.explain\(fn, base, lj.select\(stacked, k\)"),
+      (lambda: lj.save(tmp_path / "x", s), "lora_jax.save",
+       r"lora_jax.save_stack")]:
+    with pytest.raises(ValueError, match=rf"^{who}: {stack_at}.*{instead}"):
+      call()
+  assert not (tmp_path / "x").exists()

@@ -37,14 +37,15 @@ def _assert_same_stack(got, want):
   assert set(got) == set(want)
   for p, w in want.items():
     g = got[p]
-    for name in ("a", "b", "scale", "magnitude"):
+    for name in ("a", "b", "magnitude"):
       x, y = getattr(g, name), getattr(w, name)
       assert (x is None) == (y is None), (p, name)
       if x is not None:
         assert x.dtype == y.dtype and x.shape == y.shape, (p, name)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert g.layout == w.layout and g.dropout == w.dropout
-    assert g.info.ranks == w.info.ranks and g.info.scales == w.info.scales
+    assert g.scale == w.scale and g.residual_of == w.residual_of
+    assert g.info.ranks == w.info.ranks
 
 
 @pytest.mark.parametrize("name", ["attention", "scan_remat", "transposed"])
@@ -56,7 +57,7 @@ def test_roundtrip_bit_for_bit_with_each_adapters_metadata(tmp_path, name):
   assert configs == cfgs
   q = next(iter(stacks(back).values()))
   assert q.info.ranks == RANKS
-  assert q.info.scales == tuple(a / r for a, r in zip(ALPHAS, RANKS))
+  assert q.scale == tuple(a / r for a, r in zip(ALPHAS, RANKS))
   # each adapter comes back out at its own rank, bit for bit
   for k, d in enumerate(ds):
     for p, want in lj.adapters(d).items():
@@ -169,7 +170,7 @@ def test_load_stack_onto_shardings(tmp_path):
   _assert_same_stack(got, stacked)
   split = 0
   for p, s in stacks(got).items():
-    for field in ("a", "b", "scale"):
+    for field in ("a", "b"):
       arr = getattr(s, field)
       assert arr.sharding.is_equivalent_to(getattr(stacks(want)[p], field),
                                            arr.ndim), (p, field)
@@ -177,6 +178,48 @@ def test_load_stack_onto_shardings(tmp_path):
   assert split >= 4  # the test has teeth: factors really are split
   with pytest.raises(lj.CheckpointError, match="no adapter"):
     lj.load_stack(path, shardings={"nope": stacks(want)[next(iter(stacks(want)))]})
+
+
+def test_shared_adapters_and_extras_roundtrip(tmp_path):
+  """Everything wrap accepts as a stacked delta is saved: the stacks, single
+  adapters beside them (shared by every row) and extras (trained base
+  leaves, read back by load_extras); the loaded tree computes the same."""
+  case, base, cfgs, ds, stacked = _stack("attention")
+  shared = lj.adapters(ds[1])["out/kernel"]
+  tree = {**stacked, "out": {"kernel": shared}}
+  extras = {p: x + 0.5 for p, x in
+            lj.trainable_leaves(base, r".*/bias").items()}
+  assert len(extras) == 4
+  path = lj.save_stack(tmp_path / "s", tree, cfgs, extras=extras)
+  assert os.path.isfile(os.path.join(path, "lora_jax.json"))
+  assert os.path.isdir(os.path.join(path, "arrays"))
+  with open(os.path.join(path, "lora_jax.json")) as f:
+    meta = json.load(f)
+  assert sorted(meta["adapters"]) == ["key/kernel", "out/kernel",
+                                      "query/kernel", "value/kernel"]
+  assert sorted(meta["stack"]["layouts"]) == ["key/kernel", "query/kernel",
+                                              "value/kernel"]
+  assert sorted(meta["extras"]) == sorted(extras)
+  back = lj.load_stack(path)
+  _assert_same_stack(back, tree)
+  got = back["out"]["kernel"]
+  assert isinstance(got, lj.LoraDelta) and got.scale == shared.scale
+  np.testing.assert_array_equal(np.asarray(got.a), np.asarray(shared.a))
+  np.testing.assert_array_equal(np.asarray(got.b), np.asarray(shared.b))
+  loaded_extras = lj.load_extras(path)
+  assert sorted(loaded_extras) == sorted(extras)
+  for p, x in extras.items():
+    np.testing.assert_array_equal(np.asarray(loaded_extras[p]), np.asarray(x))
+  x = jnp.concatenate([case.args[0]] * 3)[:3]
+  ids = jnp.array([2, -1, 0])
+  apply = jax.jit(lj.wrap(case.fn))
+  want = apply(lj.with_leaves(base, extras), tree, x, adapter_ids=ids)
+  np.testing.assert_array_equal(
+      apply(lj.with_leaves(base, loaded_extras), back, x, adapter_ids=ids),
+      want)
+  # the shared adapter and extras do count: without them the output differs
+  assert float(jnp.abs(apply(base, stacked, x, adapter_ids=ids) - want).max()
+               ) > 1e-3
 
 
 def _is_w(path, leaf):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from lora_jax._src.delta import LoraDelta, adapters, check_same_kernel
 from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.paths import map_with_paths, preview
+from lora_jax._src.stack import refuse_stacks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 METHODS = ("cat", "svd")
@@ -179,6 +180,10 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
   deltas = list(deltas)
   if not deltas:
     raise ValueError("lj.combine needs at least one delta.")
+  for k, d in enumerate(deltas):
+    refuse_stacks(d, f"lj.combine (delta {k})", "Combine its adapters: "
+                  "lj.combine([lj.select(stacked, k) for k in range(n)], "
+                  "weights).")
   flat = [adapters(d) for d in deltas]
   weights = [1.0] * len(deltas) if weights is None else list(weights)
   _check(flat, weights)

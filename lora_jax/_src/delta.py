@@ -123,7 +123,7 @@ class LoraDelta:
     """The full-size update ``scale * a @ b`` in the kernel's own layout."""
     return delta_weight(self, dtype)
 
-  def check_base(self, path: str, w: Any) -> None:
+  def check_base(self, path: str, w: Any, who: str = "The adapter") -> None:
     """Raises unless ``w`` can be the base this adapter was made for.
 
     Only a principal-init adapter (PiSSA / OLoRA) carries what is needed, and
@@ -132,6 +132,7 @@ class LoraDelta:
     Args:
       path: the leaf path, for the message.
       w: the base kernel the adapter is about to be merged into or applied to.
+      who: the adapter, for the message (e.g. ``"Adapter 2 of the stack"``).
 
     Returns:
       None.
@@ -142,7 +143,7 @@ class LoraDelta:
     n = kernel_norm(w)
     if abs(n - mark.original_norm) < abs(n - mark.residual_norm):
       raise ValueError(
-          f"The adapter at {path!r} was made with init={mark.init!r}: it "
+          f"{who} at {path!r} was made with init={mark.init!r}: it "
           f"belongs with the residual base that lora_jax.split returned "
           f"(||W|| {mark.residual_norm:.6g}), but this base kernel looks like "
           f"the original weights (||W|| {n:.6g}, original "

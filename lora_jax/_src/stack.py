@@ -1,23 +1,25 @@
 """Many adapters on one base: a stack of adapters is one pytree.
 
 ``stack`` puts adapters of one model side by side along a leading adapter
-axis (ranks zero-padded to the largest, scales kept as data), ``select``
-takes one back out, ``put`` swaps one in, and ``lj.wrap(f)(base, stacked,
-*args, adapter_ids=ids)`` runs every row of a batch with its own adapter in
-one pass (see :func:`per_row`).
+axis (ranks zero-padded to the largest, each adapter's scale static, as a
+single adapter's), ``select`` takes one back out, ``put`` swaps one in, and
+``lj.wrap(f)(base, stacked, *args, adapter_ids=ids)`` runs every row of a
+batch with its own adapter in one pass (see :func:`per_row`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax._src.delta import LoraDelta, adapters, check_same_kernel
 from lora_jax._src.delta import describe_array, is_concrete
-from lora_jax._src.delta import is_delta_or_none
+from lora_jax._src.delta import is_delta_or_none, rebuild_node
 from lora_jax._src.layouts import Layout
 from lora_jax._src import dora
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
@@ -27,15 +29,13 @@ from lora_jax._src.quant import QArray
 @dataclasses.dataclass(frozen=True)
 class StackInfo:
   """Per-adapter metadata of a stack that no computation depends on: the
-  true rank of each adapter (its factors are zero-padded beyond it) and its
-  exact scale (the ``scale`` child holds it in float32 for computing).
+  true rank of each adapter (its factors are zero-padded beyond it).
 
   Every ``StackInfo`` compares equal to every other, so a stack's treedef
-  does not change when another adapter is ``put`` into a slot: a jitted
-  function over the stack does not retrace.
+  does not change when an adapter of a smaller rank is ``put`` into a slot:
+  a jitted function over the stack does not retrace.
   """
   ranks: tuple[int, ...] = ()
-  scales: tuple[float, ...] = ()
 
   def __eq__(self, other):
     return isinstance(other, StackInfo)
@@ -44,47 +44,74 @@ class StackInfo:
     return hash(StackInfo)
 
 
+def _scales(scale: Any) -> tuple[float, ...]:
+  """``scale`` (a sequence of numbers or a concrete 1-D array) as a tuple of
+  Python floats."""
+  if isinstance(scale, jax.core.Tracer):
+    raise TypeError(
+        "LoraStack: scale is static (one Python float per adapter, as a "
+        "LoraDelta's scale), not a traced value; got a tracer. Build stacks "
+        "with lj.stack.")
+  values = np.asarray(scale, np.float64) if hasattr(scale, "shape") else (
+      np.asarray(list(scale), np.float64))
+  return tuple(float(v) for v in values.reshape(-1))
+
+
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True)
 class LoraStack:
   """``n`` adapters of one kernel: ``a (n, *batch, *in, R)``, ``b (n,
-  *batch, R, *out)``, ``scale (n,)`` and, with DoRA, ``magnitude (n,
-  *batch, *out)``; ``R`` is the largest rank, smaller ones zero-padded.
+  *batch, R, *out)`` and, with DoRA, ``magnitude (n, *batch, *out)``; ``R``
+  is the largest rank, smaller ones zero-padded. ``scale``: one Python float
+  per adapter.
 
-  Children: ``a``, ``b``, ``scale``, ``magnitude`` (data: an optimiser
-  trains them, a swap changes no static metadata). Static: ``layout``,
-  ``dropout`` and ``info`` (:class:`StackInfo`).
+  Children: ``a``, ``b``, ``magnitude`` (data: an optimiser trains them).
+  Static: ``scale`` (as a :class:`lora_jax.LoraDelta`'s: never trained, the
+  same in a stack and in its gradient), ``layout``, ``dropout``,
+  ``residual_of`` (each adapter's residual-base mark, for PiSSA / OLoRA
+  adapters; ``()`` when none has one) and ``info`` (:class:`StackInfo`).
+  Putting an adapter of another scale into a slot changes the static
+  metadata (a jitted function retraces once, as for a single adapter).
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> d1 = lj.LoraDelta(jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)
   >>> d2 = lj.LoraDelta(jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)
   >>> s = lj.stack([{"w": d1}, {"w": d2}])["w"]
   >>> s
-  LoraStack(n=2, ranks=(1, 2), kernel=(4, 3), a=f32[2,4,2], b=f32[2,2,3])
+  LoraStack(n=2, ranks=(1, 2), kernel=(4, 3), a=f32[2,4,2], b=f32[2,2,3], scales=(2, 0.5))
   >>> s.scale
-  Array([2. , 0.5], dtype=float32)
+  (2.0, 0.5)
   """
   a: Any
   b: Any
-  scale: Any
+  scale: tuple[float, ...]
   magnitude: Any = None
   layout: Layout = Layout.dense()
   dropout: float = 0.0
   info: StackInfo = StackInfo()
+  residual_of: tuple = ()  # principal inits only: one mark (or None) each
+
+  _CHILDREN = ("a", "b", "magnitude")
+  _STATIC = ("scale", "layout", "dropout", "info", "residual_of")
+
+  def __post_init__(self):
+    object.__setattr__(self, "scale", _scales(self.scale))
+    n = getattr(self.a, "shape", (None,))[0]
+    if n is not None and len(self.scale) != n:
+      raise ValueError(f"LoraStack: {n} adapters but {len(self.scale)} "
+                       f"scales {self.scale}; give one scale per adapter.")
+    marks = tuple(self.residual_of or ())
+    object.__setattr__(self, "residual_of",
+                       () if all(m is None for m in marks) else marks)
 
   def tree_flatten_with_keys(self):
     key = jax.tree_util.GetAttrKey
-    children = tuple((key(n), getattr(self, n))
-                     for n in ("a", "b", "scale", "magnitude"))
-    return children, (self.layout, self.dropout, self.info)
+    children = tuple((key(n), getattr(self, n)) for n in self._CHILDREN)
+    return children, tuple(getattr(self, n) for n in self._STATIC)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    obj = object.__new__(cls)
-    for name, value in zip(("a", "b", "scale", "magnitude", "layout",
-                            "dropout", "info"), (*children, *aux)):
-      object.__setattr__(obj, name, value)
-    return obj
+    return rebuild_node(cls, cls._CHILDREN + cls._STATIC, (*children, *aux))
 
   @property
   def size(self) -> int:
@@ -106,8 +133,18 @@ class LoraStack:
               f"kernel={self.kernel_shape}, ")
     except Exception:  # pylint: disable=broad-except  # placeholder children
       head = ""
+    scales = ", ".join(f"{v:g}" for v in self.scale)
     return (f"LoraStack({head}a={describe_array(self.a)}, "
-            f"b={describe_array(self.b)})")
+            f"b={describe_array(self.b)}, scales=({scales}))")
+
+  def scales(self, dtype: Any = jnp.float32) -> jax.Array:
+    """The adapters' scales as an ``(n,)`` array (a constant under ``jit``:
+    the scales are static)."""
+    return jnp.asarray(self.scale, dtype)
+
+  def mark(self, k: int):
+    """Adapter ``k``'s residual-base mark (PiSSA / OLoRA), or None."""
+    return self.residual_of[k] if self.residual_of else None
 
   def rows(self, ids, base_norm=None) -> tuple:
     """``(a, b, scale, magnitude)`` of adapters ``ids`` (an int array of any
@@ -128,8 +165,8 @@ class LoraStack:
       got = v[i]
       mask = jnp.reshape(ok, ok.shape + (1,) * (got.ndim - ok.ndim))
       return jnp.where(mask, got, jnp.zeros((), got.dtype))
-    dtype = self.scale.dtype
-    scale = jnp.where(ok, self.scale[i], jnp.where(
+    dtype = jnp.float32
+    scale = jnp.where(ok, self.scales(dtype)[i], jnp.where(
         ids == -1, jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)))
     magnitude = None
     if self.magnitude is not None:  # -1 without base_norm: NaN, not a guess
@@ -142,8 +179,8 @@ class LoraStack:
 
   def row(self, index, base_norm=None) -> LoraDelta:
     """The adapter at ``index`` (an int or a traced int) as a
-    :class:`LoraDelta` of the padded rank, its scale as data (see
-    :meth:`rows` for ``-1``, out-of-range indices and ``base_norm``)."""
+    :class:`LoraDelta` of the padded rank, its scale as a float32 array
+    (see :meth:`rows` for ``-1``, out-of-range indices and ``base_norm``)."""
     a, b, scale, magnitude = self.rows(index, base_norm)
     return LoraDelta(a, b, scale=scale, layout=self.layout,
                      magnitude=magnitude, dropout=self.dropout)
@@ -165,7 +202,7 @@ class LoraStack:
     a = a.reshape(*a.shape[:-2], n * r)
     b = jnp.moveaxis(self.b, 0, nb)
     b = b.reshape(*b.shape[:nb], n * r, *b.shape[nb + 2:])
-    pick = jax.nn.one_hot(index, n, dtype=self.scale.dtype) * self.scale
+    pick = jax.nn.one_hot(index, n, dtype=jnp.float32) * self.scales()
     valid = (index >= -1) & (index < n)  # outside: NaN, as in rows()
     pick = jnp.where(valid, pick, jnp.full((), jnp.nan, pick.dtype))
     return LoraDelta(a, b, scale=jnp.repeat(pick, r), layout=self.layout,
@@ -191,17 +228,81 @@ def _pad_rank(d: LoraDelta, rank: int):
   return a, b
 
 
-def _check_compatible(path: str, ds: Sequence[LoraDelta]):
-  first = ds[0]
-  for k, d in enumerate(ds[1:], 1):
-    check_same_kernel("lj.stack", "adapter", k, path, d, first,
+def _mark_text(d: LoraDelta) -> str:
+  m = d.residual_of
+  if m is None:
+    return "is a plain adapter (for the original weights)"
+  return (f"was made with init={m.init!r} (for its residual base, ||W|| "
+          f"{m.residual_norm:.6g})")
+
+
+def _check_compatible(who: str, path: str, ds: Sequence[LoraDelta],
+                      numbers: Sequence[int] | None = None):
+  """Raises, naming the path, unless adapters ``ds`` (numbered ``numbers``,
+  default 0, 1, ...) can share one stack: one kernel, DoRA or not, one
+  dropout, one base kernel (the same residual-base mark, or none)."""
+  numbers = list(numbers or range(len(ds)))
+  first, j = ds[0], numbers[0]
+  for k, d in zip(numbers[1:], ds[1:]):
+    check_same_kernel(who, "adapter", k, path, d, first,
                       "A stack holds adapters of one model.")
     if (d.magnitude is None) != (first.magnitude is None):
-      raise ValueError(f"lj.stack: at {path!r} some adapters are DoRA and "
+      raise ValueError(f"{who}: at {path!r} some adapters are DoRA and "
                        f"some are not; stack them separately.")
     if d.dropout != first.dropout:
-      raise ValueError(f"lj.stack: at {path!r} adapters have different "
+      raise ValueError(f"{who}: at {path!r} adapters have different "
                        f"dropout ({first.dropout} vs {d.dropout}).")
+    if d.residual_of != first.residual_of:
+      raise ValueError(
+          f"{who}: at {path!r} adapter {k} {_mark_text(d)} and adapter {j} "
+          f"{_mark_text(first)}: they belong with different base kernels, "
+          f"and a stack runs on one base. Stack principal-init adapters made "
+          f"on one residual base (one config), or convert each with "
+          f"lj.to_plain_lora(initial_delta, delta) and stack those on the "
+          f"original weights.")
+
+
+def _index(who: str, k: Any, n: int) -> int:
+  """``k`` as an index in ``[0, n)`` (negative ones count from the end)."""
+  try:
+    i = operator.index(k)
+  except TypeError:
+    raise TypeError(f"{who}: the adapter index must be a Python int (or a "
+                    f"concrete integer), got {k!r}.") from None
+  if not -n <= i < n:
+    raise IndexError(f"{who}: adapter index {i} is out of range for a stack "
+                     f"of {n} adapters: valid indices are 0..{n - 1} (or "
+                     f"-{n}..-1 from the end).")
+  return i % n
+
+
+def refuse_stacks(tree: Any, who: str, remedy: str) -> None:
+  """Raises a ValueError saying so if ``tree`` holds a :class:`LoraStack`
+  where a single adapter is expected (``remedy``: what to call instead)."""
+  found = stacks(tree)
+  if found:
+    raise ValueError(
+        f"{who}: the delta holds a stack of adapters (lj.stack) at "
+        f"{preview(found)}, where single adapters (LoraDelta) are expected. "
+        f"{remedy}")
+
+
+def check_stack_bases(base: Any, stacked: Any) -> None:
+  """Raises unless ``base`` can be the base of every principal-init (PiSSA /
+  OLoRA) adapter in the stacks of ``stacked``, as
+  :meth:`lora_jax.LoraDelta.check_base` for one adapter (only a concrete
+  kernel can be checked)."""
+  found = {p: s for p, s in stacks(stacked).items() if s.residual_of}
+  if not found:
+    return
+  flat = dict(leaves_with_paths(base))
+  for p, s in found.items():
+    seen = set()
+    for k, mark in enumerate(s.residual_of):
+      if mark is not None and mark not in seen and p in flat:
+        seen.add(mark)
+        LoraDelta(s.a[k], s.b[k], layout=s.layout, residual_of=mark
+                  ).check_base(p, flat[p], f"Adapter {k} of the stack")
 
 
 def stack(deltas: Sequence[Any]) -> Any:
@@ -210,7 +311,7 @@ def stack(deltas: Sequence[Any]) -> Any:
   Args:
     deltas: delta trees of one model (from :func:`lora_jax.split` or
       :func:`lora_jax.load`), adapting the same paths; ranks and scales may
-      differ.
+      differ. Stacks do not nest: a stack among ``deltas`` is an error.
 
   Returns:
     The first delta's structure with a :class:`LoraStack` at each adapted
@@ -226,8 +327,19 @@ def stack(deltas: Sequence[Any]) -> Any:
   deltas = list(deltas)
   if not deltas:
     raise ValueError("lj.stack needs at least one delta.")
+  for k, d in enumerate(deltas):
+    nested = stacks(d)
+    if nested:
+      raise ValueError(
+          f"lj.stack: delta {k} holds a stack of adapters (a LoraStack at "
+          f"{preview(nested)}); stacks do not nest. Stack single adapters: "
+          f"lj.stack([lj.select(stacked, i) for i in range(n)] + [delta, "
+          f"...]).")
   flat = [adapters(d) for d in deltas]
   paths = list(flat[0])
+  if not paths:
+    raise ValueError("lj.stack: delta 0 holds no adapter (LoraDelta); stack "
+                     "delta trees from lj.split or lj.load.")
   for k, f in enumerate(flat[1:], 1):
     if list(f) != paths:
       raise ValueError(
@@ -236,7 +348,7 @@ def stack(deltas: Sequence[Any]) -> Any:
   stacked = {}
   for path in paths:
     ds = [f[path] for f in flat]
-    _check_compatible(path, ds)
+    _check_compatible("lj.stack", path, ds)
     rank = max(d.rank for d in ds)
     padded = [_pad_rank(d, rank) for d in ds]
     dtype = jnp.result_type(*(d.a.dtype for d in ds))
@@ -244,17 +356,30 @@ def stack(deltas: Sequence[Any]) -> Any:
     stacked[path] = LoraStack(
         a=jnp.stack([a.astype(dtype) for a, _ in padded]),
         b=jnp.stack([b.astype(dtype) for _, b in padded]),
-        scale=jnp.asarray([float(d.scale) for d in ds], jnp.float32),
+        scale=tuple(float(d.scale) for d in ds),
         magnitude=None if mags[0] is None else jnp.stack(mags),
         layout=ds[0].layout, dropout=ds[0].dropout,
-        info=StackInfo(tuple(int(d.rank) for d in ds),
-                       tuple(float(d.scale) for d in ds)))
+        info=StackInfo(tuple(int(d.rank) for d in ds)),
+        residual_of=tuple(d.residual_of for d in ds))
   return map_with_paths(lambda p, d: stacked.get(p) if isinstance(
       d, LoraDelta) else d, deltas[0], is_leaf=is_delta_or_none)
 
 
+def _adapter(s: LoraStack, k: int) -> LoraDelta:
+  """Adapter ``k`` (in ``[0, n)``) of ``s`` at its own rank: what the stack
+  computes for it (its static scale, its residual-base mark)."""
+  r = s.info.ranks[k] if s.info.ranks else s.rank
+  nb = len(s.layout.batch)
+  b = jax.lax.slice_in_dim(s.b[k], 0, r, axis=nb)
+  return LoraDelta(s.a[k][..., :r], b, scale=s.scale[k], layout=s.layout,
+                   magnitude=None if s.magnitude is None else s.magnitude[k],
+                   dropout=s.dropout, residual_of=s.mark(k))
+
+
 def select(stacked: Any, k: int) -> Any:
-  """Adapter ``k`` of a stack, as a plain delta tree of its own rank.
+  """Adapter ``k`` of a stack, as a plain delta tree of its own rank (with
+  its scale and, for PiSSA / OLoRA, its residual-base mark). ``k`` may be
+  negative (from the end); outside the stack it is an IndexError.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"w": jnp.ones((6, 4))}
@@ -267,24 +392,15 @@ def select(stacked: Any, k: int) -> Any:
   def one(s):
     if not isinstance(s, LoraStack):
       return s
-    k_ = int(k)
-    if not -s.size <= k_ < s.size:
-      raise IndexError(f"lj.select: adapter {k} of a stack of {s.size}.")
-    k_ %= s.size
-    r = s.info.ranks[k_] if s.info.ranks else s.rank
-    scale = s.info.scales[k_] if s.info.scales else float(s.scale[k_])
-    nb = len(s.layout.batch)
-    b = jax.lax.slice_in_dim(s.b[k_], 0, r, axis=nb)
-    return LoraDelta(s.a[k_][..., :r], b, scale=scale,
-                     layout=s.layout, magnitude=None if s.magnitude is None
-                     else s.magnitude[k_], dropout=s.dropout)
+    return _adapter(s, _index("lj.select", k, s.size))
   return jax.tree.map(one, stacked, is_leaf=is_stack_or_none)
 
 
 def put(stacked: Any, k: int, delta: Any) -> Any:
   """``stacked`` with adapter ``k`` replaced by ``delta`` (pure; same
-  shapes and static metadata, so a jitted function over the stack does not
-  retrace). ``delta``'s rank may be at most the stack's padded rank.
+  shapes, so a jitted function over the stack does not retrace unless
+  ``delta``'s scale differs from the slot's: scales are static, as a single
+  adapter's). ``delta``'s rank may be at most the stack's padded rank.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"w": jnp.ones((6, 4))}
@@ -296,6 +412,8 @@ def put(stacked: Any, k: int, delta: Any) -> Any:
   """
   new = adapters(delta)
   have = stacks(stacked)
+  refuse_stacks(delta, "lj.put", "Put one adapter: lj.put(stacked, k, "
+                "lj.select(other, i)).")
   if set(new) != set(have):
     raise ValueError(f"lj.put: the delta adapts {preview(new)}, the stack "
                      f"{preview(have)}.")
@@ -303,24 +421,37 @@ def put(stacked: Any, k: int, delta: Any) -> Any:
   def one(path, s):
     if not isinstance(s, LoraStack):
       return s
+    i = _index("lj.put", k, s.size)
     d = new[path]
-    _check_compatible(path, [s.row(0), d])
+    if s.size > 1:  # the new adapter must fit the others' base
+      j = 1 if i == 0 else 0
+      _check_compatible("lj.put", path, [_adapter(s, j), d], [j, i])
+    else:
+      check_same_kernel("lj.put", "adapter", i, path, d, _adapter(s, 0),
+                        "A stack holds adapters of one model.")
+      if (d.magnitude is None) != (s.magnitude is None):
+        raise ValueError(f"lj.put: at {path!r} the stack is "
+                         f"{'' if s.magnitude is not None else 'not '}DoRA "
+                         f"and the adapter is "
+                         f"{'' if d.magnitude is not None else 'not '}DoRA.")
     if d.rank > s.rank:
       raise ValueError(
           f"lj.put: the adapter at {path!r} has rank {d.rank}, more than the "
           f"stack's padded rank {s.rank}. Stack it anew with lj.stack.")
     a, b = _pad_rank(d, s.rank)
     ranks = list(s.info.ranks) or [s.rank] * s.size
-    ranks[k] = int(d.rank)
-    scales = list(s.info.scales) or [float(v) for v in s.scale]
-    scales[k] = float(d.scale)
+    ranks[i] = int(d.rank)
+    scales = list(s.scale)
+    scales[i] = float(d.scale)
+    marks = list(s.residual_of) or [None] * s.size
+    marks[i] = d.residual_of
     return dataclasses.replace(
-        s, a=s.a.at[k].set(a.astype(s.a.dtype)),
-        b=s.b.at[k].set(b.astype(s.b.dtype)),
-        scale=s.scale.at[k].set(jnp.asarray(d.scale, s.scale.dtype)),
+        s, a=s.a.at[i].set(a.astype(s.a.dtype)),
+        b=s.b.at[i].set(b.astype(s.b.dtype)), scale=tuple(scales),
         magnitude=None if s.magnitude is None
-        else s.magnitude.at[k].set(d.magnitude),
-        info=StackInfo(tuple(ranks), tuple(scales)))
+        else s.magnitude.at[i].set(d.magnitude),
+        dropout=d.dropout if s.size == 1 else s.dropout,
+        info=StackInfo(tuple(ranks)), residual_of=tuple(marks))
   return map_with_paths(one, stacked, is_leaf=is_stack_or_none)
 
 

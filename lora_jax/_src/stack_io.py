@@ -2,12 +2,15 @@
 
 A stack is written as one adapter checkpoint (``checkpoint.py``'s folder
 protocol and validation: a save killed at any moment leaves the old or the
-new stack): at each path the stacked factors are stored as they are, padding
+new stack): at each stacked path the factors are stored as they are, padding
 included, described as the update of a kernel with one more leading batch
-axis (the adapter axis), and ``lora_jax.json`` gains a ``"stack"`` entry with
-each adapter's own metadata: its rank, exact scale, the float32 scale the
-computation uses, and its config. ``lora_jax.load`` refuses such a folder
-and names :func:`load_stack`.
+axis (the adapter axis); single adapters shared by every row (a plain
+``LoraDelta`` beside the stacks, which ``wrap`` accepts) are stored as
+``lora_jax.save`` stores them, and extras (trained base leaves) too.
+``lora_jax.json`` gains a ``"stack"`` entry naming the stacked paths, with
+each adapter's own metadata: its rank, exact scale (and, for older readers,
+its float32 value), residual-base mark, and config. ``lora_jax.load``
+refuses such a folder and names :func:`load_stack`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,12 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import checkpoint
 from lora_jax._src.checkpoint import CheckpointError
 from lora_jax._src.config import LoraConfig
-from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import LoraDelta, ResidualMark, adapters
 from lora_jax._src.layouts import Layout
 from lora_jax._src.stack import LoraStack, StackInfo, stacks
 
@@ -53,17 +54,22 @@ def _configs(configs: Any, n: int) -> list:
 
 
 def save_stack(directory: str | os.PathLike, stacked: Any,
-               configs: Any = None, *, overwrite: bool = False) -> str:
+               configs: Any = None, *, extras: dict | None = None,
+               overwrite: bool = False) -> str:
   """Saves a stack of adapters, each with its own rank, scale and config.
 
   The factors are saved as they are (padding included), so
-  :func:`load_stack` gives back the stack bit for bit.
+  :func:`load_stack` gives back the stack bit for bit; so are single
+  adapters beside the stacks (shared by every row in ``wrap``).
 
   Args:
     directory: the checkpoint folder (``~`` is expanded).
-    stacked: a delta tree from :func:`lora_jax.stack` (or ``put``).
+    stacked: a delta tree from :func:`lora_jax.stack` (or ``put``), with
+      plain :class:`lora_jax.LoraDelta` adapters beside the stacks allowed.
     configs: None, one :class:`lora_jax.LoraConfig` for every adapter, or a
       list with one per adapter (None allowed).
+    extras: ``{path: array}`` of trained base leaves, as for
+      :func:`lora_jax.save`; :func:`lora_jax.load_extras` reads them back.
     overwrite: replace an existing lora_jax checkpoint (see
       :func:`lora_jax.save`).
 
@@ -91,26 +97,36 @@ def save_stack(directory: str | os.PathLike, stacked: Any,
     raise ValueError(f"lora_jax.save_stack: the stacks hold different numbers "
                      f"of adapters: {sizes}.")
   configs = _configs(configs, n)
-  deltas = {p: _as_delta(s) for p, s in found.items()}
+  extras = dict(extras or {})
+  for p, x in extras.items():
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"lora_jax.save_stack: extras[{p!r}] is {x!r}, not an "
+                      f"array; extras maps leaf paths to arrays.")
+  shared = adapters(stacked)  # single adapters beside the stacks
+  deltas = {**shared, **{p: _as_delta(s) for p, s in found.items()}}
   meta = checkpoint.metadata(checkpoint._nest(deltas))  # pylint: disable=protected-access
   per_adapter = []
   for k in range(n):
+    paths = {}
+    for p, s in found.items():
+      paths[p] = {"rank": int(s.info.ranks[k]) if s.info.ranks
+                  else int(s.rank), "scale": float(s.scale[k]),
+                  "scale_data": float(np.float32(s.scale[k]))}
+      if s.mark(k) is not None:
+        paths[p]["residual_of"] = s.mark(k).to_json()
     per_adapter.append({
         "config": None if configs[k] is None else configs[k].to_json(),
-        "paths": {p: {"rank": int(s.info.ranks[k]) if s.info.ranks
-                      else int(s.rank),
-                      "scale": float(s.info.scales[k]) if s.info.scales
-                      else float(s.scale[k]),
-                      "scale_data": float(np.asarray(s.scale[k]))}
-                  for p, s in found.items()}})
+        "paths": paths})
   meta["stack"] = {
       "size": n,
-      "scale_dtype": {p: np.dtype(s.scale.dtype).name
-                      for p, s in found.items()},
+      "scale_dtype": {p: "float32" for p in found},
       "layouts": {p: s.layout.to_json() for p, s in found.items()},
       "adapters": per_adapter}
+  meta["extras"] = {p: checkpoint._array_info(x) for p, x in extras.items()}  # pylint: disable=protected-access
   arrays = {"adapters": checkpoint._nest(  # pylint: disable=protected-access
       {p: checkpoint._factors(d) for p, d in deltas.items()})}  # pylint: disable=protected-access
+  if extras:
+    arrays["extras"] = checkpoint._nest(extras)  # pylint: disable=protected-access
   return checkpoint.write(directory, meta, arrays, overwrite)
 
 
@@ -134,10 +150,17 @@ def _check_stack(folder: str, meta: dict) -> dict:
   if not isinstance(info, dict) or not _is_int(info.get("size")) or (
       info["size"] < 1):
     raise _bad(folder, f"'stack' must hold a positive 'size', got {info!r}")
-  n, paths = info["size"], set(meta["adapters"])
-  for key in ("layouts", "scale_dtype"):
-    if not isinstance(info.get(key), dict) or set(info[key]) != paths:
-      raise _bad(folder, f"stack.{key} must name the paths {sorted(paths)}")
+  n = info["size"]
+  # the stacked paths; the checkpoint's other adapters are shared ones
+  paths = set(info["layouts"]) if isinstance(info.get("layouts"), dict) else (
+      None)
+  if not paths or not paths <= set(meta["adapters"]):
+    raise _bad(folder, f"stack.layouts must name some of the adapters' paths "
+                       f"{sorted(meta['adapters'])}")
+  if not isinstance(info.get("scale_dtype"), dict) or (
+      set(info["scale_dtype"]) != paths):
+    raise _bad(folder, f"stack.scale_dtype must name the paths "
+                       f"{sorted(paths)}")
   for p in paths:
     entry = meta["adapters"][p]
     try:
@@ -149,10 +172,10 @@ def _check_stack(folder: str, meta: dict) -> dict:
         or entry["a"]["shape"][:1] != [n]):
       raise _bad(folder, f"the arrays at {p!r} are not {n} adapters of "
                          f"layout {layout}")
-  adapters = info.get("adapters")
-  if not isinstance(adapters, list) or len(adapters) != n:
+  listed = info.get("adapters")
+  if not isinstance(listed, list) or len(listed) != n:
     raise _bad(folder, f"stack.adapters must list {n} adapters")
-  for k, a in enumerate(adapters):
+  for k, a in enumerate(listed):
     if not isinstance(a, dict) or not isinstance(a.get("paths"), dict) or (
         set(a["paths"]) != paths):
       raise _bad(folder, f"stack.adapters[{k}] must describe the paths "
@@ -166,10 +189,27 @@ def _check_stack(folder: str, meta: dict) -> dict:
         raise _bad(folder, f"stack.adapters[{k}].paths[{p!r}] must hold a "
                            f"rank in 0..{padded}, a scale and a scale_data; "
                            f"got {e!r}")
+      if e.get("residual_of") is not None:
+        try:
+          ResidualMark.from_json(e["residual_of"])
+        except ValueError as err:
+          raise _bad(folder, f"stack.adapters[{k}].paths[{p!r}]: "
+                             f"{err}") from None
     if not isinstance(a.get("config"), (dict, type(None))):
       raise _bad(folder, f"stack.adapters[{k}].config must be an object or "
                          f"null")
   return info
+
+
+def _scale(entry: dict, dtype: str) -> float:
+  """An adapter's static scale: its exact ``scale``, unless ``scale_data``
+  (what the computation used) differs from it in ``dtype``. That happens
+  only for stacks saved by lora_jax versions whose stacks trained their
+  scales; their computation is kept."""
+  exact, data = entry["scale"], entry["scale_data"]
+  if np.asarray(exact, dtype) == np.asarray(data, dtype):
+    return float(exact)
+  return float(data)
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig)
@@ -197,10 +237,10 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
   Args:
     directory: the checkpoint folder (``~`` is expanded).
     shardings: a stack-like tree with, at each adapted path, a
-      :class:`lora_jax.LoraStack` whose children are shardings (e.g.
+      :class:`lora_jax.LoraStack` (or, for a shared adapter, a
+      :class:`lora_jax.LoraDelta`) whose children are shardings (e.g.
       ``jax.tree.map(lambda x: x.sharding, stacked)``): each factor is
-      restored straight onto its placement, the scales onto theirs; None
-      for default placement.
+      restored straight onto its placement; None for default placement.
     return_configs: also return the list of per-adapter configs (None where
       none was saved).
     **overrides: config fields to set instead of the recorded ones, in every
@@ -209,16 +249,18 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
       hold: ``load_stack(path, return_configs=True, targets=my_fn)``.
 
   Returns:
-    A nested dict with a :class:`lora_jax.LoraStack` at each adapted path
-    (per-adapter ranks and exact scales in ``.info``); with
-    ``return_configs``, ``(stacked, configs)``.
+    A nested dict with a :class:`lora_jax.LoraStack` at each stacked path
+    (each adapter's exact scale in ``.scale``, its rank in ``.info.ranks``)
+    and a :class:`lora_jax.LoraDelta` at each shared one; with
+    ``return_configs``, ``(stacked, configs)``. Extras saved with the stack
+    are read by :func:`lora_jax.load_extras`.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> params = {"w": jnp.ones((6, 4))}
   >>> ds = [lj.split(params, lj.LoraConfig(rank=2, alpha=a, targets="w"),
   ...                jax.random.key(0))[1] for a in (1.0, 3.0)]
   >>> path = lj.save_stack(os.path.join(tempfile.mkdtemp(), "s"), lj.stack(ds))
-  >>> lj.load_stack(path)["w"].info.scales
+  >>> lj.load_stack(path)["w"].scale
   (0.5, 1.5)
   """
   _check_overrides(overrides, return_configs)
@@ -229,23 +271,33 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
         f"it with lora_jax.load (lora_jax.stack([...]) makes a stack of "
         f"loaded adapters).")
   info = _check_stack(folder, meta)
-  targets = stacks(shardings) if shardings is not None else {}
+  targets = {} if shardings is None else {**adapters(shardings),
+                                          **stacks(shardings)}
   restored = checkpoint._restore(folder, meta, targets)["adapters"]  # pylint: disable=protected-access
   per = info["adapters"]
   flat = {}
   for path, entry in meta["adapters"].items():
     node = checkpoint._lookup(restored, path)  # pylint: disable=protected-access
-    scale = jnp.asarray(np.asarray([a["paths"][path]["scale_data"]
-                                    for a in per], info["scale_dtype"][path]))
-    place = getattr(targets.get(path), "scale", None)
+    if path not in info["layouts"]:  # a single adapter shared by every row
+      mark = entry.get("residual_of")
+      flat[path] = LoraDelta(
+          node["a"], node["b"], scale=float(entry["scale"]),
+          layout=Layout.from_json(entry["layout"]),
+          magnitude=node.get("magnitude"),
+          dropout=float(entry.get("dropout", 0.0)),
+          residual_of=None if mark is None else ResidualMark.from_json(mark))
+      continue
+    own = [a["paths"][path] for a in per]
+    marks = [e.get("residual_of") for e in own]
     flat[path] = LoraStack(
         a=node["a"], b=node["b"],
-        scale=scale if place is None else jax.device_put(scale, place),
+        scale=tuple(_scale(e, info["scale_dtype"][path]) for e in own),
         magnitude=node.get("magnitude"),
         layout=Layout.from_json(info["layouts"][path]),
         dropout=float(entry.get("dropout", 0.0)),
-        info=StackInfo(tuple(int(a["paths"][path]["rank"]) for a in per),
-                       tuple(float(a["paths"][path]["scale"]) for a in per)))
+        info=StackInfo(tuple(int(e["rank"]) for e in own)),
+        residual_of=tuple(None if m is None else ResidualMark.from_json(m)
+                          for m in marks))
   stacked = checkpoint._nest(flat)  # pylint: disable=protected-access
   if not return_configs:
     return stacked

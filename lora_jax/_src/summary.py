@@ -39,7 +39,7 @@ def describe(delta: Any) -> str:
   # a stack (lj.stack) of n adapters: "stack of n", each adapter's rank
   rows += [(path, f"kernel {s.kernel_shape}",
             f"stack of {s.size}, ranks {','.join(map(str, s.info.ranks))}",
-            "scales " + ",".join(f"{v:g}" for v in s.info.scales),
+            "scales " + ",".join(f"{v:g}" for v in s.scale),
             f"a {describe_array(s.a)}", f"b {describe_array(s.b)}")
            for path, s in stacks(delta).items()]
   return _table(rows, header=None)
@@ -91,7 +91,7 @@ def summary(base: Any, delta: Any, trainable: Any = None) -> str:
            f"{d.num_params:,}") for p, d in deltas.items()]
   rows += [(p, str(s.kernel_shape), f"stack of {s.size}: "
             + ",".join(map(str, s.info.ranks)),
-            ",".join(f"{v:g}" for v in s.info.scales),
+            ",".join(f"{v:g}" for v in s.scale),
             f"{sum(_size(x) for x in (s.a, s.b, s.magnitude) if x is not None):,}")
            for p, s in stacked.items()]
   table = _table(rows, header=("path", "kernel", "rank", "scale", "params"))

@@ -154,6 +154,7 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
           "one adapter out with lj.select(stacked, k).")
     n = next(iter(stacks(delta).values())).size
     ids = check_rows(adapter_ids, args, kwargs, n)
+    stack_module.check_stack_bases(base, delta)  # PiSSA / OLoRA marks
     if mode != "merge" and stack_module.WHOLE_BATCH:
       whole = _whole_batch(fn, base, delta, ids, args, kwargs,
                            lora_rng, strict=strict, choose=choose,
@@ -265,6 +266,9 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
     raise ValueError("explain describes the factored/auto engines; mode='merge' "
                      "merges every kernel.")
   report = factored.Report()
+  stack_module.refuse_stacks(
+      delta, "explain", "Explain one adapter of it: lj.explain(fn, base, "
+      "lj.select(stacked, k), *args).")
   deltas = adapters(delta)
   check_matches(base, deltas, "explain")
   choose = None if mode == "factored" else factored.cheaper_engine
