@@ -275,6 +275,10 @@ def save(directory: str | os.PathLike, delta: Any,
   True
   """
   directory = _abspath(directory)
+  from lora_jax._src.stack import refuse_stacks  # pylint: disable=import-outside-toplevel
+  refuse_stacks(delta, "lora_jax.save", "Save the stack with "
+                "lora_jax.save_stack, or one adapter of it with "
+                "lora_jax.save(directory, lora_jax.select(stacked, k)).")
   deltas = adapters(delta)
   if not deltas:
     raise ValueError("lora_jax.save: the delta holds no LoraDelta to save.")

@@ -13,6 +13,7 @@ from lora_jax._src.dora import norm as dora_norm
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
 from lora_jax._src.quant import dequantize
 from lora_jax._src.sharding import place_like_kernel
+from lora_jax._src.stack import refuse_stacks
 
 
 def _placed_like(path: str, w: Any, d: LoraDelta) -> LoraDelta:
@@ -129,6 +130,11 @@ def _check_shape(path: str, w: Any, d: LoraDelta) -> None:
 
 def _apply(params: Any, delta: Any, sign: float, what: str,
            norms: dict | None = None) -> Any:
+  first = "base" if what == "merge" else "params"
+  refuse_stacks(delta, what, f"{what.capitalize()} one adapter of it: "
+                f"lj.{what}({first}, lj.select(stacked, k)); or run each "
+                f"adapter on its own rows: lj.wrap(f)(base, stacked, x, "
+                f"adapter_ids=ids).")
   deltas = adapters(delta)
   check_matches(params, deltas, what)
   norms = norms or {}
