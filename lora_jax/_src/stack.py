@@ -243,7 +243,7 @@ def _check_compatible(who: str, path: str, ds: Sequence[LoraDelta],
   dropout, one base kernel (the same residual-base mark, or none)."""
   numbers = list(numbers or range(len(ds)))
   first, j = ds[0], numbers[0]
-  for k, d in zip(numbers[1:], ds[1:]):
+  for k, d in zip(numbers[1:], ds[1:], strict=True):
     check_same_kernel(who, "adapter", k, path, d, first,
                       "A stack holds adapters of one model.")
     if (d.magnitude is None) != (first.magnitude is None):

@@ -275,7 +275,7 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
                                           **stacks(shardings)}
   restored = checkpoint._restore(folder, meta, targets)["adapters"]  # pylint: disable=protected-access
   per = info["adapters"]
-  flat = {}
+  flat: dict[str, Any] = {}
   for path, entry in meta["adapters"].items():
     node = checkpoint._lookup(restored, path)  # pylint: disable=protected-access
     if path not in info["layouts"]:  # a single adapter shared by every row
