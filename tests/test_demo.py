@@ -3,6 +3,9 @@
 import io
 import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
 
 import lora_jax as lj
@@ -93,12 +96,31 @@ def test_command_line(capsys):
   assert _main(["no-such-command"]) == 2
 
 
-def test_exit_status_is_1_when_merged_and_wrapped_disagree(monkeypatch,
-                                                           tmp_path):
-  monkeypatch.setattr(lj, "merge", lambda base, delta: base)  # drop the adapter
-  argv = ["--steps-pretrain", "1", "--steps-lora", "1", "--batch", "4",
-          "--out", str(tmp_path), "--quiet", "--no-w3-memory"]
-  assert demo.cli(argv) == 1
+def test_the_merge_check_catches_a_merge_that_drops_the_adapter(
+    monkeypatch, tmp_path):
+  # The check main() reports (and cli() turns into the exit status), on a
+  # small model: it passes, then fails once lj.merge drops the adapter.
+  model = nn.Dense(6)
+  x = jax.random.normal(jax.random.key(0), (4, 5))
+  params = model.init(jax.random.key(1), x)["params"]
+  base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(2))
+  delta = jax.tree.map(lambda d: d.replace(b=jnp.ones_like(d.b)), delta,
+                       is_leaf=lambda d: isinstance(d, lj.LoraDelta))
+  saved = lj.save(tmp_path / "adapter", delta)
+  fn = lambda p, x: model.apply({"params": p}, x)
+  good = demo.check_merge(fn, base, delta, saved, x)
+  assert good.ok and good.factors_equal and good.arrays == 2
+  assert good.max_merge_diff < 1e-5
+  monkeypatch.setattr(lj, "merge", lambda base, delta: base)
+  bad = demo.check_merge(fn, base, delta, saved, x)
+  assert not bad.ok and bad.max_merge_diff > 0.1
+
+
+def test_exit_status_is_the_checks(monkeypatch):
+  for ok, status in ((True, 0), (False, 1)):
+    monkeypatch.setattr(demo, "main", lambda argv, prog, ok=ok: type(
+        "R", (), {"ok": ok})())
+    assert demo.cli(["--quiet"]) == status
 
 
 def test_four_way_table(results):
