@@ -250,3 +250,17 @@ def test_load_stack_takes_back_callable_targets(tmp_path):
       "lora_jax.load_stack: ['targets'] set fields of the configs it returns; "
       "pass return_configs=True too.")):
     lj.load_stack(path, targets=_is_w)
+
+
+def test_a_stack_saved_with_trained_scales_keeps_its_computation(tmp_path):
+  """Stacks saved before scales were static may have trained them: the scale
+  the computation used (scale_data) then differs from the exact one, and
+  load_stack keeps the computation (as a static scale)."""
+  stacked = lj.stack([{"w": lj.LoraDelta(jnp.ones((4, 1)), jnp.ones((1, 3)),
+                                         scale=s)} for s in (0.1, 2.0)])
+  path = lj.save_stack(tmp_path / "s", stacked)
+
+  def trained(meta):
+    meta["stack"]["adapters"][1]["paths"]["w"]["scale_data"] = 1.75
+  _edit_meta(path, trained)
+  assert lj.load_stack(path)["w"].scale == (0.1, 1.75)  # 0.1: exact
