@@ -2,13 +2,15 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# pytest workers: one per core (pytest-xdist); JOBS=1 runs in one process.
+JOBS   ?= auto
 
-.PHONY: setup demo test test-oldest test-newest check docs bench sweep clean
+.PHONY: setup demo test lint ci ci-oldest ci-newest docs bench sweep clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,lint]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -16,19 +18,27 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m lora_jax demo
 
-# What CI runs: the whole suite twice (ci/leg.sh), on CPython 3.11 with the
-# oldest supported releases and on CPython 3.13 with the newest, from a wheel.
-test: test-oldest test-newest
+# The README's test command: the whole suite (tests, doctests over lora_jax/,
+# notebooks) once, in .venv with $(PYTHON); needs only python3 >= 3.11.
+test: setup
+	$(BIN)/python -m pytest -p no:cacheprovider -q -n $(JOBS)
 
-test-oldest:
+# ruff and mypy, configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check lora_jax tests benchmarks
+	$(BIN)/mypy
+
+# The two pinned legs (ci/leg.sh), which .ci/run adds to `make test`:
+# CPython 3.11 with the oldest supported releases and CPython 3.13 with the
+# newest, from a wheel. They need both interpreters (pyenv, or PYTHON311 and
+# PYTHON313).
+ci: ci-oldest ci-newest
+
+ci-oldest:
 	bash ci/leg.sh py311-oldest
 
-test-newest:
+ci-newest:
 	bash ci/leg.sh py313-newest
-
-# The suite once, in .venv with $(PYTHON): the quick loop while developing.
-check: setup
-	$(BIN)/python -m pytest
 
 docs: setup
 	$(BIN)/python -m pip install --quiet -e '.[docs]'
