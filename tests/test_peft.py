@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import tunix_models
 
 import lora_jax as lj
 from lora_jax._src import safetensors as st
@@ -156,6 +157,11 @@ CASES = {
 
 def _random_delta(params, config, seed=1):
   _, delta = lj.split(params, config, jax.random.key(seed))
+  return _fill(delta, seed)
+
+
+def _fill(delta, seed=1):
+  """Random non-zero factors (and magnitudes), each adapter its own."""
   key = jax.random.key(seed + 1)
 
   def fill(path, d):
@@ -488,8 +494,10 @@ def test_save_errors(tmp_path):
       "use_dora holds for every module of an adapter. Save the two kinds as "
       "two adapters.")):
     lj.save_peft(tmp_path, mixed, config)
-  with pytest.raises(TypeError, match="module_names must be a callable path -> "
-                     "name or a list of \\(regex, replacement\\) pairs, got 3"):
+  with pytest.raises(TypeError, match="module_names must be a preset name "
+                     "\\('transformers', 'tunix-qwen3', 'tunix-llama3', "
+                     "'tunix-gemma3'\\), a callable path -> name or a list of "
+                     "\\(regex, replacement\\) pairs, got 3"):
     lj.save_peft(tmp_path, delta, config, module_names=3)
   with pytest.raises(ValueError, match=re.escape(
       "save_peft: extra_config cannot set ['lora_alpha', 'r']: they describe "
@@ -499,6 +507,214 @@ def test_save_errors(tmp_path):
       "task_type": "CAUSAL_LM", "fan_in_fan_out": True})
   cfg = json.load(open(tmp_path / "adapter_config.json"))
   assert (cfg["task_type"], cfg["fan_in_fan_out"]) == ("CAUSAL_LM", True)
+
+
+# ------------------------------------------------- kernels, names, presets
+
+
+def test_a_2d_bias_is_not_a_kernel_mha_round_trip(tmp_path):
+  """Flax MultiHeadDotProductAttention: DenseGeneral's (heads, head_dim)
+  biases sit beside their kernels under one module name; they are no
+  kernel, so save -> load gives the same adapters and the same outputs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+  params = mha.init(jax.random.key(1), x)["params"]
+  assert params["key"]["bias"].shape == (2, 4)
+  f = jax.jit(lambda p, x: mha.apply({"params": p}, x))
+  config = lj.LoraConfig(rank=2, alpha=4.0, targets=r".*/kernel")
+  _, delta = lj.split(params, config, jax.random.key(2), f, (x,))
+  delta = _fill(delta)
+  assert lj.save_peft(tmp_path, delta, config) == []
+  keys = sorted(st.load_file(tmp_path / "adapter_model.safetensors")[0])
+  assert keys == [f"base_model.model.{m}.lora_{t}.weight"
+                  for m in ("key", "out", "query", "value") for t in "AB"]
+  want = f(lj.merge(params, delta), x)
+  assert float(jnp.abs(want - f(params, x)).max()) > 1e-2
+  layouts = {n: lj.adapters(delta)[n].layout for n in lj.adapters(delta)}
+  for kw in (dict(apply_fn=f, example_args=(x,)),  # discovery says so
+             dict(layouts={re.escape(p): v for p, v in layouts.items()})):
+    _, loaded, cfg = lj.load_peft(tmp_path, params, **kw)
+    got = lj.adapters(loaded)
+    assert sorted(got) == ["key/kernel", "out/kernel", "query/kernel",
+                           "value/kernel"]
+    for p, d in lj.adapters(delta).items():
+      assert got[p].layout == d.layout and got[p].scale == d.scale == 2.0
+      assert np.asarray(got[p].a).tobytes() == np.asarray(d.a).tobytes(), p
+      assert np.asarray(got[p].b).tobytes() == np.asarray(d.b).tobytes(), p
+    np.testing.assert_array_equal(f(lj.merge(params, loaded), x), want)
+
+
+def test_save_peft_refuses_two_leaves_under_one_module_name(tmp_path):
+  # tunix's MoE layer: expert weights are bare parameters of one module, so
+  # the default name (leaf name dropped) is 'layers.0.mlp' for all three.
+  params = {"layers": {"0": {"mlp": {
+      "gate_proj": jnp.ones((4, 6)), "up_proj": jnp.ones((4, 6)),
+      "down_proj": jnp.ones((6, 4)), "bias": jnp.ones((4, 6))}}}}
+  config = lj.LoraConfig(rank=2, targets=".*/gate_proj")
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.save_peft(tmp_path, delta, config)
+  assert str(e.value) == (
+      "module_names gives the PEFT module name 'layers.0.mlp' to the adapted "
+      "leaf 'layers/0/mlp/gate_proj' and to the leaf 'layers/0/mlp/"
+      "down_proj'; a torch module holds one weight, so PEFT would put the "
+      "adapter on the wrong one. Pass module_names that gives each kernel its "
+      "own module (a preset such as 'tunix-qwen3', (regex, replacement) pairs "
+      "or a callable).")
+  assert not os.listdir(tmp_path)
+  names = [(r"layers/(\d+)/mlp/(\w+)", r"model.layers.\1.mlp.\2")]
+  assert lj.save_peft(tmp_path, delta, config, module_names=names) == []
+  # Two adapters under one name: both named.
+  config = lj.LoraConfig(rank=2, targets=".*_proj")
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "module_names gives the PEFT module name 'm' to more than one adapter "
+      "(['layers/0/mlp/down_proj', 'layers/0/mlp/gate_proj']); each torch "
+      "module holds one adapter. Fix module_names.")):
+    lj.save_peft(tmp_path, delta, config, module_names=lambda p: "m")
+
+
+def _tunix_params(gemma=False):
+  rng = np.random.default_rng(0)
+  w = lambda *s: jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
+  attn = ({"q_einsum": {"w": w(4, 8, 2)}, "kv_einsum": {"w": w(2, 2, 8, 2)},
+           "attn_vec_einsum": {"w": w(4, 2, 8)}, "_key_norm": {"scale": w(2)}}
+          if gemma else
+          {"q_proj": {"w": w(8, 4, 2)}, "k_proj": {"w": w(8, 2, 2)},
+           "o_proj": {"w": w(4, 2, 8)}, "k_norm": {"w": w(2)}})
+  return {"embedder": {"input_embedding": w(16, 8)},
+          "layers": {"0": {"attn": attn, "mlp": {
+              "gate_proj": {"kernel": w(8, 6)},
+              "down_proj": {"kernel": w(6, 8)}}}},
+          **({} if gemma else {"lm_head": {"w": w(8, 16)}})}
+
+
+TUNIX_LAYOUTS = {r".*/(q_proj|k_proj)/w": lj.Layout((), (0,), (1, 2)),
+                 r".*/o_proj/w": lj.Layout((), (0, 1), (2,))}
+GEMMA_LAYOUTS = {r".*/q_einsum/w": lj.Layout((), (1,), (0, 2)),
+                 r".*/kv_einsum/w": lj.Layout((), (2,), (0, 1, 3)),
+                 r".*/attn_vec_einsum/w": lj.Layout((), (0, 1), (2,))}
+
+
+def test_module_name_presets(tmp_path):
+  """The presets name tunix's leaves as transformers' torch modules; a fused
+  kv_einsum becomes k_proj and v_proj (lora_B split, lora_A shared)."""
+  config = lj.LoraConfig(rank=2, targets=r".*/(w|kernel)",
+                         exclude=".*(norm|embedding).*", layouts=TUNIX_LAYOUTS)
+  for preset in ("tunix-qwen3", "tunix-llama3"):
+    params = _tunix_params()
+    delta = _random_delta(params, config)
+    lj.save_peft(tmp_path, delta, config, module_names=preset)
+    tensors = st.load_file(tmp_path / "adapter_model.safetensors")[0]
+    mods = sorted({k[len("base_model.model."):-len(".lora_A.weight")]
+                   for k in tensors if k.endswith(".lora_A.weight")})
+    assert mods == ["lm_head", "model.layers.0.mlp.down_proj",
+                    "model.layers.0.mlp.gate_proj",
+                    "model.layers.0.self_attn.k_proj",
+                    "model.layers.0.self_attn.o_proj",
+                    "model.layers.0.self_attn.q_proj"], preset
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert tensors[q + ".lora_A.weight"].shape == (2, 8)  # (r, embed)
+    assert tensors[q + ".lora_B.weight"].shape == (8, 2)  # (heads*head_dim, r)
+    _, back, _ = lj.load_peft(tmp_path, params, module_names=preset,
+                              layouts=TUNIX_LAYOUTS)
+    for p, d in lj.adapters(delta).items():
+      np.testing.assert_array_equal(lj.adapters(back)[p].b, d.b)
+  params = _tunix_params(gemma=True)
+  config = lj.LoraConfig(rank=2, targets=r".*/(w|kernel)",
+                         exclude=".*(norm|embedding).*", layouts=GEMMA_LAYOUTS)
+  delta = _random_delta(params, config)
+  lj.save_peft(tmp_path, delta, config, module_names="tunix-gemma3")
+  tensors = st.load_file(tmp_path / "adapter_model.safetensors")[0]
+  m = "base_model.model.model.layers.0.self_attn."
+  assert sorted(k[len(m):] for k in tensors if k.startswith(m)) == [
+      f"{p}_proj.lora_{t}.weight" for p in "koqv" for t in "AB"]
+  d = delta["layers"]["0"]["attn"]["kv_einsum"]["w"]  # b (r, 2, K, H)
+  for i, p in enumerate("kv"):
+    np.testing.assert_array_equal(tensors[f"{m}{p}_proj.lora_A.weight"],
+                                  np.asarray(d.a).T)
+    np.testing.assert_array_equal(tensors[f"{m}{p}_proj.lora_B.weight"],
+                                  np.asarray(d.b)[:, i].reshape(2, 4).T)
+  # PEFT's arithmetic on k_proj and v_proj is merge's on kv_einsum.
+  merged = lj.merge(params, delta)["layers"]["0"]["attn"]["kv_einsum"]["w"]
+  w0 = params["layers"]["0"]["attn"]["kv_einsum"]["w"]
+  for i, p in enumerate("kv"):
+    a, b = (tensors[f"{m}{p}_proj.lora_{t}.weight"] for t in "AB")
+    want = np.asarray(merged[i] - w0[i]).transpose(0, 2, 1).reshape(4, 8)
+    np.testing.assert_allclose(d.scale * b @ a, want, atol=1e-6)
+  # Loaded back: kv_einsum as a stack of k_proj and v_proj, the same kernel.
+  kv = r"layers/0/attn/kv_einsum/w"
+  with pytest.raises(lj.PeftFormatError, match=re.escape(
+      "'base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight' would "
+      "adapt 'layers/0/attn/kv_einsum/w', a kernel with batch axes () (shape "
+      "(2, 2, 8, 2), layout Layout(batch=(), inputs=(2,), outputs=(0, 1, 3)))"
+      ", but module_names named it stacked along its leading 1 axes.")):
+    lj.load_peft(tmp_path, params, module_names="tunix-gemma3",
+                 layouts=GEMMA_LAYOUTS)
+  stacked = {kv: lj.Layout((0,), (2,), (1, 3)), **GEMMA_LAYOUTS}
+  _, back, _ = lj.load_peft(tmp_path, params, module_names="tunix-gemma3",
+                            layouts=stacked)
+  assert lj.adapters(back)[kv].layout == lj.Layout((0,), (2,), (1, 3))
+  np.testing.assert_allclose(
+      lj.merge(params, back)["layers"]["0"]["attn"]["kv_einsum"]["w"], merged,
+      atol=1e-6)
+  # A leaf the preset does not name, an unknown preset.
+  config = lj.LoraConfig(rank=2, targets=".*input_embedding")
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.save_peft(tmp_path, delta, config, module_names="tunix-gemma3")
+  assert str(e.value).startswith(
+      "module_names='tunix-gemma3' names no torch module for 'embedder/"
+      "input_embedding': the preset names layers/(\\d+)/attn/q_einsum/w, ")
+  assert str(e.value).endswith(
+      ". Leave this leaf out of LoraConfig.targets (PEFT's LoRA adapts Linear "
+      "modules), or pass module_names=[(regex, replacement), ...] or a "
+      "callable that names it.")
+  with pytest.raises(ValueError) as e:
+    lj.save_peft(tmp_path, delta, config, module_names="tunix-qwen2")
+  assert str(e.value) == (
+      "module_names='tunix-qwen2' is not a known preset; the presets are "
+      "'transformers', 'tunix-qwen3', 'tunix-llama3', 'tunix-gemma3'. "
+      "Otherwise pass a callable path -> name or a list of (regex, "
+      "replacement) pairs.")
+
+
+def test_expected_modules_names_the_modules_that_match_none(tmp_path):
+  params = _tunix_params()
+  config = lj.LoraConfig(rank=2, targets=r"(.*/)?(q_proj|gate_proj|lm_head)/.*",
+                         layouts=TUNIX_LAYOUTS)
+  delta = _random_delta(params, config)
+  torch_names = ["", "model", "model.layers", "model.layers.0",
+                 "model.layers.0.self_attn", "model.layers.0.self_attn.q_proj",
+                 "model.layers.0.self_attn.k_proj", "model.layers.0.mlp",
+                 "model.layers.0.mlp.gate_proj", "lm_head"]
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.save_peft(tmp_path, delta, config, expected_modules=torch_names)
+  assert str(e.value) == (
+      "save_peft: 2 of the 3 module names from module_names match no module "
+      "of expected_modules: 'layers.0.attn.q_proj', 'layers.0.mlp.gate_proj' "
+      "(closest module to 'layers.0.attn.q_proj': "
+      "'model.layers.0.self_attn.q_proj'). PEFT would adapt nothing there. "
+      "Name the modules as the torch model does: module_names= a preset "
+      "('transformers', 'tunix-qwen3', 'tunix-llama3', 'tunix-gemma3'), "
+      "(regex, replacement) pairs or a callable.")
+  assert not os.listdir(tmp_path)  # refused before anything is written
+  assert lj.save_peft(tmp_path, delta, config, module_names="tunix-qwen3",
+                      expected_modules=torch_names) == []
+  cfg = json.load(open(tmp_path / "adapter_config.json"))
+  assert cfg["target_modules"] == ["gate_proj", "lm_head", "q_proj"]
+  assert lj.check_vllm(tmp_path, expected_modules=torch_names) == []
+  with pytest.raises(lj.PeftFormatError) as e:
+    lj.check_vllm(tmp_path, expected_modules=["lm_head", "model.q_proj"])
+  assert str(e.value) == (
+      f"{tmp_path}/adapter_model.safetensors: 2 of the 3 module names from "
+      "the file match no module of expected_modules: 'model.layers.0.mlp."
+      "gate_proj', 'model.layers.0.self_attn.q_proj' (closest module to "
+      "'model.layers.0.mlp.gate_proj': 'model.q_proj'). PEFT would adapt "
+      "nothing there. Name the modules as the torch model does: module_names="
+      " a preset ('transformers', 'tunix-qwen3', 'tunix-llama3', "
+      "'tunix-gemma3'), (regex, replacement) pairs or a callable.")
 
 
 # --------------------------------------------------------------- load errors
@@ -650,6 +866,45 @@ def test_load_errors_files(tmp_path):
       f"with PEFT, PeftModel.from_pretrained(model, dir).save_pretrained("
       f"out_dir, safe_serialization=True).")):
     lj.load_peft(tmp_path, {})
+
+
+def test_nested_json_and_huge_shapes_are_peft_format_errors(tmp_path):
+  params = _saved(tmp_path)
+  config = tmp_path / "adapter_config.json"
+  weights = tmp_path / "adapter_model.safetensors"
+  good_config, good_weights = config.read_text(), weights.read_bytes()
+  head = '{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "x": '
+  for depth, message in (
+      (100_000, "its JSON is nested too deeply to read; an adapter config is "
+       "a flat object of fields."),
+      (100, "field 'x' is nested more than 64 levels deep; an adapter config "
+       "is a flat object of fields.")):
+    config.write_text(head + "[" * depth + "]" * depth + "}")
+    for call in (lambda: lj.load_peft(tmp_path, params),
+                 lambda: lj.check_vllm(tmp_path)):
+      with pytest.raises(lj.PeftFormatError) as e:
+        call()
+      assert str(e.value) == (
+          f"{config}: {message} Write it again (PEFT's save_pretrained, or "
+          f"lora_jax.save_peft).")
+  config.write_text(good_config)
+  for header, message in (
+      (b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+       "the header's JSON is nested too deeply to read"),
+      (b'{"x":{"dtype":"F32","shape":[0,4611686018427387904],'
+       b'"data_offsets":[0,0]}}',
+       "tensor 'x' has shape [0, 4611686018427387904], larger than any array "
+       f"({np.iinfo(np.intp).max} bytes)")):
+    weights.write_bytes(_hand_built(header, b""))
+    for call in (lambda: lj.load_peft(tmp_path, params),
+                 lambda: lj.check_vllm(tmp_path)):
+      with pytest.raises(lj.PeftFormatError) as e:
+        call()
+      assert str(e.value) == (
+          f"{weights} is not a valid safetensors file: {message}. Write it "
+          f"again (PEFT's save_pretrained, or lora_jax.save_peft).")
+  weights.write_bytes(good_weights)
+  assert lj.check_vllm(tmp_path) == []
 
 
 # ------------------------------------------------------------------ serving
@@ -865,6 +1120,68 @@ def test_lora_jax_adapter_in_peft(hf, models, model, variant, tmp_path):
   got = _torch_logits(hf, pm)
   assert np.abs(got - _torch_logits(hf, torch_model)).max() > 1e-2
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+# The tunix-shaped decoders of tests/tunix_models.py: (torch model class,
+# config class, config fields, the leaves lora_jax adapts). Gemma3: one RoPE
+# base for its local and global layers, a window longer than the input.
+TINY = dict(vocab_size=16, hidden_size=32, intermediate_size=48,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, max_position_embeddings=32, rms_norm_eps=1e-6)
+_TUNIX_LINEAR = (r"layers/\d+/attn/(q|k|v|o)_proj/w|layers/\d+/mlp/"
+                 r"(gate|up|down)_proj/kernel")
+TUNIX = {
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config",
+              {"tie_word_embeddings": False}, _TUNIX_LINEAR + "|lm_head/w"),
+    "llama3": ("LlamaForCausalLM", "LlamaConfig", {},
+               _TUNIX_LINEAR + "|lm_head/w"),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",
+               {"query_pre_attn_scalar": 8, "rope_theta": 1e4,
+                "rope_local_base_freq": 1e4, "sliding_window": 16},
+               r"layers/\d+/attn/(q_einsum|kv_einsum|attn_vec_einsum)/w|"
+               r"layers/\d+/mlp/(gate|up|down)_proj/kernel"),
+}
+
+
+@pytest.mark.parametrize("preset", ["tunix-qwen3", "tunix-llama3",
+                                    "tunix-gemma3", "transformers"])
+def test_preset_adapter_in_peft(hf, models, preset, tmp_path):
+  """save_peft(module_names=preset) on the JAX model of a family, the
+  transformers torch model's weights converted to it: PEFT's logits are
+  lj.merge's."""
+  torch, peft, transformers, _ = hf
+  if preset == "transformers":
+    torch_model, flax_model = models["llama"]
+    params, f = flax_model.params, _flax_fn(flax_model)
+    targets = MODELS["llama"][1]
+  else:
+    family = preset[len("tunix-"):]
+    model_cls, config_cls, fields, targets = TUNIX[family]
+    torch.manual_seed(0)
+    torch_model = getattr(transformers, model_cls)(
+        getattr(transformers, config_cls)(**TINY, **fields)).eval()
+    params, f = tunix_models.from_torch(family, torch_model)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(params, IDS)),
+                               _torch_logits(hf, torch_model), atol=1e-5)
+  config = lj.LoraConfig(rank=4, alpha=8.0, targets=targets)
+  _, delta = lj.split(params, config, jax.random.key(0), f, (IDS,))
+  delta = _fill(delta)
+  want = np.asarray(jax.jit(f)(lj.merge(params, delta), IDS))
+  names = [n for n, _ in torch_model.named_modules()]
+  assert lj.save_peft(tmp_path, delta, config, module_names=preset,
+                      expected_modules=names) == []
+  pm = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path)
+  pm.eval()
+  got = _torch_logits(hf, pm)
+  assert np.abs(got - _torch_logits(hf, torch_model)).max() > 1e-1
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+  # Every module of the file holds its adapter in PEFT (gemma3: kv_einsum
+  # is k_proj and v_proj).
+  adapted = sorted(n[:-len(".lora_A.default")] for n, _ in pm.named_modules()
+                   if n.endswith(".lora_A.default"))
+  # 2 layers of q, k, v, o, gate, up, down (+ lm_head); Flax Llama: q, v, down
+  want_count = {"transformers": 6, "tunix-gemma3": 14}.get(preset, 15)
+  assert len(adapted) == want_count, adapted
 
 
 def _randomized(delta):

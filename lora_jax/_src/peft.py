@@ -25,7 +25,6 @@ import math
 import os
 import re
 import warnings
-from collections import Counter
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
@@ -35,8 +34,8 @@ import numpy as np
 from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src import safetensors
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.config import PatternMap
 from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
-from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths, map_with_paths
 
 CONFIG_FILE = "adapter_config.json"
@@ -45,10 +44,52 @@ PREFIX = "base_model.model."
 # Suffixes of the tensors of one module in PEFT's saved state dict.
 _A, _B, _M = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 
-# A path -> PEFT module name mapping: a callable, or (regex, replacement)
-# pairs (the first pair whose regex full-matches a path names it; a path no
-# pair matches keeps the default name).
-ModuleNames = Union[None, Callable[[str], str], Sequence[tuple[str, str]]]
+# A path -> PEFT module name mapping: a preset name (MODULE_NAME_PRESETS), a
+# callable, or (regex, replacement) pairs (the first pair whose regex
+# full-matches a path names it; a path no pair matches keeps the default
+# name). A name may be a list of names: the kernel's first output axis is
+# split among those modules (a fused projection, as Gemma's kv_einsum).
+ModuleNames = Union[None, str, Callable[[str], Any], Sequence[tuple[str, Any]]]
+
+# tunix's NNX decoders (google/tunix, tunix/models/*/model.py), named as
+# their checkpoint loaders (params*.py) map them from transformers'
+# safetensors: torch module <- leaf path, exactly one way. "[i]" is the
+# entry i of a stacked kernel's batch axis (MoE experts; a kv_einsum given a
+# leading batch axis by layouts=); a tuple splits the first output axis.
+_TUNIX_ATTN = ((r"layers/(\d+)/attn/(q_proj|k_proj|v_proj|o_proj)/w",
+                r"model.layers.\1.self_attn.\2"),)
+_TUNIX_MLP = ((r"layers/(\d+)/mlp/(gate_proj|up_proj|down_proj)/kernel",
+               r"model.layers.\1.mlp.\2"),)
+_GEMMA_KV = (r"model.layers.\1.self_attn.k_proj",
+             r"model.layers.\1.self_attn.v_proj")
+MODULE_NAME_PRESETS: dict[str, tuple | None] = {
+    # transformers' Flax ports: leaf paths are torch's names already.
+    "transformers": None,
+    # tunix.models.qwen3 -> Qwen3ForCausalLM / Qwen3MoeForCausalLM
+    "tunix-qwen3": _TUNIX_ATTN + _TUNIX_MLP + (
+        (r"layers/(\d+)/mlp/router/kernel", r"model.layers.\1.mlp.gate"),
+        (r"layers/(\d+)/mlp/(gate_proj|up_proj|down_proj)\[(\d+)\]",
+         r"model.layers.\1.mlp.experts.\3.\2"),
+        (r"lm_head/w", "lm_head")),
+    # tunix.models.llama3 -> LlamaForCausalLM
+    "tunix-llama3": _TUNIX_ATTN + _TUNIX_MLP + ((r"lm_head/w", "lm_head"),),
+    # tunix.models.gemma3 -> Gemma3ForCausalLM (the text model; lm_head is
+    # the tied embedding). kv_einsum (2, K, D, H) holds k_proj and v_proj,
+    # qkv_einsum (3, N, D, H) all three (when N == K).
+    "tunix-gemma3": (
+        (r"layers/(\d+)/attn/q_einsum/w", r"model.layers.\1.self_attn.q_proj"),
+        (r"layers/(\d+)/attn/kv_einsum/w", _GEMMA_KV),
+        (r"layers/(\d+)/attn/kv_einsum/w\[0\]", _GEMMA_KV[0]),
+        (r"layers/(\d+)/attn/kv_einsum/w\[1\]", _GEMMA_KV[1]),
+        (r"layers/(\d+)/attn/qkv_einsum/w",
+         (r"model.layers.\1.self_attn.q_proj",) + _GEMMA_KV),
+        (r"layers/(\d+)/attn/qkv_einsum/w\[0\]",
+         r"model.layers.\1.self_attn.q_proj"),
+        (r"layers/(\d+)/attn/qkv_einsum/w\[1\]", _GEMMA_KV[0]),
+        (r"layers/(\d+)/attn/qkv_einsum/w\[2\]", _GEMMA_KV[1]),
+        (r"layers/(\d+)/attn/attn_vec_einsum/w",
+         r"model.layers.\1.self_attn.o_proj")) + _TUNIX_MLP,
+}
 
 # adapter_config.json fields that change what the adapter computes and that
 # lora_jax cannot honour, with the values that mean "not used" (PEFT's
@@ -97,36 +138,101 @@ def default_module_name(path: str) -> str:
   return ".".join(path.split("/")[:-1])
 
 
-def _namer(module_names: ModuleNames) -> Callable[[str], str]:
-  if module_names is None:
-    return default_module_name
-  if callable(module_names):
-    return module_names
-  try:
-    pairs = [(re.compile(p), r) for p, r in module_names]
-  except (TypeError, ValueError, re.error) as e:
-    raise TypeError(
-        f"module_names must be a callable path -> name or a list of (regex, "
-        f"replacement) pairs, got {module_names!r} ({e}).") from None
+def _preset_list() -> str:
+  return ", ".join(repr(k) for k in MODULE_NAME_PRESETS)
 
-  def name(path: str) -> str:
-    for pattern, replacement in pairs:
+
+def _pairs_namer(pairs, fallback):
+  compiled = [(re.compile(p), r) for p, r in pairs]
+
+  def name(path: str):
+    for pattern, replacement in compiled:
       m = pattern.fullmatch(path)
       if m:
+        if isinstance(replacement, (tuple, list)):
+          return [m.expand(r) for r in replacement]
         return m.expand(replacement)
-    return default_module_name(path)
+    return fallback(path)
   return name
 
 
-def _name_of(namer: Callable[[str], str], path: str) -> str:
-  name = namer(path)
-  if not isinstance(name, str) or not name:
-    raise PeftFormatError(
-        f"module_names gave {name!r} for {path!r}; PEFT needs a non-empty "
-        f"torch module name such as 'model.layers.0.self_attn.q_proj'. Pass "
-        f"module_names=[(regex, replacement), ...] or a callable that names "
-        f"it.")
-  return name
+class _Namer:
+  """``module_names`` made a callable ``path -> name | [names] | None``
+  (None: no torch module); ``what`` says where the names come from, for
+  messages."""
+
+  def __init__(self, module_names: ModuleNames):
+    self.preset = None  # a preset that names only the leaves it knows
+    if module_names is None:
+      self.fn, self.what = default_module_name, "module_names"
+      return
+    if isinstance(module_names, str):
+      if module_names not in MODULE_NAME_PRESETS:
+        raise ValueError(
+            f"module_names={module_names!r} is not a known preset; the "
+            f"presets are {_preset_list()}. Otherwise pass a callable path -> "
+            f"name or a list of (regex, replacement) pairs.")
+      self.what = f"module_names={module_names!r}"
+      pairs = MODULE_NAME_PRESETS[module_names]
+      if pairs is None:  # the default names
+        self.fn = default_module_name
+        return
+      # A preset names exactly the leaves it knows: any other has no module.
+      self.preset = module_names
+      self.fn = _pairs_namer(pairs, lambda p: None)
+      return
+    self.what = "module_names"
+    if callable(module_names):
+      self.fn = module_names
+      return
+    try:
+      self.fn = _pairs_namer(module_names, default_module_name)
+    except (TypeError, ValueError, re.error) as e:
+      raise TypeError(
+          f"module_names must be a preset name ({_preset_list()}), a "
+          f"callable path -> name or a list of (regex, replacement) pairs, "
+          f"got {module_names!r} ({e}).") from None
+
+  def __call__(self, path: str):
+    return self.fn(path)
+
+  def known(self, path: str) -> str | None:
+    """The single name of ``path``, or None (no module, or a split)."""
+    name = self.fn(path)
+    return name if isinstance(name, str) and name else None
+
+  def names(self, path: str, default_ok: bool = True) -> list[str]:
+    """The module name(s) of ``path``, or an error that says how to name
+    it; ``default_ok=False`` refuses the default name (a stacked entry)."""
+    name = self.fn(path)
+    names = list(name) if isinstance(name, (tuple, list)) else [name]
+    if name is None and self.preset is not None:
+      raise PeftFormatError(
+          f"{self.what} names no torch module for {path!r}: the preset "
+          f"names {_preset_patterns(self.preset)}. Leave this leaf out of "
+          f"LoraConfig.targets (PEFT's LoRA adapts Linear modules), or pass "
+          f"module_names=[(regex, replacement), ...] or a callable that "
+          f"names it.")
+    if not names or not all(isinstance(n, str) and n for n in names):
+      raise PeftFormatError(
+          f"{self.what} gave {name!r} for {path!r}; PEFT needs a non-empty "
+          f"torch module name such as 'model.layers.0.self_attn.q_proj'. Pass "
+          f"module_names=[(regex, replacement), ...] or a callable that names "
+          f"it.")
+    if not default_ok and self.preset is None and name == default_module_name(
+        path):
+      return []
+    return names
+
+
+def _preset_patterns(preset: str) -> str:
+  pairs = MODULE_NAME_PRESETS[preset]
+  return ", ".join(p for p, _ in pairs) if pairs else "every leaf"
+
+
+def _namer(module_names: ModuleNames) -> _Namer:
+  return module_names if isinstance(module_names, _Namer) else _Namer(
+      module_names)
 
 
 def pattern_key(keys: Sequence[str], module: str) -> str | None:
@@ -196,19 +302,33 @@ def _target_modules(names: list[str], others: list[str] | None
 # ------------------------------------------------------------------ save
 
 
-def _modules_of(delta: Any, namer) -> list[tuple[str, str, LoraDelta, tuple]]:
-  """``(module, path, adapter, batch index)`` per PEFT module; a kernel with
-  batch axes gives one module per index, named from ``path[i,j]``."""
+def _modules_of(delta: Any, namer: _Namer) -> list[tuple]:
+  """``(module, path, adapter, batch index, part)`` per PEFT module; a kernel
+  with batch axes gives one module per index, named from ``path[i,j]``; a
+  kernel named with a list of ``n`` modules gives one per ``part`` ``(j,
+  n)`` of its first output axis (``part`` is None otherwise). Two leaves
+  under one module name are refused, naming both."""
   out = []
   for path, d in adapters(delta).items():
-    batch = d.layout.sizes(d.kernel_shape)[0]
+    batch, _, outs = d.layout.sizes(d.kernel_shape)
     if not batch:
-      out.append((_name_of(namer, path), path, d, ()))
+      names = namer.names(path)
+      if len(names) > 1 and outs[0] != len(names):
+        raise PeftFormatError(
+            f"{namer.what} names {len(names)} torch modules {names} for "
+            f"{path!r}, splitting its first output axis, but that axis "
+            f"(axis {d.layout.outputs[0]} of kernel shape {d.kernel_shape}, "
+            f"layout {d.layout}) has {outs[0]} entries. Give it a layout whose "
+            f"first output axis holds the fused projections (layouts=), or "
+            f"name it as one module.")
+      for j, m in enumerate(names):
+        out.append((m, path, d, (), (j, len(names)) if len(names) > 1 else
+                    None))
       continue
     for idx in np.ndindex(*batch):
-      indexed = f"{path}[{','.join(str(i) for i in idx)}]"
-      name = namer(indexed)
-      if name == default_module_name(indexed):
+      indexed = _indexed(path, idx)
+      names = namer.names(indexed, default_ok=False)
+      if not names:
         raise PeftFormatError(
             f"{path!r} has batch axes (kernel shape {d.kernel_shape}, layout "
             f"{d.layout}): it holds {math.prod(batch)} kernels (stacked "
@@ -216,28 +336,57 @@ def _modules_of(delta: Any, namer) -> list[tuple[str, str, LoraDelta, tuple]]:
             f"module_names that maps {indexed!r} to the module of that index, "
             f"e.g. module_names=[(r'(.*)/layers/(\\w+)/kernel\\[(\\d+)\\]', "
             f"r'model.layers.\\3.\\2')].")
-      out.append((_name_of(lambda p: name, indexed), path, d, idx))
-  names = Counter(m for m, *_ in out)
-  twice = sorted(n for n, c in names.items() if c > 1)
-  if twice:
-    paths = [p for m, p, *_ in out if m == twice[0]]
-    raise PeftFormatError(
-        f"module_names gives the PEFT module name {twice[0]!r} to more than "
-        f"one adapter ({paths}); each torch module holds one adapter. Fix "
-        f"module_names.")
+      if len(names) > 1:
+        raise PeftFormatError(
+            f"{namer.what} names {len(names)} torch modules {names} for the "
+            f"stacked entry {indexed!r}; an entry of a stacked kernel is one "
+            f"module.")
+      out.append((names[0], path, d, idx, None))
+  # Each module name belongs to one leaf: two adapters, or an adapter and
+  # another leaf of the tree (a kernel left alone; a bias belongs with its
+  # kernel in torch's module), under one name would put the adapter on the
+  # wrong weight in PEFT.
+  owner: dict[str, str] = {}
+  for m, path, _, idx, _ in out:
+    where = _indexed(path, idx) if idx else path
+    if m in owner:
+      raise PeftFormatError(
+          f"{namer.what} gives the PEFT module name {m!r} to more than one "
+          f"adapter ({sorted([owner[m], where])}); each torch module holds "
+          f"one adapter. Fix module_names.")
+    owner[m] = where
+  for p, x in leaves_with_paths(delta, is_leaf=is_delta_or_none):
+    if x is not None or p.rsplit("/", 1)[-1] == "bias":
+      continue
+    m = namer.known(p)
+    if m in owner:
+      raise PeftFormatError(
+          f"{namer.what} gives the PEFT module name {m!r} to the adapted "
+          f"leaf {owner[m]!r} and to the leaf {p!r}; a torch module holds one "
+          f"weight, so PEFT would put the adapter on the wrong one. Pass "
+          f"module_names that gives each kernel its own module (a preset such "
+          f"as 'tunix-qwen3', (regex, replacement) pairs or a callable).")
   return out
 
 
-def _factors(d: LoraDelta, idx: tuple) -> tuple[np.ndarray, ...]:
+def _factors(d: LoraDelta, idx: tuple, part: tuple | None
+             ) -> tuple[np.ndarray, ...]:
   """PEFT's ``(lora_A (r, in), lora_B (out, r), magnitude (out,) or None)``
-  of one (batch entry of an) adapter."""
+  of one (batch entry of an) adapter; ``part`` ``(j, n)``: the ``j``-th of
+  ``n`` equal blocks of its outputs (a fused projection's module)."""
   lora_a, lora_b = d.layout.factors_to_out_in(d.a, d.b)
   g = int(np.ravel_multi_index(idx, d.layout.sizes(d.kernel_shape)[0])
           ) if idx else 0
+  lora_a, lora_b = np.asarray(lora_a[g]), np.asarray(lora_b[g])
   mag = None
   if d.magnitude is not None:
-    mag = np.asarray(d.magnitude).reshape(lora_b.shape[0], -1)[g]
-  return np.asarray(lora_a[g]), np.asarray(lora_b[g]), mag
+    mag = np.asarray(d.magnitude).reshape(-1, lora_b.shape[0])[g]
+  if part is not None:
+    j, n = part
+    rows = slice(j * lora_b.shape[0] // n, (j + 1) * lora_b.shape[0] // n)
+    lora_b = lora_b[rows]
+    mag = None if mag is None else mag[rows]
+  return lora_a, lora_b, mag
 
 
 def _round(x: float) -> float:
@@ -273,7 +422,8 @@ def _pattern(groups: dict[Any, list[str]], default: Any, names: list[str]):
 
 
 def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None,
-                fold_scales: bool = False) -> dict:
+                fold_scales: bool = False,
+                expected_modules: Sequence[str] | None = None) -> dict:
   """The ``adapter_config.json`` :func:`save_peft` writes for ``delta``.
 
   Args:
@@ -281,6 +431,7 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
     config: the :class:`lora_jax.LoraConfig` it was made with.
     module_names: as in :func:`save_peft`.
     fold_scales: as in :func:`save_peft`.
+    expected_modules: as in :func:`save_peft`.
 
   Returns:
     The config as a dict of JSON types.
@@ -299,9 +450,9 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
   if not mods:
     raise PeftFormatError("save_peft: the delta holds no adapter.")
   names = [m for m, *_ in mods]
-  dora = sorted({p for _, p, d, _ in mods if d.magnitude is not None})
-  if dora and len(dora) < len({p for _, p, _, _ in mods}):
-    plain = sorted({p for _, p, d, _ in mods if d.magnitude is None})
+  dora = sorted({p for _, p, d, *_ in mods if d.magnitude is not None})
+  if dora and len(dora) < len({p for _, p, *_ in mods}):
+    plain = sorted({p for _, p, d, *_ in mods if d.magnitude is None})
     raise PeftFormatError(
         f"save_peft: {dora[0]!r} is a DoRA adapter but {plain[0]!r} is not; "
         f"PEFT's use_dora holds for every module of an adapter. Save the two "
@@ -311,14 +462,23 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
   # the short names (q_proj) whenever they pick exactly the adapted modules.
   slots = leaves_with_paths(delta, is_leaf=is_delta_or_none)
   has_slots = any(x is None for _, x in slots)
-  others = sorted({n for n in (namer(p) for p, x in slots if x is None)
-                   if isinstance(n, str) and n} - set(names))
-  targets = _target_modules(names, others if has_slots else None)
+  others = set()
+  for p, x in slots:
+    n = namer(p) if x is None else None
+    others.update(v for v in (n if isinstance(n, (list, tuple)) else [n])
+                  if isinstance(v, str) and v)
+  if expected_modules is not None:
+    # The torch model's own module names: every other one is left alone.
+    expected = _expected(expected_modules)
+    _check_expected(names, expected, "save_peft", namer.what)
+    others, has_slots = set(expected), True
+  targets = _target_modules(names, sorted(others - set(names))
+                            if has_slots else None)
   by_rank, by_alpha = {}, {}
-  for m, _, d, _ in mods:
+  for m, _, d, *_ in mods:
     by_rank.setdefault(d.rank, []).append(m)
     by_alpha.setdefault(_alpha_of(d, config.rslora), []).append(m)
-  dropouts = {d.dropout for _, _, d, _ in mods}
+  dropouts = {d.dropout for _, _, d, *_ in mods}
   out = {
       "peft_type": "LORA",
       "r": config.rank,
@@ -351,7 +511,8 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
 
 def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
               module_names: ModuleNames = None, *, fold_scales: bool = False,
-              extra_config: Mapping[str, Any] | None = None) -> list[str]:
+              extra_config: Mapping[str, Any] | None = None,
+              expected_modules: Sequence[str] | None = None) -> list[str]:
   """Writes ``delta`` as a PEFT LoRA adapter that
   ``peft.PeftModel.from_pretrained`` loads onto the equivalent torch model
   (and vLLM, TGI and LoRAX serve).
@@ -372,14 +533,24 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
     config: the :class:`lora_jax.LoraConfig` it was made with (its
       ``rank``, ``alpha`` and ``rslora`` become ``r``, ``lora_alpha`` and
       ``use_rslora``; each adapter's own rank and scale are kept).
-    module_names: how a leaf path becomes a torch module name: a callable,
-      or a list of ``(regex, replacement)`` pairs (the first regex that
-      full-matches the path gives ``match.expand(replacement)``; other paths
-      keep the default). Default: drop the leaf name, join with ``.``
+    module_names: how a leaf path becomes a torch module name: a preset
+      for a model family (``"tunix-qwen3"``, ``"tunix-llama3"``,
+      ``"tunix-gemma3"``: tunix's NNX models to transformers' names, e.g.
+      ``"layers/0/attn/q_proj/w"`` -> ``"model.layers.0.self_attn.q_proj"``;
+      a leaf the preset does not name is an error; ``"transformers"``: the
+      Flax ports, whose paths are torch's names), a callable, or a list of
+      ``(regex, replacement)`` pairs (the first regex that full-matches the
+      path gives ``match.expand(replacement)``; other paths keep the
+      default). Default: drop the leaf name, join with ``.``
       (``"model/layers/0/self_attn/q_proj/kernel"`` ->
       ``"model.layers.0.self_attn.q_proj"``). A kernel with batch axes
       (stacked layers, experts) is written as one module per index, named
-      from ``"<path>[i]"`` (``"<path>[i,j]"`` for two batch axes).
+      from ``"<path>[i]"`` (``"<path>[i,j]"`` for two batch axes). A name
+      may be a list of ``n`` names: the kernel's first output axis is split
+      into ``n`` equal blocks, one module each (a fused projection, as
+      Gemma's ``kv_einsum``; the same ``lora_A`` for each). Two leaves under
+      one module name are an error (a leaf named ``bias`` belongs with its
+      kernel).
     fold_scales: write one scale, ``lora_alpha / r``, for every module (vLLM
       ignores ``alpha_pattern``): each module's scale ratio is folded into
       its ``lora_B``, and ``alpha_pattern`` gives modules of another rank
@@ -389,6 +560,10 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
       "fan_in_fan_out": True}`` (for transformers' GPT-2 ``Conv1D``; PEFT
       sets it itself with a warning). The fields that describe the weights
       cannot be overridden.
+    expected_modules: optional, the torch model's module names (``[n for n,
+      _ in torch_model.named_modules()]``): an exported name that is not
+      one of them is an error, raised before anything is written; they also
+      make ``target_modules`` exact.
 
   Returns:
     The problems :func:`check_vllm` found (also warned); empty if none.
@@ -405,7 +580,8 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
   """
   if not isinstance(config, LoraConfig):
     raise TypeError(f"save_peft expects a lora_jax.LoraConfig, got {config!r}.")
-  cfg = peft_config(delta, config, module_names, fold_scales)
+  namer = _namer(module_names)
+  cfg = peft_config(delta, config, namer, fold_scales, expected_modules)
   fixed = {"peft_type", "r", "lora_alpha", "target_modules", "use_rslora",
            "use_dora", "rank_pattern", "alpha_pattern"}
   clash = sorted(fixed & set(extra_config or {}))
@@ -415,8 +591,8 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
         f"weights, and save_peft writes them from the delta and config.")
   cfg.update(extra_config or {})
   tensors = {}
-  for m, _, d, idx in _modules_of(delta, _namer(module_names)):
-    lora_a, lora_b, mag = _factors(d, idx)
+  for m, _, d, idx, part in _modules_of(delta, namer):
+    lora_a, lora_b, mag = _factors(d, idx, part)
     if fold_scales:
       ratio = d.scale / config.scale  # PEFT and vLLM apply config.scale
       lora_b = (lora_b.astype(np.float64) * ratio).astype(lora_b.dtype)
@@ -511,7 +687,8 @@ def _file_problems(cfg: dict, keys: Sequence[str]) -> list[str]:
   return problems
 
 
-def check_vllm(adapter: LoraConfig | str | os.PathLike) -> list[str]:
+def check_vllm(adapter: LoraConfig | str | os.PathLike, *,
+               expected_modules: Sequence[str] | None = None) -> list[str]:
   """What a vLLM server would reject or serve wrong in an adapter.
 
   vLLM rejects DoRA and ``modules_to_save`` and LoRA bias terms, and applies
@@ -520,6 +697,10 @@ def check_vllm(adapter: LoraConfig | str | os.PathLike) -> list[str]:
 
   Args:
     adapter: a PEFT adapter directory, or a :class:`lora_jax.LoraConfig`.
+    expected_modules: optional, with a directory: the serving model's module
+      names (``[n for n, _ in torch_model.named_modules()]``). A module of
+      the file that is not one of them is a :class:`PeftFormatError` naming
+      it (the server would adapt nothing there).
 
   Returns:
     A list of problems, each a sentence; empty if vLLM serves it as is.
@@ -531,10 +712,47 @@ def check_vllm(adapter: LoraConfig | str | os.PathLike) -> list[str]:
   'use_dora: vLLM does not serve DoRA ada'
   """
   if isinstance(adapter, LoraConfig):
+    if expected_modules is not None:
+      raise TypeError("check_vllm: expected_modules is checked against an "
+                      "adapter directory's modules; pass the directory.")
     return _config_problems(adapter)
   cfg = _read_config(adapter)
   keys = list(_read_weights(adapter))
+  if expected_modules is not None:
+    modules = sorted({k[len(PREFIX):-len(s)] for k in keys for s in (_A, _B, _M)
+                      if k.startswith(PREFIX) and k.endswith(s)})
+    _check_expected(modules, _expected(expected_modules),
+                    os.path.join(os.fspath(adapter), WEIGHTS_FILE),
+                    "the file")
   return _file_problems(cfg, keys)
+
+
+def _expected(expected_modules: Any) -> set[str]:
+  if isinstance(expected_modules, (str, bytes)) or not all(
+      isinstance(n, str) for n in expected_modules):
+    raise TypeError(
+        f"expected_modules must be a list of torch module names, e.g. [n for "
+        f"n, _ in torch_model.named_modules()]; got {expected_modules!r:.200}.")
+  return set(expected_modules)
+
+
+def _check_expected(names: Sequence[str], expected: set[str], where: str,
+                    source: str) -> None:
+  """An error naming every module of ``names`` not in ``expected``."""
+  missing = sorted(set(names) - expected)
+  if not missing:
+    return
+  close = difflib.get_close_matches(missing[0], sorted(expected), n=1,
+                                    cutoff=0.0)
+  shown = ", ".join(repr(m) for m in missing[:10]) + (
+      f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+  raise PeftFormatError(
+      f"{where}: {len(missing)} of the {len(set(names))} module names from "
+      f"{source} match no module of expected_modules: {shown}"
+      + (f" (closest module to {missing[0]!r}: {close[0]!r})" if close else "")
+      + f". PEFT would adapt nothing there. Name the modules as the torch model "
+      f"does: module_names= a preset ({_preset_list()}), (regex, "
+      f"replacement) pairs or a callable.")
 
 
 # ------------------------------------------------------------------ load
@@ -551,8 +769,20 @@ def _read_config(directory) -> dict:
       cfg = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise PeftFormatError(f"{path}: not readable JSON ({e}).") from None
+  except RecursionError:
+    raise PeftFormatError(
+        f"{path}: its JSON is nested too deeply to read; an adapter config "
+        f"is a flat object of fields. Write it again (PEFT's "
+        f"save_pretrained, or lora_jax.save_peft).") from None
   if not isinstance(cfg, dict):
-    raise PeftFormatError(f"{path}: expected a JSON object, got {cfg!r}.")
+    raise PeftFormatError(f"{path}: expected a JSON object, got {cfg!r:.200}.")
+  deep = safetensors.nested_too_deep(cfg)
+  if deep is not None:
+    raise PeftFormatError(
+        f"{path}: field {deep!r} is nested more than "
+        f"{safetensors.MAX_DEPTH} levels deep; an adapter config is a flat "
+        f"object of fields. Write it again (PEFT's save_pretrained, or "
+        f"lora_jax.save_peft).")
   return cfg
 
 
@@ -565,7 +795,11 @@ def _read_weights(directory) -> dict[str, np.ndarray]:
              "PeftModel.from_pretrained(model, dir).save_pretrained(out_dir, "
              "safe_serialization=True).") if os.path.isfile(pt) else ""
     raise PeftFormatError(f"{directory}: no {WEIGHTS_FILE}.{extra}")
-  return safetensors.load_file(path)[0]
+  try:
+    return safetensors.load_file(path)[0]
+  except safetensors.SafetensorsError as e:
+    raise PeftFormatError(f"{e} Write it again (PEFT's save_pretrained, or "
+                          f"lora_jax.save_peft).") from None
 
 
 def _check_fields(cfg: dict, where: str) -> None:
@@ -637,13 +871,35 @@ def _group_keys(tensors: dict, where: str, dora: bool) -> dict[str, dict]:
   return mods
 
 
-def _kernels(params: Any) -> list[tuple[str, Any]]:
-  """``(path, leaf)`` of every float leaf with ndim >= 2."""
-  out = []
-  for p, x in leaves_with_paths(params):
-    if is_float_matrix(x):
-      out.append((p, x))
-  return out
+def _kernels(params: Any, apply_fn: Callable | None,
+             example_args: Sequence[Any], layouts: PatternMap
+             ) -> tuple[list[tuple[str, Any]], dict[str, Callable]]:
+  """``(path, leaf)`` of every kernel of ``params`` a module can name, and
+  the traced layouts. A float leaf of 2+ axes is a kernel when ``layouts``
+  gives it a layout, or, with ``apply_fn``, when the trace uses it as the
+  weight of a matmul, einsum or conv (or a lookup table); without
+  ``apply_fn`` every other such leaf is one, except those named ``bias``
+  (Flax DenseGeneral's 2-D ``(heads, head_dim)`` biases: torch keeps a
+  module's bias beside its weight)."""
+  from lora_jax._src import quant  # pylint: disable=g-import-not-at-top
+  from lora_jax._src.discover import layout_from_uses  # pylint: disable=g-import-not-at-top
+  from lora_jax._src.discover import trace_uses  # pylint: disable=g-import-not-at-top
+  leaves = leaves_with_paths(params)
+  floats = [(i, p, x) for i, (p, x) in enumerate(leaves) if is_float_matrix(x)]
+  explicit = {p for _, p, _ in floats if layouts.lookup(p) is not None}
+  if apply_fn is None or quant.has_qarrays(params):
+    return [(p, x) for _, p, x in floats
+            if p in explicit or p.rsplit("/", 1)[-1] != "bias"], {}
+  traced = [(i, p, x) for i, p, x in floats if p not in explicit]
+  uses = trace_uses(apply_fn, params, example_args, None,
+                    [i for i, _, _ in traced])
+  used = {p: (x, u) for (_, p, x), u in zip(traced, uses, strict=True)
+          if any(use.roles is not None for use in u)}
+  # The layout of each kernel from the same trace, computed only for the
+  # kernels a module names (a conflict elsewhere is no concern here).
+  layout_of = lambda p: layout_from_uses(p, len(used[p][0].shape), used[p][1])
+  return [(p, x) for _, p, x in floats if p in explicit or p in used], (
+      {p: layout_of for p in used})
 
 
 def _indexed(path: str, idx: tuple) -> str:
@@ -781,7 +1037,8 @@ def load_peft(directory: str | os.PathLike, params: Any,
   dora = bool(cfg.get("use_dora", False))
   mods = _group_keys(_read_weights(directory), weights_file, dora)
   namer = _namer(module_names)
-  kernels = _kernels(params)
+  user_layouts = PatternMap.parse(layouts, "layouts")
+  kernels, traced = _kernels(params, apply_fn, example_args, user_layouts)
   found = _match(sorted(mods), kernels, namer, module_names is not None,
                  weights_file)
   per_kernel = _per_kernel(found, kernels, namer, weights_file)
@@ -823,7 +1080,12 @@ def load_peft(directory: str | os.PathLike, params: Any,
   # and sharding; zero factors keep it cheap, the file's replace them.
   zeros = lambda key, a_shape, b_shape, dtype, fan_in: (
       jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype))
-  template = LoraConfig(**{**_fields(config), "init": zeros})
+  # Layouts traced along with the kernels, after the explicit ones: split
+  # need not trace again.
+  traced_layouts = [(re.escape(p), traced[p](p)) for p in sorted(per_kernel)
+                    if p in traced]
+  template = LoraConfig(**{**_fields(config), "init": zeros, "layouts": (
+      list(user_layouts) + traced_layouts)})
   base, delta = split(params, template, jax.random.key(0), apply_fn,
                       example_args)
   new = {p: _from_file(p, d, {i: mods[m] for i, m in per_kernel[p].items()},

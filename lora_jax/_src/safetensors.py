@@ -33,6 +33,30 @@ _NAMES = {dt: name for name, dt in DTYPES.items()}
 # A header larger than this is a corrupt file, not an adapter (the reference
 # implementation refuses headers over 100 MB too).
 _MAX_HEADER = 100_000_000
+# The largest array numpy makes (bytes, zero-length axes not counted).
+_MAX_BYTES = int(np.iinfo(np.intp).max)
+# JSON nested deeper than this is not a header (nor an adapter config).
+MAX_DEPTH = 64
+
+
+def nested_too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
+  """The key of the first top-level entry of a JSON object nested more than
+  ``limit`` levels deep, or None; iterative, so any depth is safe.
+
+  >>> nested_too_deep({"a": [[1]], "b": 2}, limit=2)
+  'a'
+  """
+  for key, item in value.items():
+    stack = [(item, 1)]
+    while stack:
+      v, depth = stack.pop()
+      if depth > limit:
+        return key
+      if isinstance(v, dict):
+        stack.extend((x, depth + 1) for x in v.values())
+      elif isinstance(v, list):
+        stack.extend((x, depth + 1) for x in v)
+  return None
 
 
 class SafetensorsError(ValueError):
@@ -121,8 +145,14 @@ def from_bytes(data: bytes, where: str = "<bytes>"
     header = json.loads(data[8:8 + n].decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise bad(f"the header is not JSON ({e})") from None
+  except RecursionError:
+    raise bad("the header's JSON is nested too deeply to read") from None
   if not isinstance(header, dict):
     raise bad("the header is not a JSON object")
+  deep = nested_too_deep(header)
+  if deep is not None:
+    raise bad(f"the header entry {deep!r} is nested more than {MAX_DEPTH} "
+              f"levels deep")
   metadata = header.pop("__metadata__", None) or {}
   if not isinstance(metadata, dict) or not all(
       isinstance(v, str) for v in metadata.values()):
@@ -160,6 +190,11 @@ def _decode(name: str, info: Any, body: memoryview, bad) -> np.ndarray:
     raise bad(f"tensor {name!r} needs a shape and two data_offsets of "
               f"non-negative ints, got {shape!r} and {offsets!r}")
   begin, stop = offsets
+  # numpy's own limit, zero-length axes aside: [0, 2**62] holds no byte but
+  # is no array numpy can make.
+  if math.prod(d for d in shape if d) * DTYPES[kind].itemsize > _MAX_BYTES:
+    raise bad(f"tensor {name!r} has shape {shape}, larger than any array "
+              f"({_MAX_BYTES} bytes)")
   size = math.prod(shape) * DTYPES[kind].itemsize
   if stop - begin != size or stop > len(body):
     raise bad(f"tensor {name!r} ({kind}{shape}) needs {size} bytes but its "
