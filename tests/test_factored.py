@@ -169,3 +169,29 @@ def test_auto_picks_merge_for_few_tokens_and_high_rank():
     cost = factored.extra_flops(tokens, 64, 64, rank)
     assert (cost["merge"] < factored.FACTORED_FLOP_WEIGHT * cost["factored"]) == (
         want.startswith("merge"))
+
+
+@pytest.mark.parametrize("rank", [8, 256])
+def test_both_factor_gradient_forms_equal_the_math(rank):
+  # Rank <= REDUCE_MAX_RANK on CPU takes the fused multiply-reduce form of
+  # x^T g; rank 256 takes the GEMM. Both equal the hand-written gradients.
+  k, n, m = 300, 40, 24
+  keys = jax.random.split(jax.random.key(rank), 5)
+  w = jax.random.normal(keys[0], (k, n))
+  x = jax.random.normal(keys[1], (m, k))
+  a = jax.random.normal(keys[2], (k, rank)) / k
+  b = jax.random.normal(keys[3], (rank, n)) / rank
+  g = jax.random.normal(keys[4], (m, n))
+  base = {"w": w}
+  delta = {"w": lj.LoraDelta(a, b, scale=0.5)}
+  fn = lambda p, x: x @ p["w"]
+  loss = lambda d, x: jnp.sum(lj.wrap(fn, "factored", strict=True)(base, d, x) * g)
+  (gd, gx) = jax.jit(jax.grad(loss, argnums=(0, 1)))(delta, x)
+  x64, a64, b64, g64, w64 = (np.asarray(v, np.float64) for v in (x, a, b, g, w))
+  want_da = 0.5 * x64.T @ g64 @ b64.T
+  want_db = 0.5 * (x64 @ a64).T @ g64
+  want_dx = g64 @ (w64 + 0.5 * a64 @ b64).T
+  np.testing.assert_allclose(gd["w"].a, want_da, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gd["w"].b, want_db, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gx, want_dx, rtol=1e-4, atol=1e-4)
+  assert (rank <= factored.lowrank.REDUCE_MAX_RANK) == (rank == 8)
