@@ -162,7 +162,8 @@ class _Namer:
   messages."""
 
   def __init__(self, module_names: ModuleNames):
-    self.preset = None  # a preset that names only the leaves it knows
+    self.fn: Callable[[str], Any]
+    self.preset: str | None = None  # a preset naming only the leaves it knows
     if module_names is None:
       self.fn, self.what = default_module_name, "module_names"
       return
@@ -358,19 +359,19 @@ def _modules_of(delta: Any, namer: _Namer) -> list[tuple]:
   for p, x in leaves_with_paths(delta, is_leaf=is_delta_or_none):
     if x is not None or p.rsplit("/", 1)[-1] == "bias":
       continue
-    m = namer.known(p)
-    if m in owner:
+    name = namer.known(p)
+    if name is not None and name in owner:
       raise PeftFormatError(
-          f"{namer.what} gives the PEFT module name {m!r} to the adapted "
-          f"leaf {owner[m]!r} and to the leaf {p!r}; a torch module holds one "
-          f"weight, so PEFT would put the adapter on the wrong one. Pass "
+          f"{namer.what} gives the PEFT module name {name!r} to the adapted "
+          f"leaf {owner[name]!r} and to the leaf {p!r}; a torch module holds "
+          f"one weight, so PEFT would put the adapter on the wrong one. Pass "
           f"module_names that gives each kernel its own module (a preset such "
           f"as 'tunix-qwen3', (regex, replacement) pairs or a callable).")
   return out
 
 
 def _factors(d: LoraDelta, idx: tuple, part: tuple | None
-             ) -> tuple[np.ndarray, ...]:
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """PEFT's ``(lora_A (r, in), lora_B (out, r), magnitude (out,) or None)``
   of one (batch entry of an) adapter; ``part`` ``(j, n)``: the ``j``-th of
   ``n`` equal blocks of its outputs (a fused projection's module)."""
@@ -462,7 +463,7 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
   # the short names (q_proj) whenever they pick exactly the adapted modules.
   slots = leaves_with_paths(delta, is_leaf=is_delta_or_none)
   has_slots = any(x is None for _, x in slots)
-  others = set()
+  others: set[str] = set()
   for p, x in slots:
     n = namer(p) if x is None else None
     others.update(v for v in (n if isinstance(n, (list, tuple)) else [n])
