@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -155,3 +157,94 @@ def test_checkpoint_manager_resumes_bit_identically(tmp_path):
   mngr.close()
   resumed = run(resumed, 6, 10)
   chex.assert_trees_all_equal(resumed, straight)
+
+
+def test_a_quantized_extra_is_refused_before_anything_is_written(tmp_path):
+  case, cfg, base, delta = _trained("dense")
+  q = lj.quantize({"w": jnp.ones((64, 8))}, "nf4", block_size=64)["w"]
+  with pytest.raises(TypeError, match=re.escape(
+      "lora_jax.save: extras['head/kernel'] is a quantized kernel "
+      "(QArray(nf4, f32[64,8], block 64)); extras are trained float leaves")):
+    lj.save(tmp_path / "a", delta, cfg, extras={"head/kernel": q})
+  assert os.listdir(tmp_path) == []  # nothing written
+  # over an existing checkpoint: refused, the checkpoint untouched
+  path = lj.save(tmp_path / "a", delta, cfg, extras={"b": jnp.arange(3.0)})
+  before = sorted(os.path.relpath(os.path.join(r, f), tmp_path)
+                  for r, _, fs in os.walk(tmp_path) for f in fs)
+  with pytest.raises(TypeError, match="Nothing was written"):
+    lj.save(path, randomize(delta, seed=3), cfg, overwrite=True,
+            extras={"b": jnp.arange(3.0), "head/kernel": q})
+  assert sorted(os.path.relpath(os.path.join(r, f), tmp_path)
+                for r, _, fs in os.walk(tmp_path) for f in fs) == before
+  np.testing.assert_array_equal(lj.load(path)["kernel"].b, delta["kernel"].b)
+  np.testing.assert_array_equal(lj.load_extras(path)["b"], [0.0, 1.0, 2.0])
+  # a float (dequantized) extra is saved and comes back whole
+  lj.save(path, delta, cfg, overwrite=True,
+          extras={"head/kernel": lj.dequantize(q)})
+  np.testing.assert_array_equal(lj.load_extras(path)["head/kernel"],
+                                np.ones((64, 8), np.float32))
+
+
+def test_folder_names_up_to_the_filesystem_limit(tmp_path):
+  case, cfg, base, delta = _trained("dense")
+  limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+  assert limit == 255
+  longest = tmp_path / ("a" * limit)
+  path = lj.save(longest, delta, cfg)
+  path = lj.save(longest, randomize(delta, seed=2), cfg, overwrite=True)
+  np.testing.assert_array_equal(lj.load(path)["kernel"].b,
+                                randomize(delta, seed=2)["kernel"].b)
+  assert os.listdir(tmp_path) == ["a" * limit]  # no staging or lock left
+  with pytest.raises(OSError, match=re.escape(
+      "lora_jax.save: the folder name is 256 bytes; this filesystem allows at "
+      "most 255. Choose a shorter name")) as e:
+    lj.save(tmp_path / ("b" * (limit + 1)), delta, cfg)
+  assert e.value.errno == errno.ENAMETOOLONG
+  assert os.listdir(tmp_path) == ["a" * limit]  # nothing written
+
+
+_SAVER = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import jax, lora_jax as lj
+    from checkpoint_child import adapter
+    path, go = sys.argv[1:]
+    delta = adapter("new")
+    jax.block_until_ready(delta)
+    print("ready", flush=True)
+    while not os.path.exists(go):
+      time.sleep(0.002)
+    for _ in range(3):
+      lj.save(path, delta, overwrite=True)
+    print("saved", flush=True)
+""")
+
+
+def test_two_processes_saving_to_one_folder(tmp_path):
+  """This process and a child save "old" and "new" to one folder at once:
+  both succeed and the folder holds one of the two, whole."""
+  import checkpoint_child as child  # pylint: disable=import-outside-toplevel
+  path, go = str(tmp_path / "adapter"), str(tmp_path / "go")
+  script = _SAVER.format(tests=os.path.dirname(__file__))
+  with subprocess.Popen([sys.executable, "-c", script, path, go],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True) as proc:
+    old = child.adapter("old")
+    lj.save(tmp_path / "warm", old)  # compiled and imported before the race
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+    open(go, "w").close()
+    for _ in range(3):
+      lj.save(path, old, overwrite=True)
+    out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and out.strip() == "saved", err[-3000:]
+  got = {p: (np.asarray(d.a), np.asarray(d.b), d.scale)
+         for p, d in lj.adapters(lj.load(path)).items()}
+  matches = []
+  for name in ("old", "new"):
+    want = lj.adapters(child.adapter(name))
+    matches.append(set(got) == set(want) and all(
+        np.array_equal(got[p][0], want[p].a) and np.array_equal(
+            got[p][1], want[p].b) and got[p][2] == want[p].scale
+        for p in want))
+  assert sum(matches) == 1, matches  # one writer's adapter, whole
+  assert sorted(os.listdir(tmp_path)) == ["adapter", "go", "warm"]

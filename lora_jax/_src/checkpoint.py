@@ -25,10 +25,19 @@ left (see :func:`save`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 from typing import Any
+
+try:
+  import fcntl
+except ImportError:  # Windows: saves to one folder are not serialized
+  fcntl = None
 
 import jax
 import numpy as np
@@ -44,6 +53,8 @@ META_FILE = "lora_jax.json"
 ARRAYS_DIR = "arrays"
 STAGING = ".lora_jax-staging"  # suffixes of the folders a save works in
 OLD = ".lora_jax-old"
+LOCK = ".lora_jax-lock"  # the file a save holds locked while it runs
+NAME_MAX = 255  # bytes in one file name, where the filesystem does not say
 _OURS = (META_FILE, META_FILE + ".tmp", ARRAYS_DIR)  # + orbax's arrays.<tmp>
 
 
@@ -167,9 +178,30 @@ def _remove(directory: str) -> None:
   shutil.rmtree(directory)
 
 
+def _name_max(parent: str) -> int:
+  """The longest file name (bytes) the filesystem of ``parent`` allows."""
+  while parent and not os.path.isdir(parent):
+    parent = os.path.dirname(parent)
+  try:
+    return os.pathconf(parent or os.sep, "PC_NAME_MAX")
+  except (AttributeError, OSError, ValueError):  # no pathconf (Windows)
+    return NAME_MAX
+
+
+def _sibling(directory: str, suffix: str) -> str:
+  """The folder (or file) beside ``directory`` that a save uses: the name
+  plus ``suffix`` where that fits the filesystem's name limit, else a short
+  name derived from a hash of the name (so names up to the limit work)."""
+  parent, name = os.path.split(directory)
+  if len(os.fsencode(name + suffix)) <= _name_max(parent):
+    return directory + suffix
+  digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:20]
+  return os.path.join(parent, f".lora_jax-{digest}{suffix}")
+
+
 def _leftovers(directory: str) -> list[str]:
-  return [directory + s for s in (STAGING, OLD)
-          if os.path.lexists(directory + s)]
+  return [_sibling(directory, s) for s in (STAGING, OLD)
+          if os.path.lexists(_sibling(directory, s))]
 
 
 def _readable(directory: str) -> str:
@@ -223,13 +255,70 @@ def _check_destination(directory: str, overwrite: bool) -> None:
 def _swap(directory: str, staging: str) -> None:
   """Moves the complete ``staging`` folder to ``directory``."""
   if os.path.lexists(directory):
-    old = directory + OLD
+    old = _sibling(directory, OLD)
     _remove(old)
     os.rename(directory, old)
     os.rename(staging, directory)
     _remove(old)
   else:
     os.rename(staging, directory)
+
+
+def _check_name(directory: str) -> None:
+  """Raises ENAMETOOLONG, touching nothing, if the filesystem cannot hold
+  the folder's name."""
+  parent, name = os.path.split(directory)
+  limit = _name_max(parent)
+  if len(os.fsencode(name)) > limit:
+    raise OSError(
+        errno.ENAMETOOLONG,
+        f"lora_jax.save: the folder name is {len(os.fsencode(name))} bytes; "
+        f"this filesystem allows at most {limit}. Choose a shorter name",
+        directory)
+
+
+_UNLOCKABLE = {errno.ENOLCK, errno.EINVAL, errno.EBADF,
+               getattr(errno, "EOPNOTSUPP", errno.EINVAL),
+               getattr(errno, "ENOTSUP", errno.EINVAL)}
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+  """Holds an exclusive lock on saving to ``directory`` (a file beside it,
+  ``flock``ed): a second process saving there waits for the first, then
+  saves in its turn. The file is removed on release (and after a killed
+  save, by the next save); a filesystem without ``flock`` gets no lock."""
+  if fcntl is None:
+    yield
+    return
+  path = _sibling(directory, LOCK)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+      os.close(fd)
+      if e.errno not in _UNLOCKABLE:
+        raise
+      yield  # this filesystem cannot lock: saves are not serialized
+      return
+    # The previous holder removes the file before unlocking it: the file
+    # locked here must still be the one at `path`.
+    try:
+      same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)
+  try:
+    yield
+  finally:
+    try:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    finally:
+      os.close(fd)
 
 
 def _write_meta(staging: str, meta: dict) -> None:
@@ -239,6 +328,24 @@ def _write_meta(staging: str, meta: dict) -> None:
   os.replace(tmp, os.path.join(staging, META_FILE))
 
 
+def check_extra(path: Any, x: Any, who: str = "lora_jax.save") -> None:
+  """Raises, before anything is written, unless extra ``x`` is an array that
+  :func:`load_extras` gives back whole (``stack_io.save_stack`` shares it)."""
+  from lora_jax._src.quant import QArray  # pylint: disable=import-outside-toplevel
+  if isinstance(x, QArray):
+    raise TypeError(
+        f"{who}: extras[{path!r}] is a quantized kernel ({x!r}); "
+        f"extras are trained float leaves (biases, norms, a head), and a "
+        f"QArray is a frozen base kernel. Nothing was written. Leave it out "
+        f"of extras (re-create the quantized base with lora_jax.quantize), "
+        f"save lora_jax.dequantize(x) instead, or save the quantized base "
+        f"with orbax (a QArray is a pytree of arrays).")
+  if not isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(
+      x, jax.core.Tracer):
+    raise TypeError(f"{who}: extras[{path!r}] is {x!r}, not an array; "
+                    f"extras maps leaf paths to arrays.")
+
+
 def save(directory: str | os.PathLike, delta: Any,
          config: LoraConfig | None = None, *, extras: dict | None = None,
          overwrite: bool = False) -> str:
@@ -246,14 +353,20 @@ def save(directory: str | os.PathLike, delta: Any,
 
   ``extras`` (``{path: array}``, e.g. from :func:`lora_jax.trainable_leaves`)
   are base leaves trained beside the adapters (biases, norms, a head); they are
-  saved too and restored by :func:`load_extras`.
+  saved too and restored by :func:`load_extras`. Each must be a concrete
+  array: anything else, a :class:`lora_jax.QArray` included, is a
+  ``TypeError`` raised before anything is written.
 
   Refuses to replace an existing folder unless ``overwrite=True``, and even
   then replaces only a lora_jax checkpoint (or an empty folder): a folder with
   other files, or a file, is an error that leaves it untouched. The new
   checkpoint is written beside the old one and swapped in when complete: a
   save killed at any moment leaves :func:`load` the old adapter or the new
-  one, complete.
+  one, complete. Saves to one folder from several processes at once run one
+  after the other (a lock file beside the folder, held while a save runs):
+  the last one wins, whole. The folder's name may be as long as the
+  filesystem allows (``NAME_MAX``, 255 bytes on most); a longer one is an
+  ``OSError`` (``ENAMETOOLONG``) before anything is written.
 
   Args:
     directory: the checkpoint folder (``~`` is expanded).
@@ -285,9 +398,7 @@ def save(directory: str | os.PathLike, delta: Any,
   meta = metadata(delta, config)
   extras = dict(extras or {})
   for p, x in extras.items():
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise TypeError(f"lora_jax.save: extras[{p!r}] is {x!r}, not an array; "
-                      f"extras maps leaf paths to arrays.")
+    check_extra(p, x)
   meta["extras"] = {p: _array_info(x) for p, x in extras.items()}
   arrays = {"adapters": _nest({p: _factors(d) for p, d in deltas.items()})}
   if extras:
@@ -301,30 +412,37 @@ def write(directory: str | os.PathLike, meta: dict, arrays: dict,
   ``directory`` by the folder protocol above; :func:`save` and
   ``stack_io.save_stack`` share it. Returns the absolute path."""
   directory = _abspath(directory)
+  _check_name(directory)
   lead = jax.process_index() == 0
-  if lead:
-    _recover(directory)
-  _sync("lora_jax.save.recovered")
-  _check_destination(directory, overwrite)
-  # Every process writes its shards into the same staging folder (orbax
-  # coordinates them); process 0 does the file moves.
-  staging = directory + STAGING
-  if lead:
-    _remove(staging)
-    os.makedirs(staging)
-  _sync("lora_jax.save.start")
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(staging, ARRAYS_DIR), arrays)
-      ckptr.wait_until_finished()
+  parent = os.path.dirname(directory)
+  if lead and not os.path.isdir(parent):
+    os.makedirs(parent)
+  # Process 0 holds the lock for the whole save: saves to one folder from
+  # several programs run one after the other (the last one wins, whole).
+  with _locked(directory) if lead else contextlib.nullcontext():
     if lead:
-      _write_meta(staging, meta)
-      _swap(directory, staging)
-  except BaseException:
-    if lead and _ours(staging):
+      _recover(directory)
+    _sync("lora_jax.save.recovered")
+    _check_destination(directory, overwrite)
+    # Every process writes its shards into the same staging folder (orbax
+    # coordinates them); process 0 does the file moves.
+    staging = _sibling(directory, STAGING)
+    if lead:
       _remove(staging)
-    raise
-  _sync("lora_jax.save.done")
+      os.makedirs(staging)
+    _sync("lora_jax.save.start")
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(staging, ARRAYS_DIR), arrays)
+        ckptr.wait_until_finished()
+      if lead:
+        _write_meta(staging, meta)
+        _swap(directory, staging)
+    except BaseException:
+      if lead and _ours(staging):
+        _remove(staging)
+      raise
+    _sync("lora_jax.save.done")
   return directory
 
 
