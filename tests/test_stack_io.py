@@ -220,6 +220,12 @@ def test_shared_adapters_and_extras_roundtrip(tmp_path):
   # the shared adapter and extras do count: without them the output differs
   assert float(jnp.abs(apply(base, stacked, x, adapter_ids=ids) - want).max()
                ) > 1e-3
+  # an extra that cannot come back whole is refused before anything is written
+  q = lj.quantize({"w": jnp.ones((64, 64))}, targets="w")["w"]
+  with pytest.raises(TypeError, match=r"lora_jax.save_stack: extras\['w'\] "
+                     r"is a quantized kernel.*Nothing was written"):
+    lj.save_stack(tmp_path / "q", tree, extras={"w": q})
+  assert not (tmp_path / "q").exists()
 
 
 def _is_w(path, leaf):

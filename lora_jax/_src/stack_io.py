@@ -99,9 +99,7 @@ def save_stack(directory: str | os.PathLike, stacked: Any,
   configs = _configs(configs, n)
   extras = dict(extras or {})
   for p, x in extras.items():
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise TypeError(f"lora_jax.save_stack: extras[{p!r}] is {x!r}, not an "
-                      f"array; extras maps leaf paths to arrays.")
+    checkpoint.check_extra(p, x, "lora_jax.save_stack")
   shared = adapters(stacked)  # single adapters beside the stacks
   deltas = {**shared, **{p: _as_delta(s) for p, s in found.items()}}
   meta = checkpoint.metadata(checkpoint._nest(deltas))  # pylint: disable=protected-access
