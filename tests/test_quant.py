@@ -569,3 +569,127 @@ def test_frozen_linear_keeps_no_float_copy(kind):
   # point of use, tied to the activation, about one at a time
   assert temp(False) >= copies, temp(False)
   assert temp(True) <= 0.25 * copies, (temp(True), copies)
+
+
+def _quantized_paths(tree):
+  return {p for p, x in lj.leaves_with_paths(tree) if isinstance(x, lj.QArray)}
+
+
+def _tunix_like():
+  """A decoder layer written as tunix writes Qwen3/Gemma3: attention weights
+  are einsum params named `w` ((d, heads, head_dim), (heads, head_dim, d)),
+  the MLP Dense `kernel`s, an embedding lookup and an LM head `w`."""
+  shapes = {"embed": (32, 16), "attn/q/w": (16, 4, 8), "attn/k/w": (16, 2, 8),
+            "attn/v/w": (16, 2, 8), "attn/o/w": (4, 8, 16),
+            "mlp/gate/kernel": (16, 32), "mlp/down/kernel": (32, 16),
+            "head/w": (16, 32)}
+  rng = np.random.default_rng(0)
+  params = {}
+  for p, shape in shapes.items():
+    x = jnp.asarray(0.2 * rng.standard_normal(shape), jnp.float32)
+    node = params
+    *parents, last = p.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = x
+
+  def fn(p, ids):
+    x = p["embed"][ids]
+    a = p["attn"]
+    q = jnp.einsum("btd,dnh->btnh", x, a["q"]["w"])
+    k = jnp.repeat(jnp.einsum("btd,dkh->btkh", x, a["k"]["w"]), 2, axis=2)
+    v = jnp.repeat(jnp.einsum("btd,dkh->btkh", x, a["v"]["w"]), 2, axis=2)
+    s = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k), axis=-1)
+    x = x + jnp.einsum("btnh,nhd->btd", jnp.einsum("bnts,bsnh->btnh", s, v),
+                       a["o"]["w"])
+    m = p["mlp"]
+    x = x + jax.nn.gelu(x @ m["gate"]["kernel"]) @ m["down"]["kernel"]
+    return jnp.einsum("btd,dv->btv", x, p["head"]["w"])
+  return params, fn, (jnp.asarray(rng.integers(0, 32, (2, 5))),)
+
+
+def test_all_linear_selects_what_split_adapts():
+  params, fn, args = _tunix_like()
+  _, delta = lj.split(params, lj.LoraConfig(rank=2, targets="all-linear"),
+                      jax.random.key(0), apply_fn=fn, example_args=args)
+  adapted = set(lj.adapters(delta))
+  assert adapted == {"attn/q/w", "attn/k/w", "attn/v/w", "attn/o/w",
+                     "mlp/gate/kernel", "mlp/down/kernel"}
+  q = lj.quantize(params, "nf4", block_size=8, targets="all-linear",
+                  apply_fn=fn, example_args=args)
+  assert _quantized_paths(q) == adapted  # not the lookup, not the LM head
+  # blocks along each kernel's contracted axis, as traced: q along d (0),
+  # o (heads, head_dim, d) along head_dim (1)
+  assert q["attn"]["q"]["w"].axis == 0 and q["attn"]["o"]["w"].axis == 1
+  with pytest.raises(ValueError, match=re.escape(
+      "quantize: targets='all-linear' needs apply_fn and example_args: it "
+      "selects the kernels the model uses as matmul / einsum weights, "
+      "whatever their names")):
+    lj.quantize(params, "nf4", block_size=8, targets="all-linear")
+
+
+def test_targets_delta_quantizes_exactly_the_adapted_kernels():
+  rng = np.random.default_rng(0)
+  w = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  params = {"emb": w(64, 32), "attn": {"qkv": w(32, 3, 64)},
+            "mlp": {"kernel": w(64, 32)}, "head": {"kernel": w(32, 64)}}
+  cfg = lj.LoraConfig(rank=2, targets=["attn/qkv", "mlp/kernel"],
+                      layouts={"attn/qkv": lj.Layout((1,), (0,), (2,))})
+  _, delta = lj.split(params, cfg, jax.random.key(1))
+  q = lj.quantize(params, "int8", block_size=16, targets=delta)
+  assert _quantized_paths(q) == {"attn/qkv", "mlp/kernel"}
+  assert q["attn"]["qkv"].axis == 0 and q["mlp"]["kernel"].axis == 0
+  assert q["emb"] is params["emb"] and q["head"]["kernel"] is params["head"][
+      "kernel"]
+  with pytest.raises(ValueError, match=re.escape(
+      "quantize: targets is a delta adapting ['attn/qkv', 'mlp/kernel'], "
+      "which the tree has no leaf at. Pass the base the delta was split "
+      "from.")):
+    lj.quantize({"other": params["emb"]}, "int8", block_size=16,
+                targets=delta)
+
+
+def test_block_size_must_be_a_positive_int():
+  w = {"w": jnp.ones((64, 4))}
+  q = lj.quantize(w, "nf4", block_size=np.int64(32))
+  assert q["w"].block_size == 32 and type(q["w"].block_size) is int
+  for bad in (True, np.bool_(True), 32.0, "32", jnp.int32(32)):
+    with pytest.raises(TypeError, match=re.escape(
+        f"quantize: block_size must be a positive int (Python or NumPy "
+        f"integer), got {bad!r} of type {type(bad).__name__}.")):
+      lj.quantize(w, "int8", block_size=bad)
+  for bad in (0, -4, np.int32(-2)):
+    with pytest.raises(ValueError, match=re.escape(
+        f"quantize: block_size must be a positive integer (even for nf4, two "
+        f"codes per byte), got {int(bad)}.")):
+      lj.quantize(w, "int8", block_size=bad)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_non_finite_weights(scheme):
+  w = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+  bad = w.copy()
+  bad[5, 1], bad[9, 3], bad[12, 0] = np.inf, -np.inf, np.nan
+  w, bad = jnp.asarray(w), jnp.asarray(bad)
+  with pytest.raises(ValueError, match=re.escape(
+      "quantize: 'fc/kernel' (shape (16, 4)) holds 3 non-finite values (NaN "
+      "or +-inf), the first at index (5, 1); a block's absmax would be "
+      "non-finite and the whole block would dequantize to NaN. Fix those "
+      "weights (e.g. jnp.nan_to_num) or leave the leaf out of targets.")):
+    lj.quantize({"fc": {"kernel": bad}}, scheme, block_size=4)
+  # Traced (nothing to check): each block holding one is NaN throughout, no
+  # sign flip, no inf; the other blocks are as without it.
+  deq = jax.jit(lambda w: lj.dequantize(
+      lj.quantize({"w": w}, scheme, block_size=4)))(bad)["w"]
+  clean = lj.dequantize(lj.quantize({"w": w}, scheme, block_size=4))["w"]
+  blocks = np.zeros((16, 4), bool)
+  blocks[4:8, 1] = blocks[8:12, 3] = blocks[12:16, 0] = True
+  assert np.isnan(np.asarray(deq)[blocks]).all()
+  np.testing.assert_array_equal(np.asarray(deq)[~blocks],
+                                np.asarray(clean)[~blocks])
+  dq = jax.jit(lambda w: lj.dequantize(lj.quantize(
+      {"w": w}, scheme, block_size=4, double_quant=True)))(bad)["w"]
+  assert np.isnan(np.asarray(dq)).all()  # double quant: the whole kernel
+  with pytest.raises(ValueError, match="holds 3 non-finite values"):
+    lj.quantize({"fc": {"kernel": bad}}, scheme, block_size=4,
+                double_quant=True)

@@ -28,9 +28,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax._src.dtypes import is_float, is_float_matrix
-from lora_jax._src.config import selector_patterns, selects
+from lora_jax._src.config import ALL_LINEAR, selector_patterns, selects
 from lora_jax._src.delta import (LoraDelta, adapters, describe_array,
                                  is_delta_or_none)
+from lora_jax._src.discover import layout_from_uses, linear_weights, trace_uses
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
 from lora_jax._src.sharding import _factor_shardings as factor_shardings
@@ -301,6 +302,9 @@ def _quantize_array(x: jax.Array, scheme: str, block_size: int, axis: int,
   shape = tuple(x.shape)
   blocks = x.astype(jnp.float32).reshape(_split_axis(shape, axis, block_size))
   absmax = jnp.max(jnp.abs(blocks), axis=axis + 1)
+  # A block holding NaN or +-inf dequantizes to NaN throughout (an inf absmax
+  # would turn +inf into -inf in nf4 and finite entries into NaN or 0).
+  absmax = jnp.where(jnp.isfinite(absmax), absmax, jnp.nan)
   if scheme == "int8":
     codes = _int8_codes(blocks, absmax, axis + 1).reshape(shape)
   else:
@@ -449,8 +453,24 @@ def _concrete(x: Any) -> bool:
   return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
-def _quantize_leaf(x: Any, scheme: str, block_size: int, axis: int,
-                   double_quant: bool) -> QArray:
+def _check_finite(path: str, x: Any, q: QArray) -> None:
+  """Raises if concrete kernel ``x`` holds NaN or +-inf (read off ``q``'s
+  absmax: a block's absmax is non-finite iff the block holds such a value)."""
+  flag = q.absmax_mean if q.double_quant else q.absmax
+  if not _concrete(flag) or bool(jnp.isfinite(flag).all()):
+    return
+  bad = ~jnp.isfinite(x)
+  first = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), x.shape)
+  raise ValueError(
+      f"quantize: {path!r} (shape {tuple(x.shape)}) holds {int(bad.sum())} "
+      f"non-finite values (NaN or +-inf), the first at index "
+      f"{tuple(int(i) for i in first)}; a block's absmax would be "
+      f"non-finite and the whole block would dequantize to NaN. Fix those "
+      f"weights (e.g. jnp.nan_to_num) or leave the leaf out of targets.")
+
+
+def _quantize_leaf(path: str, x: Any, scheme: str, block_size: int,
+                   axis: int, double_quant: bool) -> QArray:
   """Quantizes one kernel; a concrete sharded one keeps its placement."""
   args = (scheme, block_size, axis, double_quant)
   if not _concrete(x):
@@ -459,18 +479,66 @@ def _quantize_leaf(x: Any, scheme: str, block_size: int, axis: int,
   sharding = x.sharding
   if isinstance(sharding, NamedSharding):
     out = jax.eval_shape(fn, x).shardings(sharding)
-    return jax.jit(fn, out_shardings=out)(x)
-  return _QUANTIZE_JIT(x, *args)
+    q = jax.jit(fn, out_shardings=out)(x)
+  else:
+    q = _QUANTIZE_JIT(x, *args)
+  _check_finite(path, x, q)
+  return q
 
 
 _QUANTIZE_JIT = jax.jit(_quantize_array, static_argnums=(1, 2, 3, 4))
 
 
+def _block_size(block_size: Any, scheme: str) -> int:
+  if isinstance(block_size, (bool, np.bool_)) or not isinstance(
+      block_size, (int, np.integer)):
+    raise TypeError(
+        f"quantize: block_size must be a positive int (Python or NumPy "
+        f"integer), got {block_size!r} of type {type(block_size).__name__}.")
+  if block_size < 1 or (scheme == "nf4" and block_size % 2):
+    raise ValueError(
+        f"quantize: block_size must be a positive integer (even for nf4, two "
+        f"codes per byte), got {int(block_size)}.")
+  return int(block_size)
+
+
+def _delta_layouts(tree: Any) -> dict[str, Layout] | None:
+  """``{path: layout}`` of the adapters (and stacks) of ``tree`` if it is a
+  delta tree, None if it is a selector."""
+  if tree is None or isinstance(tree, str) or callable(tree) or (
+      isinstance(tree, (list, tuple)) and all(isinstance(t, str)
+                                              for t in tree)):
+    return None
+  from lora_jax._src.stack import stacks  # pylint: disable=import-outside-toplevel
+  found = {p: d.layout for p, d in adapters(tree).items()}
+  found.update({p: s.layout for p, s in stacks(tree).items()})
+  return found
+
+
+def _stand_ins(tree: Any) -> Any:
+  """``tree`` with shape stand-ins for its ``QArray`` leaves, to trace."""
+  if not has_qarrays(tree):
+    return tree
+  return map_with_paths(lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+                        if isinstance(x, QArray) else x, tree)
+
+
+def _traced_layout(path: str, x: Any, uses: list) -> Layout:
+  try:
+    return layout_from_uses(path, len(x.shape), uses)
+  except ValueError as e:
+    raise ValueError(
+        f"quantize: {e} (For quantize: layouts={{{path!r}: lora_jax.Layout("
+        f"...)}}.)") from None
+
+
 def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
              targets: str | Sequence[str] | Callable[[str, Any], bool] |
-             None = None, double_quant: bool = False,
+             Any = None, double_quant: bool = False,
              layouts: Mapping[str, Layout] | None = None,
-             delta: Any = None) -> Any:
+             delta: Any = None, apply_fn: Callable | None = None,
+             example_args: Sequence[Any] = (),
+             example_kwargs: dict | None = None) -> Any:
   """Replaces kernels of ``tree`` by :class:`QArray` leaves (QLoRA's frozen base).
 
   Each targeted kernel is cut into blocks of ``block_size`` entries along its
@@ -480,25 +548,48 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
   else from ``delta``'s adapters (so ``quantize(base, "nf4", delta=delta)``
   after :func:`lora_jax.split` knows every adapted kernel's layout), else is
   axis 0 of a 2-D leaf (Flax's ``(in, out)``); any other leaf is an error.
-  Concrete kernels sharded with a ``NamedSharding`` give ``QArray`` leaves whose
-  codes and absmax are sharded alike (see :meth:`QArray.shardings`).
+  With ``apply_fn`` the axis of every targeted kernel that ``layouts`` and
+  ``delta`` leave open is read off an abstract trace, as
+  :func:`lora_jax.split` does. Concrete kernels sharded with a
+  ``NamedSharding`` give ``QArray`` leaves whose codes and absmax are sharded
+  alike (see :meth:`QArray.shardings`).
+
+  Which kernels: ``targets=delta`` (the delta of :func:`lora_jax.split`, or a
+  stack) quantizes exactly the kernels it adapts, in their layouts;
+  ``targets="all-linear"`` with ``apply_fn`` and ``example_args`` exactly
+  what ``LoraConfig(targets="all-linear")`` adapts through ``split`` with
+  the same function (every matmul / einsum weight whose result feeds a
+  further matmul, whatever its name; not the embedding or the output head).
+
+  Non-finite weights: a concrete kernel holding NaN or +-inf is a
+  ``ValueError`` naming it (a block's absmax would be non-finite). Traced
+  (under ``jit``), where nothing can be checked, every entry of a block that
+  holds one dequantizes to NaN (with ``double_quant``, every entry of the
+  kernel: the absmax are quantized together), never a finite value or an inf.
 
   Args:
     tree: a parameter pytree (a base from :func:`lora_jax.split`, or params).
     scheme: ``"nf4"`` or ``"int8"``.
-    block_size: entries per block along the contracted axis; must divide
-      that axis (and be even for nf4).
-    targets: which leaves to quantize, as ``LoraConfig.targets``: a regex
-      full-matched on the '/'-joined path, a list of them, a callable ``(path,
-      leaf) -> bool`` or ``"all-linear"``. ``None`` (default): every float
-      leaf with 2 or more axes that is not already a ``QArray`` (embedding
-      tables and output heads included).
+    block_size: entries per block along the contracted axis: a positive
+      int (a NumPy integer too; not a bool) that divides that axis (and is
+      even for nf4).
+    targets: which leaves to quantize: a regex full-matched on the
+      '/'-joined path, a list of them, a callable ``(path, leaf) -> bool``,
+      ``"all-linear"`` (needs ``apply_fn``), or a delta tree (its adapted
+      kernels). ``None`` (default): every float leaf with 2 or more axes
+      that is not already a ``QArray`` (embedding tables and output heads
+      included).
     double_quant: also quantize the absmax values (QLoRA's double
       quantization): int8 in blocks of 256 after subtracting their mean.
     layouts: ``{path regex: lora_jax.Layout}`` for kernels not stored
       ``(in, out)``; the first regex that full-matches wins.
     delta: a delta from :func:`lora_jax.split`; its adapters' layouts say
       which axis of each adapted kernel is contracted.
+    apply_fn: the model's function, called as ``apply_fn(tree,
+      *example_args, **example_kwargs)`` on an abstract trace (no FLOPs),
+      for ``"all-linear"`` and the layouts of kernels not given otherwise.
+    example_args: positional example inputs of ``apply_fn``.
+    example_kwargs: keyword example inputs of ``apply_fn``.
 
   Returns:
     ``tree`` with a ``QArray`` at every targeted leaf.
@@ -516,28 +607,64 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
   if scheme not in SCHEMES:
     raise ValueError(f"quantize: scheme must be one of {SCHEMES}, got "
                      f"{scheme!r}.")
-  if not isinstance(block_size, int) or block_size < 1 or (
-      scheme == "nf4" and block_size % 2):
-    raise ValueError(
-        f"quantize: block_size must be a positive integer (even for nf4, two "
-        f"codes per byte), got {block_size!r}.")
+  block_size = _block_size(block_size, scheme)
   leaves = leaves_with_paths(tree)
-  for pattern in selector_patterns(targets):
-    if not any(selects(pattern, p, x) for p, x in leaves):
+  index = {p: i for i, (p, _) in enumerate(leaves)}
+  adapted = _delta_layouts(targets)
+  all_linear = isinstance(targets, str) and targets == ALL_LINEAR
+  if all_linear and apply_fn is None:
+    raise ValueError(
+        "quantize: targets='all-linear' needs apply_fn and example_args: it "
+        "selects the kernels the model uses as matmul / einsum weights, "
+        "whatever their names, read off a trace of the model (as "
+        "lora_jax.split does). Pass quantize(tree, targets='all-linear', "
+        "apply_fn=f, example_args=(x,)), targets=delta (the kernels a delta "
+        "adapts), or a regex of the kernels' paths.")
+  traced = _stand_ins(tree) if apply_fn is not None else None
+  if adapted is not None:
+    if not adapted:
+      raise TypeError(
+          f"quantize: targets must be a regex, a list of them, a callable "
+          f"(path, leaf) -> bool, 'all-linear', or a delta tree holding "
+          f"adapters; got {type(targets).__name__} with no LoraDelta in it.")
+    missing = [p for p in adapted if p not in index]
+    if missing:
       raise ValueError(
-          f"quantize: targets regex {pattern!r} matches no leaf path (full "
-          f"match on '/'-joined paths). Some paths that exist: "
-          f"{preview(p for p, _ in leaves)}.")
+          f"quantize: targets is a delta adapting {preview(missing)}, which "
+          f"the tree has no leaf at. Pass the base the delta was split from. "
+          f"Some paths that exist: {preview(index)}.")
+    selected = [(p, x) for p, x in leaves if p in adapted]
+  elif all_linear:
+    found = linear_weights(apply_fn, traced, example_args, example_kwargs,
+                           [(i, p, x) for i, (p, x) in enumerate(leaves)
+                            if not isinstance(x, QArray)])
+    selected = [(p, x) for _, p, x in found]
+  else:
+    for pattern in selector_patterns(targets):
+      if not any(selects(pattern, p, x) for p, x in leaves):
+        raise ValueError(
+            f"quantize: targets regex {pattern!r} matches no leaf path (full "
+            f"match on '/'-joined paths). Some paths that exist: "
+            f"{preview(p for p, _ in leaves)}.")
+    selected = [(p, x) for p, x in leaves if _targeted(p, x, targets)]
   pattern_layouts = list((layouts or {}).items())
-  from_delta = {p: d.layout for p, d in adapters(delta).items()} if (
-      delta is not None) else {}
-  plan = {}
-  for path, x in leaves:
-    if not _targeted(path, x, targets):
-      continue
+  from_delta = dict(adapted or {})
+  if delta is not None:
+    from_delta.update((p, d.layout) for p, d in adapters(delta).items())
+  given = {}
+  for path, x in selected:
     _check_target(path, x)
-    axis = _block_axis(path, x, _layout_for(path, x, pattern_layouts,
-                                            from_delta))
+    given[path] = _layout_for(path, x, pattern_layouts, from_delta)
+  need_trace = [p for p, layout in given.items()
+                if layout is None and apply_fn is not None]
+  if need_trace:
+    uses = trace_uses(apply_fn, traced, example_args, example_kwargs,
+                      [index[p] for p in need_trace])
+    for p, u in zip(need_trace, uses, strict=True):
+      given[p] = _traced_layout(p, leaves[index[p]][1], u)
+  plan = {}
+  for path, x in selected:
+    axis = _block_axis(path, x, given[path])
     _check_leaf(path, x, scheme, block_size, axis)
     plan[path] = axis
   if not plan:
@@ -545,7 +672,8 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
         f"quantize: no leaf selected (targets={targets!r}). Some paths that "
         f"exist: {preview(p for p, _ in leaves)}.")
   return map_with_paths(
-      lambda p, x: _quantize_leaf(x, scheme, block_size, plan[p], double_quant)
+      lambda p, x: _quantize_leaf(p, x, scheme, block_size, plan[p],
+                                  double_quant)
       if p in plan else x, tree)
 
 
