@@ -277,7 +277,7 @@ def _check_name(directory: str) -> None:
         directory)
 
 
-_UNLOCKABLE = {errno.ENOLCK, errno.EINVAL, errno.EBADF,
+_UNLOCKABLE = {errno.ENOLCK, errno.EINVAL, errno.EBADF, errno.ENOSYS,
                getattr(errno, "EOPNOTSUPP", errno.EINVAL),
                getattr(errno, "ENOTSUP", errno.EINVAL)}
 
