@@ -129,8 +129,9 @@ EOF
   # The suite runs from a directory with no lora_jax/ in it, so every import
   # (tests, doctests, notebooks, subprocesses) resolves to the installed wheel.
   mkdir -p "$work/run"
-  cp -r tests notebooks docs benchmarks "$work/run/"  # notebook 03 plots
-  # benchmarks/results; the demo's W3 line builds its model with benchmarks/w3.py
+  cp -r tests notebooks docs benchmarks README.md "$work/run/"  # notebook 03 plots
+  # benchmarks/results; the demo's W3 line builds its model with benchmarks/w3.py;
+  # tests/test_readme.py runs README.md's snippets
   "$PY" - "$work/run/pytest.ini" <<'EOF'  # pyproject's pytest options, less its paths
 import sys, tomllib
 opts = tomllib.load(open("pyproject.toml", "rb"))["tool"]["pytest"]["ini_options"]
