@@ -540,3 +540,131 @@ def is_dropvar(v) -> bool:
   drop = getattr(jex, "DropVar", None)
   return isinstance(v, drop) if drop is not None else (
       type(v).__name__ == "DropVar")
+
+
+# ---- sharding in types (meshes with AxisType.Explicit axes) -------------------
+# Under a mesh whose axes are Explicit (jax.make_mesh's default since JAX 0.9),
+# every array's type carries its sharding, and a product whose contracted axes
+# are sharded needs an explicit out_sharding. The engine's own products read
+# their operands' types here and pass one; on Auto and Manual axes (and where
+# nothing is sharded by type) these helpers are the plain ops.
+
+def _explicit_axes(mesh) -> frozenset:
+  types = getattr(mesh, "axis_types", None) or ()
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  return frozenset(n for n, t in zip(getattr(mesh, "axis_names", ()), types)
+                   if explicit is not None and t == explicit)
+
+
+def type_spec(x) -> tuple | None:
+  """The PartitionSpec entries of ``x``'s type, one per axis, when that type
+  names Explicit mesh axes (sharding in types); None otherwise."""
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None or not hasattr(x, "shape"):
+    return None
+  # an equation's aval is its own type; a value's type is jax.typeof's
+  aval = typeof(x) if isinstance(x, (jax.Array, np.ndarray, np.generic)) else x
+  sharding = getattr(aval, "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not _explicit_axes(mesh):
+    return None
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (len(x.shape) - len(spec))
+
+
+def _axes_of(entry) -> tuple:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def dot(x, y, dimension_numbers, precision=None, preferred_element_type=None):
+  """``lax.dot_general`` whose result, under Explicit axes, is sharded as
+  dot_general lays it out: batch axes as ``x``'s, then ``x``'s free axes as
+  ``x``'s, then ``y``'s free axes as ``y``'s (a mesh axis used twice keeps
+  its first use); contracted axes sharded on both sides are summed across
+  the mesh. Without Explicit axes, ``lax.dot_general`` itself."""
+  sx, sy = type_spec(x), type_spec(y)
+  kw = {"precision": precision, "preferred_element_type": preferred_element_type}
+  if sx is None and sy is None:
+    return jax.lax.dot_general(x, y, dimension_numbers, **kw)
+  sx = sx or (None,) * x.ndim
+  sy = sy or (None,) * y.ndim
+  (xc, yc), (xb, yb) = dimension_numbers
+  x_free = [d for d in range(x.ndim) if d not in xc and d not in xb]
+  y_free = [d for d in range(y.ndim) if d not in yc and d not in yb]
+  used: set = set()
+  out = []
+  for entry in ([sx[d] for d in xb] + [sx[d] for d in x_free]
+                + [sy[d] for d in y_free]):
+    axes = _axes_of(entry)
+    if any(a in used for a in axes):
+      entry = None
+    else:
+      used.update(axes)
+    out.append(entry)
+  return jax.lax.dot_general(x, y, dimension_numbers, **kw,
+                             out_sharding=jax.sharding.PartitionSpec(*out))
+
+
+def matmul(x, y):
+  """``x @ y`` for 2-D operands through :func:`dot`."""
+  return dot(x, y, (((1,), (0,)), ((), ())))
+
+
+def reshard_like(x, aval):
+  """``x`` resharded to ``aval``'s type where that names Explicit axes (the
+  base program's own product, so the user's ``out_sharding`` choices
+  survive); ``x`` itself otherwise."""
+  spec = type_spec(aval)
+  if spec is None or type_spec(x) == spec:
+    return x
+  reshard = getattr(jax.sharding, "reshard", None)
+  if reshard is None:  # jax < 0.7
+    from jax.experimental.shard import reshard  # pylint: disable=import-outside-toplevel
+  return reshard(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _reshape_spec(shape_in, spec, shape_out) -> tuple | None:
+  """The spec a reshape keeps: dims are grouped where their products agree;
+  a group's sharding goes to its leading (major) output dim, which must
+  divide by it; None where a sharded dim cannot be carried so."""
+  out: list = [None] * len(shape_out)
+  i = j = 0
+  while i < len(shape_in) or j < len(shape_out):
+    gi, gj = [i], [j]
+    pi = shape_in[i] if i < len(shape_in) else 1
+    pj = shape_out[j] if j < len(shape_out) else 1
+    while pi != pj:
+      if pi < pj:
+        i += 1
+        gi.append(i)
+        pi *= shape_in[i]
+      else:
+        j += 1
+        gj.append(j)
+        pj *= shape_out[j]
+    sharded = [d for d in gi if d < len(spec) and spec[d] is not None]
+    if sharded:
+      major_in = [d for d in gi if shape_in[d] > 1]
+      major_out = [d for d in gj if d < len(shape_out) and shape_out[d] > 1]
+      if sharded != major_in[:1] or not major_out:
+        return None
+      out[major_out[0]] = spec[sharded[0]]
+    i, j = i + 1, j + 1
+  return tuple(out)
+
+
+def reshape(x, shape):
+  """``x.reshape(shape)``; under Explicit axes with the sharding carried to
+  each group's major dim (merged or split), as ``reshape`` needs it said."""
+  shape = tuple(int(d) for d in shape)
+  spec = type_spec(x)
+  if (spec is None or not any(spec) or tuple(x.shape) == shape
+      or 0 in shape or 0 in x.shape):
+    return x.reshape(shape)
+  out = _reshape_spec(tuple(x.shape), spec, shape)
+  if out is None:
+    return x.reshape(shape)  # JAX's own error names the reshape
+  return jax.lax.reshape(x, shape,
+                         out_sharding=jax.sharding.PartitionSpec(*out))

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
+from lora_jax._src import jaxpr_core as jc
+
 
 def _axes(value: Sequence[int]) -> tuple[int, ...]:
   return tuple(int(v) for v in value)
@@ -165,8 +167,8 @@ class Layout:
     (1, 3, 5)
     """
     batch, ins, outs = self.sizes(w.shape)
-    return jnp.transpose(w, self.order).reshape(
-        math.prod(batch), math.prod(ins), math.prod(outs))
+    return jc.reshape(jnp.transpose(w, self.order), (
+        math.prod(batch), math.prod(ins), math.prod(outs)))
 
   def unflatten(self, m: Any, shape: Sequence[int]) -> Any:
     """Inverse of :meth:`flatten`: a ``(G, K, N)`` array as a kernel of
@@ -186,7 +188,8 @@ class Layout:
     True
     """
     batch, ins, outs = self.sizes(shape)
-    return jnp.transpose(m.reshape(*batch, *ins, *outs), self._inverse_order)
+    return jnp.transpose(jc.reshape(m, (*batch, *ins, *outs)),
+                         self._inverse_order)
 
   @property
   def _inverse_order(self) -> list[int]:
@@ -203,8 +206,8 @@ class Layout:
     """
     nb = len(self.batch)
     g = math.prod(a.shape[:nb])
-    return (a.reshape(g, math.prod(a.shape[nb:-1]), a.shape[-1]),
-            b.reshape(g, b.shape[nb], math.prod(b.shape[nb + 1:])))
+    return (jc.reshape(a, (g, math.prod(a.shape[nb:-1]), a.shape[-1])),
+            jc.reshape(b, (g, b.shape[nb], math.prod(b.shape[nb + 1:]))))
 
   def unflatten_factors(self, a: Any, b: Any, shape: Sequence[int]):
     """Inverse of :meth:`flatten_factors` for a kernel of ``shape``.
@@ -216,7 +219,7 @@ class Layout:
     ((3, 2), (2, 5))
     """
     a_shape, b_shape = self.factor_shapes(shape, a.shape[-1])
-    return a.reshape(a_shape), b.reshape(b_shape)
+    return jc.reshape(a, a_shape), jc.reshape(b, b_shape)
 
   def broadcast_outputs(self, values: Any) -> Any:
     """A per-output ``(*batch, *out)`` array (DoRA's magnitude or norm)
@@ -262,7 +265,7 @@ class Layout:
     shape = [1] * ndim
     for i in order:
       shape[positions[axes[i]]] = values.shape[i]
-    return jnp.transpose(values, order).reshape(shape)
+    return jc.reshape(jnp.transpose(values, order), shape)
 
   def magnitude_axis(self, k: int) -> int | None:
     """Axis of kernel axis ``k`` in a per-output ``(*batch, *out)`` array;

@@ -75,6 +75,8 @@ def consumer(plan_fn: Callable) -> Callable:
                        else ctx.dropout(x, lora).astype(dtype))
     if low is None:
       return fallback(eqn, invals, ctx)
+    # under Explicit mesh axes: the base product's own sharding type
+    low = jc.reshard_like(low, eqn.outvars[0].aval)
     base = _frozen(eqn, invals, plan)
     out_dtype = eqn.outvars[0].aval.dtype
     if lora.magnitude is None:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from lora_jax._src import jaxpr_core as jc
+
 # On XLA:CPU, x^T @ g with x (M, K) and a skinny g (M, r) runs as a GEMM
 # contracting x's leading axis, 3-5x slower than the same sum written as a
 # fused multiply-reduce (measured for r <= 32 on W1's shapes; see
@@ -30,18 +32,20 @@ def project(x, a):
   multiply-reduce, instead of the slow ``x.T @ g`` GEMM (1.0 ms against the
   GEMM's 3-5x more for x (1024, 2048), r = 8, the same as a hand-written
   ``custom_vjp``). Forward mode (``jvp``, ``jacfwd``) works as for any JAX
-  function; there the product is formed as ``(M, r, K)``.
+  function; there the product is formed as ``(M, r, K)``. Under a mesh with
+  Explicit axes the product is sharded as ``x``'s rows, the rank axis
+  replicated (:func:`jaxpr_core.matmul`).
   """
-  return x @ a
+  return jc.matmul(x, a)
 
 
 def _project_jvp(primals, tangents):
   x, a = primals
   dx, da = tangents
-  out = x @ a
+  out = jc.matmul(x, a)
   terms = []
   if not isinstance(dx, SymbolicZero):
-    terms.append(dx @ a)
+    terms.append(jc.matmul(dx, a))
   if not isinstance(da, SymbolicZero):
     if _fused_reduce(a.shape[1]):
       # (M, r, K) products summed over K; transposed: sum over M of
@@ -49,7 +53,7 @@ def _project_jvp(primals, tangents):
       terms.append(jnp.sum(x.reshape(x.shape[0], 1, x.shape[1])
                            * da.T[None, :, :], axis=2))
     else:
-      terms.append(x @ da)
+      terms.append(jc.matmul(x, da))
   if not terms:
     return out, jnp.zeros_like(out)
   tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
@@ -92,28 +96,28 @@ def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
     # 2-D fast path: (M, K) @ (K, r) @ (r, N), no transposes of activations.
     f1 = jnp.transpose(first, [f_pos[k] for k in k_contract] + [f_r])
     k_size = math.prod(f1.shape[:-1])
-    f1 = f1.reshape(k_size, f1.shape[-1])
+    f1 = jc.reshape(f1, (k_size, f1.shape[-1]))
     f2 = jnp.transpose(second, [s_r] + [s_pos[k] for k in free_sorted])
     n_shape = f2.shape[1:]
-    f2 = f2.reshape(f2.shape[0], math.prod(n_shape))
+    f2 = jc.reshape(f2, (f2.shape[0], math.prod(n_shape)))
     m_shape = x.shape[:x.ndim - len(x_contract)]
     if projected is None:
-      x2 = x.reshape(math.prod(m_shape), k_size)
+      x2 = jc.reshape(x, (math.prod(m_shape), k_size))
       t = project(x2, f1.astype(dtype)) * scale
     else:
       t = projected.astype(dtype)
-    u = (t @ f2.astype(dtype)).reshape(*m_shape, *n_shape)
+    u = jc.reshape(jc.matmul(t, f2.astype(dtype)), (*m_shape, *n_shape))
     if kernel_is_lhs:
       u = jnp.moveaxis(u, list(range(len(m_shape))),
                        list(range(len(n_shape), len(n_shape) + len(m_shape))))
     return u, rule
   # General case: batched dot_generals.
-  t = jax.lax.dot_general(
+  t = jc.dot(
       x, first.astype(dtype),
       ((tuple(x_contract), tuple(f_pos[k] for k in k_contract)),
        (tuple(x_batch), tuple(f_pos[k] for k in k_batch))))
   t = t * scale  # (batch, x_free, r)
-  u = jax.lax.dot_general(
+  u = jc.dot(
       t, second.astype(dtype),
       (((t.ndim - 1,), (s_r,)),
        (tuple(range(nbatch)), tuple(s_pos[k] for k in k_batch))))

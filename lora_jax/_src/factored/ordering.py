@@ -29,15 +29,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import jaxpr_core as jc
+
 
 def _anchor_scalar(anchor: Any) -> jax.Array | None:
-  """One scalar read from ``anchor``'s first non-empty numeric leaf."""
+  """One scalar read from ``anchor``'s first non-empty numeric leaf: its
+  first element, or under Explicit mesh axes, where one element of a sharded
+  axis cannot be sliced out by type, the first element of each shard of the
+  sharded axes (the rest of the work reduces them)."""
   for x in jax.tree.leaves(anchor):
     dtype = jnp.dtype(x.dtype)
     if x.size and (jnp.issubdtype(dtype, jnp.inexact)
                    or jnp.issubdtype(dtype, jnp.integer)) and not (
                        jnp.issubdtype(dtype, jnp.complexfloating)):
-      return jnp.ravel(x)[0]
+      spec = jc.type_spec(x)
+      if spec is None or not any(spec):
+        return jnp.ravel(x)[0]
+      return x[tuple(slice(None) if s else 0 for s in spec)]
   return None
 
 
@@ -54,7 +62,7 @@ def zero_after(anchor: Any) -> jax.Array | None:
   if jnp.issubdtype(x.dtype, jnp.inexact):
     x = jax.lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
   count = jax.lax.population_count(x).astype(jnp.int32)  # in [0, bits]
-  return jnp.minimum(count, 0)
+  return jnp.minimum(jnp.min(count), 0)
 
 
 def _xor(x: jax.Array, zero: jax.Array) -> jax.Array:

@@ -1,0 +1,154 @@
+"""Meshes whose axes are Explicit (sharding in types), Auto, or mixed.
+
+`jax.make_mesh` gives Explicit axes by default since JAX 0.9, and under them
+a product contracting a sharded axis needs an `out_sharding`. A Megatron MLP
+(column-parallel w1, row-parallel w2 with the user's own `out_sharding`) and
+a decoder block shaped like tunix's (q/k/v einsum kernels reading one input,
+GQA, a SwiGLU MLP), sharded FSDP on "data" and TP on "model" over 8 CPU
+devices, train through both engines with `strict=True` and equal the
+unsharded run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+
+AxisType = jax.sharding.AxisType
+TYPES = {"explicit": (AxisType.Explicit,) * 2, "auto": (AxisType.Auto,) * 2,
+         "mixed": (AxisType.Explicit, AxisType.Auto)}
+ENGINES = ("factored", "merge")
+
+
+def _set_mesh(mesh):
+  """`jax.set_mesh` (jax >= 0.7), else `jax.sharding.use_mesh`."""
+  setter = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+  return setter(mesh)
+
+
+def _mesh(kind):
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=TYPES[kind])
+
+
+def _explicit(mesh, name):
+  return mesh.axis_types[mesh.axis_names.index(name)] == AxisType.Explicit
+
+
+def _randomize(delta):
+  keys = iter(jax.random.split(jax.random.key(9), 64))
+  return jax.tree.map(
+      lambda d: d.replace(b=0.3 * jax.random.normal(next(keys), d.b.shape)),
+      delta, is_leaf=lambda d: isinstance(d, lj.LoraDelta))
+
+
+def _check(fn, params, specs, x, x_spec, kind, engine, targets, **split_kw):
+  """Loss and gradients (delta and x) of the sharded run equal the unsharded
+  merge of the same adapters."""
+  base, delta = lj.split(params, lj.LoraConfig(rank=4, targets=targets),
+                         jax.random.key(1), **split_kw)
+  delta = _randomize(delta)
+  loss = lambda g: lambda b, d, x: jnp.sum(jnp.tanh(g(b, d, x)) ** 2)
+  want = jax.jit(jax.value_and_grad(loss(lj.wrap(fn(None), "merge")),
+                                    argnums=(1, 2)))(base, delta, x)
+  mesh = _mesh(kind)
+  with _set_mesh(mesh):
+    shard = lambda spec: NamedSharding(mesh, spec)
+    sb = {k: jax.device_put(v, shard(specs[k])) for k, v in base.items()}
+    sd = jax.device_put(delta, lj.delta_shardings(
+        delta, {k: shard(s) for k, s in specs.items()}))
+    sx = jax.device_put(x, shard(x_spec))
+    g = lj.wrap(fn(mesh), engine, strict=True)
+    got = jax.jit(jax.value_and_grad(loss(g), argnums=(1, 2)))(sb, sd, sx)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    # float32 rounding of sums over up to 32 terms, relative to the largest
+    # entry (unsharded, factored and merge differ by 5e-5 of it on the block)
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+  return got
+
+
+# ---- the issue's row-parallel example -------------------------------------
+
+def _megatron(mesh):
+  def mlp(p, x):
+    h = jax.nn.gelu(x @ p["w1"])
+    if mesh is not None and _explicit(mesh, "model"):
+      # explicit mode asks the user for the row-parallel product's sharding
+      return jax.lax.dot_general(h, p["w2"], (((1,), (0,)), ((), ())),
+                                 out_sharding=P("data", None))
+    return h @ p["w2"]
+  return mlp
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_megatron_mlp_trains_and_equals_the_unsharded_run(kind, engine):
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"w1": jax.random.normal(k[0], (16, 32)) / 4,
+            "w2": jax.random.normal(k[1], (32, 16)) / 6}
+  x = jax.random.normal(k[2], (8, 16))
+  got = _check(_megatron, params, {"w1": P(None, "model"),
+                                   "w2": P("model", None)},
+               x, P("data", None), kind, engine, "w1|w2")
+  if kind == "explicit":  # the gradients keep the factors' sharding types
+    (_, (gd, gx)) = got
+    assert jax.typeof(gd["w2"].a).sharding.spec == P("model", None)
+    assert jax.typeof(gx).sharding.spec == P("data", None)
+
+
+# ---- a decoder block shaped like tunix's Qwen3 -----------------------------
+
+D, HEADS, KV, HD, F = 16, 8, 4, 4, 32
+
+
+def _block(mesh):
+  explicit = mesh is not None and _explicit(mesh, "model")
+  # contractions over a "model"-sharded axis: the user's out_sharding
+  out = {"out_sharding": P("data", None, None)} if explicit else {}
+
+  def block(p, x):
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"])
+    k = jnp.einsum("btd,dkh->btkh", x, p["k"])
+    v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+    b, t = x.shape[:2]
+    q = q.reshape(b, t, KV, HEADS // KV, HD)
+    att = jax.nn.softmax(jnp.einsum("btkgh,bskh->bkgts", q, k) / HD ** 0.5)
+    o = jnp.einsum("bkgts,bskh->btkgh", att, v).reshape(b, t, HEADS, HD)
+    x = x + jnp.einsum("btnh,nhd->btd", o, p["o"], **out)
+    h = jax.nn.silu(x @ p["gate"]) * (x @ p["up"])
+    return x + jnp.einsum("btf,fd->btd", h, p["down"], **out)
+  return block
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_a_tunix_shaped_block_equals_the_unsharded_run(kind, engine):
+  k = iter(jax.random.split(jax.random.key(3), 8))
+  shapes = {"q": (D, HEADS, HD), "k": (D, KV, HD), "v": (D, KV, HD),
+            "o": (HEADS, HD, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
+  params = {n: jax.random.normal(next(k), s) / 4 for n, s in shapes.items()}
+  # TP on "model": heads and the MLP's hidden axis
+  specs = {"q": P(None, "model", None), "k": P(None, "model", None),
+           "v": P(None, "model", None), "o": P("model", None, None),
+           "gate": P(None, "model"), "up": P(None, "model"),
+           "down": P("model", None)}
+  x = jax.random.normal(next(k), (4, 6, D))
+  fn = _block(None)
+  _check(_block, params, specs, x, P("data", None, None), kind, engine,
+         "q|k|v|o|gate|up|down", apply_fn=fn, example_args=(x,))
+
+
+def test_factor_specs_follow_the_kernel_under_explicit_axes():
+  mesh = _mesh("explicit")
+  with _set_mesh(mesh):
+    w = jax.device_put(jnp.ones((16, 32)), NamedSharding(mesh, P("data", "model")))
+    base, delta = lj.split({"w": w}, lj.LoraConfig(rank=4, targets="w"),
+                           jax.random.key(0))
+    shardings = lj.delta_shardings(delta, {"w": w.sharding})
+  assert shardings["w"].a.spec == P("data", None)
+  assert shardings["w"].b.spec == P(None, "model")
+  del base
