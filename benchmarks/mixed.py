@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
+
 # Only to force each of the two mixed-batch contractions in the scaling sweep
 # (lj.wrap picks one by the stack's total rank).
 from lora_jax._src import stack as _stack  # pylint: disable=wrong-import-position
@@ -81,7 +82,7 @@ def make_adapters(size, n, rank=8, seed=0):
     _, d = lj.split(base, config, jax.random.key(100 + k))
     keys = iter(jax.random.split(jax.random.key(200 + k), 64))
     d = jax.tree.map(
-        lambda x: x.replace(b=0.02 * jax.random.normal(next(keys), x.b.shape,
+        lambda x, keys=keys: x.replace(b=0.02 * jax.random.normal(next(keys), x.b.shape,
                                                        x.b.dtype)),
         d, is_leaf=lambda x: isinstance(x, lj.LoraDelta))
     deltas.append(d)

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
+
 # Only to report whether wrap ran the mixed batch whole or fell back to vmap.
 from lora_jax._src import wrap as _wrap  # pylint: disable=wrong-import-position
 
@@ -72,7 +73,7 @@ def setup(config, batch, seq, n=N_ADAPTERS, rank=RANK, seed=0):
     base = b if base is None else base
     keys = iter(jax.random.split(jax.random.key(200 + k), 256))
     d = jax.tree.map(
-        lambda x: x.replace(b=0.02 * jax.random.normal(next(keys), x.b.shape,
+        lambda x, keys=keys: x.replace(b=0.02 * jax.random.normal(next(keys), x.b.shape,
                                                        x.b.dtype)),
         d, is_leaf=lambda x: isinstance(x, lj.LoraDelta))
     deltas.append(d)

@@ -20,8 +20,9 @@ import re  # pylint: disable=wrong-import-position
 import sys  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
+from jax.sharding import NamedSharding  # pylint: disable=wrong-import-position
+from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
-from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import w1  # pylint: disable=wrong-import-position
@@ -70,7 +71,8 @@ def main(reps: int = 7):
     _, loss = exe(state, b, x)
     out[name] = {"exe": exe, "state": state, "base": b, "x": x,
                  "loss": float(loss), "times": []}
-  import statistics, time  # pylint: disable=import-outside-toplevel,multiple-imports
+  import statistics  # pylint: disable=import-outside-toplevel,multiple-imports
+  import time
   for _ in range(reps):
     for r in out.values():
       t0 = time.perf_counter()

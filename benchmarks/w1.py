@@ -20,6 +20,7 @@ alias and peak bytes. Writes ``benchmarks/results/<name>.json`` and
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import dataclasses
 import json
 import os
@@ -27,7 +28,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -341,7 +342,7 @@ def main(argv=None):
   variant_setup = lambda **cfg: setup(size, rank=args.rank, arch=args.arch, **cfg)
   steps = make_steps(apply, params, base, delta, tokens, variants, variant_setup)
   results = measure(steps, base, tokens, args.reps)
-  for name, r in results.items():
+  for r in results.values():
     r["ratio_to_full"] = r["step_ms"] / results["full"]["step_ms"] if "full" in results else None
   if "merged_forward" in results and "forward" in results:
     results["merged_forward"]["ratio_to_forward"] = (

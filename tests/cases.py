@@ -6,13 +6,14 @@ the targets regex, and the layout tracing must find for each targeted path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import lora_jax as lj
 

@@ -17,7 +17,6 @@ import sys
 import threading
 
 import jax
-import jax.numpy as jnp
 
 import lora_jax as lj
 

@@ -4,8 +4,8 @@ import string
 
 import jax
 import jax.numpy as jnp
-import optax
 import numpy as np
+import optax
 
 import lora_jax as lj
 

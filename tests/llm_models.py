@@ -16,10 +16,10 @@ Each ``*_case()`` returns ``(params, fn, args, expected all-linear paths)``.
 
 from __future__ import annotations
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 
 def _init(rngs, shape, scale=0.2):

@@ -6,7 +6,9 @@ import subprocess
 import sys
 import textwrap
 
+from cases import CASES
 import chex
+from helpers import randomize
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +17,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lora_jax as lj
-from cases import CASES
-from helpers import randomize
 
 
 def _trained(name="attention"):

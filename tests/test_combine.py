@@ -4,14 +4,15 @@ float64 sum), per batch entry; mismatches are errors that name the path."""
 
 import math
 
+from cases import CASES
+from helpers import numpy_delta_weight
+from helpers import randomize
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lora_jax as lj
-from cases import CASES
-from helpers import numpy_delta_weight, randomize
 from lora_jax._src import combine as combine_mod
 
 WEIGHTS = (0.5, -1.25, 2.0)
@@ -144,7 +145,8 @@ def test_combined_adapter_runs_like_the_summed_update():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _one(shape, layout=lj.Layout.dense(), rank=2):
+def _one(shape, layout=None, rank=2):
+  layout = lj.Layout.dense() if layout is None else layout
   a_shape, b_shape = layout.factor_shapes(shape, rank)
   return lj.LoraDelta(jnp.ones(a_shape), jnp.ones(b_shape), layout=layout)
 

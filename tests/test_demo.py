@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 import lora_jax as lj
-from lora_jax.examples import demo
 from lora_jax.__main__ import _main
+from lora_jax.examples import demo
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,15 @@ arguments, sharding annotations, and LoRA dropout under ``vmap``."""
 import inspect
 
 import flax.linen as nn
+from helpers import randomize
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
 
 import lora_jax as lj
-from helpers import randomize
 
 MODES = ("auto", "factored", "merge")
 

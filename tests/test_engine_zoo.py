@@ -17,19 +17,18 @@ QArray (nf4). Stresses:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
 
+from helpers import randomize
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax._src.factored import consumers
-
-from helpers import randomize
 
 B, D, H, KV, HD = 4, 8, 4, 2, 4  # rows, width, heads, kv heads, head dim
 

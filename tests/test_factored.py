@@ -2,15 +2,16 @@
 
 import warnings
 
+from cases import CASES
 import flax.linen as nn
+from helpers import randomize
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lora_jax as lj
-from cases import CASES
-from helpers import randomize
+
 # The cost model behind mode="auto" is internal; this test pins its crossover.
 from lora_jax._src import factored
 

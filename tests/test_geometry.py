@@ -2,6 +2,7 @@
 
 import string
 
+from helpers import numpy_delta_weight
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 
 import lora_jax as lj
 from lora_jax._src import dora  # the module under test; not public API
-from helpers import numpy_delta_weight
 
 LAYOUTS = [  # (layout, kernel shape)
     (lj.Layout.dense(), (5, 4)),

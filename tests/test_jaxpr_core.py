@@ -6,14 +6,14 @@ factored engine (strict: no merge fallback) equals the merge engine."""
 
 import dataclasses
 
+from helpers import randomize
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
-from helpers import randomize
 from lora_jax._src import jaxpr_core as jc  # the module under test
 
 W = jax.random.normal(jax.random.key(0), (6, 5)) * 0.3

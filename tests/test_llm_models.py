@@ -4,14 +4,14 @@ agree on outputs and gradients, the factored engine never merges, and
 
 import warnings
 
+from helpers import randomize
 import jax
 import jax.numpy as jnp
+import llm_models
 import numpy as np
 import pytest
 
 import lora_jax as lj
-import llm_models
-from helpers import randomize
 
 CASES = {
     "nnx_decoder": llm_models.nnx_decoder_case,

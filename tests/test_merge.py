@@ -1,11 +1,12 @@
+from cases import CASES
+from helpers import numpy_delta_weight
+from helpers import randomize
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lora_jax as lj
-from cases import CASES
-from helpers import numpy_delta_weight, randomize
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -7,17 +7,19 @@ import tempfile
 import typing
 import warnings
 
+from flax import linen as nn
+from flax import nnx
+from helpers import numpy_delta_weight
+from helpers import randomize
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
-from helpers import numpy_delta_weight, randomize
 
 
 def _mlp():
@@ -212,7 +214,7 @@ def test_multisteps_inside_the_optimizer_accumulates_factors_only():
     with pytest.warns(UserWarning) if i == 0 else _no_warning():  # once
       updates, state = tx.update(grads, state, pair)
     pair = optax.apply_updates(pair, updates)
-    g = jax.grad(lambda d: jnp.sum(fn(lj.merge(base, d), x + i) ** 2))(d)
+    g = jax.grad(lambda d, i=i: jnp.sum(fn(lj.merge(base, d), x + i) ** 2))(d)
     u, ref_state = ref.update(g, ref_state, d)
     d = optax.apply_updates(d, u)
   for got, want in zip(jax.tree.leaves(pair[1]), jax.tree.leaves(d)):

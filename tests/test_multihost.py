@@ -31,7 +31,7 @@ def test_two_processes_match_one(tmp_path):
             "--out", str(tmp_path / "multi")]
   procs = [_run([*common, "--process-id", str(i)]) for i in range(2)]
   outs = [p.communicate(timeout=240) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   multi = json.loads(outs[0][0].strip().splitlines()[-1])
   single_proc = _run(["--steps", "4", "--devices-per-process", "8",

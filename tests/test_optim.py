@@ -1,3 +1,4 @@
+from cases import CASES
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +6,6 @@ import optax
 import pytest
 
 import lora_jax as lj
-from cases import CASES
 
 
 def _nbytes(tree):

@@ -201,7 +201,8 @@ def _peft_merge(directory, torch_weights):
     if not key.endswith(".lora_A.weight"):
       continue
     module = key[len("base_model.model."):-len(".lora_A.weight")]
-    first = lambda pat: next((k for k in pat if _peft_regex(k, module)), None)
+    first = lambda pat, module=module: next(
+        (k for k in pat if _peft_regex(k, module)), None)
     rk, ak = first(cfg["rank_pattern"]), first(cfg["alpha_pattern"])
     r = cfg["rank_pattern"][rk] if rk else cfg["r"]
     alpha = cfg["alpha_pattern"][ak] if ak else cfg["lora_alpha"]

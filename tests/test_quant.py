@@ -3,16 +3,18 @@
 import re
 from statistics import NormalDist
 
+from helpers import tanh_stack
+from helpers import train_mse
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
-from helpers import tanh_stack, train_mse
 
 # bitsandbytes' NF4 table (functional.py, `get_4bit_type("nf4")`), as published.
 PUBLISHED_NF4 = np.array([

@@ -12,6 +12,8 @@
 """
 
 import flax.linen as nn
+from helpers import tanh_stack
+from helpers import train_mse
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,6 @@ import optax
 import pytest
 
 import lora_jax as lj
-from helpers import tanh_stack, train_mse
 
 
 def _model():

@@ -9,14 +9,14 @@ import contextlib
 import io
 import re
 
+from helpers import randomize
 import jax
+from jax.ad_checkpoint import print_saved_residuals
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.ad_checkpoint import print_saved_residuals
 
 import lora_jax as lj
-from helpers import randomize
 
 D, MLP, T = 32, 128, 64
 

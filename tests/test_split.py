@@ -1,14 +1,14 @@
 import math
 
+from cases import CASES
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import lora_jax as lj
-from cases import CASES
 
 
 @pytest.mark.parametrize("name", list(CASES))

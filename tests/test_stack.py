@@ -1,6 +1,8 @@
 """Many adapters on one base: stack / select / put, and mixed-adapter
 batches in one pass (every row its own adapter) in all three modes."""
 
+from cases import CASES
+from helpers import randomize
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,6 @@ import optax
 import pytest
 
 import lora_jax as lj
-from cases import CASES
-from helpers import randomize
 
 MODES = ("auto", "factored", "merge")
 # The factored engine runs a mixed batch whole (each adapted matmul's branch
@@ -186,7 +186,8 @@ def test_a_row_over_the_whole_stack_is_that_adapter():
   x = case.args[0]
   from lora_jax._src.stack import stacks  # pylint: disable=import-outside-toplevel
   for k in (0, 1, 2, -1):
-    row = jax.tree.map(lambda s: s.row_of_all(k) if isinstance(s, lj.LoraStack)
+    row = jax.tree.map(lambda s, k=k: s.row_of_all(k)
+                       if isinstance(s, lj.LoraStack)
                        else s, stacked,
                        is_leaf=lambda s: isinstance(s, lj.LoraStack))
     for p, d in lj.adapters(row).items():

@@ -1,8 +1,8 @@
+from cases import CASES
 import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from cases import CASES
 
 
 def test_summary_counts():

@@ -3,6 +3,9 @@ mixed precision, extra trainables) against formulas computed in numpy."""
 
 import math
 
+from cases import CASES
+from helpers import numpy_delta_weight
+from helpers import randomize
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +13,6 @@ import optax
 import pytest
 
 import lora_jax as lj
-from cases import CASES
-from helpers import numpy_delta_weight, randomize
 
 LAYERS = ["dense", "attention", "conv2d"]  # Dense, DenseGeneral, Conv layouts
 
@@ -175,7 +176,7 @@ def test_dora_gradient_treats_norm_as_constant():
   g_v = g_w * m / n                   # the norm is held constant
   want_a, want_b = s * g_v @ b.T, s * a.T @ g_v
   for mode in ("merge", "factored"):
-    loss = lambda d: jnp.sum(jnp.asarray(c, jnp.float32) * lj.wrap(
+    loss = lambda d, mode=mode: jnp.sum(jnp.asarray(c, jnp.float32) * lj.wrap(
         lambda p, x: x @ p["w"], mode)(base, d, jnp.asarray(x, jnp.float32)))
     g = jax.grad(loss)(delta)["w"]
     np.testing.assert_allclose(g.magnitude, want_m, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,8 @@
 import functools
 
+from cases import CASES
 import chex
+from helpers import randomize
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,6 @@ import optax
 import pytest
 
 import lora_jax as lj
-from cases import CASES
-from helpers import randomize
 
 
 def _float_out(y):

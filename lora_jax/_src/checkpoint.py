@@ -44,7 +44,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax._src.config import LoraConfig
-from lora_jax._src.delta import LoraDelta, ResidualMark, adapters
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import ResidualMark
+from lora_jax._src.delta import adapters
 from lora_jax._src.layouts import Layout
 
 FORMAT = "lora_jax.adapter"

@@ -16,14 +16,18 @@ factors one by one: averaging the ``a_i`` and the ``b_i`` separately (PEFT's
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.delta import LoraDelta, adapters, check_same_kernel
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import check_same_kernel
 from lora_jax._src.delta import is_delta_or_none
-from lora_jax._src.paths import map_with_paths, preview
+from lora_jax._src.paths import map_with_paths
+from lora_jax._src.paths import preview
 from lora_jax._src.stack import refuse_stacks
 
 _HIGHEST = jax.lax.Precision.HIGHEST

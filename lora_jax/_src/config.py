@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from lora_jax._src.paths import preview
 
 # A selector of leaves: a regex full-matched on the leaf path, several of them,
 # or a predicate ``(path, leaf) -> bool``.
-Selector = Union[str, Sequence[str], Callable[[str, Any], bool]]
+Selector = str | Sequence[str] | Callable[[str, Any], bool]
 
 ALL_LINEAR = "all-linear"
 INITS = ("default", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
@@ -93,7 +94,7 @@ class PatternMap:
 
   @classmethod
   def parse(cls, value: Any, field: str,
-            convert: Callable[[str, Any], Any] = lambda p, v: v) -> "PatternMap":
+            convert: Callable[[str, Any], Any] = lambda p, v: v) -> PatternMap:
     """A PatternMap from a mapping or a sequence of pairs; ``convert(pattern,
     value)`` validates and normalises each value."""
     if isinstance(value, PatternMap):
@@ -318,7 +319,7 @@ class LoraConfig:
     }
 
   @classmethod
-  def from_json(cls, data: Any, **overrides: Any) -> "LoraConfig":
+  def from_json(cls, data: Any, **overrides: Any) -> LoraConfig:
     """The config :meth:`to_json` described.
 
     A callable cannot be restored from its name: pass it in ``overrides``

@@ -87,7 +87,7 @@ class LoraDelta:
   def tree_unflatten(cls, aux, children):
     return rebuild_node(cls, cls._CHILDREN + cls._STATIC, (*children, *aux))
 
-  def replace(self, **changes) -> "LoraDelta":
+  def replace(self, **changes) -> LoraDelta:
     """A copy with some fields replaced."""
     return dataclasses.replace(self, **changes)
 
@@ -166,7 +166,7 @@ class ResidualMark:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, data: Any) -> "ResidualMark":
+  def from_json(cls, data: Any) -> ResidualMark:
     ok = isinstance(data, dict) and isinstance(data.get("init"), str) and all(
         isinstance(data.get(k), (int, float)) and not isinstance(
             data.get(k), bool) for k in ("residual_norm", "original_norm"))

@@ -20,14 +20,14 @@ Everything about equation parameters is read through ``jaxpr_core``.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Any, Callable, Sequence
-
+from typing import Any
 
 from lora_jax._src import jaxpr_core as jc
+from lora_jax._src import walk
 from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src.layouts import Layout
-from lora_jax._src import walk
 
 _EMPTY = frozenset()
 

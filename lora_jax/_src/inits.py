@@ -4,16 +4,22 @@ adapter back into a plain LoRA adapter against the original weights."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lora_jax._src import dora
-from lora_jax._src.config import InitSpec, LoraConfig
-from lora_jax._src.delta import (LoraDelta, ResidualMark, adapters,
-                                 is_concrete, is_delta_or_none, kernel_norm)
+from lora_jax._src.config import InitSpec
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import ResidualMark
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import is_concrete
+from lora_jax._src.delta import is_delta_or_none
+from lora_jax._src.delta import kernel_norm
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import map_with_paths
 

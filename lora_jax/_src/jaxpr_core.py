@@ -26,14 +26,15 @@ Only public API: ``jax.make_jaxpr``, ``jax.extend.core``, ``jax.lax``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
-import numpy as np
 from jax.extend import core as jex
 from jax.extend.core import primitives as _prims
+import numpy as np
 
 JAX_VERSION = jax.__version__
 

@@ -18,9 +18,10 @@ PEFT's torch ``(out, in)`` view (:meth:`Layout.to_out_in`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -66,12 +67,12 @@ class Layout:
           f"inputs={self.inputs}, outputs={self.outputs}.")
 
   @classmethod
-  def dense(cls) -> "Layout":
+  def dense(cls) -> Layout:
     """The Flax convention for a 2-D kernel: ``(in, out)``, ``y = x @ W``."""
     return cls((), (0,), (1,))
 
   @classmethod
-  def transposed(cls) -> "Layout":
+  def transposed(cls) -> Layout:
     """A 2-D kernel stored ``(out, in)`` and used as ``x @ W.T``."""
     return cls((), (1,), (0,))
 
@@ -344,7 +345,7 @@ class Layout:
             "outputs": list(self.outputs)}
 
   @classmethod
-  def from_json(cls, data: Any) -> "Layout":
+  def from_json(cls, data: Any) -> Layout:
     """Inverse of :meth:`to_json`; a ``ValueError`` for anything else.
 
     >>> Layout.from_json({"batch": [], "inputs": [1], "outputs": [0]})

@@ -7,10 +7,15 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding
 
-from lora_jax._src.delta import LoraDelta, adapters, is_concrete
-from lora_jax._src.dora import adapted_weight, unmerged_weight
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import is_concrete
+from lora_jax._src.dora import adapted_weight
 from lora_jax._src.dora import norm as dora_norm
-from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.dora import unmerged_weight
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
+from lora_jax._src.paths import preview
 from lora_jax._src.quant import dequantize
 from lora_jax._src.sharding import place_like_kernel
 from lora_jax._src.stack import refuse_stacks

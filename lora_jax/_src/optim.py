@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 import warnings
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lora_jax._src.config import Selector, selects, selector_patterns
-from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.config import Selector
+from lora_jax._src.config import selector_patterns
+from lora_jax._src.config import selects
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
+from lora_jax._src.paths import preview
 
 TRAIN, FREEZE = "lora_train", "lora_freeze"
 

@@ -11,8 +11,9 @@ since an adapter found by path would apply to both.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import jax
 

@@ -19,24 +19,28 @@ and both directions use it, so a file means the same in PEFT and here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import difflib
 import json
 import math
 import os
 import re
+from typing import Any
 import warnings
-from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src import safetensors
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.config import PatternMap
-from lora_jax._src.delta import LoraDelta, adapters, is_delta_or_none
-from lora_jax._src.paths import leaves_with_paths, map_with_paths
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import is_delta_or_none
+from lora_jax._src.dtypes import is_float_matrix
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,7 +53,7 @@ _A, _B, _M = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 # full-matches a path names it; a path no pair matches keeps the default
 # name). A name may be a list of names: the kernel's first output axis is
 # split among those modules (a fused projection, as Gemma's kv_einsum).
-ModuleNames = Union[None, str, Callable[[str], Any], Sequence[tuple[str, Any]]]
+ModuleNames = None | str | Callable[[str], Any] | Sequence[tuple[str, Any]]
 
 # tunix's NNX decoders (google/tunix, tunix/models/*/model.py), named as
 # their checkpoint loaders (params*.py) map them from transformers'

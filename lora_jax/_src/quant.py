@@ -17,23 +17,34 @@ entry, cheap enough to do inside the jitted step at the point of use.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_jax._src.dtypes import is_float, is_float_matrix
-from lora_jax._src.config import ALL_LINEAR, selector_patterns, selects
-from lora_jax._src.delta import (LoraDelta, adapters, describe_array,
-                                 is_delta_or_none)
-from lora_jax._src.discover import layout_from_uses, linear_weights, trace_uses
+from lora_jax._src.config import ALL_LINEAR
+from lora_jax._src.config import selector_patterns
+from lora_jax._src.config import selects
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import describe_array
+from lora_jax._src.delta import is_delta_or_none
+from lora_jax._src.discover import layout_from_uses
+from lora_jax._src.discover import linear_weights
+from lora_jax._src.discover import trace_uses
+from lora_jax._src.dtypes import is_float
+from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src.layouts import Layout
-from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
+from lora_jax._src.paths import preview
 from lora_jax._src.sharding import _factor_shardings as factor_shardings
 
 SCHEMES = ("nf4", "int8")
@@ -122,7 +133,7 @@ class QArray:
       object.__setattr__(obj, name, value)
     return obj
 
-  def replace(self, **changes) -> "QArray":
+  def replace(self, **changes) -> QArray:
     """A copy with some fields replaced."""
     return dataclasses.replace(self, **changes)
 
@@ -162,7 +173,7 @@ class QArray:
     """The float32 absmax of each block (undoing double quantization)."""
     return block_absmax(self)
 
-  def scan_view(self) -> "QArray":
+  def scan_view(self) -> QArray:
     """This stacked kernel as ``lax.scan`` slices it: the metadata of one
     slice along axis 0, the children keeping that axis (scan slices them).
 
@@ -187,7 +198,7 @@ class QArray:
                         absmax_mean=None, shape=self.shape[1:],
                         axis=self.axis - 1)
 
-  def shardings(self, kernel_sharding: Any) -> "QArray":
+  def shardings(self, kernel_sharding: Any) -> QArray:
     """A QArray of shardings for this one's children, derived from the
     sharding of the kernel it replaces (for ``jax.device_put``, ``jit``'s
     ``in_shardings``/``out_shardings`` or an orbax restore target).

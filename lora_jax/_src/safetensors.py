@@ -10,11 +10,12 @@ needs no safetensors package to read or write it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import math
 import os
 import struct
-from typing import Any, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np

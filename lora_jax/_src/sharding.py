@@ -13,12 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
-from lora_jax._src.delta import (LoraDelta, adapters, is_concrete,
-                                 is_delta_or_none)
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import is_concrete
+from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.layouts import Layout
-from lora_jax._src.paths import leaves_with_paths, map_with_paths
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
 
 
 def _padded(spec: PartitionSpec | None, ndim: int) -> tuple:

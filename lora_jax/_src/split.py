@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.dtypes import is_float
-from lora_jax._src.config import ALL_LINEAR, LoraConfig, selects
+from lora_jax._src.config import ALL_LINEAR
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.config import selects
 from lora_jax._src.delta import LoraDelta
-from lora_jax._src.discover import layout_from_uses, linear_weights, trace_uses
+from lora_jax._src.discover import layout_from_uses
+from lora_jax._src.discover import linear_weights
+from lora_jax._src.discover import trace_uses
+from lora_jax._src.dtypes import is_float
 from lora_jax._src.inits import make_adapter
 from lora_jax._src.layouts import Layout
-from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
+from lora_jax._src.paths import preview
 from lora_jax._src.sharding import place_like_kernel
 
 
@@ -100,12 +107,12 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
   if need_trace:
     uses = trace_uses(apply_fn, params, example_args, example_kwargs,
                       [i for i, _, _ in need_trace])
-    for (i, p, x), u in zip(need_trace, uses):
+    for (_, p, x), u in zip(need_trace, uses):
       layouts[p] = layout_from_uses(p, len(x.shape), u)
 
   deltas: dict[str, LoraDelta] = {}
   residuals: dict[str, Any] = {}
-  for n, (i, p, x) in enumerate(chosen):
+  for n, (_, p, x) in enumerate(chosen):
     d, residual = make_adapter(p, x, layouts[p], config,
                                jax.random.fold_in(key, n),
                                _factor_dtype(config, x.dtype))

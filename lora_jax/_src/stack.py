@@ -9,20 +9,27 @@ batch with its own adapter in one pass (see :func:`per_row`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import operator
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.delta import LoraDelta, adapters, check_same_kernel
-from lora_jax._src.delta import describe_array, is_concrete
-from lora_jax._src.delta import is_delta_or_none, rebuild_node
-from lora_jax._src.layouts import Layout
 from lora_jax._src import dora
-from lora_jax._src.paths import leaves_with_paths, map_with_paths, preview
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import check_same_kernel
+from lora_jax._src.delta import describe_array
+from lora_jax._src.delta import is_concrete
+from lora_jax._src.delta import is_delta_or_none
+from lora_jax._src.delta import rebuild_node
+from lora_jax._src.layouts import Layout
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import map_with_paths
+from lora_jax._src.paths import preview
 from lora_jax._src.quant import QArray
 
 

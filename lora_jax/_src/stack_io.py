@@ -24,9 +24,13 @@ import numpy as np
 from lora_jax._src import checkpoint
 from lora_jax._src.checkpoint import CheckpointError
 from lora_jax._src.config import LoraConfig
-from lora_jax._src.delta import LoraDelta, ResidualMark, adapters
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import ResidualMark
+from lora_jax._src.delta import adapters
 from lora_jax._src.layouts import Layout
-from lora_jax._src.stack import LoraStack, StackInfo, stacks
+from lora_jax._src.stack import LoraStack
+from lora_jax._src.stack import StackInfo
+from lora_jax._src.stack import stacks
 
 
 def _with_adapter_axis(layout: Layout) -> Layout:

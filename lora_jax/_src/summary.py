@@ -8,7 +8,8 @@ from typing import Any
 import jax
 
 from lora_jax._src.config import selects
-from lora_jax._src.delta import adapters, describe_array
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import describe_array
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.stack import stacks
 

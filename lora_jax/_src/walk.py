@@ -18,7 +18,8 @@ each.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc

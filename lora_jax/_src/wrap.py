@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 import warnings
-from typing import Any, Callable
 
 import jax
 
@@ -11,8 +12,13 @@ from lora_jax._src import factored
 from lora_jax._src import stack as stack_module
 from lora_jax._src.delta import adapters
 from lora_jax._src.jaxpr_core import is_array
-from lora_jax._src.merge import check_matches, merge, placed_like_base
-from lora_jax._src.stack import check_rows, per_row, row_factors, stacks
+from lora_jax._src.merge import check_matches
+from lora_jax._src.merge import merge
+from lora_jax._src.merge import placed_like_base
+from lora_jax._src.stack import check_rows
+from lora_jax._src.stack import per_row
+from lora_jax._src.stack import row_factors
+from lora_jax._src.stack import stacks
 
 MODES = ("auto", "merge", "factored")
 

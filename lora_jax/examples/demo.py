@@ -20,6 +20,7 @@ runs in about two minutes on two CPU cores.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 import dataclasses
 import functools
 import math
@@ -28,7 +29,7 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import flax.linen as nn
 import jax
@@ -187,7 +188,7 @@ def train(step, state, frozen, task, steps, batch, rng, progress):
   for i in range(1, steps + 1):
     state, loss = step(state, frozen, *make_batch(task, rng, batch))
     curve.append(loss)
-    progress.update(i, lambda: float(loss))
+    progress.update(i, lambda loss=loss: float(loss))
   return state, [float(l) for l in curve]
 
 

@@ -27,3 +27,7 @@ from lora_jax._src.factored.rows import UNKNOWN
 from lora_jax._src.factored.values import FallbackError
 from lora_jax._src.factored.values import NeedsRowVmap
 from lora_jax._src.factored.values import Report
+
+__all__ = ["FACTORED_FLOP_WEIGHT", "UNKNOWN", "FallbackError", "NeedsRowVmap",
+           "Report", "cheaper_engine", "extra_flops", "factored_apply",
+           "output_rows"]

@@ -11,18 +11,23 @@ new plan function and one line in ``interpreter.RULES``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.dtypes import is_float
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored.lowrank import lowrank_dot
-from lora_jax._src.factored.values import (NO_SITE, Context, Lora,
-                                           NeedsRowVmap, Site, fallback)
+from lora_jax._src.dtypes import is_float
 from lora_jax._src.factored.frozen import frozen_linear
+from lora_jax._src.factored.lowrank import lowrank_dot
+from lora_jax._src.factored.values import NO_SITE
+from lora_jax._src.factored.values import Context
+from lora_jax._src.factored.values import Lora
+from lora_jax._src.factored.values import NeedsRowVmap
+from lora_jax._src.factored.values import Site
+from lora_jax._src.factored.values import fallback
 
 
 @dataclasses.dataclass

@@ -11,14 +11,16 @@ at a time.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.factored.ordering import after
-from lora_jax._src.quant import QArray, dequantize_array
+from lora_jax._src.quant import QArray
+from lora_jax._src.quant import dequantize_array
 
 
 def float_kernel(kernel: Any, anchor: Any, dtype: Any) -> jax.Array:

@@ -4,18 +4,28 @@ to its rule (one table, :data:`RULES`); everything else is bound as traced."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import functools
-from typing import Callable
 
 import jax
 
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored import consumers, programs, recompute, rows, views
-from lora_jax._src.factored.siblings import find_group, project_group
-from lora_jax._src.factored.values import (NO_SITE, Context, FallbackError,
-                                           Lora, NeedsRowVmap, Report, Site,
-                                           fallback)
+from lora_jax._src.factored import consumers
+from lora_jax._src.factored import programs
+from lora_jax._src.factored import recompute
+from lora_jax._src.factored import rows
+from lora_jax._src.factored import views
+from lora_jax._src.factored.siblings import find_group
+from lora_jax._src.factored.siblings import project_group
+from lora_jax._src.factored.values import NO_SITE
+from lora_jax._src.factored.values import Context
+from lora_jax._src.factored.values import FallbackError
+from lora_jax._src.factored.values import Lora
+from lora_jax._src.factored.values import NeedsRowVmap
+from lora_jax._src.factored.values import Report
+from lora_jax._src.factored.values import Site
+from lora_jax._src.factored.values import fallback
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.quant import QArray
 

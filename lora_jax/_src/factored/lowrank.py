@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
 

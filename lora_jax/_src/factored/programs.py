@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored.values import Context, Lora, flatten
+from lora_jax._src.factored.values import Context
+from lora_jax._src.factored.values import Lora
+from lora_jax._src.factored.values import flatten
 from lora_jax._src.layouts import Layout
 from lora_jax._src.quant import QArray
 from lora_jax._src.sharding import factor_specs
@@ -97,7 +99,7 @@ def cond(eqn, sub: jc.Cond, invals, ctx: Context, evaluate):
   index, ops = invals[0], invals[1:]
   flat, rebuild = flatten(ops)
   branches = [
-      (lambda br: lambda *f: evaluate(br, rebuild(list(f)), ctx))(br)
+      (lambda b: lambda *f: evaluate(b, rebuild(list(f)), ctx))(br)
       for br in sub.branches]
   return list(jax.lax.switch(index, branches, *flat))
 

@@ -22,7 +22,7 @@ no saving at all). The price is forward mode under ``jit``; see
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -30,7 +30,8 @@ import numpy as np
 from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.ordering import after
-from lora_jax._src.factored.values import Lora, flatten
+from lora_jax._src.factored.values import Lora
+from lora_jax._src.factored.values import flatten
 
 # A size limit, not a loop bound: a region of more equations than this is
 # left as it is (recomputing a long chain costs more than keeping its input).

@@ -15,12 +15,13 @@ fall back to ``vmap`` (``values.NeedsRowVmap``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import math
-from typing import Mapping
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src import walk
+
 
 class _Unknown:
   """The row axis of a value whose rows cannot be followed."""
@@ -43,7 +44,7 @@ class RowPlan:
   called twice) gets a plan at each.
   """
   dots: Mapping[int, tuple] = dataclasses.field(default_factory=dict)
-  subs: Mapping[int, tuple["RowPlan", ...]] = dataclasses.field(
+  subs: Mapping[int, tuple[RowPlan, ...]] = dataclasses.field(
       default_factory=dict)
 
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.lowrank import project
-from lora_jax._src.factored.values import Context, Lora
+from lora_jax._src.factored.values import Context
+from lora_jax._src.factored.values import Lora
 
 
 def _plain_projection(eqn, env, ctx: Context, rows: tuple | None):

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
+from typing import Any
 import warnings
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 from lora_jax._src import dora
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.delta import LoraDelta
-from lora_jax._src.quant import QArray
 from lora_jax._src.layouts import Layout
+from lora_jax._src.quant import QArray
 
 
 class FallbackError(RuntimeError):
@@ -65,7 +66,7 @@ class Lora:
     w = self.w.dequantize() if isinstance(self.w, QArray) else self.w
     return w if self.dtype is None else w.astype(self.dtype)
 
-  def eager(self) -> "Lora":
+  def eager(self) -> Lora:
     """This value with its float kernel built now (for views that re-lay a
     quantized kernel out)."""
     if not self.narrow:
@@ -76,7 +77,7 @@ class Lora:
     """The arrays of this value, for passing it through a sub-program."""
     return [self.w, self.a, self.b, self.magnitude]
 
-  def with_parts(self, parts) -> "Lora":
+  def with_parts(self, parts) -> Lora:
     w, a, b, magnitude = parts
     return dataclasses.replace(self, w=w, a=a, b=b, magnitude=magnitude)
 
@@ -179,7 +180,7 @@ class KeyStream:
     self.used += 1
     return jax.random.fold_in(self.rng, self.used)
 
-  def copy(self) -> "KeyStream":
+  def copy(self) -> KeyStream:
     return KeyStream(self.rng, self.used)
 
 
@@ -208,16 +209,16 @@ class Context:
   @classmethod
   def create(cls, strict: bool, report: Report, choose: Callable | None,
              rng: jax.Array | None = None, recompute: bool = False
-             ) -> "Context":
+             ) -> Context:
     return cls(strict, report, choose,
                None if rng is None else KeyStream(rng), recompute)
 
-  def with_rng(self, rng: jax.Array | None) -> "Context":
+  def with_rng(self, rng: jax.Array | None) -> Context:
     """This context with dropout keys drawn from ``rng``."""
     return dataclasses.replace(
         self, keys=None if rng is None else KeyStream(rng))
 
-  def quiet(self) -> "Context":
+  def quiet(self) -> Context:
     """A copy that records into a fresh report and draws the keys this one
     would draw next (for a second tracing of the same equations, in a
     backward pass)."""

@@ -9,9 +9,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.dtypes import is_float_dtype
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored.values import Lora, fallback
+from lora_jax._src.dtypes import is_float_dtype
+from lora_jax._src.factored.values import Lora
+from lora_jax._src.factored.values import fallback
 from lora_jax._src.layouts import Layout
 from lora_jax._src.quant import QArray
 
