@@ -37,7 +37,7 @@ from typing import Any
 try:
   import fcntl
 except ImportError:  # Windows: saves to one folder are not serialized
-  fcntl = None
+  fcntl = None  # type: ignore[assignment]
 
 import jax
 import numpy as np
@@ -511,7 +511,7 @@ def _check_meta(directory: str, meta: dict) -> None:
                            f"{meta.get('config')!r}")
 
 
-def _read_meta(directory: str) -> tuple[str, dict]:
+def _read_meta(directory: str | os.PathLike) -> tuple[str, dict]:
   """``(folder, metadata)`` of the checkpoint at ``directory`` (or of the
   complete one an interrupted save left beside it), validated."""
   folder = _readable(_abspath(directory))

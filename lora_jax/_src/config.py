@@ -71,6 +71,11 @@ def _compile(pattern: Any, field: str) -> re.Pattern:
                      f"expression ({e}).") from None
 
 
+def _parsed(field: Any) -> PatternMap:
+  """A pattern field as ``LoraConfig.__post_init__`` stores it."""
+  return field
+
+
 @dataclasses.dataclass(frozen=True)
 class PatternMap:
   """``{regex: value}`` read by full match on a leaf path, first match wins:
@@ -223,8 +228,9 @@ class LoraConfig:
   rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] = ()
   alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] = ()
   # ``init`` parsed (derived, not an argument).
-  init_spec: InitSpec = dataclasses.field(init=False, compare=False,
-                                          repr=False, default=None)
+  init_spec: InitSpec = dataclasses.field(
+      init=False, compare=False, repr=False,
+      default=None)  # type: ignore[assignment]  # set by __post_init__
 
   def __post_init__(self):
     # Each field is parsed once, by its own parser in _FIELDS (which raises on
@@ -240,11 +246,11 @@ class LoraConfig:
 
   def rank_for(self, path: str) -> int:
     """The rank of the adapter at ``path`` (``rank_pattern`` first)."""
-    return self.rank_pattern.lookup(path, self.rank)
+    return _parsed(self.rank_pattern).lookup(path, self.rank)
 
   def scale_for(self, path: str) -> float:
     """The scale of the adapter at ``path`` (with ``alpha_pattern``)."""
-    alpha = self.alpha_pattern.lookup(path, self.alpha)
+    alpha = _parsed(self.alpha_pattern).lookup(path, self.alpha)
     r = self.rank_for(path)
     return alpha / (math.sqrt(r) if self.rslora else r)
 
@@ -255,7 +261,7 @@ class LoraConfig:
 
   def layout_for(self, path: str) -> Layout | None:
     """The explicit layout configured for ``path``, if any."""
-    return self.layouts.lookup(path)
+    return _parsed(self.layouts).lookup(path)
 
   def check_patterns_match(self, leaves: Sequence[tuple[str, Any]]) -> None:
     """Raises unless every regex of ``targets``, ``exclude``, ``layouts``,
@@ -312,10 +318,10 @@ class LoraConfig:
         "scale": self.scale, "targets": sel(self.targets),
         "exclude": sel(self.exclude), "init": sel(self.init),
         "dtype": None if self.dtype is None else str(self.dtype),
-        "layouts": self.layouts.to_json(Layout.to_json),
+        "layouts": _parsed(self.layouts).to_json(Layout.to_json),
         "dropout": self.dropout, "dora": self.dora,
-        "rank_pattern": self.rank_pattern.to_json(),
-        "alpha_pattern": self.alpha_pattern.to_json(),
+        "rank_pattern": _parsed(self.rank_pattern).to_json(),
+        "alpha_pattern": _parsed(self.alpha_pattern).to_json(),
     }
 
   @classmethod

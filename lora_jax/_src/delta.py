@@ -39,7 +39,7 @@ def rebuild_node(cls: type, names: tuple[str, ...], values: tuple) -> Any:
   """An instance of the frozen dataclass ``cls`` with ``names`` set to
   ``values``, bypassing ``__init__`` (for ``tree_unflatten``, whose children
   may be tracers, None or sentinels that ``__init__`` would reject)."""
-  obj = object.__new__(cls)
+  obj: Any = object.__new__(cls)
   for name, value in zip(names, values):
     object.__setattr__(obj, name, value)
   return obj
@@ -196,7 +196,7 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
   """
   layout = delta.layout
   a, b = layout.flatten_factors(delta.a, delta.b)
-  scale = jnp.asarray(delta.scale)
+  scale: Any = jnp.asarray(delta.scale)
   if scale.ndim:  # one scale per rank (a stack's row: LoraStack.row_of_all)
     a, scale = a * scale.astype(a.dtype), 1
   w = jnp.einsum("gir,gro->gio", a, b,

@@ -29,7 +29,7 @@ from lora_jax._src import walk
 from lora_jax._src.dtypes import is_float_matrix
 from lora_jax._src.layouts import Layout
 
-_EMPTY = frozenset()
+_EMPTY: frozenset = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,7 @@ def _reshape(t: _Tracked, old: Sequence[int], new: Sequence[int]) -> _Tracked:
   for k, i in enumerate(keep_old):
     g = group(po[k])
     members[g] = members.get(g, frozenset()) | t.axes[i]
-  axes = [frozenset()] * len(new)
+  axes: list[frozenset] = [frozenset()] * len(new)
   for k, j in enumerate(keep_new):
     axes[j] = members.get(group(pn[k]), frozenset())
   return _Tracked(t.leaf, tuple(axes), frozenset(dropped))
@@ -369,7 +369,7 @@ def layout_from_uses(path: str, ndim: int, uses: list[Use]) -> Layout:
         raise ValueError(
             f"{path!r} is consumed with conflicting layouts ({chosen.primitive}"
             f" {chosen.roles} vs {u.primitive} {u.roles}). {hint}")
-  roles = chosen.roles
+  roles: Any = chosen.roles  # not None: resolved uses only
   if sorted(roles) != list(range(ndim)):
     raise ValueError(f"Cannot infer the role of every axis of {path!r}: "
                      f"got {roles}. {hint}")

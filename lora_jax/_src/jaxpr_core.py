@@ -370,7 +370,7 @@ def _emit_shard_map(fn, sm: ShardMap, in_specs, out_specs):
   from jax.experimental.shard_map import shard_map  # pylint: disable=import-outside-toplevel
   return shard_map(flat, mesh=sm.mesh, in_specs=in_specs,
                    out_specs=out_specs, check_rep=sm.check,
-                   auto=mesh_axes - sm.axis_names)
+                   auto=mesh_axes - sm.axis_names)  # type: ignore[call-arg]  # jax < 0.7
 
 
 def _names_to_spec(names: dict, ndim: int):
@@ -569,7 +569,7 @@ def type_spec(x) -> tuple | None:
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or not _explicit_axes(mesh):
     return None
-  spec = tuple(sharding.spec)
+  spec = tuple(sharding.spec)  # type: ignore[union-attr]  # has a mesh
   return spec + (None,) * (len(x.shape) - len(spec))
 
 

@@ -43,7 +43,7 @@ def trainable_labels(params: Any, trainable: Selector | None = None) -> Any:
       lambda p, x: TRAIN if _is_float(x) and selects(trainable, p, x)
       else FREEZE, base)
   delta_labels = jax.tree.map(lambda _: TRAIN, delta)
-  return type(params)((base_labels, delta_labels))
+  return type(params)((base_labels, delta_labels))  # type: ignore[misc]
 
 
 def _is_float(x: Any) -> bool:

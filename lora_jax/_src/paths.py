@@ -155,7 +155,7 @@ def map_with_paths(fn: Callable[..., Any], tree: Any, *rest: Any,
   {'fc': {'kernel': 'fc/kernel'}}
   """
   named = _named(tree, is_leaf)
-  treedef = jax.tree_util.tree_structure(tree, is_leaf=_stop_at(is_leaf))
+  treedef: Any = jax.tree_util.tree_structure(tree, is_leaf=_stop_at(is_leaf))
   others = [treedef.flatten_up_to(r) for r in rest]
   return treedef.unflatten(
       [fn(p, x, *xs) for (p, x), *xs in zip(named, *others)])

@@ -99,7 +99,7 @@ MODULE_NAME_PRESETS: dict[str, tuple | None] = {
 # lora_jax cannot honour, with the values that mean "not used" (PEFT's
 # defaults, and what its older versions wrote). Fields that only steer
 # training or initialisation (exclude_modules, eva_config ...) are ignored.
-_UNSUPPORTED = {
+_UNSUPPORTED: dict[str, Any] = {
     "layers_to_transform": (None, []),
     "modules_to_save": (None, []),
     "target_parameters": (None, []),
@@ -479,7 +479,8 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
     others, has_slots = set(expected), True
   targets = _target_modules(names, sorted(others - set(names))
                             if has_slots else None)
-  by_rank, by_alpha = {}, {}
+  by_rank: dict = {}
+  by_alpha: dict = {}
   for m, _, d, *_ in mods:
     by_rank.setdefault(d.rank, []).append(m)
     by_alpha.setdefault(_alpha_of(d, config.rslora), []).append(m)
@@ -643,7 +644,7 @@ def _config_problems(config: LoraConfig) -> list[str]:
         "and ignores both patterns, so modules with their own scale would be "
         f"served wrong: {_fold_hint()}.")
   if config.init_spec.principal:
-    problems.append(_principal_problem(config.init))
+    problems.append(_principal_problem(str(config.init)))
   return problems
 
 
@@ -864,12 +865,12 @@ def _group_keys(tensors: dict, where: str, dora: bool) -> dict[str, dict]:
     if set(parts) != need:
       missing = sorted(need - set(parts))
       extra = sorted(set(parts) - need)
-      what = {"A": _A, "B": _B, "M": _M}
+      suffix = {"A": _A, "B": _B, "M": _M}
       raise PeftFormatError(
           f"{where}: module {module!r} has "
-          + (f"no {', '.join(PREFIX + module + what[t] for t in missing)}"
+          + (f"no {', '.join(PREFIX + module + suffix[t] for t in missing)}"
              if missing else
-             f"{', '.join(PREFIX + module + what[t] for t in extra)} but the "
+             f"{', '.join(PREFIX + module + suffix[t] for t in extra)} but the "
              f"field 'use_dora' is false") + ".")
   if not mods:
     raise PeftFormatError(f"{where}: no LoRA tensors.")
@@ -970,13 +971,13 @@ def _per_kernel(found: dict, kernels, namer, where: str) -> dict[str, dict]:
     out.setdefault(p, {})[idx] = m
   shapes = dict((p, x.shape) for p, x in kernels)
   for p, by_idx in out.items():
-    nb = {len(i) for i in by_idx}
-    if len(nb) > 1:
+    lengths = {len(i) for i in by_idx}
+    if len(lengths) > 1:
       raise PeftFormatError(
           f"{where}: {p!r} is adapted both as one module and per stacked "
           f"entry ({sorted(by_idx.values())}); module_names must name it one "
           f"way.")
-    (nb,) = nb
+    (nb,) = lengths
     want = list(np.ndindex(*shapes[p][:nb]))
     missing = [i for i in want if i not in by_idx]
     if nb and missing:

@@ -220,7 +220,7 @@ class QArray:
       wrap = lambda p: NamedSharding(mesh, p)
       size = lambda name: mesh.shape[name]
     elif isinstance(kernel_sharding, PartitionSpec) or kernel_sharding is None:
-      spec, wrap, size = kernel_sharding, lambda p: p, None
+      spec, wrap, size = kernel_sharding, lambda p: p, None  # type: ignore[assignment]
     else:
       raise TypeError(f"QArray.shardings expects a NamedSharding or a "
                       f"PartitionSpec, got {kernel_sharding!r}.")
@@ -646,6 +646,7 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
           f"Some paths that exist: {preview(index)}.")
     selected = [(p, x) for p, x in leaves if p in adapted]
   elif all_linear:
+    assert apply_fn is not None  # "all-linear" without it was refused above
     found = linear_weights(apply_fn, traced, example_args, example_kwargs,
                            [(i, p, x) for i, (p, x) in enumerate(leaves)
                             if not isinstance(x, QArray)])
@@ -669,6 +670,7 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
   need_trace = [p for p, layout in given.items()
                 if layout is None and apply_fn is not None]
   if need_trace:
+    assert apply_fn is not None  # need_trace is empty without it
     uses = trace_uses(apply_fn, traced, example_args, example_kwargs,
                       [index[p] for p in need_trace])
     for p, u in zip(need_trace, uses, strict=True):

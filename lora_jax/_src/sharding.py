@@ -60,7 +60,7 @@ def _factor_shardings(kernel_sharding: Any, d: LoraDelta) -> LoraDelta:
     mesh, spec = kernel_sharding.mesh, kernel_sharding.spec
     wrap = lambda p: NamedSharding(mesh, p)
   elif isinstance(kernel_sharding, PartitionSpec) or kernel_sharding is None:
-    spec, wrap = kernel_sharding, lambda p: p
+    spec, wrap = kernel_sharding, lambda p: p  # type: ignore[assignment]
   else:
     raise TypeError(
         f"Expected a NamedSharding or a PartitionSpec for the kernel, got "

@@ -105,6 +105,7 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
           f"example_args to split so the layout is traced, or give it in "
           f"LoraConfig(layouts={{{p!r}: lora_jax.Layout(...)}}).")
   if need_trace:
+    assert apply_fn is not None  # need_trace is empty without it
     uses = trace_uses(apply_fn, params, example_args, example_kwargs,
                       [i for i, _, _ in need_trace])
     for (_, p, x), u in zip(need_trace, uses):

@@ -212,7 +212,10 @@ class LoraStack:
     pick = jax.nn.one_hot(index, n, dtype=jnp.float32) * self.scales()
     valid = (index >= -1) & (index < n)  # outside: NaN, as in rows()
     pick = jnp.where(valid, pick, jnp.full((), jnp.nan, pick.dtype))
-    return LoraDelta(a, b, scale=jnp.repeat(pick, r), layout=self.layout,
+    # a per-rank scale vector (data): this row-of-all adapter is only ever
+    # an engine operand, never trained or saved
+    return LoraDelta(a, b, scale=jnp.repeat(pick, r),  # type: ignore[arg-type]
+                     layout=self.layout,
                      dropout=self.dropout)
 
 

@@ -182,18 +182,18 @@ def _check_stack(folder: str, meta: dict) -> dict:
         set(a["paths"]) != paths):
       raise _bad(folder, f"stack.adapters[{k}] must describe the paths "
                          f"{sorted(paths)}")
-    for p, e in a["paths"].items():
+    for p, entry in a["paths"].items():
       padded = meta["adapters"][p]["rank"]
-      ok = isinstance(e, dict) and _is_int(e.get("rank")) and (
-          0 <= e["rank"] <= padded) and _is_number(e.get("scale")) and (
-              _is_number(e.get("scale_data")))
+      ok = isinstance(entry, dict) and _is_int(entry.get("rank")) and (
+          0 <= entry["rank"] <= padded) and _is_number(entry.get("scale")) and (
+              _is_number(entry.get("scale_data")))
       if not ok:
         raise _bad(folder, f"stack.adapters[{k}].paths[{p!r}] must hold a "
                            f"rank in 0..{padded}, a scale and a scale_data; "
-                           f"got {e!r}")
-      if e.get("residual_of") is not None:
+                           f"got {entry!r}")
+      if entry.get("residual_of") is not None:
         try:
-          ResidualMark.from_json(e["residual_of"])
+          ResidualMark.from_json(entry["residual_of"])
         except ValueError as err:
           raise _bad(folder, f"stack.adapters[{k}].paths[{p!r}]: "
                              f"{err}") from None

@@ -197,7 +197,9 @@ def _row_axes(fn, base, stacked, args, kwargs, n_rows: int
     # is n_rows long on the whole batch and 1 long on one row, if one is.
     one = jax.tree.map(lambda x: x[:1] if is_array(x) and x.ndim else x,
                        (args, kwargs))
-    one_shapes = factored.output_rows(fn, base, *one, per_row_kernels)[1]
+    one_args, one_kwargs = one
+    one_shapes = factored.output_rows(fn, base, one_args, one_kwargs,
+                                      per_row_kernels)[1]
   axes = []
   for k, (r, full, row) in enumerate(zip(out_rows, shapes, one_shapes)):
     if r is factored.UNKNOWN:

@@ -128,7 +128,8 @@ class Progress:
     self.stream = stream or sys.stderr
     self.tty = self.stream.isatty()
     self.every = max(1, total // 10)
-    self.start = self.last = None
+    self.start: float | None = None
+    self.last: float | None = None
     self.drawn = 0  # length of the line on screen, to blank a longer one
 
   def update(self, step: int, loss: Callable[[], float]):
@@ -139,12 +140,14 @@ class Progress:
     if self.start is None:
       self.start = self.last = now  # the first step compiles: rate from here
     done = step == self.total
-    if self.tty and not done and now - self.last < 0.1:
+    last = now if self.last is None else self.last
+    if self.tty and not done and now - last < 0.1:
       return
     if not self.tty and not done and step % self.every:
       return
     self.last = now
-    rate = (step - 1) / (now - self.start) if now > self.start else 0.0
+    start = now if self.start is None else self.start
+    rate = (step - 1) / (now - start) if now > start else 0.0
     width = 24
     bar = "#" * (width * step // self.total)
     line = (f"{self.desc} [{bar:<{width}}] {step}/{self.total} "
@@ -198,7 +201,7 @@ def interleaved_ms(*fns: Callable[[], Any], rounds: int = 20) -> list[float]:
   Running A B A B ... rather than all A then all B makes a busy, shared
   machine slow them alike, so their ratio holds.
   """
-  times = [[] for _ in fns]
+  times: list[list[float]] = [[] for _ in fns]
   for _ in range(rounds):
     for fn, ts in zip(fns, times):
       t0 = time.perf_counter()

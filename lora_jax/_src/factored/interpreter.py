@@ -46,7 +46,7 @@ RULES: list[tuple[jc.Primitives, Callable]] = [
 ]
 
 # Sub-program structure (from jaxpr_core.higher_order) -> rule.
-PROGRAM_RULES = {
+PROGRAM_RULES: dict[type, Callable] = {
     jc.Call: programs.call,
     jc.Remat: programs.remat,
     jc.Scan: programs.scan,

@@ -99,7 +99,7 @@ def input_region(x_var, eqns, producers: dict, uses, env: dict,
     return stop | {v for e in region.values() for v in e.outvars
                    if v is not x_var and uses[v] != inner[v]}
   # every round adds a variable defined so far, or ends
-  stop = fixpoint.iterate(shrink, frozenset(), len(producers),
+  stop: frozenset = fixpoint.iterate(shrink, frozenset(), len(producers),
                           "a recompute region")
   region, roots = grow(stop)
   if not region or len(region) > MAX_REGION:

@@ -36,7 +36,9 @@ def _plain_projection(eqn, env, ctx: Context, rows: tuple | None):
   lc = dims.lhs_contract
   r = None
   if lora.rows:  # x's row axis, a free axis of x
-    r = rows[0] if rows else None
+    if not rows:
+      return None
+    r = rows[0]
     if not isinstance(r, int) or rows[1] is not None or r >= nd - len(lc):
       return None
   lay = lora.layout

@@ -117,7 +117,8 @@ def flatten(values: list, scales: bool = False
   """Splits values into flat arrays plus a function that rebuilds them: a
   kernel's four parts, and with ``scales`` its scale too where that is data
   (a stack's per-row scale; None for a Python number)."""
-  flat, spec = [], []
+  flat: list = []
+  spec: list[tuple[int, Lora | None]] = []
   width = 5 if scales else 4
   for x in values:
     if isinstance(x, Lora):
