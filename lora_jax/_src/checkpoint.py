@@ -659,17 +659,21 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
         f"lora_jax.load_stack (and take one out with lora_jax.select).")
   restored = _restore(folder, meta, adapters(shardings)
                       if shardings is not None else None)["adapters"]
-  flat = {}
-  for path, info in meta["adapters"].items():
-    node = _lookup(restored, path)
-    mark = info.get("residual_of")
-    flat[path] = LoraDelta(
-        node["a"], node["b"], scale=float(info["scale"]),
-        layout=Layout.from_json(info["layout"]),
-        magnitude=node.get("magnitude"),
-        dropout=float(info.get("dropout", 0.0)),
-        residual_of=None if mark is None else ResidualMark.from_json(mark))
+  flat = {path: delta_from_meta(_lookup(restored, path), info)
+          for path, info in meta["adapters"].items()}
   return _nest(flat)
+
+
+def delta_from_meta(node: dict, info: dict) -> LoraDelta:
+  """One adapter from its restored arrays (``a``, ``b``, maybe
+  ``magnitude``) and its checked metadata entry."""
+  mark = info.get("residual_of")
+  return LoraDelta(
+      node["a"], node["b"], scale=float(info["scale"]),
+      layout=Layout.from_json(info["layout"]),
+      magnitude=node.get("magnitude"),
+      dropout=float(info.get("dropout", 0.0)),
+      residual_of=None if mark is None else ResidualMark.from_json(mark))
 
 
 def load_extras(directory: str | os.PathLike) -> dict:

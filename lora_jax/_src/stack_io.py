@@ -281,13 +281,7 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
   for path, entry in meta["adapters"].items():
     node = checkpoint._lookup(restored, path)  # pylint: disable=protected-access
     if path not in info["layouts"]:  # a single adapter shared by every row
-      mark = entry.get("residual_of")
-      flat[path] = LoraDelta(
-          node["a"], node["b"], scale=float(entry["scale"]),
-          layout=Layout.from_json(entry["layout"]),
-          magnitude=node.get("magnitude"),
-          dropout=float(entry.get("dropout", 0.0)),
-          residual_of=None if mark is None else ResidualMark.from_json(mark))
+      flat[path] = checkpoint.delta_from_meta(node, entry)
       continue
     own = [a["paths"][path] for a in per]
     marks = [e.get("residual_of") for e in own]
