@@ -152,3 +152,87 @@ def test_factor_specs_follow_the_kernel_under_explicit_axes():
   assert shardings["w"].a.spec == P("data", None)
   assert shardings["w"].b.spec == P(None, "model")
   del base
+
+
+# ---- scanned layers, a quantized base, a mixed-adapter batch -------------
+
+def _scanned(mesh):
+  explicit = mesh is not None and _explicit(mesh, "model")
+
+  def fn(p, x):
+    def body(h, w):
+      z = jax.nn.gelu(h @ w["w1"])
+      if explicit:
+        return jax.lax.dot_general(z, w["w2"], (((1,), (0,)), ((), ())),
+                                   out_sharding=P("data", None)), None
+      return z @ w["w2"], None
+    return jax.lax.scan(body, x, p)[0]
+  return fn
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_layers_under_scan(engine):
+  k = jax.random.split(jax.random.key(4), 3)
+  params = {"w1": jax.random.normal(k[0], (3, 16, 32)) / 4,
+            "w2": jax.random.normal(k[1], (3, 32, 16)) / 6}
+  x = jax.random.normal(k[2], (8, 16))
+  _check(_scanned, params, {"w1": P(None, None, "model"),
+                            "w2": P(None, "model", None)},
+         x, P("data", None), "explicit", engine, "w1|w2",
+         apply_fn=_scanned(None), example_args=(x,))
+
+
+def _megatron_base(seed=5):
+  k = jax.random.split(jax.random.key(seed), 3)
+  params = {"w1": jax.random.normal(k[0], (16, 32)) / 4,
+            "w2": jax.random.normal(k[1], (32, 16)) / 6}
+  return params, jax.random.normal(k[2], (8, 16))
+
+
+SPECS = {"w1": P(None, "model"), "w2": P("model", None)}
+
+
+def test_a_quantized_base():
+  # nf4 blocks of 8 along the contracted axis: w2's 32 rows over 4 "model"
+  # shards hold whole blocks
+  params, x = _megatron_base()
+  base, delta = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2"),
+                         jax.random.key(1))
+  delta = _randomize(delta)
+  q = lj.quantize(base, "nf4", block_size=8, targets=delta)
+  loss = lambda g: lambda d, b, x: jnp.sum(jnp.tanh(g(b, d, x)) ** 2)
+  want = jax.jit(jax.value_and_grad(loss(lj.wrap(_megatron(None), "merge")),
+                                    argnums=(0, 2)))(delta, lj.dequantize(q), x)
+  mesh = _mesh("explicit")
+  with _set_mesh(mesh):
+    kernel = {n: NamedSharding(mesh, s) for n, s in SPECS.items()}
+    sq = jax.device_put(q, {n: q[n].shardings(s) for n, s in kernel.items()})
+    sd = jax.device_put(delta, lj.delta_shardings(delta, kernel))
+    sx = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    g = lj.wrap(_megatron(mesh), "factored", strict=True)
+    got = jax.jit(jax.value_and_grad(loss(g), argnums=(0, 2)))(sd, sq, sx)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+
+
+def test_a_mixed_adapter_batch():
+  params, x = _megatron_base()
+  base, d1 = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2"),
+                      jax.random.key(1))
+  _, d2 = lj.split(params, lj.LoraConfig(rank=2, targets="w1|w2"),
+                   jax.random.key(2))
+  adapters = [_randomize(d1), jax.tree.map(lambda v: 2 * v, _randomize(d2))]
+  ids = jnp.array([0, 1, -1, 0, 1, 1, 0, -1])
+  fn = _megatron(None)
+  want = jnp.concatenate([
+      fn(base if i < 0 else lj.merge(base, adapters[i]), x[j:j + 1])
+      for j, i in enumerate(ids.tolist())])
+  mesh = _mesh("explicit")
+  with _set_mesh(mesh):
+    sb = {n: jax.device_put(base[n], NamedSharding(mesh, s))
+          for n, s in SPECS.items()}
+    sx = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    got = jax.jit(lambda b, s, x, i: lj.wrap(_megatron(mesh), "factored")(
+        b, s, x, adapter_ids=i))(sb, lj.stack(adapters), sx, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

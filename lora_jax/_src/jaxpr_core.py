@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -592,6 +593,16 @@ def dot(x, y, dimension_numbers, precision=None, preferred_element_type=None):
   sx = sx or (None,) * x.ndim
   sy = sy or (None,) * y.ndim
   (xc, yc), (xb, yb) = dimension_numbers
+  # batch axes must be sharded alike: y (the small factor) follows x
+  if any(sx[i] != sy[j] for i, j in zip(xb, yb)):
+    new = list(sy)
+    for i, j in zip(xb, yb):
+      new[j] = sx[i]
+    taken = [a for j, e in enumerate(new) if j not in yb for a in _axes_of(e)]
+    for j in yb:
+      if any(a in taken for a in _axes_of(new[j])):
+        new[j] = None
+    y, sy = _reshard(y, new), tuple(new)
   x_free = [d for d in range(x.ndim) if d not in xc and d not in xb]
   y_free = [d for d in range(y.ndim) if d not in yc and d not in yb]
   used: set = set()
@@ -620,10 +631,28 @@ def reshard_like(x, aval):
   spec = type_spec(aval)
   if spec is None or type_spec(x) == spec:
     return x
+  return _reshard(x, spec)
+
+
+def _reshard(x, spec):
   reshard = getattr(jax.sharding, "reshard", None)
   if reshard is None:  # jax < 0.7
     from jax.experimental.shard import reshard  # pylint: disable=import-outside-toplevel
   return reshard(x, jax.sharding.PartitionSpec(*spec))
+
+
+def align(v, x, axes: dict):
+  """``v`` resharded so that its axis ``j`` is sharded as ``x``'s axis
+  ``i`` for each ``{j: i}`` in ``axes`` (a per-row value beside the rows it
+  scales), under Explicit mesh axes; ``v`` itself otherwise."""
+  sx = type_spec(x)
+  if sx is None:
+    return v
+  sv = list(type_spec(v) or (None,) * v.ndim)
+  want = list(sv)
+  for j, i in axes.items():
+    want[j] = sx[i]
+  return v if want == sv else _reshard(v, want)
 
 
 def _reshape_spec(shape_in, spec, shape_out) -> tuple | None:
@@ -660,6 +689,9 @@ def reshape(x, shape):
   """``x.reshape(shape)``; under Explicit axes with the sharding carried to
   each group's major dim (merged or split), as ``reshape`` needs it said."""
   shape = tuple(int(d) for d in shape)
+  if -1 in shape:
+    known = math.prod(d for d in shape if d != -1)
+    shape = tuple(x.size // known if d == -1 and known else d for d in shape)
   spec = type_spec(x)
   if (spec is None or not any(spec) or tuple(x.shape) == shape
       or 0 in shape or 0 in x.shape):
@@ -669,3 +701,14 @@ def reshape(x, shape):
     return x.reshape(shape)  # JAX's own error names the reshape
   return jax.lax.reshape(x, shape,
                          out_sharding=jax.sharding.PartitionSpec(*out))
+
+
+def abstract_like(x, shape=None, dtype=None) -> jax.ShapeDtypeStruct:
+  """``x``'s shape and dtype (or the ones given), and under Explicit mesh
+  axes ``x``'s sharding type too: what ``linear_transpose`` of a program on
+  ``x`` must be given, or a stand-in for a value sharded as ``x``."""
+  shape = x.shape if shape is None else shape
+  dtype = x.dtype if dtype is None else dtype
+  if type_spec(x) is None:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.typeof(x).sharding)

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.config import ALL_LINEAR
 from lora_jax._src.config import selector_patterns
 from lora_jax._src.config import selects
@@ -350,11 +351,24 @@ def dequantize_array(q: QArray) -> jax.Array:
     step = block_absmax(q) * _INV_127  # int8: code * (absmax * (1 / 127))
   else:
     pairs = jnp.stack([q.codes >> 4, q.codes & 15], axis=axis + 1)
-    values = jnp.asarray(NF4_VALUES)[pairs.reshape(q.shape)]
+    values = _nf4_values(jc.reshape(pairs, q.shape))
     step = block_absmax(q)
-  blocks = values.reshape(_split_axis(q.shape, axis, q.block_size))
+  blocks = jc.reshape(values, _split_axis(q.shape, axis, q.block_size))
   out = blocks * jnp.expand_dims(step, axis + 1)
-  return out.reshape(q.shape).astype(q.dtype)
+  return jc.reshape(out, q.shape).astype(q.dtype)
+
+
+def _nf4_values(codes: jax.Array) -> jax.Array:
+  """NF4 codes (0..15) to their float32 values: a table lookup, or under
+  Explicit mesh axes, where a gather from a replicated table by sharded
+  codes has no sharding rule, the same values by elementwise selects."""
+  if jc.type_spec(codes) is None:
+    return jnp.asarray(NF4_VALUES)[codes]
+  # where's operands keep the codes' sharding type: start from the codes
+  values = jnp.where(codes == 0, jnp.float32(NF4_VALUES[0]), jnp.float32(0))
+  for k in range(1, len(NF4_VALUES)):
+    values = jnp.where(codes == k, jnp.float32(NF4_VALUES[k]), values)
+  return values
 
 
 # --- the tree-level API -----------------------------------------------------

@@ -110,6 +110,10 @@ def _frozen(eqn, invals, plan: Plan):
 
 # ---- dot_general ----------------------------------------------------------------
 
+# (b, m, k) x (b, k, n) -> (b, m, n)
+_BATCHED = (((2,), (1,)), ((0,), (0,)))
+
+
 def _dot_plan(eqn, invals, ctx: Context, site: Site) -> Plan | None:
   lhs, rhs = invals
   if isinstance(lhs, Lora) == isinstance(rhs, Lora):
@@ -171,19 +175,20 @@ def _rowwise_plan(eqn, lora: Lora, x, kernel_is_lhs, x_contract, k_contract,
     rows = x_in.shape[r]
     f1 = jnp.transpose(lora.a, [0] + [1 + in_a[k] for k in k_contract]
                        + [1 + r_a])
-    f1 = f1.reshape(rows, -1, f1.shape[-1]).astype(dtype)
+    f1 = jc.reshape(f1, (rows, -1, f1.shape[-1])).astype(dtype)
     f2 = jnp.transpose(lora.b, [0, 1 + r_b] + [1 + in_b[k] for k in free])
     n_shape = f2.shape[2:]
-    f2 = f2.reshape(rows, f2.shape[1], -1).astype(dtype)
+    f2 = jc.reshape(f2, (rows, f2.shape[1], -1)).astype(dtype)
     xm = jnp.moveaxis(x_in, r, 0)
     m_shape = xm.shape[1:nd - len(x_contract)]
     if site.projected is not None:  # computed with its siblings
       t = site.projected.astype(dtype)
     else:
-      t = jnp.einsum("bmk,bkr->bmr", xm.reshape(rows, -1, f1.shape[1]), f1)
-      t = t * jnp.asarray(lora.scale, dtype)[:, None, None]
-    u = jnp.einsum("bmr,brn->bmn", t, f2)
-    return jnp.moveaxis(u.reshape(rows, *m_shape, *n_shape), 0, r)
+      t = jc.dot(jc.reshape(xm, (rows, -1, f1.shape[1])), f1, _BATCHED)
+      scale = jc.align(jnp.asarray(lora.scale, dtype), t, {0: 0})
+      t = t * scale[:, None, None]
+    u = jc.dot(t, f2, _BATCHED)
+    return jnp.moveaxis(jc.reshape(u, (rows, *m_shape, *n_shape)), 0, r)
 
   op = lambda x, w: jc.bind(eqn, [x, w])[0]
   return Plan(lora, x, "dot_general (rows: one product per row)", lowrank,

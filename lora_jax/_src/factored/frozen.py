@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.ordering import after
 from lora_jax._src.quant import QArray
 from lora_jax._src.quant import dequantize_array
@@ -34,7 +35,7 @@ def _zero_cotangent(x: Any) -> Any:
   if x is None:
     return None
   if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros(x.shape, x.dtype)
+    return jnp.zeros_like(x)  # x's type: its sharding under Explicit axes
   return np.zeros(x.shape, jax.dtypes.float0)
 
 
@@ -56,7 +57,9 @@ def frozen_linear(op: Callable[[jax.Array, jax.Array], jax.Array],
     ``op(x, w)``.
   """
   dtype = jnp.dtype(dtype or x.dtype)
-  x_like = jax.ShapeDtypeStruct(x.shape, x.dtype)  # static: not a residual
+  # x's type (under Explicit mesh axes its sharding too), static: not a
+  # residual
+  x_like = jc.abstract_like(x)
 
   @jax.custom_vjp
   def apply(x, kernel):

@@ -215,9 +215,10 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
 
 
 def _stand_ins(base):
-  """``base`` with each QArray as the float array ``fn`` sees (abstract)."""
+  """``base`` with each QArray as the float array ``fn`` sees (abstract;
+  under Explicit mesh axes sharded as its codes, axis for axis)."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(
+      lambda x: jc.abstract_like(x.codes, x.shape, x.dtype) if isinstance(
           x, QArray) else x, base, is_leaf=lambda x: isinstance(x, QArray))
 
 

@@ -79,16 +79,18 @@ def project_group(group, x, r: int | None = None) -> dict:
     f1 = jnp.transpose(lora.a, lead + [len(lead) + in_a[k] for k in
                                        jc.dot_dims(eqn).rhs_contract]
                        + [len(lead) + r_a])
-    firsts.append(f1.reshape(*f1.shape[:len(lead)], -1, f1.shape[-1])
+    firsts.append(jc.reshape(f1, (*f1.shape[:len(lead)], -1, f1.shape[-1]))
                   .astype(dtype))
   a = jnp.concatenate(firsts, axis=-1)
   if r is None:
-    t = project(x.astype(dtype).reshape(-1, a.shape[0]), a)
+    t = project(jc.reshape(x.astype(dtype), (-1, a.shape[0])), a)
   else:
     xm = jnp.moveaxis(x.astype(dtype), r, 0)
-    t = jnp.einsum("bmk,bkr->bmr", xm.reshape(xm.shape[0], -1, a.shape[1]), a)
+    t = jc.dot(jc.reshape(xm, (xm.shape[0], -1, a.shape[1])), a,
+               (((2,), (1,)), ((0,), (0,))))
   offsets = list(itertools.accumulate(f.shape[-1] for f in firsts))[:-1]
   parts = jnp.split(t, offsets, axis=-1)
   scale = lambda lora: (jnp.asarray(lora.scale, dtype) if r is None
-                        else jnp.asarray(lora.scale, dtype)[:, None, None])
+                        else jc.align(jnp.asarray(lora.scale, dtype), t,
+                                      {0: 0})[:, None, None])
   return {j: part * scale(lora) for (j, _, lora), part in zip(group, parts)}
