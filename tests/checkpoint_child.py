@@ -1,16 +1,16 @@
-"""Child process of the kill tests in test_checkpoint_safety.py.
+"""Child process of the real-kill test in test_checkpoint_safety.py, and the
+file-operation watch that test shares with it.
 
 ``python checkpoint_child.py PATH K``: saves adapter "new" over the checkpoint
-at PATH (overwrite=True), killing itself with SIGKILL just before its K-th
-file-system mutation (rename, replace, unlink, rmdir, mkdir, opening a file for
-writing), anywhere in the process (orbax's writes included). K = 0 kills
-nothing and prints one line per mutation (the dry run that counts them).
-
-``python checkpoint_child.py PATH loop``: saves "old" and "new" in turn over
-PATH forever, printing "ready" once the first save is done.
+at PATH (overwrite=True), printing ``op N NAME TARGET`` for each file-system
+mutation (see :func:`watch`) anywhere in the process (orbax's threads
+included), and killing itself with SIGKILL just before the K-th (after
+printing ``kill K NAME TARGET``). K = 0 kills nothing (the dry run); a save
+that finishes prints ``done N``.
 """
 
 import builtins
+import io
 import os
 import signal
 import sys
@@ -36,45 +36,56 @@ def adapter(name: str):
   return out
 
 
-_count = 0
-_lock = threading.Lock()
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
-def _arm(kill_at: int) -> None:
-  """Wraps every file-system mutation: count it, and SIGKILL before the
-  ``kill_at``-th (print it when ``kill_at`` is 0)."""
-  def wrap(name, fn, mutates=lambda *a, **k: True):
+def watch(before_op):
+  """``(module, name, wrapper)`` for every function that mutates the file
+  system: os.rename, replace, unlink, remove, rmdir, mkdir, makedirs, os.open
+  with a flag that writes or creates, and open (builtins and io) in a mode
+  that writes. Each wrapper calls ``before_op(name, target)`` before the
+  call it wraps (which does not run if ``before_op`` raises). Install them
+  with setattr (the child) or monkeypatch.setattr (the in-process tests)."""
+  def wrap(name, fn, mutates):
     def wrapped(*args, **kwargs):
-      global _count
       if mutates(*args, **kwargs):
-        with _lock:
-          _count += 1
-          n = _count
-        if kill_at == 0:
-          print(f"op {n} {name} {args[0] if args else ''}", flush=True)
-        elif n == kill_at:
-          os.kill(os.getpid(), signal.SIGKILL)
+        before_op(name, str(args[0]) if args else "")
       return fn(*args, **kwargs)
     return wrapped
-  for name in ("rename", "replace", "unlink", "remove", "rmdir", "mkdir"):
-    setattr(os, name, wrap(name, getattr(os, name)))
-  writing = lambda file, mode="r", *a, **k: any(c in mode for c in "wax+")
-  builtins.open = wrap("open", builtins.open, writing)
+  def always(*args, **kwargs):
+    return True
+  def writes(file, mode="r", *args, **kwargs):
+    return any(c in mode for c in "wax+")
+  def creates(path, flags, *args, **kwargs):
+    return bool(flags & _WRITE_FLAGS)
+  out = [(os, name, wrap(name, getattr(os, name), always)) for name in (
+      "rename", "replace", "unlink", "remove", "rmdir", "mkdir", "makedirs")]
+  out.append((os, "open", wrap("os.open", os.open, creates)))
+  # builtins.open is io.open: pathlib calls the latter, most code the former.
+  out += [(m, "open", wrap("open", m.open, writes)) for m in (builtins, io)]
+  return out
 
 
 def main():
-  path, what = sys.argv[1], sys.argv[2]
-  if what == "loop":
-    lj.save(path, adapter("old"), overwrite=True)
-    print("ready", flush=True)
-    while True:
-      for name in ("new", "old"):
-        lj.save(path, adapter(name), overwrite=True)
+  path, kill_at = sys.argv[1], int(sys.argv[2])
   new = adapter("new")
   jax.block_until_ready(new)
-  _arm(int(what))
+  count = 0
+  lock = threading.Lock()
+
+  def before_op(name, target):
+    nonlocal count
+    with lock:
+      count += 1
+      print(f"{'kill' if count == kill_at else 'op'} {count} {name} {target}",
+            flush=True)
+      if count == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+  for module, name, wrapper in watch(before_op):
+    setattr(module, name, wrapper)
   lj.save(path, new, overwrite=True)
-  print(f"done {_count}", flush=True)
+  print(f"done {count}", flush=True)
 
 
 if __name__ == "__main__":
