@@ -32,13 +32,17 @@ lint: setup
 # CPython 3.11 with the oldest supported releases and CPython 3.13 with the
 # newest, from a wheel. They need both interpreters (pyenv, or PYTHON311 and
 # PYTHON313).
+# LEG_PHASE=run: use the virtualenvs that `ci/leg.sh LEG setup` made for this
+# commit (what .ci/run does, building them while the other steps run).
+LEG_PHASE ?=
+
 ci: ci-oldest ci-newest
 
 ci-oldest:
-	bash ci/leg.sh py311-oldest
+	bash ci/leg.sh py311-oldest $(LEG_PHASE)
 
 ci-newest:
-	bash ci/leg.sh py313-newest
+	bash ci/leg.sh py313-newest $(LEG_PHASE)
 
 docs: setup
 	$(BIN)/python -m pip install --quiet -e '.[docs]'

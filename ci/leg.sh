@@ -14,7 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-LEG=${1:?usage: ci/leg.sh py311-oldest|py313-newest}
+LEG=${1:?usage: ci/leg.sh py311-oldest|py313-newest [setup|run]}
+# setup: the leg's virtualenv only; run: the tests in the virtualenv that a
+# setup of this checkout left (.ci/run builds both legs' while other steps
+# run); neither: both, one after the other.
+PHASE=${2:-all}
 export JAX_PLATFORMS=cpu PYTHONDONTWRITEBYTECODE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
@@ -75,15 +79,30 @@ has_extra() {  # is [project.optional-dependencies] $1 declared in pyproject.tom
 sys.exit(0 if sys.argv[1] in d['project'].get('optional-dependencies', {}) else 1)" "$1"
 }
 
+ready() {  # $1 = venv: the setup phase finished there, for this checkout
+  [ "$(cat "$1/.leg-ready" 2>/dev/null)" = "$(git rev-parse HEAD 2>/dev/null || echo none)" ]
+}
+
+mark_ready() {
+  git rev-parse HEAD 2>/dev/null > "$1/.leg-ready" || echo none > "$1/.leg-ready"
+}
+
 oldest() {
   local venv=.venv-ci311 extras=test,demo
   PY=$(interpreter 3.11)
   has_extra interop && extras=$extras,interop
-  say "venv $venv: $PY, pip install -c ci/oldest.txt -e .[$extras]"
-  fresh_venv "$PY" "$venv"
+  if [ "$PHASE" = run ]; then
+    ready "$venv" || die "no setup of this checkout in $venv: run 'ci/leg.sh $LEG setup' first"
+    say "venv $venv: set up earlier for this checkout"
+  else
+    say "venv $venv: $PY, pip install -c ci/oldest.txt -e .[$extras]"
+    fresh_venv "$PY" "$venv"
+    pip_in "$venv" install -c ci/oldest.txt -e ".[$extras]"
+    "$venv/bin/python" -m pip check >/dev/null || die "pip check: $("$venv/bin/python" -m pip check)"
+    mark_ready "$venv"
+    [ "$PHASE" = setup ] && return 0
+  fi
   PY=$ROOT/$venv/bin/python
-  pip_in "$venv" install -c ci/oldest.txt -e ".[$extras]"
-  "$PY" -m pip check >/dev/null || die "pip check: $("$PY" -m pip check)"
   say "versions"; print_versions "$PY"
   "$PY" - <<'EOF' || die "installed versions differ from ci/oldest.txt"
 import importlib.metadata as md
@@ -103,17 +122,13 @@ EOF
   run_pytest
 }
 
-newest() {
-  local venv=.venv-ci313 work wheel pkg
-  PY=$(interpreter 3.13)
-  work=$(mktemp -d "${TMPDIR:-/tmp}/lora_jax-ci313.XXXXXX")
+newest_setup() {  # the venv, the wheel built from the checkout, installed
   say "venv $venv: $PY; wheel built from the checkout, newest releases from PyPI"
   fresh_venv "$PY" "$venv"
-  PY=$ROOT/$venv/bin/python
   pip_in "$venv" wheel --no-deps --wheel-dir "$work/dist" .
   wheel=$(ls "$work"/dist/lora_jax-*.whl)
   say "wheel $(basename "$wheel"): every tracked lora_jax/*.py is in it"
-  "$PY" - "$wheel" $(git ls-files 'lora_jax/*.py') <<'EOF' || die "the wheel lacks files"
+  "$venv/bin/python" - "$wheel" $(git ls-files 'lora_jax/*.py') <<'EOF' || die "the wheel lacks files"
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 missing = [p for p in sys.argv[2:] if p not in names]
@@ -122,7 +137,22 @@ assert "lora_jax/examples/multihost.py" in names and "lora_jax/_src/__init__.py"
 print(f"  {len(sys.argv) - 2} package files, all present")
 EOF
   pip_in "$venv" install --upgrade --upgrade-strategy eager "$wheel[test,demo,docs]"
-  "$PY" -m pip check >/dev/null || die "pip check: $("$PY" -m pip check)"
+  "$venv/bin/python" -m pip check >/dev/null || die "pip check: $("$venv/bin/python" -m pip check)"
+  mark_ready "$venv"
+}
+
+newest() {
+  local venv=.venv-ci313 work wheel pkg
+  PY=$(interpreter 3.13)
+  work=$(mktemp -d "${TMPDIR:-/tmp}/lora_jax-ci313.XXXXXX")
+  if [ "$PHASE" = run ]; then
+    ready "$venv" || die "no setup of this checkout in $venv: run 'ci/leg.sh $LEG setup' first"
+    say "venv $venv: set up earlier for this checkout"
+  else
+    newest_setup
+    [ "$PHASE" = setup ] && return 0
+  fi
+  PY=$ROOT/$venv/bin/python
   say "versions"; print_versions "$PY"
   say "interop tests: not in this leg (no PyTorch on Python 3.13 here)"
 
@@ -160,10 +190,14 @@ EOF
 }
 
 trap 'echo "=== [$LEG] took $((SECONDS - start)) s wall; CPU (user sys) of the script, then of its processes:"; times' EXIT
+case $PHASE in
+  all|setup|run) ;;
+  *) die "unknown phase '$PHASE' (setup, run, or none for both)" ;;
+esac
 case $LEG in
   py311-oldest) oldest ;;
   py313-newest) newest ;;
   *) die "unknown leg '$LEG'" ;;
 esac
 [ ${#FAILED[@]} -eq 0 ] || die "$(IFS=';'; echo "${FAILED[*]}")"
-say "passed"
+if [ "$PHASE" = setup ]; then say "set up"; else say "passed"; fi
