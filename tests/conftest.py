@@ -1,4 +1,5 @@
-"""Test-process set-up: eight simulated CPU devices for the sharding tests.
+"""Test-process set-up: eight simulated CPU devices for the sharding tests,
+and XLA:CPU without its LLVM optimisations (a third of the suite's time).
 
 XLA reads the flag when JAX first starts its backend, so it is set here,
 before any test imports jax. Every other test runs on the first device.
@@ -18,7 +19,17 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+# The tests compile about a thousand small programs: LLVM's optimisations of
+# XLA:CPU's code take a third of the suite's time and change nothing the tests
+# check (HLO, buffer sizes and sharding are decided before LLVM; values differ
+# by float rounding only). LORA_JAX_TEST_XLA_OPT=1 keeps XLA's defaults;
+# subprocesses (notebooks, multi-host) inherit the flags.
+if (os.environ.get("LORA_JAX_TEST_XLA_OPT") != "1"
+    and "xla_backend_optimization_level" not in _flags):
+  _flags += (" --xla_backend_optimization_level=0"
+             " --xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy")
 

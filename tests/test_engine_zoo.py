@@ -234,8 +234,11 @@ def test_engines_equal_merge(case, engine):
   *_, results = case
   reference = "reference[merge]" if engine == "merge" else "reference"
   (out, dx), (want, want_dx) = results[engine][1], results[reference]
-  np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(dx, want_dx, rtol=2e-5, atol=2e-5)
+  # float32 rounding: dx sums over siblings' branches in another order than
+  # the merged kernel's product (2.9e-5 off at 0.37 seen without LLVM's
+  # optimisations, tests/conftest.py)
+  np.testing.assert_allclose(out, want, rtol=5e-5, atol=5e-5)
+  np.testing.assert_allclose(dx, want_dx, rtol=5e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
