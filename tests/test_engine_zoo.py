@@ -30,6 +30,10 @@ import pytest
 import lora_jax as lj
 from lora_jax._src.factored import consumers
 
+# One pytest-xdist worker runs this module (--dist loadgroup): each program's results (a module fixture per case)
+# is then computed once, not once per worker.
+pytestmark = pytest.mark.xdist_group("engine-zoo")
+
 B, D, H, KV, HD = 4, 8, 4, 2, 4  # rows, width, heads, kv heads, head dim
 
 
