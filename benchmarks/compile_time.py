@@ -118,9 +118,6 @@ def main(argv=None):
             "batch": list(tokens.shape), "reps": args.reps,
             "environment": w1.environment(), "results": results,
             "runs": runs}
-  os.makedirs(w1.RESULTS, exist_ok=True)
-  with open(os.path.join(w1.RESULTS, f"{name}.json"), "w") as f:
-    json.dump(report, f, indent=1)
   rows = ["| variant | trace (s) | lower (s) | compile (s) | total (s) | / full |",
           "|---|---|---|---|---|---|"]
   for v, r in results.items():
@@ -133,8 +130,7 @@ def main(argv=None):
         f"jitted steps. `python benchmarks/compile_time.py --layers "
         f"{args.layers} --reps {args.reps}`\n\n" + "\n".join(rows)
         + "\n\nTarget: factored trace + compile <= 1.2x full fine-tuning's.\n")
-  with open(os.path.join(w1.RESULTS, f"{name}.md"), "w") as f:
-    f.write(md)
+  w1.save_results(name, report, md)
   print(md)
   return report
 

@@ -57,11 +57,6 @@ SIZES = {
 VARIANTS = ("full", "lora", "lora[merge]", "lora_bf16", "qlora_nf4")
 
 
-def cross_entropy(logits, tokens):
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-  return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
-
-
 def make_steps(apply, params, delta, variants, config):
   tx = optax.adam(1e-4)
   bf16 = lambda x: x.astype(jnp.bfloat16)
@@ -80,7 +75,7 @@ def make_steps(apply, params, delta, variants, config):
 
     def step(state, base, x):
       d, opt = state
-      loss = lambda d: cross_entropy(wrapped(base, d, x), x)
+      loss = lambda d: w1.cross_entropy(wrapped(base, d, x), x)
       l, g = jax.value_and_grad(loss)(d)
       u, opt = tx.update(g, opt, d)
       return (optax.apply_updates(d, u), opt), l
@@ -89,7 +84,7 @@ def make_steps(apply, params, delta, variants, config):
 
   def full_step(state, x):
     p, opt = state
-    l, g = jax.value_and_grad(lambda p: cross_entropy(apply(p, x), x))(p)
+    l, g = jax.value_and_grad(lambda p: w1.cross_entropy(apply(p, x), x))(p)
     u, opt = tx.update(g, opt, p)
     return (optax.apply_updates(p, u), opt), l
 
@@ -149,11 +144,7 @@ def main(argv=None):
         f"of {args.reps} interleaved reps. `python benchmarks/qwen3_train.py "
         f"--size {args.size}`\n\n" + w1.table(results) + "\n\n"
         + w1.peak_note(results) + "\n")
-  os.makedirs(w1.RESULTS, exist_ok=True)
-  with open(os.path.join(w1.RESULTS, f"{name}.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(w1.RESULTS, f"{name}.md"), "w") as f:
-    f.write(md)
+  w1.save_results(name, report, md)
   print(md)
   return report
 

@@ -289,6 +289,15 @@ def environment() -> dict:
           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def save_results(name: str, report: dict, md: str) -> None:
+  """Writes ``results/<name>.json`` (the report) and ``results/<name>.md``."""
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    f.write(md)
+
+
 def table(results: dict, baseline: str = "full") -> str:
   if baseline not in results:
     baseline = next(iter(results))
