@@ -33,10 +33,8 @@ from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.config import ALL_LINEAR
 from lora_jax._src.config import selector_patterns
 from lora_jax._src.config import selects
-from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import describe_array
-from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.discover import layout_from_uses
 from lora_jax._src.discover import linear_weights
 from lora_jax._src.discover import trace_uses
@@ -46,7 +44,6 @@ from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.paths import preview
-from lora_jax._src.sharding import _factor_shardings as factor_shardings
 
 SCHEMES = ("nf4", "int8")
 
@@ -702,43 +699,3 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
       lambda p, x: _quantize_leaf(p, x, scheme, block_size, plan[p],
                                   double_quant)
       if p in plan else x, tree)
-
-
-# --- split on a quantized tree ----------------------------------------------
-
-
-def split_quantized(split_fn: Callable, params: Any, config: Any,
-                    key: jax.Array, *args: Any) -> tuple[Any, Any]:
-  """``lora_jax.split`` of a tree with ``QArray`` leaves.
-
-  The split runs on stand-ins (shape and dtype only; dequantized kernels
-  where DoRA needs their norms), the base returned is ``params`` itself, and
-  each adapter is placed like its quantized kernel.
-  """
-  init = config.init
-  principal = isinstance(init, str) and init.startswith(("pissa", "olora"))
-  leaves = leaves_with_paths(params)
-  for path, x in leaves:
-    if principal and isinstance(x, QArray) and config.is_target(path, x):
-      raise ValueError(
-          f"split: {path!r} is quantized ({x!r}) and init={init!r} needs its "
-          f"float weights (the factors come from them and the base becomes "
-          f"the residual). Split the float tree first, then quantize the "
-          f"residual base: base, delta = lora_jax.split(params, config, key); "
-          f"qbase = lora_jax.quantize(base, {x.scheme!r}, delta=delta).")
-
-  def stand_in(path, x):
-    if not isinstance(x, QArray):
-      return x
-    if config.dora and config.is_target(path, x):
-      return dequantize_array(x)  # DoRA's magnitude is the norm of W0
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-  _, delta = split_fn(map_with_paths(stand_in, params), config, key, *args)
-  placed = {p: x.sharding for p, x in leaves
-            if isinstance(x, QArray) and x.sharding is not None}
-  if not any(p in placed for p in adapters(delta)):
-    return params, delta
-  # Factors go where lora_jax.split puts those of a sharded float kernel.
-  place = lambda p, d: jax.device_put(d, factor_shardings(placed[p], d)) if (
-      isinstance(d, LoraDelta) and p in placed) else d
-  return params, map_with_paths(place, delta, is_leaf=is_delta_or_none)

@@ -54,7 +54,7 @@ def factor_specs(spec: PartitionSpec | None, layout: Layout):
           place(per_output, len(per_output)))
 
 
-def _factor_shardings(kernel_sharding: Any, d: LoraDelta) -> LoraDelta:
+def factor_shardings(kernel_sharding: Any, d: LoraDelta) -> LoraDelta:
   """A LoraDelta whose children are the shardings of ``d``'s children."""
   if isinstance(kernel_sharding, NamedSharding):
     mesh, spec = kernel_sharding.mesh, kernel_sharding.spec
@@ -98,7 +98,7 @@ def delta_shardings(delta: Any, base_shardings: Any) -> Any:
   if missing:
     raise ValueError(f"delta_shardings: no base sharding for {missing[:3]}.")
   return map_with_paths(
-      lambda p, d: _factor_shardings(specs[p], d) if isinstance(
+      lambda p, d: factor_shardings(specs[p], d) if isinstance(
           d, LoraDelta) else d, delta, is_leaf=is_delta_or_none)
 
 
@@ -108,7 +108,7 @@ def place_like_kernel(kernel: Any, d: LoraDelta) -> LoraDelta:
   sharding = kernel.sharding if is_concrete(kernel) else None
   if not isinstance(sharding, NamedSharding) or not is_concrete(d.a):
     return d
-  target = _factor_shardings(sharding, d)
+  target = factor_shardings(sharding, d)
   return d.replace(
       a=jax.device_put(d.a, target.a), b=jax.device_put(d.b, target.b),
       magnitude=None if d.magnitude is None else jax.device_put(

@@ -13,6 +13,8 @@ from lora_jax._src.config import ALL_LINEAR
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.config import selects
 from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.discover import layout_from_uses
 from lora_jax._src.discover import linear_weights
 from lora_jax._src.discover import trace_uses
@@ -22,6 +24,10 @@ from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.paths import preview
+from lora_jax._src.quant import QArray
+from lora_jax._src.quant import dequantize_array
+from lora_jax._src.quant import has_qarrays
+from lora_jax._src.sharding import factor_shardings
 from lora_jax._src.sharding import place_like_kernel
 
 
@@ -55,10 +61,9 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
   """
   if not isinstance(config, LoraConfig):
     raise TypeError(f"split expects a lora_jax.LoraConfig, got {config!r}.")
-  from lora_jax._src import quant  # pylint: disable=g-import-not-at-top
-  if quant.has_qarrays(params):  # split shape stand-ins, keep the QArrays
-    return quant.split_quantized(split, params, config, key, apply_fn,
-                                 example_args, example_kwargs)
+  if has_qarrays(params):  # split shape stand-ins, keep the QArrays
+    return _split_quantized(params, config, key, apply_fn, example_args,
+                            example_kwargs)
   leaves = leaves_with_paths(params)
   config.check_patterns_match(leaves)
   chosen = [(i, p, x) for i, (p, x) in enumerate(leaves)
@@ -125,3 +130,42 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
       lambda p, x: residuals.get(p, x), params)
   delta = map_with_paths(lambda p, x: deltas.get(p), params)
   return base, delta
+
+
+def _split_quantized(params: Any, config: LoraConfig, key: jax.Array,
+                     apply_fn: Callable | None, example_args: Sequence[Any],
+                     example_kwargs: dict | None) -> tuple[Any, Any]:
+  """:func:`split` of a tree with ``QArray`` leaves.
+
+  The split runs on stand-ins (shape and dtype only; dequantized kernels
+  where DoRA needs their norms), the base returned is ``params`` itself, and
+  each adapter is placed like its quantized kernel.
+  """
+  leaves = leaves_with_paths(params)
+  if config.init_spec.principal:
+    for path, x in leaves:
+      if isinstance(x, QArray) and config.is_target(path, x):
+        raise ValueError(
+            f"split: {path!r} is quantized ({x!r}) and init={config.init!r} "
+            f"needs its float weights (the factors come from them and the "
+            f"base becomes the residual). Split the float tree first, then "
+            f"quantize the residual base: base, delta = lora_jax.split("
+            f"params, config, key); qbase = lora_jax.quantize(base, "
+            f"{x.scheme!r}, delta=delta).")
+
+  def stand_in(path, x):
+    if not isinstance(x, QArray):
+      return x
+    if config.dora and config.is_target(path, x):
+      return dequantize_array(x)  # DoRA's magnitude is the norm of W0
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  _, delta = split(map_with_paths(stand_in, params), config, key, apply_fn,
+                   example_args, example_kwargs)
+  placed = {p: x.sharding for p, x in leaves
+            if isinstance(x, QArray) and x.sharding is not None}
+  if not any(p in placed for p in adapters(delta)):
+    return params, delta
+  # Factors go where split puts those of a sharded float kernel.
+  place = lambda p, d: jax.device_put(d, factor_shardings(placed[p], d)) if (
+      isinstance(d, LoraDelta) and p in placed) else d
+  return params, map_with_paths(place, delta, is_leaf=is_delta_or_none)
