@@ -19,7 +19,7 @@ from lora_jax._src.paths import preview
 Selector = str | Sequence[str] | Callable[[str, Any], bool]
 
 ALL_LINEAR = "all-linear"
-INITS = ("default", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")  # + "pissa_niter_<N>"
 PRINCIPAL_INITS = ("pissa", "olora")
 _NITER = "pissa_niter_"
 
@@ -205,8 +205,9 @@ class LoraConfig:
   # as PEFT), "gaussian" (A ~ N(0, 1/rank^2), B = 0), "pissa" (principal
   # singular vectors of W0; the base becomes the residual), "pissa_niter_N"
   # (the same by randomised SVD with N power iterations), "olora" (QR of W0;
-  # residual base), or a callable (key, a_shape, b_shape, dtype, fan_in) ->
-  # (a, b).
+  # residual base), "loftq" (for a quantized base: lora_jax.loftq builds the
+  # quantized base and the factors together, loftq_iters steps), or a
+  # callable (key, a_shape, b_shape, dtype, fan_in) -> (a, b).
   init: str | Callable[..., Any] = "default"
   # Rank-stabilised scaling alpha / sqrt(rank).
   rslora: bool = False
@@ -227,6 +228,13 @@ class LoraConfig:
   # match wins (PEFT's rank_pattern / alpha_pattern).
   rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] = ()
   alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] = ()
+  # Trainable tokens (PEFT's trainable_token_indices): {regex: [token ids]};
+  # only those rows of each matching 2-D embedding table (vocab, dim) train,
+  # held as their new values in a lora_jax.TrainableTokens leaf of the delta.
+  trainable_tokens: Mapping[str, Sequence[int]] | Sequence[
+      tuple[str, Sequence[int]]] = ()
+  # LoftQ's alternating steps (init="loftq"; PEFT's loftq_iter).
+  loftq_iters: int = 1
   # ``init`` parsed (derived, not an argument).
   init_spec: InitSpec = dataclasses.field(
       init=False, compare=False, repr=False,
@@ -285,7 +293,8 @@ class LoraConfig:
     fields = [("targets", selector_patterns(self.targets)),
               ("exclude", selector_patterns(self.exclude))]
     fields += [(f, getattr(self, f).patterns())
-               for f in ("layouts", "rank_pattern", "alpha_pattern")]
+               for f in ("layouts", "rank_pattern", "alpha_pattern",
+                         "trainable_tokens")]
     for field, patterns in fields:
       for pattern in patterns:
         compiled = re.compile(pattern)
@@ -322,6 +331,8 @@ class LoraConfig:
         "dropout": self.dropout, "dora": self.dora,
         "rank_pattern": _parsed(self.rank_pattern).to_json(),
         "alpha_pattern": _parsed(self.alpha_pattern).to_json(),
+        "trainable_tokens": _parsed(self.trainable_tokens).to_json(list),
+        "loftq_iters": self.loftq_iters,
     }
 
   @classmethod
@@ -422,6 +433,31 @@ def _dtype(v: Any) -> Any:
   return dt
 
 
+def _token_ids(pattern: str, v: Any) -> tuple[int, ...]:
+  where = f"LoraConfig.trainable_tokens[{pattern!r}]"
+  if isinstance(v, (str, bytes)) or not isinstance(v, (Sequence, np.ndarray)):
+    raise TypeError(f"{where} must be a list of token ids (ints), got {v!r}.")
+  ids = list(np.asarray(v).reshape(-1).tolist()) if isinstance(
+      v, np.ndarray) else list(v)
+  if not ids or any(isinstance(i, bool) or not isinstance(i, (int, np.integer))
+                    or i < 0 for i in ids):
+    raise ValueError(f"{where} must be a non-empty list of token ids (ints >= "
+                     f"0), got {v!r}.")
+  seen: set = set()
+  dups = sorted({int(i) for i in ids if i in seen or seen.add(i)})
+  if dups:
+    raise ValueError(f"{where} lists token ids {dups} more than once; list "
+                     f"each id once.")
+  return tuple(int(i) for i in ids)
+
+
+def _loftq_iters(v: Any) -> int:
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) \
+      or v < 1:
+    raise ValueError(f"LoraConfig.loftq_iters must be an int >= 1, got {v!r}.")
+  return int(v)
+
+
 def _layout_value(pattern: str, v: Any) -> Layout:
   if not isinstance(v, Layout):
     raise TypeError(f"LoraConfig.layouts[{pattern!r}] must be a "
@@ -456,4 +492,7 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "alpha_pattern": lambda v: PatternMap.parse(
         v, "alpha_pattern", _pattern_value("alpha_pattern", float,
                                            lambda x: x > 0, "> 0")),
+    "trainable_tokens": lambda v: PatternMap.parse(v, "trainable_tokens",
+                                                   _token_ids),
+    "loftq_iters": _loftq_iters,
 }
