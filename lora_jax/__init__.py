@@ -27,6 +27,7 @@ from lora_jax._src.factored import FallbackError
 from lora_jax._src.factored import Report
 from lora_jax._src.inits import to_plain_lora
 from lora_jax._src.layouts import Layout
+from lora_jax._src.loraplus import loraplus
 from lora_jax._src.merge import dora_norms
 from lora_jax._src.merge import merge
 from lora_jax._src.merge import unmerge
@@ -90,6 +91,7 @@ __all__ = (
     "load_metadata",
     "load_peft",
     "load_stack",
+    "loraplus",
     "map_with_paths",
     "merge",
     "optimizer",
