@@ -53,13 +53,14 @@ print_versions() {  # the versions this leg really ran
   "$1" - <<'EOF'
 import importlib.metadata as md, platform
 names = ["jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy",
-         "torch", "peft", "transformers", "sphinx", "lora_jax"]
+         "torch", "peft", "transformers", "sphinx", "google-tunix", "qwix",
+         "lora_jax"]
 print(f"  {'python':18s} {platform.python_version()}")
 for n in names:
   try:
     print(f"  {n:18s} {md.version(n)}")
   except md.PackageNotFoundError:
-    if n not in ("torch", "peft", "transformers", "sphinx"):
+    if n not in ("torch", "peft", "transformers", "sphinx", "google-tunix", "qwix"):
       raise SystemExit(f"{n} is not installed")
 EOF
 }
@@ -136,8 +137,19 @@ assert not missing, f"not in the wheel: {missing}"
 assert "lora_jax/examples/multihost.py" in names and "lora_jax/_src/__init__.py" in names
 print(f"  {len(sys.argv) - 2} package files, all present")
 EOF
-  pip_in "$venv" install --upgrade --upgrade-strategy eager "$wheel[test,demo,docs]"
+  local extras=test,demo,docs
+  has_extra tunix && extras=$extras,tunix
+  pip_in "$venv" install --upgrade --upgrade-strategy eager "$wheel[$extras]"
   "$venv/bin/python" -m pip check >/dev/null || die "pip check: $("$venv/bin/python" -m pip check)"
+  if [[ $extras == *tunix* ]]; then
+    # After pip check: google-tunix declares heavy dependencies (TF datasets,
+    # grain, transformers, ...) that the modules the tests use do not import;
+    # the `tunix` extra holds those they do.
+    say "google-tunix==0.1.7 --no-deps; its model, trainer and sampler import"
+    pip_in "$venv" install --no-deps google-tunix==0.1.7
+    "$venv/bin/python" -c "import tunix.models.qwen3.model, tunix.models.gemma3.model, \
+tunix.sft.peft_trainer, tunix.generate.sampler, qwix" || die "tunix does not import"
+  fi
   mark_ready "$venv"
 }
 
@@ -155,6 +167,12 @@ newest() {
   PY=$ROOT/$venv/bin/python
   say "versions"; print_versions "$PY"
   say "interop tests: not in this leg (no PyTorch on Python 3.13 here)"
+  if has_extra tunix; then
+    export LORA_JAX_TUNIX=1  # the tunix tests and notebook fail, not skip, without it
+    say "tunix tests (lora_jax.nnx in tunix's trainer and sampler): run in THIS leg, LORA_JAX_TUNIX=1"
+  else
+    say "tunix tests: no 'tunix' extra in pyproject.toml, none to run"
+  fi
 
   # The suite runs from a directory with no lora_jax/ in it, so every import
   # (tests, doctests, notebooks, subprocesses) resolves to the installed wheel.
