@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax._src import checkpoint as ckpt
+from lora_jax._src import checkpoint_folder
 
 sys.path.insert(0, os.path.dirname(__file__))
 import checkpoint_child as child  # pylint: disable=wrong-import-position
@@ -26,7 +26,7 @@ OLD, NEW = child.adapter("old"), child.adapter("new")
 
 
 def _staging(path: str) -> str:
-  return ckpt._sibling(path, ckpt.STAGING)  # pylint: disable=protected-access
+  return checkpoint_folder.sibling(path, checkpoint_folder.STAGING)
 
 
 def _bytes(delta) -> dict:
@@ -236,7 +236,9 @@ def test_real_kill_matches_the_simulation(tmp_path, monkeypatch):
 
   left = _tree(os.path.dirname(real), real)
   assert left == _tree(os.path.dirname(sim), sim)
-  assert sorted(left) == ["<path>" + s for s in (ckpt.LOCK, ckpt.OLD, ckpt.STAGING)]
+  suffixes = (checkpoint_folder.LOCK, checkpoint_folder.OLD,
+              checkpoint_folder.STAGING)
+  assert sorted(left) == ["<path>" + s for s in suffixes]
   assert _which(lj.load(real)) == _which(lj.load(sim)) == "new"
   lj.save(real, OLD, overwrite=True)
   assert _which(lj.load(real)) == "old"

@@ -20,55 +20,39 @@ A ``CheckpointManager`` keeps numbered step folders, a different layout. So
 ``save`` writes the complete new checkpoint next to the old one with orbax,
 marks it complete by writing ``lora_jax.json`` last, and swaps the folders by
 two renames; :func:`load` reads whichever complete checkpoint a killed save
-left (see :func:`save`).
+left (see :func:`save`). The folder protocol is
+``checkpoint_folder.py``'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-import contextlib
-import errno
-import hashlib
-import json
 import os
-import shutil
 from typing import Any
-
-try:
-  import fcntl
-except ImportError:  # Windows: saves to one folder are not serialized
-  fcntl = None  # type: ignore[assignment]
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax._src.checkpoint_folder import ARRAYS_DIR
+from lora_jax._src.checkpoint_folder import FORMAT
+from lora_jax._src.checkpoint_folder import META_FILE
+from lora_jax._src.checkpoint_folder import abspath
+from lora_jax._src.checkpoint_folder import lookup
+from lora_jax._src.checkpoint_folder import nest
+from lora_jax._src.checkpoint_folder import read_meta_file
+from lora_jax._src.checkpoint_folder import readable
+from lora_jax._src.checkpoint_folder import write
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import ResidualMark
 from lora_jax._src.delta import adapters
 from lora_jax._src.layouts import Layout
 
-FORMAT = "lora_jax.adapter"
 FORMAT_VERSION = 1
-META_FILE = "lora_jax.json"
-ARRAYS_DIR = "arrays"
-STAGING = ".lora_jax-staging"  # suffixes of the folders a save works in
-OLD = ".lora_jax-old"
-LOCK = ".lora_jax-lock"  # the file a save holds locked while it runs
-NAME_MAX = 255  # bytes in one file name, where the filesystem does not say
-_OURS = (META_FILE, META_FILE + ".tmp", ARRAYS_DIR)  # + orbax's arrays.<tmp>
 
 
 class CheckpointError(ValueError):
   """A checkpoint that is missing, incomplete, corrupt or does not match."""
-
-
-def _sync(name: str) -> None:
-  """A barrier across processes (no-op in a single process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
 
 
 def _version() -> str:
@@ -76,23 +60,7 @@ def _version() -> str:
   return __version__
 
 
-def _abspath(directory: str | os.PathLike) -> str:
-  return os.path.abspath(os.path.expanduser(os.fspath(directory)))
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-  """``{"a/b/c": x}`` -> ``{"a": {"b": {"c": x}}}``."""
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = value
-  return out
-
-
-def _factors(d: LoraDelta) -> dict:
+def factors(d: LoraDelta) -> dict:
   out = {"a": d.a, "b": d.b}
   if d.magnitude is not None:
     out["magnitude"] = d.magnitude
@@ -108,7 +76,7 @@ def _spec(info: dict, sharding: Any = None) -> jax.ShapeDtypeStruct:
                               sharding=sharding)
 
 
-def _array_info(x: Any) -> dict:
+def array_info(x: Any) -> dict:
   return {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name}
 
 
@@ -120,214 +88,17 @@ def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
         "rank": int(d.rank), "scale": float(d.scale),
         "layout": d.layout.to_json(),
         "kernel_shape": list(d.kernel_shape),
-        "a": _array_info(d.a), "b": _array_info(d.b),
+        "a": array_info(d.a), "b": array_info(d.b),
         "dropout": float(d.dropout),
     }
     if d.magnitude is not None:
-      entries[path]["magnitude"] = _array_info(d.magnitude)
+      entries[path]["magnitude"] = array_info(d.magnitude)
     if d.residual_of is not None:
       entries[path]["residual_of"] = d.residual_of.to_json()
   return {"format": FORMAT, "format_version": FORMAT_VERSION,
           "library_version": _version(),
           "config": None if config is None else config.to_json(),
           "adapters": entries}
-
-
-# --- the folder protocol ---------------------------------------------------------
-#
-# A folder is a complete checkpoint iff it holds lora_jax.json: save writes that
-# file last (by rename), and removing a folder deletes it first. The folder at
-# `path` only ever appears by renaming a complete staging folder, and leaves
-# by renaming it to the old folder, so a save killed at any moment leaves a
-# complete checkpoint at `path`, or (between the two renames) none there and a
-# complete one in the staging or old folder, which load and the next save use.
-
-
-def _read_meta_file(directory: str) -> Any:
-  with open(os.path.join(directory, META_FILE)) as f:
-    return json.load(f)
-
-
-def _is_complete(directory: str) -> bool:
-  try:
-    meta = _read_meta_file(directory)
-  except (OSError, ValueError):
-    return False
-  return isinstance(meta, dict) and meta.get("format") == FORMAT
-
-
-def _ours(directory: str) -> bool:
-  """Whether ``directory`` holds nothing but (part of) a lora_jax checkpoint."""
-  return os.path.isdir(directory) and not os.path.islink(directory) and all(
-      name in _OURS or name.startswith(ARRAYS_DIR + ".orbax-checkpoint-tmp")
-      for name in os.listdir(directory))
-
-
-def _remove(directory: str) -> None:
-  """Deletes a folder of ours, its completion mark first."""
-  if not os.path.lexists(directory):
-    return
-  if not _ours(directory):
-    raise FileExistsError(
-        f"lora_jax.save: {directory} is in the way (lora_jax uses that name "
-        f"while saving) and holds files that are not a lora_jax checkpoint: "
-        f"{sorted(os.listdir(directory))[:5] if os.path.isdir(directory) else 'a file'}. "
-        f"Move it away.")
-  try:
-    os.remove(os.path.join(directory, META_FILE))
-  except FileNotFoundError:
-    pass
-  shutil.rmtree(directory)
-
-
-def _name_max(parent: str) -> int:
-  """The longest file name (bytes) the filesystem of ``parent`` allows."""
-  while parent and not os.path.isdir(parent):
-    parent = os.path.dirname(parent)
-  try:
-    return os.pathconf(parent or os.sep, "PC_NAME_MAX")
-  except (AttributeError, OSError, ValueError):  # no pathconf (Windows)
-    return NAME_MAX
-
-
-def _sibling(directory: str, suffix: str) -> str:
-  """The folder (or file) beside ``directory`` that a save uses: the name
-  plus ``suffix`` where that fits the filesystem's name limit, else a short
-  name derived from a hash of the name (so names up to the limit work)."""
-  parent, name = os.path.split(directory)
-  if len(os.fsencode(name + suffix)) <= _name_max(parent):
-    return directory + suffix
-  digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:20]
-  return os.path.join(parent, f".lora_jax-{digest}{suffix}")
-
-
-def _leftovers(directory: str) -> list[str]:
-  return [_sibling(directory, s) for s in (STAGING, OLD)
-          if os.path.lexists(_sibling(directory, s))]
-
-
-def _readable(directory: str) -> str:
-  """The folder :func:`load` reads for ``directory``: itself, or the complete
-  checkpoint a save killed between its renames left (the new one first)."""
-  if os.path.lexists(directory):
-    return directory
-  for candidate in _leftovers(directory):
-    if _is_complete(candidate):
-      return candidate
-  left = _leftovers(directory)
-  raise FileNotFoundError(
-      f"lora_jax.load: no checkpoint at {directory}." + (
-          f" Incomplete folders of an interrupted save are next to it: "
-          f"{', '.join(left)}." if left else ""))
-
-
-def _recover(directory: str) -> None:
-  """Finishes what a killed save left: puts the complete new (else old)
-  checkpoint at ``directory`` if nothing is there, removes the rest of ours."""
-  if not os.path.lexists(directory):
-    done = next((c for c in _leftovers(directory) if _is_complete(c)), None)
-    if done is not None:
-      os.rename(done, directory)
-  for leftover in _leftovers(directory):
-    if _ours(leftover):
-      _remove(leftover)
-
-
-def _check_destination(directory: str, overwrite: bool) -> None:
-  """Raises, touching nothing, unless ``directory`` may be written."""
-  if not os.path.lexists(directory):
-    return
-  if not os.path.isdir(directory) or os.path.islink(directory):
-    raise FileExistsError(
-        f"lora_jax.save: {directory} exists and is not a folder; lora_jax never "
-        f"replaces it. Choose another path.")
-  if not overwrite:
-    raise FileExistsError(
-        f"lora_jax.save: {directory} already exists; pass overwrite=True to "
-        f"replace it (the old checkpoint is kept until the new one is "
-        f"complete).")
-  entries = os.listdir(directory)
-  if entries and not (_ours(directory) and _is_complete(directory)):
-    raise FileExistsError(
-        f"lora_jax.save: {directory} is not a lora_jax checkpoint (it holds "
-        f"{sorted(entries)[:5]}); overwrite=True replaces only a lora_jax "
-        f"checkpoint. Nothing was changed: choose another path.")
-
-
-def _swap(directory: str, staging: str) -> None:
-  """Moves the complete ``staging`` folder to ``directory``."""
-  if os.path.lexists(directory):
-    old = _sibling(directory, OLD)
-    _remove(old)
-    os.rename(directory, old)
-    os.rename(staging, directory)
-    _remove(old)
-  else:
-    os.rename(staging, directory)
-
-
-def _check_name(directory: str) -> None:
-  """Raises ENAMETOOLONG, touching nothing, if the filesystem cannot hold
-  the folder's name."""
-  parent, name = os.path.split(directory)
-  limit = _name_max(parent)
-  if len(os.fsencode(name)) > limit:
-    raise OSError(
-        errno.ENAMETOOLONG,
-        f"lora_jax.save: the folder name is {len(os.fsencode(name))} bytes; "
-        f"this filesystem allows at most {limit}. Choose a shorter name",
-        directory)
-
-
-_UNLOCKABLE = {errno.ENOLCK, errno.EINVAL, errno.EBADF, errno.ENOSYS,
-               getattr(errno, "EOPNOTSUPP", errno.EINVAL),
-               getattr(errno, "ENOTSUP", errno.EINVAL)}
-
-
-@contextlib.contextmanager
-def _locked(directory: str) -> Iterator[None]:
-  """Holds an exclusive lock on saving to ``directory`` (a file beside it,
-  ``flock``ed): a second process saving there waits for the first, then
-  saves in its turn. The file is removed on release (and after a killed
-  save, by the next save); a filesystem without ``flock`` gets no lock."""
-  if fcntl is None:
-    yield
-    return
-  path = _sibling(directory, LOCK)
-  while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as e:
-      os.close(fd)
-      if e.errno not in _UNLOCKABLE:
-        raise
-      yield  # this filesystem cannot lock: saves are not serialized
-      return
-    # The previous holder removes the file before unlocking it: the file
-    # locked here must still be the one at `path`.
-    try:
-      same = os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-      same = False
-    if same:
-      break
-    os.close(fd)
-  try:
-    yield
-  finally:
-    try:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-    finally:
-      os.close(fd)
-
-
-def _write_meta(staging: str, meta: dict) -> None:
-  tmp = os.path.join(staging, META_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, os.path.join(staging, META_FILE))
 
 
 def check_extra(path: Any, x: Any, who: str = "lora_jax.save") -> None:
@@ -389,7 +160,7 @@ def save(directory: str | os.PathLike, delta: Any,
   >>> bool((restored["w"]["kernel"].a == delta["w"]["kernel"].a).all())
   True
   """
-  directory = _abspath(directory)
+  directory = abspath(directory)
   from lora_jax._src.stack import refuse_stacks  # pylint: disable=import-outside-toplevel
   refuse_stacks(delta, "lora_jax.save", "Save the stack with "
                 "lora_jax.save_stack, or one adapter of it with "
@@ -401,51 +172,11 @@ def save(directory: str | os.PathLike, delta: Any,
   extras = dict(extras or {})
   for p, x in extras.items():
     check_extra(p, x)
-  meta["extras"] = {p: _array_info(x) for p, x in extras.items()}
-  arrays = {"adapters": _nest({p: _factors(d) for p, d in deltas.items()})}
+  meta["extras"] = {p: array_info(x) for p, x in extras.items()}
+  arrays = {"adapters": nest({p: factors(d) for p, d in deltas.items()})}
   if extras:
-    arrays["extras"] = _nest(extras)
+    arrays["extras"] = nest(extras)
   return write(directory, meta, arrays, overwrite)
-
-
-def write(directory: str | os.PathLike, meta: dict, arrays: dict,
-          overwrite: bool) -> str:
-  """Writes ``arrays`` (orbax) and ``meta`` (``lora_jax.json``, last) to
-  ``directory`` by the folder protocol above; :func:`save` and
-  ``stack_io.save_stack`` share it. Returns the absolute path."""
-  directory = _abspath(directory)
-  _check_name(directory)
-  lead = jax.process_index() == 0
-  parent = os.path.dirname(directory)
-  if lead and not os.path.isdir(parent):
-    os.makedirs(parent)
-  # Process 0 holds the lock for the whole save: saves to one folder from
-  # several programs run one after the other (the last one wins, whole).
-  with _locked(directory) if lead else contextlib.nullcontext():
-    if lead:
-      _recover(directory)
-    _sync("lora_jax.save.recovered")
-    _check_destination(directory, overwrite)
-    # Every process writes its shards into the same staging folder (orbax
-    # coordinates them); process 0 does the file moves.
-    staging = _sibling(directory, STAGING)
-    if lead:
-      _remove(staging)
-      os.makedirs(staging)
-    _sync("lora_jax.save.start")
-    try:
-      with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(staging, ARRAYS_DIR), arrays)
-        ckptr.wait_until_finished()
-      if lead:
-        _write_meta(staging, meta)
-        _swap(directory, staging)
-    except BaseException:
-      if lead and _ours(staging):
-        _remove(staging)
-      raise
-    _sync("lora_jax.save.done")
-  return directory
 
 
 # --- reading --------------------------------------------------------------------
@@ -511,10 +242,10 @@ def _check_meta(directory: str, meta: dict) -> None:
                            f"{meta.get('config')!r}")
 
 
-def _read_meta(directory: str | os.PathLike) -> tuple[str, dict]:
+def read_meta(directory: str | os.PathLike) -> tuple[str, dict]:
   """``(folder, metadata)`` of the checkpoint at ``directory`` (or of the
   complete one an interrupted save left beside it), validated."""
-  folder = _readable(_abspath(directory))
+  folder = readable(abspath(directory))
   if not os.path.isdir(folder):
     raise CheckpointError(f"lora_jax.load: {folder} is a file, not a lora_jax "
                           f"checkpoint folder.")
@@ -523,7 +254,7 @@ def _read_meta(directory: str | os.PathLike) -> tuple[str, dict]:
     raise _missing(folder, META_FILE, "it is not a lora_jax adapter "
                    "checkpoint, or its save did not complete")
   try:
-    meta = _read_meta_file(folder)
+    meta = read_meta_file(folder)
   except (OSError, ValueError) as e:
     raise CheckpointError(
         f"lora_jax.load: {meta_path} is corrupt ({e}).") from None
@@ -556,7 +287,7 @@ def load_metadata(directory: str | os.PathLike) -> dict:
   >>> meta["adapters"]["w"]["rank"], meta["adapters"]["w"]["scale"]
   (2, 2.0)
   """
-  return _read_meta(directory)[1]
+  return read_meta(directory)[1]
 
 
 def load_config(directory: str | os.PathLike, **overrides: Any
@@ -579,7 +310,7 @@ def load_config(directory: str | os.PathLike, **overrides: Any
   >>> lj.load_config(path) == cfg
   True
   """
-  folder, meta = _read_meta(directory)
+  folder, meta = read_meta(directory)
   if meta.get("config") is None:
     return None
   try:
@@ -590,7 +321,7 @@ def load_config(directory: str | os.PathLike, **overrides: Any
         f"{e}") from None
 
 
-def _restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
+def restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
   """The arrays of a checkpoint, restored into the shapes the JSON records
   (and onto ``shardings[path].a`` etc. where given)."""
   shardings = shardings or {}
@@ -604,9 +335,9 @@ def _restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
              for k in ("a", "b", "magnitude") if k in info}
       for path, info in meta["adapters"].items()}
   extras = {p: _spec(i) for p, i in meta.get("extras", {}).items()}
-  target = {"adapters": _nest(specs)}
+  target = {"adapters": nest(specs)}
   if extras:
-    target["extras"] = _nest(extras)
+    target["extras"] = nest(extras)
   arrays_dir = os.path.join(directory, ARRAYS_DIR)
   if not os.path.isdir(arrays_dir):
     raise _missing(directory, ARRAYS_DIR + "/ directory",
@@ -619,12 +350,6 @@ def _restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
         f"lora_jax.load: cannot read the factors in {arrays_dir}: the "
         f"checkpoint is truncated, corrupt or does not match {META_FILE} "
         f"({type(e).__name__}: {str(e)[:500]}).") from e
-
-
-def _lookup(tree: dict, path: str):
-  for part in path.split("/"):
-    tree = tree[part]
-  return tree
 
 
 def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
@@ -652,16 +377,16 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   >>> lj.load(path)
   {'fc': {'kernel': LoraDelta(rank=2, kernel=(4, 4), a=f32[4,2], b=f32[2,4], scale=8)}}
   """
-  folder, meta = _read_meta(directory)
+  folder, meta = read_meta(directory)
   if "stack" in meta:  # written by lora_jax.save_stack
     raise CheckpointError(
         f"lora_jax.load: {folder} holds a stack of adapters; read it with "
         f"lora_jax.load_stack (and take one out with lora_jax.select).")
-  restored = _restore(folder, meta, adapters(shardings)
+  restored = restore(folder, meta, adapters(shardings)
                       if shardings is not None else None)["adapters"]
-  flat = {path: delta_from_meta(_lookup(restored, path), info)
+  flat = {path: delta_from_meta(lookup(restored, path), info)
           for path, info in meta["adapters"].items()}
-  return _nest(flat)
+  return nest(flat)
 
 
 def delta_from_meta(node: dict, info: dict) -> LoraDelta:
@@ -694,11 +419,11 @@ def load_extras(directory: str | os.PathLike) -> dict:
   >>> lj.load_extras(path)["fc/bias"]
   Array([0.5, 0.5, 0.5, 0.5], dtype=float32)
   """
-  folder, meta = _read_meta(directory)
+  folder, meta = read_meta(directory)
   if not meta.get("extras"):
     return {}
-  restored = _restore(folder, meta)["extras"]
-  return {p: _lookup(restored, p) for p in meta["extras"]}
+  restored = restore(folder, meta)["extras"]
+  return {p: lookup(restored, p) for p in meta["extras"]}
 
 
 def checkpoint_manager(directory: str | os.PathLike, every: int = 1,
@@ -720,4 +445,4 @@ def checkpoint_manager(directory: str | os.PathLike, every: int = 1,
   """
   options = ocp.CheckpointManagerOptions(save_interval_steps=every,
                                          max_to_keep=keep)
-  return ocp.CheckpointManager(_abspath(directory), options=options)
+  return ocp.CheckpointManager(abspath(directory), options=options)

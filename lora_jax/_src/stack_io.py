@@ -1,8 +1,8 @@
 """Saving and loading a stack of adapters (:func:`lora_jax.stack`).
 
-A stack is written as one adapter checkpoint (``checkpoint.py``'s folder
-protocol and validation: a save killed at any moment leaves the old or the
-new stack): at each stacked path the factors are stored as they are, padding
+A stack is written as one adapter checkpoint (``checkpoint_folder.py``'s
+kill-safe folder protocol and ``checkpoint.py``'s validation: a save killed at
+any moment leaves the old or the new stack): at each stacked path the factors are stored as they are, padding
 included, described as the update of a kernel with one more leading batch
 axis (the adapter axis); single adapters shared by every row (a plain
 ``LoraDelta`` beside the stacks, which ``wrap`` accepts) are stored as
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lora_jax._src import checkpoint
+from lora_jax._src import checkpoint_folder
 from lora_jax._src.checkpoint import CheckpointError
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.delta import LoraDelta
@@ -106,7 +107,7 @@ def save_stack(directory: str | os.PathLike, stacked: Any,
     checkpoint.check_extra(p, x, "lora_jax.save_stack")
   shared = adapters(stacked)  # single adapters beside the stacks
   deltas = {**shared, **{p: _as_delta(s) for p, s in found.items()}}
-  meta = checkpoint.metadata(checkpoint._nest(deltas))  # pylint: disable=protected-access
+  meta = checkpoint.metadata(checkpoint_folder.nest(deltas))
   per_adapter = []
   for k in range(n):
     paths = {}
@@ -124,17 +125,17 @@ def save_stack(directory: str | os.PathLike, stacked: Any,
       "scale_dtype": {p: "float32" for p in found},
       "layouts": {p: s.layout.to_json() for p, s in found.items()},
       "adapters": per_adapter}
-  meta["extras"] = {p: checkpoint._array_info(x) for p, x in extras.items()}  # pylint: disable=protected-access
-  arrays = {"adapters": checkpoint._nest(  # pylint: disable=protected-access
-      {p: checkpoint._factors(d) for p, d in deltas.items()})}  # pylint: disable=protected-access
+  meta["extras"] = {p: checkpoint.array_info(x) for p, x in extras.items()}
+  arrays = {"adapters": checkpoint_folder.nest(
+      {p: checkpoint.factors(d) for p, d in deltas.items()})}
   if extras:
-    arrays["extras"] = checkpoint._nest(extras)  # pylint: disable=protected-access
-  return checkpoint.write(directory, meta, arrays, overwrite)
+    arrays["extras"] = checkpoint_folder.nest(extras)
+  return checkpoint_folder.write(directory, meta, arrays, overwrite)
 
 
 def _bad(folder: str, what: str) -> CheckpointError:
   return CheckpointError(f"lora_jax.load_stack: the stack description in "
-                         f"{os.path.join(folder, checkpoint.META_FILE)} is "
+                         f"{os.path.join(folder, checkpoint_folder.META_FILE)} is "
                          f"corrupt: {what}.")
 
 
@@ -266,7 +267,7 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
   (0.5, 1.5)
   """
   _check_overrides(overrides, return_configs)
-  folder, meta = checkpoint._read_meta(directory)  # pylint: disable=protected-access
+  folder, meta = checkpoint.read_meta(directory)
   if "stack" not in meta:
     raise CheckpointError(
         f"lora_jax.load_stack: {folder} holds one adapter, not a stack; read "
@@ -275,11 +276,11 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
   info = _check_stack(folder, meta)
   targets = {} if shardings is None else {**adapters(shardings),
                                           **stacks(shardings)}
-  restored = checkpoint._restore(folder, meta, targets)["adapters"]  # pylint: disable=protected-access
+  restored = checkpoint.restore(folder, meta, targets)["adapters"]
   per = info["adapters"]
   flat: dict[str, Any] = {}
   for path, entry in meta["adapters"].items():
-    node = checkpoint._lookup(restored, path)  # pylint: disable=protected-access
+    node = checkpoint_folder.lookup(restored, path)
     if path not in info["layouts"]:  # a single adapter shared by every row
       flat[path] = checkpoint.delta_from_meta(node, entry)
       continue
@@ -294,7 +295,7 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
         info=StackInfo(tuple(int(e["rank"]) for e in own)),
         residual_of=tuple(None if m is None else ResidualMark.from_json(m)
                           for m in marks))
-  stacked = checkpoint._nest(flat)  # pylint: disable=protected-access
+  stacked = checkpoint_folder.nest(flat)
   if not return_configs:
     return stacked
   configs = []
