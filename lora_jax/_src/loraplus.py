@@ -170,7 +170,7 @@ def loraplus(optimizer: Callable[..., optax.GradientTransformation],
 
   Raises:
     ValueError: a negative or non-finite rate or ``ratio``;
-      ``learning_rate`` or ``weight_decay`` among ``optimizer_kwargs``
+      ``weight_decay`` among ``optimizer_kwargs``
       (PEFT's groups override the optimizer's weight decay: give
       ``loraplus_weight_decay``); a non-zero ``loraplus_weight_decay`` for an
       optimizer without ``weight_decay``.
@@ -188,13 +188,11 @@ def loraplus(optimizer: Callable[..., optax.GradientTransformation],
   if not callable(optimizer):
     raise TypeError(f"lj.loraplus: optimizer={optimizer!r}; give an optax "
                     f"constructor such as optax.adamw (not an instance).")
-  for name in ("learning_rate", "weight_decay"):
-    if name in optimizer_kwargs:
-      raise ValueError(
-          f"lj.loraplus: {name} in optimizer_kwargs; LoRA+ sets every "
-          f"group's {name}" + (": give loraplus_weight_decay (PEFT ignores "
-                               "the optimizer's own)." if name ==
-                               "weight_decay" else " from learning_rate."))
+  if "weight_decay" in optimizer_kwargs:
+    raise ValueError(
+        "lj.loraplus: weight_decay in optimizer_kwargs; LoRA+ sets every "
+        "group's weight_decay: give loraplus_weight_decay (PEFT ignores the "
+        "optimizer's own).")
   _check_rate("learning_rate", learning_rate)
   _check_rate("embedding_lr", embedding_lr)
   if callable(ratio):
