@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
@@ -443,8 +444,7 @@ def _token_ids(pattern: str, v: Any) -> tuple[int, ...]:
                     or i < 0 for i in ids):
     raise ValueError(f"{where} must be a non-empty list of token ids (ints >= "
                      f"0), got {v!r}.")
-  seen: set = set()
-  dups = sorted({int(i) for i in ids if i in seen or seen.add(i)})
+  dups = sorted(int(i) for i, c in collections.Counter(ids).items() if c > 1)
   if dups:
     raise ValueError(f"{where} lists token ids {dups} more than once; list "
                      f"each id once.")

@@ -77,6 +77,7 @@ class LoraDelta:
 
   _CHILDREN = ("a", "b", "magnitude")
   _STATIC = ("scale", "layout", "dropout", "residual_of")
+  _DELTA_LEAF = True  # what is_delta_or_none stops at
 
   def tree_flatten_with_keys(self):
     key = jax.tree_util.GetAttrKey
@@ -206,8 +207,9 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
 
 
 def is_delta_or_none(x: Any) -> bool:
-  """``is_leaf`` for walking delta trees: stops at adapters and empty slots."""
-  return x is None or isinstance(x, LoraDelta)
+  """``is_leaf`` for walking delta trees: stops at adapters (a
+  :class:`LoraDelta`, trainable tokens) and empty slots."""
+  return x is None or getattr(type(x), "_DELTA_LEAF", False)
 
 
 def adapters(delta_tree: Any) -> dict[str, LoraDelta]:

@@ -19,6 +19,11 @@ from lora_jax._src.paths import preview
 from lora_jax._src.quant import dequantize
 from lora_jax._src.sharding import place_like_kernel
 from lora_jax._src.stack import refuse_stacks
+from lora_jax._src.tokens import TrainableTokens
+from lora_jax._src.tokens import check_table
+from lora_jax._src.tokens import original_rows
+from lora_jax._src.tokens import token_deltas
+from lora_jax._src.tokens import unset
 
 
 def _placed_like(path: str, w: Any, d: LoraDelta) -> LoraDelta:
@@ -76,12 +81,15 @@ _CALLS = {"merge": ("base", "merge(base, delta)"),
           "explain": ("base", "explain(fn, base, delta, *args)")}
 
 
-def _check_order(flat: dict, deltas: dict, what: str) -> None:
+def _check_order(flat: dict, deltas: dict, what: str,
+                 tokens: dict | None = None) -> None:
   """Raises unless the first tree holds no adapter and the second holds at
   least one: with the two trees swapped (or parameters passed as the delta)
   merge would return its input and wrap the base model, silently."""
   first, call = _CALLS.get(what, ("base", f"{what}(base, delta)"))
-  in_base = [p for p, x in flat.items() if isinstance(x, LoraDelta)]
+  in_base = [p for p, x in flat.items()
+             if isinstance(x, (LoraDelta, TrainableTokens))]
+  deltas = {**deltas, **(tokens or {})}
   remedy = (f"Call {call}: the {first} (frozen parameters) first, then the "
             f"delta that lora_jax.split returns second (or lora_jax.load "
             f"gives).")
@@ -101,14 +109,17 @@ def _check_order(flat: dict, deltas: dict, what: str) -> None:
         f"{remedy}")
 
 
-def check_matches(base: Any, deltas: dict, what: str) -> None:
+def check_matches(base: Any, deltas: dict, what: str,
+                  tokens: dict | None = None) -> None:
   """Raises, naming the leaf, unless the trees come in the right order and
   every adapter fits a base kernel (and, outside unmerge, a principal-init
-  adapter its residual base)."""
+  adapter its residual base); ``tokens`` (``{path: TrainableTokens}``)
+  their tables."""
   flat = dict(leaves_with_paths(base, is_leaf=lambda x: isinstance(
-      x, LoraDelta)))
-  _check_order(flat, deltas, what)
-  missing = [p for p in deltas if p not in flat]
+      x, (LoraDelta, TrainableTokens))))
+  tokens = tokens or {}
+  _check_order(flat, deltas, what, tokens)
+  missing = [p for p in [*deltas, *tokens] if p not in flat]
   if missing:
     raise ValueError(
         f"{what}: the delta has adapters at {preview(missing)} but the base "
@@ -117,6 +128,8 @@ def check_matches(base: Any, deltas: dict, what: str) -> None:
     _check_shape(path, flat[path], d)
     if what != "unmerge":
       d.check_base(path, flat[path])
+  for path, t in tokens.items():
+    check_table(path, flat[path], t)
 
 
 def _check_shape(path: str, w: Any, d: LoraDelta) -> None:
@@ -141,17 +154,25 @@ def _apply(params: Any, delta: Any, sign: float, what: str,
                 f"adapter on its own rows: lj.wrap(f)(base, stacked, x, "
                 f"adapter_ids=ids).")
   deltas = adapters(delta)
-  check_matches(params, deltas, what)
+  tokens = token_deltas(delta)
+  check_matches(params, deltas, what, tokens)
   norms = norms or {}
   params = dequantize(params)  # a quantized base merges into float params
-  return map_with_paths(
-      lambda path, w: w if path not in deltas else _combine(
-          path, w, deltas[path], sign, norms.get(path)), params)
+
+  def one(path, w):
+    if path in tokens:
+      return tokens[path].apply(w) if sign > 0 else unset(
+          path, w, tokens[path], norms.get(path))
+    return w if path not in deltas else _combine(
+        path, w, deltas[path], sign, norms.get(path))
+  return map_with_paths(one, params)
 
 
 def dora_norms(base: Any, delta: Any) -> dict:
-  """``{path: ||W0 + s*A@B||}`` (per output unit) of every DoRA adapter; what
-  :func:`unmerge` needs to undo a DoRA merge exactly.
+  """What :func:`unmerge` needs to undo a merge exactly: ``{path: ||W0 +
+  s*A@B||}`` (per output unit) of every DoRA adapter, and ``{path: rows}``
+  (the table's original rows at the ids) of every
+  :class:`lora_jax.TrainableTokens`.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> base, delta = lj.split({"w": jnp.eye(3) * 2}, lj.LoraConfig(
@@ -164,8 +185,12 @@ def dora_norms(base: Any, delta: Any) -> dict:
   True
   """
   flat = dict(leaves_with_paths(dequantize(base)))  # a QArray base too
-  return {p: dora_norm(flat[p], d) for p, d in adapters(delta).items()
-          if d.magnitude is not None}
+  out = {p: dora_norm(flat[p], d) for p, d in adapters(delta).items()
+         if d.magnitude is not None}
+  # trainable tokens: the rows their merge overwrites
+  out.update((p, original_rows(flat[p], t))
+             for p, t in token_deltas(delta).items())
+  return out
 
 
 def merge(base: Any, delta: Any) -> Any:
@@ -196,7 +221,8 @@ def unmerge(params: Any, delta: Any, norms: dict | None = None) -> Any:
   """Inverse of :func:`merge`: subtracts ``scale * a @ b`` again.
 
   Exact up to float rounding (two roundings into the base dtype). DoRA
-  adapters also need ``norms = dora_norms(base, delta)``, taken before merging.
+  adapters and trainable tokens (whose merge overwrote rows) also need
+  ``norms = dora_norms(base, delta)``, taken before merging.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> d = {"kernel": lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)))}

@@ -29,6 +29,7 @@ from lora_jax._src.quant import dequantize_array
 from lora_jax._src.quant import has_qarrays
 from lora_jax._src.sharding import factor_shardings
 from lora_jax._src.sharding import place_like_kernel
+from lora_jax._src.tokens import make_tokens
 
 
 def _factor_dtype(config: LoraConfig, kernel_dtype) -> np.dtype:
@@ -72,7 +73,13 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
     chosen = linear_weights(apply_fn, params, example_args, example_kwargs,
                             [(i, p, x) for i, (p, x) in enumerate(leaves)
                              if not selects(config.exclude, p, x)])
-  if not chosen:
+  if config.init_spec.kind == "loftq":
+    raise ValueError(
+        "split: init='loftq' makes the quantized base and the factors "
+        "together from the float weights; call lora_jax.loftq(params, "
+        "config, key, scheme='nf4' | 'int8') instead of split (it returns "
+        "(quantized_base, delta)).")
+  if not chosen and not len(config.trainable_tokens):
     raise ValueError(
         f"LoraConfig selects no leaf (targets={config.targets!r}, "
         f"exclude={config.exclude!r}). Some paths that exist: "
@@ -126,9 +133,11 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
       residuals[p] = residual
     deltas[p] = place_like_kernel(x, d)
 
+  tokens = make_tokens(params, config, set(deltas),
+                       lambda dt: _factor_dtype(config, dt))
   base = params if not residuals else map_with_paths(
       lambda p, x: residuals.get(p, x), params)
-  delta = map_with_paths(lambda p, x: deltas.get(p), params)
+  delta = map_with_paths(lambda p, x: deltas.get(p, tokens.get(p)), params)
   return base, delta
 
 

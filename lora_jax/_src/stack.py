@@ -4,7 +4,7 @@
 axis (ranks zero-padded to the largest, each adapter's scale static, as a
 single adapter's), ``select`` takes one back out, ``put`` swaps one in, and
 ``lj.wrap(f)(base, stacked, *args, adapter_ids=ids)`` runs every row of a
-batch with its own adapter in one pass (see :func:`per_row`).
+batch with its own adapter in one pass (``mixed.py``).
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import dora
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import check_same_kernel
 from lora_jax._src.delta import describe_array
-from lora_jax._src.delta import is_concrete
 from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.delta import rebuild_node
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.paths import preview
-from lora_jax._src.quant import QArray
+from lora_jax._src.tokens import token_deltas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +343,14 @@ def stack(deltas: Sequence[Any]) -> Any:
           f"{preview(nested)}); stacks do not nest. Stack single adapters: "
           f"lj.stack([lj.select(stacked, i) for i in range(n)] + [delta, "
           f"...]).")
+    held = token_deltas(d)
+    if held:
+      raise ValueError(
+          f"lj.stack: delta {k} holds trainable tokens at {preview(held)}, "
+          f"which stacks do not carry (each adapter would set the table's "
+          f"rows its own way). Stack the LoRA adapters without them, or "
+          f"merge the tokens into the base first: lj.merge(base, "
+          f"{{path: tokens}}).")
   flat = [adapters(d) for d in deltas]
   paths = list(flat[0])
   if not paths:
@@ -463,115 +469,3 @@ def put(stacked: Any, k: int, delta: Any) -> Any:
         dropout=d.dropout if s.size == 1 else s.dropout,
         info=StackInfo(tuple(ranks)), residual_of=tuple(marks))
   return map_with_paths(one, stacked, is_leaf=is_stack_or_none)
-
-
-# wrap runs a mixed batch whole in the factored engine where it can follow the
-# rows (factored/rows.py); False: always per_row's vmap (for measuring).
-WHOLE_BATCH = True
-# per_row's choice: a one-hot contraction over the whole stack while the
-# stack's total rank n * R is at most this, else per-row gathered factors
-# (benchmarks/results/mixed_cpu.md, the scaling sweep). 0: never by default.
-# The one-hot contraction multiplies every adapter's factors by the other
-# rows' zero weights, so one non-finite adapter (a diverged tenant) would
-# turn every row NaN (0 * inf); gathered factors keep each row to its own
-# adapter. Set it above 0 only for stacks known to be finite (it is faster:
-# 1.16x merged inference against 1.2-1.3x on W1, vmap fallback only).
-ONE_HOT_MAX_RANK = 0
-
-
-def check_rows(ids, args, kwargs, n: int) -> jax.Array:
-  """``ids`` as an array, checked against the arguments' row axes and, when
-  its values are known (not under ``jit``), against the stack's ``n``
-  adapters."""
-  ids = jnp.asarray(ids)
-  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"adapter_ids must be a 1-D integer array (one adapter "
-                     f"per row, -1 for none); got {describe_array(ids)}.")
-  if is_concrete(ids):
-    bad = sorted({int(k) for k in ids.tolist() if not -1 <= k < n})
-    if bad:
-      raise ValueError(
-          f"adapter_ids {bad[:8]} are outside [-1, {n}): the stack holds {n} "
-          f"adapters (0..{n - 1}), and -1 runs a row on the base model. "
-          f"Under jit, where ids cannot be checked, such rows come out NaN.")
-  for x in jax.tree.leaves((args, kwargs)):
-    if hasattr(x, "shape") and x.ndim and x.shape[0] != ids.shape[0]:
-      raise ValueError(
-          f"adapter_ids has {ids.shape[0]} rows but an argument has shape "
-          f"{tuple(x.shape)}: every array argument's axis 0 is the row "
-          f"axis.")
-  return ids
-
-
-def row_factors(stacked, ids) -> dict:
-  """``{path: (a, b, scale, layout, dropout)}`` with row ``i`` holding
-  adapter ``ids[i]``'s factors (:meth:`LoraStack.rows`): a mixed batch for
-  the factored engine to run whole. Not for DoRA stacks."""
-  return {p: (*s.rows(ids)[:3], s.layout, s.dropout)
-          for p, s in stacks(stacked).items()}
-
-
-def base_norms(base, stacked) -> dict:
-  """``{path: ||W0||}`` (per output unit) for each DoRA stack's kernel: the
-  magnitude of a row on the base model (id -1)."""
-  out = {}
-  for p, s in stacks(stacked).items():
-    if s.magnitude is not None:
-      w0 = dict(leaves_with_paths(base))[p]
-      if isinstance(w0, QArray):
-        w0 = w0.dequantize()
-      zero = LoraDelta(jnp.zeros_like(s.a[0]), jnp.zeros_like(s.b[0]),
-                       layout=s.layout)
-      out[p] = dora.norm(w0, zero)
-  return out
-
-
-def per_row(apply, base, stacked, ids, args, kwargs, out_axes: list,
-            out_tree, one_hot: bool = False, rng=None):
-  """``apply(base, delta_i, rng_i, row_i(args), **kwargs)`` for every row
-  ``i``, with ``delta_i`` adapter ``ids[i]`` of the stack (``-1``: none), in
-  one batched pass (``jax.vmap`` over the rows: the base's matmuls are
-  shared, each row's low-rank branch uses its own gathered factors).
-
-  Rows must be independent (as in serving); array arguments are split along
-  axis 0 (each row runs as a batch of one), everything else is passed whole.
-  ``out_axes``: for each flat output, the axis holding the rows (the row
-  runs with size 1 there, and the rows are stacked back along it), or None
-  for an output that does not read the rows. ``rng``: LoRA dropout's key;
-  row ``i`` draws its masks from ``fold_in(rng, i)``. ``one_hot`` (for the
-  factored engine): a stack of total rank at most :data:`ONE_HOT_MAX_RANK`
-  without DoRA enters as :meth:`LoraStack.row_of_all`, else as
-  :meth:`LoraStack.row`.
-  """
-  leaves, treedef = jax.tree.flatten((args, kwargs))
-  rows = [i for i, x in enumerate(leaves) if hasattr(x, "shape") and x.ndim]
-  norms = base_norms(base, stacked)
-
-  def one(row_leaves, index, position):
-    full = list(leaves)
-    for i, x in zip(rows, row_leaves):
-      full[i] = x[None]
-    a, k = jax.tree.unflatten(treedef, full)
-    delta = row_delta(stacked, index, norms, one_hot)
-    key = None if rng is None else jax.random.fold_in(rng, position)
-    flat = jax.tree.leaves(apply(base, delta, key, *a, **k))
-    return [y if r is None else jax.lax.index_in_dim(y, 0, r, keepdims=False)
-            for y, r in zip(flat, out_axes)]
-  flat = jax.vmap(one, out_axes=list(out_axes))(
-      [leaves[i] for i in rows], ids, jnp.arange(ids.shape[0]))
-  return jax.tree.unflatten(out_tree, flat)
-
-
-def row_delta(stacked, index, norms: dict, one_hot: bool = False) -> Any:
-  """``stacked`` with each stack replaced by its adapter ``index`` (a
-  :class:`LoraDelta`; ``norms``: :func:`base_norms`, for DoRA's ``-1``)."""
-  return map_with_paths(
-      lambda p, s: _row(s, index, one_hot, norms.get(p))
-      if isinstance(s, LoraStack) else s, stacked, is_leaf=is_stack_or_none)
-
-
-def _row(s: LoraStack, index, one_hot: bool, base_norm=None) -> LoraDelta:
-  if (one_hot and s.magnitude is None
-      and s.size * s.rank <= ONE_HOT_MAX_RANK):
-    return s.row_of_all(index)
-  return s.row(index, base_norm)

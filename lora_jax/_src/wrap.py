@@ -9,16 +9,17 @@ import warnings
 import jax
 
 from lora_jax._src import factored
+from lora_jax._src import mixed
 from lora_jax._src import stack as stack_module
 from lora_jax._src.delta import adapters
 from lora_jax._src.jaxpr_core import is_array
 from lora_jax._src.merge import check_matches
 from lora_jax._src.merge import merge
 from lora_jax._src.merge import placed_like_base
-from lora_jax._src.stack import check_rows
-from lora_jax._src.stack import per_row
-from lora_jax._src.stack import row_factors
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.quant import QArray
 from lora_jax._src.stack import stacks
+from lora_jax._src.tokens import token_deltas
 
 MODES = ("auto", "merge", "factored")
 
@@ -91,8 +92,8 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
   row's factors. Where the rows cannot be followed (a reduction over rows,
   an op without a rule), an adapted kernel is used otherwise (an embedding,
   ``x @ W.T``, a convolution), with DoRA or with LoRA dropout, the function
-  runs once per row under ``vmap`` instead (a one-hot contraction over the whole stack while
-  its total rank is small, each row's gathered factors beyond); the merge
+  runs once per row under ``vmap`` instead, each row on its own gathered
+  factors; the merge
   engine always does, building one merged kernel per row. Randomness inside
   ``fn`` (its own dropout) differs between the two forms: run whole, each
   row draws its own.
@@ -118,9 +119,23 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
   >>> bool((lj.wrap(f)(base, delta, jnp.ones(3)) == f(params, jnp.ones(3))).all())
   True
   """
+  return wrap_rows(fn, mode, strict=strict, recompute=recompute)
+
+
+def wrap_rows(fn: Callable[..., Any], mode: str = "auto", *,
+              rows: str = "auto", strict: bool = False,
+              recompute: bool = True) -> Callable[..., Any]:
+  """:func:`wrap` with an explicit choice of how a mixed-adapter batch runs
+  (``rows``, one of :data:`mixed.ROWS`): ``"auto"`` is :func:`wrap`;
+  ``"gather"`` and ``"one-hot"`` force the ``vmap``-over-rows forms, for the
+  benchmarks and tests that measure and check them."""
   if mode not in MODES:
     raise ValueError(f"lora_jax.wrap: mode must be one of {MODES}, got {mode!r}.")
+  if rows not in mixed.ROWS:
+    raise ValueError(f"wrap_rows: rows must be one of {mixed.ROWS}, got "
+                     f"{rows!r}.")
 
+  choose = None if mode != "auto" else factored.cheaper_engine
   if mode == "merge":
     def single(base, delta, *args, lora_rng=None, **kwargs):
       if lora_rng is not None:
@@ -133,14 +148,8 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
               f"'auto', or call without lora_rng.")
       return fn(merge(base, delta), *args, **kwargs)
   else:
-    choose = None if mode == "factored" else factored.cheaper_engine
-
     def single(base, delta, *args, lora_rng=None, **kwargs):
-      deltas = adapters(delta)
-      check_matches(base, deltas, "wrap")
-      # a plainly loaded adapter meets a base on a mesh: factors go where
-      # their kernels are (eager calls; under jit the compiler places them)
-      deltas = placed_like_base(base, deltas)
+      deltas = engine_deltas(base, delta, "wrap")
       return factored.factored_apply(fn, base, deltas, args, kwargs,
                                      strict=strict, choose=choose,
                                      rng=lora_rng, recompute=recompute)
@@ -158,102 +167,31 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
           "wrap: the delta is a stack of adapters (lj.stack); pass "
           "adapter_ids= (one adapter index per row, -1 for none), or take "
           "one adapter out with lj.select(stacked, k).")
-    n = next(iter(stacks(delta).values())).size
-    ids = check_rows(adapter_ids, args, kwargs, n)
-    stack_module.check_stack_bases(base, delta)  # PiSSA / OLoRA marks
-    if mode != "merge" and stack_module.WHOLE_BATCH:
-      whole = _whole_batch(fn, base, delta, ids, args, kwargs,
-                           lora_rng, strict=strict, choose=choose,
-                           recompute=recompute)
-      if whole is not None:
-        return whole
-    apply = lambda b, d, key, *a, **k: single(b, d, *a, lora_rng=key, **k)
-    if ids.shape[0] == 1:  # one row: the function itself, on that adapter
-      return apply(base, _first_row(base, delta, ids), lora_rng, *args,
-                   **kwargs)
-    out_axes, out_tree = _row_axes(fn, base, delta, args, kwargs,
-                                   ids.shape[0])
-    return per_row(apply, base, delta, ids, args, kwargs, out_axes, out_tree,
-                   one_hot=mode != "merge", rng=lora_rng)
+    return mixed.run(fn, single, base, delta, adapter_ids, args, kwargs,
+                     lora_rng, mode=mode, rows=rows, strict=strict,
+                     choose=choose, recompute=recompute)
   return _named_like(fn, wrapped)
 
 
-def _first_row(base, stacked, ids):
-  """The delta of a one-row batch: each stack's adapter ``ids[0]``."""
-  return stack_module.row_delta(stacked, ids[0],
-                                stack_module.base_norms(base, stacked))
-
-
-def _row_axes(fn, base, stacked, args, kwargs, n_rows: int
-              ) -> tuple[list, Any]:
-  """Where each output of a mixed batch holds its rows (None: it does not
-  read them), or a ValueError naming the output that has none."""
-  per_row_kernels = set(stacks(stacked))
-  out_rows, shapes, out_tree, reads = factored.output_rows(
-      fn, base, args, kwargs, per_row_kernels)
-  one_shapes = shapes
-  if any(r is factored.UNKNOWN for r in out_rows):
-    # The analysis could not follow the rows to these outputs: the axis that
-    # is n_rows long on the whole batch and 1 long on one row, if one is.
-    one = jax.tree.map(lambda x: x[:1] if is_array(x) and x.ndim else x,
-                       (args, kwargs))
-    one_args, one_kwargs = one
-    one_shapes = factored.output_rows(fn, base, one_args, one_kwargs,
-                                      per_row_kernels)[1]
-  axes = []
-  for k, (r, full, row) in enumerate(zip(out_rows, shapes, one_shapes)):
-    if r is factored.UNKNOWN:
-      changed = [a for a, (m, n) in enumerate(zip(full, row)) if m != n]
-      if (len(full) == len(row) and len(changed) == 1
-          and (full[changed[0]], row[changed[0]]) == (n_rows, 1)):
-        r = changed[0]
-      else:
-        raise ValueError(
-            f"wrap(..., adapter_ids=...): {_output_name(out_tree, k)} (shape "
-            f"{full}) has no axis holding one entry per row of adapter_ids "
-            f"({n_rows} rows): its rows are reduced, mixed together or "
-            f"merged with another axis. Each row runs with its own adapter, "
-            f"so every output must keep the rows on one axis of their own, "
-            f"or not read them. Return per-row values (for example per-row "
-            f"losses) and reduce or reshape them outside the wrapped "
-            f"function.")
-    elif r is None and reads[k]:
-      raise ValueError(
-          f"wrap(..., adapter_ids=...): {_output_name(out_tree, k)} (shape "
-          f"{full}) reads no row but reads the adapted kernels, which differ "
-          f"from row to row: it has no single value for the batch. Compute "
-          f"it per row (keep a row axis), or outside the wrapped function "
-          f"for each adapter (lj.select).")
-    axes.append(r)
-  return axes, out_tree
-
-
-def _output_name(out_tree, k: int) -> str:
-  """``output ['loss']``, or ``the output`` for a bare array."""
-  placeholder = jax.tree.unflatten(out_tree, [0] * out_tree.num_leaves)
-  path = jax.tree_util.tree_flatten_with_path(placeholder)[0][k][0]
-  key = jax.tree_util.keystr(path)
-  return f"output {key}" if key else "the output"
-
-
-def _whole_batch(fn, base, stacked, ids, args, kwargs, lora_rng, **options):
-  """A mixed-adapter batch in the factored engine on the whole batch at once
-  (each adapted matmul's branch one batched product over rows; LoRA dropout
-  draws the masks a single-adapter batch would), or None where that cannot
-  be done (DoRA, rows the engine cannot follow through the program): then
-  ``vmap`` over rows does it."""
-  per_path = stacks(stacked)
-  if any(s.magnitude is not None for s in per_path.values()):
-    return None
-  plain = adapters(stacked)  # single adapters beside the stacks
-  check_matches(base, {**plain, **{p: s.row(0) for p, s in per_path.items()}},
-                "wrap")
-  try:
-    return factored.factored_apply(fn, base, plain, args, kwargs,
-                                   row_factors=row_factors(stacked, ids),
-                                   rng=lora_rng, **options)
-  except factored.NeedsRowVmap:
-    return None
+def engine_deltas(base, delta, what: str) -> dict:
+  """``{path: LoraDelta}`` the factored engine carries, checked against the
+  base and placed like it; trainable tokens as their low-rank form
+  (:meth:`TrainableTokens.as_lora`: the one-hot of the ids times the rows'
+  change), so every consumer rule applies and the gradient stays ``(n,
+  dim)``."""
+  deltas = adapters(delta)
+  tokens = token_deltas(delta)
+  check_matches(base, deltas, what, tokens)
+  # a plainly loaded adapter meets a base on a mesh: factors go where
+  # their kernels are (eager calls; under jit the compiler places them)
+  deltas = placed_like_base(base, deltas)
+  if tokens:
+    flat = dict(leaves_with_paths(base))
+    for p, t in tokens.items():
+      table = flat[p]
+      deltas[p] = t.as_lora(table.dequantize() if isinstance(table, QArray)
+                            else table)
+  return deltas
 
 
 def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
@@ -277,8 +215,7 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
   stack_module.refuse_stacks(
       delta, "explain", "Explain one adapter of it: lj.explain(fn, base, "
       "lj.select(stacked, k), *args).")
-  deltas = adapters(delta)
-  check_matches(base, deltas, "explain")
+  engine_deltas(base, delta, "explain")  # checks the trees
   choose = None if mode == "factored" else factored.cheaper_engine
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # fallbacks are in the report instead
@@ -292,7 +229,7 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
       for i, x in zip(dynamic, values):
         full[i] = x
       a, k = jax.tree.unflatten(treedef, full)
-      return factored.factored_apply(fn, b, adapters(d), a, k, report=report,
-                                     choose=choose)
+      return factored.factored_apply(fn, b, engine_deltas(b, d, "explain"),
+                                     a, k, report=report, choose=choose)
     jax.eval_shape(run, base, delta, [leaves[i] for i in dynamic])
   return report
