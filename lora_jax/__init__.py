@@ -54,6 +54,7 @@ from lora_jax._src.stack_io import load_stack
 from lora_jax._src.stack_io import save_stack
 from lora_jax._src.summary import describe
 from lora_jax._src.summary import summary
+from lora_jax._src.tokens import TrainableTokens
 from lora_jax._src.wrap import explain
 from lora_jax._src.wrap import wrap
 
@@ -69,6 +70,7 @@ __all__ = (
     "Layout",
     "LoraConfig",
     "LoraDelta",
+    "TrainableTokens",
     "LoraStack",
     "PeftFormatError",
     "QArray",
