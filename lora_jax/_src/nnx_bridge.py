@@ -1,0 +1,482 @@
+"""nnx_bridge: a Flax NNX module whose LoRA factors are ``nnx.LoRAParam``.
+
+:func:`apply_lora` turns an NNX model into a module that libraries built on
+NNX (tunix's ``PeftTrainer`` and ``Sampler``, ``nnx.Optimizer(wrt=
+nnx.LoRAParam)``) train and run as they are, while every call goes through
+:func:`lora_jax.wrap` of a pure function of the model's state, so it computes
+what the model with weights ``lora_jax.merge(base, delta)`` computes, in the
+engine chosen (factored by default).
+
+Layout of the module (``LoraModule``):
+
+* ``base_model``: a copy of the input model (its ``nnx.Param`` leaves hold the
+  frozen base: the input's arrays, or a principal init's residual; any other
+  state, such as caches, RNG counters and batch statistics, is its own copy).
+* ``lora``: a tree of small modules mirroring the adapted kernels' paths, each
+  holding ``a`` and ``b`` (and ``magnitude`` with DoRA) as ``nnx.LoRAParam``.
+* static metadata: each adapter's path, scale, layout, dropout and init mark,
+  the engine, and the wrapped class's ``__call__`` signature.
+
+Attribute order: NNX orders a module's attributes by name, so
+``nnx.variables(m)``'s first leaf is ``base_model``'s first leaf (the input
+model's own first leaf), never a float32 factor of a bf16 model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+import inspect
+import math
+from typing import Any
+
+from flax import nnx
+import jax
+import numpy as np
+
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.delta import LoraDelta
+from lora_jax._src.delta import adapters
+from lora_jax._src.delta import describe_array
+from lora_jax._src.delta import is_concrete
+from lora_jax._src.merge import merge as merge_trees
+from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.paths import preview
+from lora_jax._src.quant import dequantize
+from lora_jax._src.split import split
+from lora_jax._src.wrap import MODES
+from lora_jax._src.wrap import wrap
+
+_FACTORS = ("a", "b", "magnitude")
+
+
+# flax >= 0.12 deprecates ``Variable.value``; 0.11 has only ``value``.
+def _get(var: Any) -> Any:
+  return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _set(var: Any, value: Any) -> None:
+  if hasattr(var, "set_value"):
+    var.set_value(value)
+  else:
+    var.value = value
+
+
+def _fresh(tree: Any) -> Any:
+  """``tree`` with new Variable objects: flax 0.12's ``nnx.merge`` of a split
+  state shares the Variables' storage with the split module, so a module
+  merged from it would write into the other one's state."""
+  return jax.tree.map(lambda x: x, tree)
+
+
+def _split(model: nnx.Module):
+  """``(graphdef, params, rest)``: the frozen ``nnx.Param`` leaves (never a
+  LoRAParam here) and every other state (caches, RNG, batch statistics)."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+class _Node(nnx.Module):
+  """A level of the adapter tree: one attribute per path segment."""
+
+
+class _Adapter(nnx.Module):
+  """One kernel's factors, trainable: ``a``, ``b`` (and DoRA's
+  ``magnitude``) as ``nnx.LoRAParam``."""
+
+  def __init__(self, d: LoraDelta):
+    self.a = nnx.LoRAParam(d.a)
+    self.b = nnx.LoRAParam(d.b)
+    if d.magnitude is not None:
+      self.magnitude = nnx.LoRAParam(d.magnitude)
+
+
+class LoraModule(nnx.Module):
+  """An NNX model with LoRA adapters (see :func:`lora_jax.nnx.apply_lora`).
+
+  Calls and methods of the wrapped model run through :func:`lora_jax.wrap`;
+  other attributes of the wrapped model (``config``, ...) read through.
+  """
+
+  def __init__(self, base_model: nnx.Module, lora: _Node,
+               specs: tuple, mode: str):
+    self.base_model = base_model
+    self.lora = lora
+    self.lora_specs = specs
+    self.lora_mode = mode
+
+  # -- what the wrapped model offers --------------------------------------
+
+  def __call__(self, *args, **kwargs):
+    return self._lora_call("__call__", args, kwargs)
+
+  def __getattr__(self, name: str):
+    # Only called when ordinary lookup fails: the wrapped model's attributes.
+    # Private names stay private (NNX and Python probe some of them).
+    if name.startswith("_"):
+      raise AttributeError(name)
+    inner = vars(self).get("base_model")
+    if inner is None:
+      raise AttributeError(name)
+    value = getattr(inner, name)
+    if inspect.ismethod(value) and value.__self__ is inner:
+      @functools.wraps(value)
+      def method(*args, **kwargs):
+        return self._lora_call(name, args, kwargs)
+      return method
+    return value
+
+  def __dir__(self):
+    return sorted(set(super().__dir__()) | set(dir(self.base_model)))
+
+  # -- the LoRA path -------------------------------------------------------
+
+  def _lora_call(self, name: str, args: tuple, kwargs: dict):
+    graphdef, params, rest = _split(self.base_model)
+
+    def fn(p, state, *a, **k):
+      model = nnx.merge(graphdef, *_fresh((p, state)))
+      out = getattr(model, name)(*a, **k)
+      return out, nnx.state(model, nnx.Not(nnx.Param))
+
+    out, new_rest = wrap(fn, self.lora_mode)(params, self.lora_deltas(),
+                                             rest, *args, **kwargs)
+    nnx.update(self.base_model, new_rest)
+    return out
+
+  def lora_deltas(self) -> dict[str, LoraDelta]:
+    """``{path: LoraDelta}`` from the current factors (tracers under a
+    transform)."""
+    out = {}
+    for path, scale, layout, dropout, residual_of in self.lora_specs:
+      node = _node_at(self.lora, path)
+      magnitude = getattr(node, "magnitude", None)
+      out[path] = LoraDelta(
+          _get(node.a), _get(node.b), scale=scale, layout=layout,
+          magnitude=None if magnitude is None else _get(magnitude),
+          dropout=dropout, residual_of=residual_of)
+    return out
+
+
+def _segments(path: str) -> list[str]:
+  return path.split("/")
+
+
+def _node_at(root: _Node, path: str) -> Any:
+  node = root
+  for seg in _segments(path):
+    node = getattr(node, seg)
+  return node
+
+
+def _adapter_tree(deltas: dict[str, LoraDelta]) -> _Node:
+  root = _Node()
+  reserved = set(dir(_Node)) | set(dir(_Adapter))
+  for path, d in deltas.items():
+    segs = _segments(path)
+    clash = [s for s in segs if s in reserved or s.startswith("__")]
+    if clash:
+      raise ValueError(
+          f"lora_jax.nnx.apply_lora: the adapted kernel {path!r} has a path "
+          f"segment {clash[0]!r} that is also an attribute name of nnx.Module, "
+          f"so its adapter cannot be stored under that name. Exclude it from "
+          f"the LoraConfig or rename that attribute of the model.")
+    node = root
+    for seg in segs[:-1]:
+      child = vars(node).get(seg)
+      if child is None:
+        child = _Node()
+        setattr(node, seg, child)
+      node = child
+    setattr(node, segs[-1], _Adapter(d))
+  return root
+
+
+@functools.cache
+def _class_for(cls: type) -> type:
+  """A subclass of LoraModule whose ``__call__`` reports ``cls.__call__``'s
+  parameters (tunix passes ``decode_only_last_token`` only to models whose
+  signature names it). One per wrapped class, so graphdefs compare equal."""
+  call = vars(cls).get("__call__") or next(
+      (vars(k)["__call__"] for k in cls.__mro__ if "__call__" in vars(k)),
+      None)
+  if call is None:
+    return LoraModule
+  try:
+    sig = inspect.signature(call)
+  except (TypeError, ValueError):  # a builtin without one
+    return LoraModule
+
+  def __call__(self, *args, **kwargs):
+    return self._lora_call("__call__", args, kwargs)
+  __call__.__signature__ = sig  # type: ignore[attr-defined]
+  __call__.__doc__ = getattr(call, "__doc__", None)
+  return type(f"Lora{cls.__name__}", (LoraModule,),
+              {"__call__": __call__, "__module__": __name__,
+               "__qualname__": f"Lora{cls.__name__}"})
+
+
+def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
+               *example_args: Any, mode: str = "auto",
+               **example_kwargs: Any) -> nnx.Module:
+  """An NNX module: ``model`` with LoRA adapters as ``nnx.LoRAParam``.
+
+  ``model`` is left unchanged. The result ``m`` computes what ``model`` with
+  weights ``lora_jax.merge(base, delta)`` computes (``base`` its frozen
+  ``nnx.Param`` leaves, ``delta`` the adapters, :func:`get_delta`), for
+  ``m(...)`` and for every method of ``model`` called on ``m`` (``m.init_cache
+  (...)``, a decode step with a KV cache ...), through :func:`lora_jax.wrap`
+  in ``mode`` (factored by default). State the call changes (caches, RNG
+  counters, batch statistics) is written back into ``m`` as the model would
+  write it into itself. Other attributes of ``model`` (``m.config``) read
+  through.
+
+  Contract (what libraries on NNX may rely on):
+
+  * The only ``nnx.LoRAParam`` leaves of ``m`` are the factors: ``a``
+    ``(*batch, *in, r)``, ``b`` ``(r, *out)``-shaped as in
+    :class:`lora_jax.LoraDelta`, and ``magnitude`` with DoRA, at
+    ``m.lora.<kernel path>.{a,b,magnitude}``. ``nnx.Optimizer(m, tx,
+    wrt=nnx.LoRAParam)`` and ``nnx.grad(..., argnums=nnx.DiffState(0,
+    nnx.LoRAParam))`` train exactly them; their gradients are
+    ``lora_jax.wrap``'s for the same factors.
+  * The frozen weights stay ``nnx.Param`` (not trained under
+    ``wrt=nnx.LoRAParam``) in ``m.base_model``, a copy of ``model`` that
+    shares its (immutable) weight arrays; other state is copied.
+  * Calls add no attribute to ``m`` (safe under ``nnx.jit`` /
+    ``nnx.cached_partial``). ``m.__call__``'s signature is ``model``'s.
+  * ``nnx.variables(m)``'s first leaf is ``model``'s first leaf.
+  * Factors are float32 for bf16 kernels unless ``config.dtype`` says
+    otherwise (as :func:`lora_jax.split`).
+
+  A QLoRA base: give ``model`` :class:`lora_jax.QArray` weights first, e.g.
+  ``graph, state = nnx.split(model); model = nnx.merge(graph,
+  lj.quantize(state, "nf4"))``; the kernels are dequantized at their point of
+  use.
+
+  Args:
+    model: a Flax NNX module (not one from ``apply_lora``; no
+      ``nnx.LoRAParam`` of its own).
+    config: which ``nnx.Param`` leaves to adapt, and how
+      (:class:`lora_jax.LoraConfig`; paths as in ``nnx.state(model)``, e.g.
+      ``"layers/0/attn/q_proj/kernel"``).
+    key: PRNG key for the factors' init.
+    *example_args: example arguments of ``model(...)``; with them the layout
+      of every adapted kernel (and ``targets="all-linear"``) is read off an
+      abstract trace of the call, as :func:`lora_jax.split` does. Needed for
+      N-D kernels (einsums, ``nnx.scan`` stacks).
+    mode: the engine, as in :func:`lora_jax.wrap`: ``"auto"``,
+      ``"factored"`` or ``"merge"``.
+    **example_kwargs: example keyword arguments of ``model(...)``.
+
+  Returns:
+    The adapted module (a ``LoraModule``), of a class named
+    ``Lora<ModelClass>``.
+
+  Raises:
+    TypeError: ``model`` is not an NNX module, or ``config`` not a LoraConfig.
+    ValueError: ``model`` already has ``nnx.LoRAParam`` leaves or is adapted,
+      ``config`` selects no leaf, LoRA dropout is asked for, or ``mode`` is
+      unknown.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, lora_jax.nnx as ljn
+  >>> from flax import nnx
+  >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  >>> m = ljn.apply_lora(model, lj.LoraConfig(rank=2), jax.random.key(1))
+  >>> sorted(p for p, _ in lj.leaves_with_paths(nnx.state(m, nnx.LoRAParam)))
+  ['lora/kernel/a', 'lora/kernel/b']
+  >>> bool(jnp.allclose(m(jnp.ones((2, 4))), model(jnp.ones((2, 4)))))
+  True
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"lora_jax.nnx.apply_lora expects a flax.nnx.Module, got "
+                    f"{type(model).__name__}.")
+  if isinstance(model, LoraModule):
+    raise ValueError(
+        "lora_jax.nnx.apply_lora: this model already has adapters (it came "
+        "from apply_lora). Adapt the original model, or fold these in first: "
+        "lora_jax.nnx.merge(m).")
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"lora_jax.nnx.apply_lora expects a lora_jax.LoraConfig, "
+                    f"got {config!r}.")
+  if mode not in MODES:
+    raise ValueError(f"lora_jax.nnx.apply_lora: mode must be one of {MODES}, "
+                     f"got {mode!r}.")
+  own = [p for p, _ in leaves_with_paths(nnx.state(model, nnx.LoRAParam))]
+  if own:
+    raise ValueError(
+        f"lora_jax.nnx.apply_lora: the model already has nnx.LoRAParam leaves "
+        f"({preview(own)}), e.g. from nnx.LoRA layers; trainers would train "
+        f"them along with lora_jax's factors. Build the model without them.")
+  if config.dropout:
+    raise ValueError(
+        f"lora_jax.nnx.apply_lora: LoRA dropout (LoraConfig(dropout="
+        f"{config.dropout})) needs a key per call, which an NNX module call "
+        f"does not take; use dropout=0.0, or lora_jax.wrap(f)(base, delta, "
+        f"x, lora_rng=key) in a functional loop.")
+  graphdef, params, rest = _split(model)
+  apply_fn: Callable | None = None
+  if example_args or example_kwargs:
+    def apply_fn(p, *a, **k):
+      return nnx.merge(graphdef, *_fresh((p, rest)))(*a, **k)
+  base, delta = split(params, config, key, apply_fn=apply_fn,
+                      example_args=example_args,
+                      example_kwargs=example_kwargs)
+  deltas = adapters(delta)
+  specs = tuple((p, d.scale, d.layout, d.dropout, d.residual_of)
+                for p, d in deltas.items())
+  inner = nnx.merge(graphdef, *_fresh((base, rest)))
+  return _class_for(type(model))(inner, _adapter_tree(deltas), specs, mode)
+
+
+def _lora_module(m: Any, who: str) -> LoraModule:
+  if not isinstance(m, LoraModule):
+    raise TypeError(
+        f"lora_jax.nnx.{who} expects a module from lora_jax.nnx.apply_lora, "
+        f"got {type(m).__name__}.")
+  return m
+
+
+def get_delta(m: nnx.Module) -> Any:
+  """The adapters of ``m`` as a lora_jax delta tree.
+
+  The tree has the structure of ``nnx.state(model, nnx.Param).to_pure_dict()``
+  of the wrapped model (a nested dict), with a :class:`lora_jax.LoraDelta` at
+  each adapted kernel and ``None`` elsewhere, holding ``m``'s current factors
+  (the arrays themselves, no copy). It is what :func:`lora_jax.split` gives,
+  for :func:`lora_jax.save`, :func:`lora_jax.save_peft`, :func:`lora_jax.merge`
+  (with ``nnx.state(model)`` or its pure dict as the base) and
+  :func:`lora_jax.wrap`.
+
+  Args:
+    m: a module from :func:`apply_lora`.
+
+  Returns:
+    The delta tree.
+
+  Raises:
+    TypeError: ``m`` is not from :func:`apply_lora`.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, lora_jax.nnx as ljn
+  >>> from flax import nnx
+  >>> m = ljn.apply_lora(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+  ...                    lj.LoraConfig(rank=2), jax.random.key(1))
+  >>> ljn.get_delta(m)
+  {'bias': None, 'kernel': LoraDelta(rank=2, kernel=(4, 3), a=f32[4,2], b=f32[2,3], scale=8)}
+  """
+  m = _lora_module(m, "get_delta")
+  deltas = m.lora_deltas()
+  pure = nnx.state(m.base_model, nnx.Param).to_pure_dict()
+  return _fill(pure, (), deltas)
+
+
+def _fill(tree: Any, prefix: tuple, deltas: dict) -> Any:
+  if isinstance(tree, dict):
+    return {k: _fill(v, (*prefix, str(k)), deltas) for k, v in tree.items()}
+  return deltas.get("/".join(prefix))
+
+
+def set_delta(m: nnx.Module, delta: Any) -> None:
+  """Loads the adapters of ``delta`` into ``m``, in place.
+
+  ``delta`` must hold an adapter for every kernel ``m`` adapts and no other,
+  each with the same scale, layout and DoRA-ness, and factors of the same
+  shapes and dtypes as ``m``'s (a delta from :func:`get_delta`,
+  :func:`lora_jax.load` or :func:`lora_jax.split` with the same config). The
+  new factors go where ``m``'s are (same devices / sharding).
+
+  Args:
+    m: a module from :func:`apply_lora`.
+    delta: a lora_jax delta tree (``None`` slots or a plain dict of paths).
+
+  Returns:
+    None.
+
+  Raises:
+    TypeError: ``m`` is not from :func:`apply_lora`.
+    ValueError: naming the leaf, where ``delta`` does not fit ``m``.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, lora_jax.nnx as ljn
+  >>> from flax import nnx
+  >>> m = ljn.apply_lora(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+  ...                    lj.LoraConfig(rank=2), jax.random.key(1))
+  >>> d = ljn.get_delta(m)
+  >>> d["kernel"] = d["kernel"].replace(b=jnp.ones((2, 3)))
+  >>> ljn.set_delta(m, d)
+  >>> float(nnx.state(m, nnx.LoRAParam)["lora"]["kernel"]["b"][...].sum())
+  6.0
+  """
+  m = _lora_module(m, "set_delta")
+  new = adapters(delta)
+  have = {spec[0]: spec for spec in m.lora_specs}
+  missing = [p for p in have if p not in new]
+  extra = [p for p in new if p not in have]
+  if missing or extra:
+    raise ValueError(
+        f"lora_jax.nnx.set_delta: the delta does not adapt the kernels this "
+        f"module adapts: missing {preview(missing)}, not adapted here "
+        f"{preview(extra)}. Use a delta made with the same LoraConfig, or "
+        f"apply_lora with the config it was trained with.")
+  updates = []
+  for path, (_, scale, layout, _, _) in have.items():
+    d = new[path]
+    node = _node_at(m.lora, path)
+    if not math.isclose(d.scale, scale) or d.layout != layout:
+      raise ValueError(
+          f"lora_jax.nnx.set_delta: the adapter at {path!r} has scale "
+          f"{d.scale:g} and layout {d.layout}; this module's has scale "
+          f"{scale:g} and layout {layout}. apply_lora with the config the "
+          f"delta was trained with (rank, alpha, use_rslora).")
+    for name in _FACTORS:
+      var = getattr(node, name, None)
+      value = getattr(d, name)
+      if (var is None) != (value is None):
+        raise ValueError(
+            f"lora_jax.nnx.set_delta: the adapter at {path!r} "
+            f"{'has no' if value is None else 'has a'} DoRA {name}, this "
+            f"module's {'has one' if var is not None else 'has none'}. Use "
+            f"the same LoraConfig(use_dora=...).")
+      if var is None:
+        continue
+      old = _get(var)
+      if (tuple(np.shape(value)) != tuple(old.shape)
+          or np.dtype(value.dtype) != np.dtype(old.dtype)):
+        raise ValueError(
+            f"lora_jax.nnx.set_delta: {path}/{name} is "
+            f"{describe_array(value)}, this module's is "
+            f"{describe_array(old)}. Use a delta of the same rank and dtype "
+            f"(cast it first: jax.tree.map(lambda x: x.astype(...), delta)).")
+      if is_concrete(old) and is_concrete(value):
+        value = jax.device_put(value, old.sharding)
+      updates.append((var, value))
+  for var, value in updates:  # all checked first: no half-loaded module
+    _set(var, value)
+
+
+def merge(m: nnx.Module) -> nnx.Module:
+  """A plain model of the wrapped class with the adapters folded in.
+
+  Its ``nnx.Param`` leaves are :func:`lora_jax.merge` of the frozen base and
+  :func:`get_delta` (a quantized base dequantized), its other state a copy of
+  ``m``'s; it has no ``nnx.LoRAParam`` and shares no Variable with ``m``.
+
+  Args:
+    m: a module from :func:`apply_lora`.
+
+  Returns:
+    An instance of the class given to :func:`apply_lora`.
+
+  Raises:
+    TypeError: ``m`` is not from :func:`apply_lora`.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj, lora_jax.nnx as ljn
+  >>> from flax import nnx
+  >>> m = ljn.apply_lora(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+  ...                    lj.LoraConfig(rank=2), jax.random.key(1))
+  >>> plain = ljn.merge(m)
+  >>> type(plain).__name__, bool(jnp.allclose(plain(jnp.ones(4)), m(jnp.ones(4))))
+  ('Linear', True)
+  """
+  m = _lora_module(m, "merge")
+  graphdef, params, rest = _split(m.base_model)
+  merged = dequantize(merge_trees(params, m.lora_deltas()))
+  return nnx.merge(graphdef, *_fresh((merged, rest)))
