@@ -47,8 +47,14 @@ from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import ResidualMark
 from lora_jax._src.delta import adapters
 from lora_jax._src.layouts import Layout
+from lora_jax._src.tokens import TrainableTokens
+from lora_jax._src.tokens import check_indices
+from lora_jax._src.tokens import token_deltas
 
-FORMAT_VERSION = 1
+# The newest format this lora_jax reads. A checkpoint with trainable tokens
+# is written as version 2 (older readers refuse it rather than drop them);
+# one without, as version 1.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -95,10 +101,16 @@ def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
       entries[path]["magnitude"] = array_info(d.magnitude)
     if d.residual_of is not None:
       entries[path]["residual_of"] = d.residual_of.to_json()
-  return {"format": FORMAT, "format_version": FORMAT_VERSION,
+  tokens = token_deltas(delta)
+  meta = {"format": FORMAT, "format_version": 2 if tokens else 1,
           "library_version": _version(),
           "config": None if config is None else config.to_json(),
           "adapters": entries}
+  if tokens:
+    meta["tokens"] = {p: {"indices": list(t.indices), "vocab": t.vocab,
+                          "values": array_info(t.values)}
+                      for p, t in tokens.items()}
+  return meta
 
 
 def check_extra(path: Any, x: Any, who: str = "lora_jax.save") -> None:
@@ -166,14 +178,21 @@ def save(directory: str | os.PathLike, delta: Any,
                 "lora_jax.save_stack, or one adapter of it with "
                 "lora_jax.save(directory, lora_jax.select(stacked, k)).")
   deltas = adapters(delta)
-  if not deltas:
-    raise ValueError("lora_jax.save: the delta holds no LoraDelta to save.")
+  tokens = token_deltas(delta)
+  if not deltas and not tokens:
+    raise ValueError("lora_jax.save: the delta holds no LoraDelta (or "
+                     "TrainableTokens) to save.")
   meta = metadata(delta, config)
   extras = dict(extras or {})
   for p, x in extras.items():
     check_extra(p, x)
   meta["extras"] = {p: array_info(x) for p, x in extras.items()}
-  arrays = {"adapters": nest({p: factors(d) for p, d in deltas.items()})}
+  arrays = {}
+  if deltas:
+    arrays["adapters"] = nest({p: factors(d) for p, d in deltas.items()})
+  if tokens:
+    arrays["tokens"] = nest({p: {"values": t.values} for p, t in
+                             tokens.items()})
   if extras:
     arrays["extras"] = nest(extras)
   return write(directory, meta, arrays, overwrite)
@@ -223,15 +242,41 @@ def _check_entry(directory: str, path: str, info: Any) -> None:
     raise _fail(directory, f"{where}: {e}") from None
 
 
+def _check_tokens_entry(directory: str, path: str, info: Any) -> None:
+  where = f"tokens[{path!r}]"
+  if not isinstance(info, dict):
+    raise _fail(directory, f"{where} must be an object, got {info!r}")
+  ids, vocab = info.get("indices"), info.get("vocab")
+  ints = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  if not (isinstance(ids, list) and ids and all(ints(i) for i in ids)
+          and ints(vocab)):
+    raise _fail(directory, f"{where} needs 'indices' (a non-empty list of "
+                           f"ints) and 'vocab' (an int), got {info!r}")
+  _check_array_info(directory, f"{where}.values", info.get("values"))
+  shape = info["values"]["shape"]
+  if len(shape) != 2 or shape[0] != len(ids):
+    raise _fail(directory, f"{where}.values must be (n, dim) with n = "
+                           f"{len(ids)}, got {shape}")
+  try:
+    check_indices(where, tuple(ids), vocab)
+  except ValueError as e:
+    raise _fail(directory, str(e)) from None
+
+
 def _check_meta(directory: str, meta: dict) -> None:
   """Raises a :class:`CheckpointError` naming the field unless ``meta`` has
   the types :func:`load` reads."""
   entries = meta.get("adapters")
-  if not isinstance(entries, dict) or not entries:
+  tokens = meta.get("tokens", {})
+  if not isinstance(tokens, dict):
+    raise _fail(directory, f"'tokens' must be an object, got {tokens!r}")
+  if not isinstance(entries, dict) or not (entries or tokens):
     raise _fail(directory, f"'adapters' must be a non-empty object, got "
                            f"{entries!r}")
   for path, info in entries.items():
     _check_entry(directory, path, info)
+  for path, info in tokens.items():
+    _check_tokens_entry(directory, path, info)
   extras = meta.get("extras", {})
   if not isinstance(extras, dict):
     raise _fail(directory, f"'extras' must be an object, got {extras!r}")
@@ -335,7 +380,10 @@ def restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
              for k in ("a", "b", "magnitude") if k in info}
       for path, info in meta["adapters"].items()}
   extras = {p: _spec(i) for p, i in meta.get("extras", {}).items()}
-  target = {"adapters": nest(specs)}
+  target = {"adapters": nest(specs)} if specs else {}
+  if meta.get("tokens"):
+    target["tokens"] = nest({p: {"values": _spec(i["values"])}
+                             for p, i in meta["tokens"].items()})
   if extras:
     target["extras"] = nest(extras)
   arrays_dir = os.path.join(directory, ARRAYS_DIR)
@@ -356,9 +404,9 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   """Restores a delta saved by :func:`save`; needs no base and no config.
 
   Returns a nested dict mirroring the adapted leaves' paths with a
-  :class:`LoraDelta` at each (other leaves are absent, which
-  :func:`lora_jax.merge` and :func:`lora_jax.wrap` accept since they match
-  adapters to the base by path). ``shardings`` (e.g. from
+  :class:`LoraDelta` (or :class:`TrainableTokens`) at each (other leaves
+  are absent, which :func:`lora_jax.merge` and :func:`lora_jax.wrap` accept
+  since they match adapters to the base by path). ``shardings`` (e.g. from
   :func:`lora_jax.delta_shardings`) restores each factor straight onto its
   placement across the mesh. If a save was killed between its two renames,
   the complete checkpoint it left beside ``directory`` is read.
@@ -382,10 +430,13 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
     raise CheckpointError(
         f"lora_jax.load: {folder} holds a stack of adapters; read it with "
         f"lora_jax.load_stack (and take one out with lora_jax.select).")
-  restored = restore(folder, meta, adapters(shardings)
-                      if shardings is not None else None)["adapters"]
-  flat = {path: delta_from_meta(lookup(restored, path), info)
-          for path, info in meta["adapters"].items()}
+  arrays = restore(folder, meta, adapters(shardings)
+                   if shardings is not None else None)
+  flat: dict = {path: delta_from_meta(lookup(arrays["adapters"], path), info)
+                for path, info in meta["adapters"].items()}
+  for path, info in meta.get("tokens", {}).items():
+    flat[path] = TrainableTokens(lookup(arrays["tokens"], path)["values"],
+                                 tuple(info["indices"]), info["vocab"])
   return nest(flat)
 
 
