@@ -258,7 +258,7 @@ def _check_tokens_entry(directory: str, path: str, info: Any) -> None:
     raise _fail(directory, f"{where}.values must be (n, dim) with n = "
                            f"{len(ids)}, got {shape}")
   try:
-    check_indices(where, tuple(ids), vocab)
+    check_indices(where, tuple(ids), int(vocab))
   except ValueError as e:
     raise _fail(directory, str(e)) from None
 
