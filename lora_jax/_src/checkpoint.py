@@ -246,7 +246,7 @@ def _check_tokens_entry(directory: str, path: str, info: Any) -> None:
   where = f"tokens[{path!r}]"
   if not isinstance(info, dict):
     raise _fail(directory, f"{where} must be an object, got {info!r}")
-  ids, vocab = info.get("indices"), info.get("vocab")
+  ids, vocab = info.get("indices"), info.get("vocab", -1)
   ints = lambda v: isinstance(v, int) and not isinstance(v, bool)
   if not (isinstance(ids, list) and ids and all(ints(i) for i in ids)
           and ints(vocab)):
@@ -258,7 +258,7 @@ def _check_tokens_entry(directory: str, path: str, info: Any) -> None:
     raise _fail(directory, f"{where}.values must be (n, dim) with n = "
                            f"{len(ids)}, got {shape}")
   try:
-    check_indices(where, tuple(ids), int(vocab))
+    check_indices(where, tuple(ids), vocab)
   except ValueError as e:
     raise _fail(directory, str(e)) from None
 
