@@ -43,9 +43,9 @@ import numpy as np
 
 import lora_jax as lj
 
-# Only to force each of the two mixed-batch contractions in the scaling sweep
-# (lj.wrap picks one by the stack's total rank).
-from lora_jax._src import stack as _stack  # pylint: disable=wrong-import-position
+# Only to force each of the two vmap-over-rows contractions in the scaling
+# sweep (lj.wrap runs the batch whole, else gathers each row's factors).
+from lora_jax._src.wrap import wrap_rows
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import w1  # pylint: disable=wrong-import-position
@@ -54,21 +54,8 @@ SCALING = (1, 2, 4, 8, 16, 32, 64)
 # mixed_factored[one-hot] / [gather]: the factored engine under vmap over
 # rows (what wrap falls back to where it cannot run the batch whole), the
 # stack entering each row as a one-hot contraction over all adapters, or as
-# the row's own gathered factors, whatever the stack's size.
-FORCED = {"one-hot": 10**9, "gather": 0}
-
-
-def _forced(g, how):
-  """``g`` traced under ``vmap`` over rows (not the whole batch), with
-  ``per_row``'s contraction forced to ``how``."""
-  def run(*args, **kwargs):
-    saved = _stack.ONE_HOT_MAX_RANK, _stack.WHOLE_BATCH
-    _stack.ONE_HOT_MAX_RANK, _stack.WHOLE_BATCH = FORCED[how], False
-    try:
-      return g(*args, **kwargs)
-    finally:
-      _stack.ONE_HOT_MAX_RANK, _stack.WHOLE_BATCH = saved
-  return run
+# the row's own gathered factors, whatever the stack's size
+# (wrap_rows(..., rows="one-hot" / "gather")).
 
 
 def make_adapters(size, n, rank=8, seed=0):
@@ -113,9 +100,7 @@ def steps_for(apply, base, deltas, tokens, variants):
                 (base, deltas[0], tokens))
     elif v.startswith("mixed_"):
       mode, _, how = v.split("_", 1)[1].partition("[")
-      g = lj.wrap(apply, mode)
-      if how:
-        g = _forced(g, how.rstrip("]"))
+      g = wrap_rows(apply, mode, rows=how.rstrip("]") or "auto")
       # g bound now: a later variant rebinds the name
       out[v] = (jax.jit(lambda b, s, x, i, g=g: ce(g(b, s, x, adapter_ids=i),
                                                    x)),
@@ -292,8 +277,7 @@ def markdown(report):
            "temp MiB. `factored` is what `lj.wrap` does (the batch run whole, "
            "each adapted matmul's branch one batched product over rows); the "
            "next two are its `vmap`-over-rows fallback with each contraction "
-           f"forced (it picks one-hot while n x rank <= "
-           f"{_stack.ONE_HOT_MAX_RANK}, else gather).", "",
+           "forced (wrap's own fallback gathers).", "",
            "| n | " + " | ".join(report["scaling"]["by_engine"]) + " |",
            "|---|" + "---|" * len(report["scaling"]["by_engine"])]
   engines = report["scaling"]["by_engine"]

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import lora_jax as lj
 
 # Only to report whether wrap ran the mixed batch whole or fell back to vmap.
-from lora_jax._src import wrap as _wrap  # pylint: disable=wrong-import-position
+from lora_jax._src import mixed as _mixed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mixed  # pylint: disable=wrong-import-position
@@ -110,7 +110,7 @@ def diagnose(apply, base, deltas, tokens):
   stacked = lj.stack(deltas)
   ids = mixed.row_ids(len(deltas), tokens.shape[0])
   whole = jax.eval_shape(
-      lambda b, s, x, i: _wrap._whole_batch(  # pylint: disable=protected-access
+      lambda b, s, x, i: _mixed.whole_batch(
           apply, b, s, i, (x,), {}, None, strict=False, choose=None,
           recompute=True), base, stacked, tokens, ids)
   report = lj.explain(apply, base, lj.select(stacked, 0), tokens,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import functools
 
 from helpers import randomize
 import jax
@@ -342,9 +343,11 @@ def _per_row(fn, base, ds, ids, x, axis=0):
   return jnp.concatenate(rows, axis=axis)
 
 
-def _whole_or_vmap(monkeypatch, whole: bool):
-  from lora_jax._src import stack as stack_module  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(stack_module, "WHOLE_BATCH", whole)
+def _wrap_for(whole: bool):
+  """``lj.wrap`` running mixed batches whole where it can (as wrap does),
+  or always under vmap over rows."""
+  from lora_jax._src.wrap import wrap_rows
+  return functools.partial(wrap_rows, rows="auto" if whole else "gather")
 
 
 def _two_sites():
@@ -363,27 +366,27 @@ def _two_sites():
 
 
 @pytest.mark.parametrize("whole", [True, False])
-def test_a_jaxpr_shared_by_two_call_sites(monkeypatch, whole):
-  _whole_or_vmap(monkeypatch, whole)
+def test_a_jaxpr_shared_by_two_call_sites(whole):
+  wrap = _wrap_for(whole)
   params, fn = _two_sites()
   base, ds, st = _stacked(params, "w|u")
   x = jax.random.normal(jax.random.key(3), (4, 5, D))
   ids = [0, 2, -1, 1]
-  got = jax.jit(lj.wrap(fn, "factored"))(base, st, x, adapter_ids=jnp.array(ids))
+  got = jax.jit(wrap(fn, "factored"))(base, st, x, adapter_ids=jnp.array(ids))
   np.testing.assert_allclose(got, _per_row(fn, base, ds, ids, x),
                              rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("mode", ["factored", "merge"])
 @pytest.mark.parametrize("whole", [True, False])
-def test_a_time_major_output_keeps_every_step(monkeypatch, mode, whole):
-  _whole_or_vmap(monkeypatch, whole)
+def test_a_time_major_output_keeps_every_step(mode, whole):
+  wrap = _wrap_for(whole)
   prog = dense()
   base, ds, st = _stacked(prog.params, prog.targets)
   fn = lambda p, x: jnp.swapaxes(prog.fn(p, x), 0, 1)  # (T, B, V)
   x = _x(prog)
   ids = [1, 0, 2, -1]
-  got = lj.wrap(fn, mode)(base, st, x, adapter_ids=jnp.array(ids))
+  got = wrap(fn, mode)(base, st, x, adapter_ids=jnp.array(ids))
   assert got.shape == (3, B, 5)
   np.testing.assert_allclose(got, _per_row(fn, base, ds, ids, x, axis=1),
                              rtol=2e-5, atol=2e-5)
@@ -391,24 +394,24 @@ def test_a_time_major_output_keeps_every_step(monkeypatch, mode, whole):
 
 @pytest.mark.parametrize("mode", ["factored", "merge"])
 @pytest.mark.parametrize("whole", [True, False])
-def test_outputs_without_rows(monkeypatch, mode, whole):
+def test_outputs_without_rows(mode, whole):
   """A 0-d output that does not read the rows comes back as it is; one that
   reduces over the rows is refused, naming the output and adapter_ids."""
-  _whole_or_vmap(monkeypatch, whole)
+  wrap = _wrap_for(whole)
   prog = dense()
   base, ds, st = _stacked(prog.params, prog.targets)
   x, ids = _x(prog), jnp.array([0, 1, 2, 0])
   aux = lambda p, x: {"y": prog.fn(p, x), "aux": jnp.float32(3.5)}
-  got = lj.wrap(aux, mode)(base, st, x, adapter_ids=ids)
+  got = wrap(aux, mode)(base, st, x, adapter_ids=ids)
   assert got["aux"].shape == () and float(got["aux"]) == 3.5
   np.testing.assert_allclose(got["y"], _per_row(prog.fn, base, ds, ids, x),
                              rtol=2e-5, atol=2e-5)
   loss = lambda p, x: {"y": prog.fn(p, x), "loss": prog.fn(p, x).mean()}
   with pytest.raises(ValueError, match=r"output \['loss'\].*adapter_ids"):
-    lj.wrap(loss, mode)(base, st, x, adapter_ids=ids)
+    wrap(loss, mode)(base, st, x, adapter_ids=ids)
 
 
-def test_mixed_dropout_draws_each_rows_own_mask(monkeypatch):
+def test_mixed_dropout_draws_each_rows_own_mask():
   prog = dense()
   x = jnp.broadcast_to(_x(prog)[:1], (B, 3, D))  # four identical rows
   base, ds, st = _stacked(prog.params, prog.targets, dropout=0.5)
@@ -420,7 +423,7 @@ def test_mixed_dropout_draws_each_rows_own_mask(monkeypatch):
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
   assert not np.allclose(got[0], got[1])
   # Under vmap over rows: each row its own key, so identical rows differ.
-  _whole_or_vmap(monkeypatch, False)
+  g = _wrap_for(False)(prog.fn, "factored")
   got = g(base, st, x, adapter_ids=ids, lora_rng=rng)
   assert not np.allclose(got[0], got[1])
   assert not np.allclose(got[2], got[3])
@@ -428,12 +431,12 @@ def test_mixed_dropout_draws_each_rows_own_mask(monkeypatch):
 
 @pytest.mark.parametrize("whole", [True, False])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_a_bad_row_in_a_mixed_batch_stays_in_its_row(monkeypatch, whole, bad):
-  _whole_or_vmap(monkeypatch, whole)
+def test_a_bad_row_in_a_mixed_batch_stays_in_its_row(whole, bad):
+  wrap = _wrap_for(whole)
   prog = gqa()
   base, ds, st = _stacked(prog.params, prog.targets, fn=prog.fn, x=_x(prog))
   x, ids = _x(prog), jnp.array([0, 1, 2, -1])
-  g = jax.jit(lj.wrap(prog.fn, "factored"))
+  g = jax.jit(wrap(prog.fn, "factored"))
   clean = g(base, st, x, adapter_ids=ids)
   dirty = g(base, st, x.at[0].set(bad), adapter_ids=ids)
   np.testing.assert_array_equal(dirty[1:], clean[1:])
@@ -444,9 +447,9 @@ def test_einsum_contractions_in_any_order_and_split_run_whole(monkeypatch):
   of axis order, and its RoPE splits the head axis in two: the batch still
   runs whole (no vmap), equal to the rows run alone."""
   taken = []
-  from lora_jax._src import wrap as wrap_module  # pylint: disable=g-import-not-at-top
-  real = wrap_module.per_row
-  monkeypatch.setattr(wrap_module, "per_row",
+  from lora_jax._src import mixed
+  real = mixed.per_row
+  monkeypatch.setattr(mixed, "per_row",
                       lambda *a, **k: taken.append(1) or real(*a, **k))
   k = _keys(2)
   params = {"q": _normal(k[0], (D, H, HD)), "o": _normal(k[1], (H, HD, D))}
@@ -498,9 +501,9 @@ def test_a_mixed_batch_run_whole_equals_each_row_alone(monkeypatch, make,
   monkeypatch.setattr(interpreter, "project_group",
                       lambda g, x, r=None: grouped.append(r) or real(g, x, r))
   taken = []
-  from lora_jax._src import wrap as wrap_module  # pylint: disable=g-import-not-at-top
-  real_per_row = wrap_module.per_row
-  monkeypatch.setattr(wrap_module, "per_row",
+  from lora_jax._src import mixed
+  real_per_row = mixed.per_row
+  monkeypatch.setattr(mixed, "per_row",
                       lambda *a, **k: taken.append(1) or real_per_row(*a, **k))
   prog = make()
   x = _x(prog)
@@ -525,23 +528,22 @@ def _cond_program():
 PATHS = ["whole", "vmap", "merge"]
 
 
-def _run(path, monkeypatch, fn, base, st, x, ids, jit=False, **kw):
-  _whole_or_vmap(monkeypatch, path == "whole")
-  g = lj.wrap(fn, "merge" if path == "merge" else "factored")
+def _run(path, fn, base, st, x, ids, jit=False, **kw):
+  g = _wrap_for(path == "whole")(fn, "merge" if path == "merge" else "factored")
   g = jax.jit(g) if jit else g
   return g(base, st, x, adapter_ids=ids, **kw)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_adapter_ids_out_of_range(monkeypatch, path):
+def test_adapter_ids_out_of_range(path):
   """Concrete ids outside [-1, n) are an error naming them; under jit
   (ids unknown) their rows come out NaN on every path, the others exact."""
   prog = dense()
   base, ds, st = _stacked(prog.params, prog.targets)
   x = _x(prog)
   with pytest.raises(ValueError, match=r"adapter_ids \[-2, 3\] are outside \[-1, 3\)"):
-    _run(path, monkeypatch, prog.fn, base, st, x, jnp.array([0, 3, -2, 1]))
-  got = _run(path, monkeypatch, prog.fn, base, st, x, jnp.array([0, 3, -2, 1]),
+    _run(path, prog.fn, base, st, x, jnp.array([0, 3, -2, 1]))
+  got = _run(path, prog.fn, base, st, x, jnp.array([0, 3, -2, 1]),
              jit=True)
   assert np.isnan(got[1]).all() and np.isnan(got[2]).all()
   want = _per_row(prog.fn, base, ds, [0, 0, 0, 1], x)
@@ -550,7 +552,7 @@ def test_adapter_ids_out_of_range(monkeypatch, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_non_finite_adapter_stays_in_its_rows(monkeypatch, path):
+def test_a_non_finite_adapter_stays_in_its_rows(path):
   """One diverged adapter in the stack (inf in b) reaches only the rows
   that use it; a base row (-1) gathers nothing of it."""
   prog, fn = _cond_program() if path == "vmap" else (dense(), dense().fn)
@@ -560,31 +562,30 @@ def test_a_non_finite_adapter_stays_in_its_rows(monkeypatch, path):
                      is_leaf=lambda d: isinstance(d, lj.LoraDelta))
   st = lj.stack([bad, ds[1], ds[2]])
   x = _x(prog)
-  got = _run(path, monkeypatch, fn, base, st, x, jnp.array([1, -1, 2, 0]))
+  got = _run(path, fn, base, st, x, jnp.array([1, -1, 2, 0]))
   want = _per_row(fn, base, ds, [1, -1, 2], x[:3])
   np.testing.assert_allclose(got[:3], want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("path", ["vmap", "merge"])
-def test_one_row_on_a_program_whose_rows_are_not_followed(monkeypatch, path):
+def test_one_row_on_a_program_whose_rows_are_not_followed(path):
   prog, fn = _cond_program()
   base, ds, st = _stacked(prog.params, prog.targets)
   x = _x(prog)[:1]
   for k in (-1, 2):
-    got = _run(path, monkeypatch, fn, base, st, x, jnp.array([k]))
+    got = _run(path, fn, base, st, x, jnp.array([k]))
     np.testing.assert_allclose(got, _per_row(fn, base, ds, [k], x),
                                rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_an_output_reading_the_kernels_but_no_row_is_refused(monkeypatch,
-                                                             path):
+def test_an_output_reading_the_kernels_but_no_row_is_refused(path):
   prog = dense()
   base, ds, st = _stacked(prog.params, prog.targets)
   fn = lambda p, x: {"y": prog.fn(p, x), "l2": jnp.sum(p["fc1"] ** 2)}
   with pytest.raises(ValueError, match=r"output \['l2'\].*reads no row but "
                                        r"reads the adapted kernels"):
-    _run(path, monkeypatch, fn, base, st, _x(prog), jnp.array([0, 1, 2, 0]))
+    _run(path, fn, base, st, _x(prog), jnp.array([0, 1, 2, 0]))
 
 
 @pytest.mark.parametrize("mode", ["factored", "merge"])

@@ -1,6 +1,8 @@
 """Many adapters on one base: stack / select / put, and mixed-adapter
 batches in one pass (every row its own adapter) in all three modes."""
 
+import functools
+
 from cases import CASES
 from helpers import randomize
 import jax
@@ -14,21 +16,14 @@ import lora_jax as lj
 MODES = ("auto", "factored", "merge")
 # The factored engine runs a mixed batch whole (each adapted matmul's branch
 # one batched product over rows) where it can follow the rows through the
-# program, else under vmap over rows with a one-hot contraction over the
-# whole stack (total rank <= stack.ONE_HOT_MAX_RANK) or each row's gathered
-# factors. Every mixed-batch test runs all three (the switches are internal,
-# hence _src).
-CONTRACTIONS = {"whole": (True, 64), "one-hot": (False, 10**9),
-                "gather": (False, 0)}
-
-
-@pytest.fixture(params=sorted(CONTRACTIONS))
-def contraction(request, monkeypatch):
-  from lora_jax._src import stack  # pylint: disable=import-outside-toplevel
-  whole, one_hot = CONTRACTIONS[request.param]
-  monkeypatch.setattr(stack, "WHOLE_BATCH", whole)
-  monkeypatch.setattr(stack, "ONE_HOT_MAX_RANK", one_hot)
-  return request.param
+# program, else under vmap over rows with each row's gathered factors; a
+# one-hot contraction over the whole stack is the other vmap form. Every
+# mixed-batch test runs all three (wrap_rows' `rows`, internal, hence _src).
+@pytest.fixture(params=["auto", "gather", "one-hot"])
+def contraction(request):
+  """``wrap`` running mixed batches the way the parameter names."""
+  from lora_jax._src.wrap import wrap_rows
+  return functools.partial(wrap_rows, rows=request.param)
 
 
 def _adapters(case, n=3, ranks=(2, 3, 1), alphas=(2.0, 5.0, 1.0)):
@@ -73,7 +68,7 @@ def test_mixed_batch_equals_each_row_with_its_adapter(name, mode, contraction):
   stacked = lj.stack(ds)
   x = jnp.concatenate([case.args[0]] * 2)[:4]  # 4 rows
   ids = jnp.array([2, -1, 0, 1])
-  apply = lj.wrap(case.fn, mode)
+  apply = contraction(case.fn, mode)
   got = jax.jit(apply)(base, stacked, x, adapter_ids=ids)
   for i, k in enumerate(ids.tolist()):
     row = x[i:i + 1]
@@ -86,8 +81,8 @@ def test_minus_one_rows_equal_the_base_model_bit_for_bit(contraction):
   case = CASES["dense"]
   base, ds = _adapters(case)
   x = case.args[0]
-  got = lj.wrap(case.fn, "factored")(base, lj.stack(ds), x,
-                                     adapter_ids=jnp.full(x.shape[0], -1))
+  got = contraction(case.fn, "factored")(base, lj.stack(ds), x,
+                                         adapter_ids=jnp.full(x.shape[0], -1))
   want = jax.vmap(lambda r: case.fn(case.params, r[None])[0])(x)
   np.testing.assert_array_equal(got, want)
 
@@ -102,7 +97,7 @@ def test_one_trace_across_id_changes_and_slot_swaps(contraction):
   def fn(p, x):
     traces.append(1)
     return case.fn(p, x)
-  step = jax.jit(lj.wrap(fn))
+  step = jax.jit(contraction(fn))
   stacked = lj.stack(ds[:2])
   x = jnp.stack([case.args[0][0]] * 2)  # two identical rows
   out1 = step(base, stacked, x, adapter_ids=jnp.array([0, 1]))
@@ -136,7 +131,7 @@ def test_mixed_adapter_training_sends_each_adapter_its_own_rows(contraction):
   stacked = lj.stack(ds)
   x = jnp.concatenate([case.args[0]] * 2)  # 4 rows
   ids = jnp.array([0, 0, 2, -1])
-  loss = lambda s: jnp.sum(jnp.sin(lj.wrap(case.fn, "factored")(
+  loss = lambda s: jnp.sum(jnp.sin(contraction(case.fn, "factored")(
       base, s, x, adapter_ids=ids)))
   grads = jax.grad(loss)(stacked)
   g = grads["kernel"]
@@ -201,14 +196,14 @@ def test_a_row_over_the_whole_stack_is_that_adapter():
 
 def _paths_taken(monkeypatch):
   """Records "vmap" each time wrap falls back to vmap over rows."""
-  from lora_jax._src import wrap as wrap_module  # pylint: disable=import-outside-toplevel
+  from lora_jax._src import mixed
   taken = []
-  real = wrap_module.per_row
+  real = mixed.per_row
 
   def spy(*args, **kwargs):
     taken.append("vmap")
     return real(*args, **kwargs)
-  monkeypatch.setattr(wrap_module, "per_row", spy)
+  monkeypatch.setattr(mixed, "per_row", spy)
   return taken
 
 
