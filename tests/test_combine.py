@@ -1,6 +1,9 @@
 """lj.combine: "cat" is the weighted sum of the updates exactly; "svd" is its
 best low-rank approximation (Eckart-Young against numpy's SVD of the dense
-float64 sum), per batch entry; mismatches are errors that name the path."""
+float64 sum), per batch entry; PEFT's factor-wise (linear, ties,
+magnitude_prune) and dense (*_svd) merges against their rules written out in
+numpy; DARE's statistics; mismatches are errors that name the path or the
+argument. Parity with PEFT itself: tests/test_peft_merges.py."""
 
 import math
 
@@ -21,7 +24,17 @@ ALPHAS = (2.0, 5.0, 1.0)
 NAMES = ["dense", "attention", "scan_remat", "transposed", "conv2d", "plain"]
 
 
+_MADE = {}
+
+
 def _deltas(case, ranks=RANKS, alphas=ALPHAS):
+  """Random adapters of a case, made once per module (split traces)."""
+  if (case.name, ranks, alphas) not in _MADE:
+    _MADE[case.name, ranks, alphas] = _make(case, ranks, alphas)
+  return _MADE[case.name, ranks, alphas]
+
+
+def _make(case, ranks, alphas):
   out = []
   for k, (r, alpha) in enumerate(zip(ranks, alphas)):
     cfg = lj.LoraConfig(rank=r, alpha=alpha, targets=case.targets)
@@ -169,11 +182,198 @@ def test_errors_name_the_path():
     lj.combine([{"blk": {"q": _one((4, 3)), "v": dora}}])
   with pytest.raises(ValueError, match=r"2 deltas but 1 weights"):
     lj.combine([good, good], [1.0])
-  with pytest.raises(ValueError, match=r"method='linear'; choose one of "
-                     r"\('cat', 'svd'\)"):
-    lj.combine([good], method="linear")
-  with pytest.raises(ValueError, match=r"rank=2 is for method='svd'"):
+  with pytest.raises(ValueError, match=r"method='mean'; choose one of "
+                     r"\('cat', 'linear', 'ties'"):
+    lj.combine([good], method="mean")
+  with pytest.raises(ValueError, match=r"rank=2 is for the SVD methods.*"
+                     r"'cat' is exact"):
     lj.combine([good], rank=2)
+  with pytest.raises(ValueError, match=r"rank=2 is for the SVD methods.*"
+                     r"'ties' keeps the adapters' \(equal\) rank"):
+    lj.combine([good], method="ties", rank=2, density=0.5)
   with pytest.raises(ValueError, match=r"at 'blk/q' delta 1 has dropout 0.1"):
     lj.combine([good, {"blk": {"q": _one((4, 3)).replace(dropout=0.1),
                                "v": _one((4, 3))}}])
+
+
+# ------------------------------------------- PEFT's merges, rule by rule
+
+
+def _np_magnitude_prune(x, density):
+  """PEFT's magnitude_based_pruning of each row of ``x (G, M)``."""
+  if density >= 1:
+    return x
+  k = int(density * x.shape[-1])
+  out = np.zeros_like(x)
+  for g in range(x.shape[0]):
+    top = np.argsort(-np.abs(x[g]), kind="stable")[:k]
+    out[g, top] = x[g, top]
+  return out
+
+
+def _np_merge(rule, xs, ws, density=1.0, sign_method="total"):
+  """merge_utils' task_arithmetic / magnitude_prune / ties over tensors
+  ``xs`` (each ``(G, M)``, float64), one tensor per row ``g``."""
+  if rule in ("ties", "magnitude_prune"):
+    xs = [_np_magnitude_prune(x, density) for x in xs]
+  x = np.stack(xs)
+  weighted = x * np.asarray(ws, np.float64)[:, None, None]
+  if rule in ("linear", "magnitude_prune"):
+    return weighted.sum(0)
+  sign = np.sign(x)
+  votes = x.sum(0) if sign_method == "total" else sign.sum(0)
+  agree = sign == np.where(votes >= 0, 1, -1)
+  return (weighted * agree).sum(0) / np.maximum(agree.sum(0), 1)
+
+
+def _equal_rank_deltas(name):
+  return _deltas(CASES[name], ranks=(2, 2, 2))
+
+
+@pytest.mark.parametrize("method,density,sign", [
+    ("linear", None, "total"), ("ties", 0.4, "total"),
+    ("ties", 0.6, "frequency"), ("magnitude_prune", 0.5, "total")])
+@pytest.mark.parametrize("name", ["scan_remat", "conv2d"])
+def test_factorwise_methods_are_peft_rules_on_a_and_b(name, method, density,
+                                                      sign):
+  deltas = _equal_rank_deltas(name)
+  out = lj.combine(deltas, WEIGHTS, method, density=density,
+                   majority_sign_method=sign)
+  for path, got in lj.adapters(out).items():
+    ds = [lj.adapters(d)[path] for d in deltas]
+    ws = [w * d.scale for w, d in zip(WEIGHTS, ds)]
+    root = [abs(v) ** 0.5 for v in ws]
+    signed = [r if v >= 0 else -r for r, v in zip(root, ws)]
+    g = math.prod(got.a.shape[:len(got.layout.batch)])
+    for side, weights in (("a", signed), ("b", root)):
+      xs = [np.asarray(getattr(d, side), np.float64).reshape(g, -1)
+            for d in ds]
+      want = _np_merge(method, xs, weights, density or 1.0, sign)
+      np.testing.assert_allclose(
+          np.asarray(getattr(got, side)).reshape(g, -1), want, rtol=1e-5,
+          atol=1e-6, err_msg=f"{path} {side}")
+    assert got.scale == 1.0 and got.rank == 2
+
+
+@pytest.mark.parametrize("method,density", [("ties_svd", 0.3),
+                                            ("magnitude_prune_svd", 0.5)])
+def test_svd_methods_truncate_the_merged_updates(method, density):
+  deltas = _deltas(CASES["attention"])  # ranks differ: allowed here
+  out, info = lj.combine(deltas, WEIGHTS, method, rank=2, density=density,
+                         return_info=True)
+  for path, got in lj.adapters(out).items():
+    layout = got.layout
+    ws = [_flat(layout, numpy_delta_weight(lj.adapters(d)[path]))
+          for d in deltas]
+    shape = ws[0].shape
+    merged = _np_merge(method.removesuffix("_svd"),
+                       [w.reshape(shape[0], -1) for w in ws], WEIGHTS,
+                       density).reshape(shape)
+    u, s, vt = np.linalg.svd(merged, full_matrices=False)
+    want = (u[..., :2] * s[:, None, :2]) @ vt[:, :2]
+    approx = _flat(layout, numpy_delta_weight(got))
+    np.testing.assert_allclose(approx, want, rtol=1e-4,
+                               atol=1e-5 * np.abs(merged).max())
+    np.testing.assert_allclose(info[path], (s[:, 2:] ** 2).sum() /
+                               (s ** 2).sum(), rtol=1e-3, atol=1e-7)
+    assert got.rank == 2 and got.scale == 1.0
+
+
+def test_density_one_prunes_nothing_as_peft():
+  deltas = _equal_rank_deltas("conv2d")
+  lin = lj.adapters(lj.combine(deltas, WEIGHTS, "linear"))
+  key = jax.random.key(3)
+  for method in ("magnitude_prune", "dare_linear"):
+    got = lj.adapters(lj.combine(deltas, WEIGHTS, method, density=1.0,
+                                 key=key if "dare" in method else None))
+    for path in lin:
+      np.testing.assert_array_equal(got[path].a, lin[path].a)
+      np.testing.assert_array_equal(got[path].b, lin[path].b)
+
+
+def test_dare_statistics():
+  # Each entry kept with probability density, rescaled: about 1 - density of
+  # a factor's entries are zero, and the mean over keys is "linear" (a's and
+  # b's masks are independent, so E[a] @ E[b] is linear's product).
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  ds = [{"w": lj.LoraDelta(f(32, 4), f(4, 24), scale=s)} for s in (0.5, 2.0)]
+  w = [1.5, -0.5]
+  density = 0.5
+  keys = jax.random.split(jax.random.key(0), 1000)
+  one = jax.jit(jax.vmap(lambda k: lj.combine(
+      ds[:1], [1.0], "dare_linear", density=density, key=k)["w"]))(keys)
+  for x in (one.a, one.b):
+    zero = float(jnp.mean(x == 0))
+    assert abs(zero - (1 - density)) < 0.01, zero
+  # the same key gives the same mask; another key another one
+  again = lj.combine(ds[:1], [1.0], "dare_linear", density=density,
+                     key=keys[0])["w"]
+  np.testing.assert_allclose(again.a, one.a[0], rtol=1e-6)  # jit vs eager
+  assert float(jnp.mean(one.a[0] == one.a[1])) < 0.7
+  weight = jax.jit(jax.vmap(lambda k: lj.combine(
+      ds, w, "dare_linear", density=density, key=k)["w"].weight()))(keys)
+  linear = lj.combine(ds, w, "linear")["w"].weight()
+  err = jnp.linalg.norm(weight.mean(0) - linear) / jnp.linalg.norm(linear)
+  # ~0.05 = one draw's error (~1.5: the test is not vacuous) / sqrt(1000)
+  assert float(err) < 0.08, float(err)
+  assert float(jnp.linalg.norm(weight[0] - linear) /
+               jnp.linalg.norm(linear)) > 1.0
+  # dare_linear_svd at full rank is the pruned dense sum: an entry is zero
+  # (up to the SVD's float32 rounding) when both adapters' masks drop it
+  zeros = []
+  for k in keys[:6]:
+    x = jnp.abs(lj.combine(ds, w, "dare_linear_svd", rank=24, density=density,
+                           key=k)["w"].weight())
+    zeros.append(float(jnp.mean(x < 1e-4 * x.max())))
+  assert abs(np.mean(zeros) - (1 - density) ** 2) < 0.02, zeros
+
+
+def test_dare_ties_elects_signs_after_dropping():
+  rng = np.random.default_rng(1)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  ds = [{"w": lj.LoraDelta(f(6, 2), f(2, 5))} for _ in range(3)]
+  key = jax.random.key(7)
+  got = lj.combine(ds, WEIGHTS, "dare_ties", density=0.5, key=key)["w"]
+  # the masks combine draws: the path's key, split for a and b
+  ka, kb = jax.random.split(jax.random.fold_in(key, 0))
+  for side, k, ws in (("a", ka, [np.sign(w) * abs(w) ** 0.5 for w in WEIGHTS]),
+                      ("b", kb, [abs(w) ** 0.5 for w in WEIGHTS])):
+    x = np.stack([np.asarray(getattr(d["w"], side)).reshape(1, -1)
+                  for d in ds])
+    keep = np.asarray(jax.random.bernoulli(k, 0.5, x.shape))
+    pruned = [np.where(keep[i], x[i] / 0.5, 0) for i in range(3)]
+    want = _np_merge("ties", pruned, ws, 1.0)
+    np.testing.assert_allclose(np.asarray(getattr(got, side)).reshape(1, -1),
+                               want, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_errors_name_the_argument():
+  good = {"blk": {"q": _one((4, 3)), "v": _one((4, 3))}}
+  other = {"blk": {"q": _one((4, 3)), "v": _one((4, 3), rank=3)}}
+  with pytest.raises(ValueError, match=r"method='ties' adds the factors entry "
+                     r"by entry and needs equal ranks.*at 'blk/v' delta 0 has "
+                     r"rank 2 and delta 1 rank 3. Use 'cat' or 'svd' or "
+                     r"'ties_svd'"):
+    lj.combine([good, other], method="ties", density=0.5)
+  with pytest.raises(ValueError, match=r"method='ties' needs density"):
+    lj.combine([good, good], method="ties")
+  with pytest.raises(ValueError, match=r"density=1.5; give the fraction"):
+    lj.combine([good, good], method="magnitude_prune_svd", density=1.5)
+  with pytest.raises(ValueError, match=r"density=0; .*\(0, 1\] \(DARE "
+                     r"divides by it\)"):
+    lj.combine([good, good], method="dare_linear", density=0,
+               key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"density=0.5 is for the pruning "
+                     r"methods; 'linear' prunes nothing"):
+    lj.combine([good, good], method="linear", density=0.5)
+  with pytest.raises(ValueError, match=r"method='dare_ties_svd' drops entries "
+                     r"at random; give key="):
+    lj.combine([good, good], method="dare_ties_svd", density=0.5)
+  with pytest.raises(ValueError, match=r"key is for the DARE methods; 'ties' "
+                     r"is deterministic"):
+    lj.combine([good, good], method="ties", density=0.5,
+               key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"majority_sign_method='count'"):
+    lj.combine([good, good], method="ties", density=0.5,
+               majority_sign_method="count")

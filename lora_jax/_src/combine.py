@@ -1,17 +1,34 @@
-"""One adapter from several: ``sum_i w_i * delta_W_i``, exactly or truncated.
+"""One adapter from several: every combination of PEFT's
+``add_weighted_adapter`` (peft 0.21), with PEFT's delta weights.
 
-Both methods combine the *updates* ``delta_W_i = s_i * a_i @ b_i``, never the
-factors one by one: averaging the ``a_i`` and the ``b_i`` separately (PEFT's
-``"linear"``) gives ``(sum w_i a_i) @ (sum w_i b_i)``, whose cross terms
-``w_i w_j a_i @ b_j`` belong to no adapter.
+Two families, as in PEFT:
 
-- ``"cat"``: ``a = [a_1 | ... | a_n]`` along the rank axis and ``b = [w_1 s_1
-  b_1 ; ... ; w_n s_n b_n]``, scale 1: ``a @ b`` is the weighted sum exactly,
-  at rank ``sum r_i``.
-- ``"svd"``: the best rank-``rank`` approximation (Eckart-Young) of that sum,
-  per batch entry of the kernel. From the factors alone when ``sum r_i <
-  min(K, N)``: QR of ``A = [a_i]`` and of ``B^T``, SVD of the small core
-  ``R_A R_B^T``; otherwise from the dense sum. Returns what it discarded.
+- On the *updates* ``delta_W_i = s_i * a_i @ b_i``. ``"cat"``: ``a = [a_1 |
+  ... | a_n]`` along the rank axis and ``b = [w_1 s_1 b_1 ; ... ; w_n s_n
+  b_n]``, scale 1: ``a @ b`` is the weighted sum exactly, at rank ``sum r_i``.
+  ``"svd"``: the best rank-``rank`` approximation (Eckart-Young) of that sum,
+  per batch entry of the kernel; from the factors alone when ``sum r_i <
+  min(K, N)`` (QR of ``A = [a_i]`` and of ``B^T``, SVD of the small core
+  ``R_A R_B^T``), otherwise from the dense sum. ``"ties_svd"``,
+  ``"magnitude_prune_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``: the
+  same rule as their factor-wise namesakes, applied to the dense updates
+  (weights ``w_i``), then truncated by SVD.
+- On the *factors*, ``a`` side and ``b`` side separately, equal ranks
+  required: ``"linear"``, ``"ties"``, ``"magnitude_prune"``,
+  ``"dare_linear"``, ``"dare_ties"``. Each ``w_i s_i`` is split as
+  ``sign(w_i s_i) sqrt|w_i s_i|`` on ``a_i`` and ``sqrt|w_i s_i|`` on
+  ``b_i``, so ``"linear"`` gives ``(sum c_i a_i) @ (sum d_i b_i)``, whose
+  cross terms ``c_i d_j a_i @ b_j`` belong to no adapter (PEFT issue #3004).
+  They are kept, to give PEFT's result; ``"cat"`` and ``"svd"`` have none.
+
+The rules (``merge_utils``): ``magnitude_prune`` keeps the ``int(density *
+numel)`` largest entries of each tensor; ``ties`` prunes so, elects each
+entry's sign from the pruned, unweighted tensors (``"total"``: the sign of
+their sum, ``>= 0`` counting as ``+``; ``"frequency"``: of the sum of signs)
+and divides the weighted sum of the agreeing entries by their count (at
+least 1); ``dare_*`` keeps each entry with probability ``density`` and
+divides by ``density``. A tensor is one factor (or update) of one kernel:
+for stacked kernels, one batch entry, as PEFT's modules are one per layer.
 """
 
 from __future__ import annotations
@@ -31,7 +48,12 @@ from lora_jax._src.paths import preview
 from lora_jax._src.stack import refuse_stacks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-METHODS = ("cat", "svd")
+FACTORWISE = ("linear", "ties", "magnitude_prune", "dare_linear", "dare_ties")
+SVD = ("svd", "ties_svd", "magnitude_prune_svd", "dare_linear_svd",
+       "dare_ties_svd")
+METHODS = ("cat",) + FACTORWISE + SVD
+PRUNED = ("ties", "magnitude_prune", "dare_linear", "dare_ties")
+SIGN_METHODS = ("total", "frequency")
 
 
 def _check(deltas: list[dict[str, LoraDelta]], weights: list[float]):
@@ -111,11 +133,9 @@ def _dense_svd(a, b):
   return jnp.linalg.svd(w, full_matrices=False)
 
 
-def _svd(ds, weights, rank):
-  a, b = _stacked_factors(ds, weights)
-  _, k, total = a.shape
-  n = b.shape[-1]
-  p, s, qt = (_core_svd if total < min(k, n) else _dense_svd)(a, b)
+def _truncate(p, s, qt, rank, first, dtype):
+  """The rank-``rank`` adapter ``P[:, :rank] S Qt[:rank]`` (zero directions
+  past the available rank) and the fraction of singular mass it drops."""
   keep = min(rank, s.shape[-1])
   # sqrt(S) on each side: factors of like size, as a fresh LoRA would have
   root = jnp.sqrt(s[:, :keep])
@@ -127,44 +147,223 @@ def _svd(ds, weights, rank):
   energy = jnp.sum(s.astype(jnp.float32) ** 2)
   dropped = jnp.sum(s[:, keep:].astype(jnp.float32) ** 2)
   fraction = float(dropped / energy) if float(energy) > 0 else 0.0
-  first = ds[0]
   new_a, new_b = first.layout.unflatten_factors(
-      new_a.astype(a.dtype), new_b.astype(b.dtype), first.kernel_shape)
+      new_a.astype(dtype), new_b.astype(dtype), first.kernel_shape)
   return LoraDelta(new_a, new_b, scale=1.0, layout=first.layout,
                    dropout=first.dropout), fraction
 
 
-def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
-            method: str = "cat", rank: int | None = None, *,
-            return_info: bool = False) -> Any:
-  """One adapter whose update is ``sum_i weights[i] * delta_W_i``.
+def _svd(ds, weights, rank):
+  a, b = _stacked_factors(ds, weights)
+  _, k, total = a.shape
+  n = b.shape[-1]
+  p, s, qt = (_core_svd if total < min(k, n) else _dense_svd)(a, b)
+  return _truncate(p, s, qt, rank, ds[0], a.dtype)
 
-  ``"cat"`` is exact: the factors are concatenated along the rank axis (each
-  ``b_i`` times ``weights[i] * scale_i``, scale 1), so the rank is the sum of
-  the ranks. ``"svd"`` keeps the best rank-``rank`` approximation of the same
-  sum (per batch entry for stacked kernels), computed from the factors
-  without forming the ``K x N`` update when the summed rank is below both
-  sides; ``return_info=True`` also returns the fraction of the squared
-  Frobenius norm (singular mass) it discarded, per path. Unlike PEFT's
-  ``"linear"``, neither method mixes one adapter's ``a`` with another's
-  ``b``. DoRA adapters are refused: their update is not linear. Call it
-  outside ``jit`` (it reads the discarded mass back as Python floats).
+
+def _dtypes(ds):
+  """The factors' common dtype and the (at least float32) one to compute in."""
+  dtype = jnp.result_type(*(d.a.dtype for d in ds), *(d.b.dtype for d in ds))
+  return dtype, jnp.promote_types(dtype, jnp.float32)
+
+
+def _magnitude_prune(x, density):
+  """Each ``x[i, g]`` with all but its ``int(density * M)`` largest entries
+  (by magnitude) zeroed; ``x`` is ``(n, G, M)``."""
+  if density >= 1:
+    return x
+  k = int(density * x.shape[-1])
+  if k == 0:
+    return jnp.zeros_like(x)
+  _, top = jax.lax.top_k(jnp.abs(x), k)
+  keep = jnp.put_along_axis(jnp.zeros(x.shape, bool), top, True, axis=-1,
+                            inplace=False)
+  return jnp.where(keep, x, 0)
+
+
+def _random_prune(x, density, key):
+  """DARE: each entry kept with probability ``density``, divided by it."""
+  if density >= 1:
+    return x
+  keep = jax.random.bernoulli(key, density, x.shape)
+  return jnp.where(keep, x / density, 0)
+
+
+def _merge(rule, x, w, density, sign_method, key):
+  """PEFT's ``merge_utils`` rule over the first axis of ``x (n, G, M)`` with
+  weights ``w (n,)``: ``(G, M)``."""
+  if rule in ("ties", "magnitude_prune"):
+    x = _magnitude_prune(x, density)
+  elif rule in ("dare_linear", "dare_ties"):
+    x = _random_prune(x, density, key)
+  weighted = x * w.astype(x.dtype)[:, None, None]
+  if rule not in ("ties", "dare_ties"):
+    return weighted.sum(0)
+  sign = jnp.sign(x)
+  votes = x.sum(0) if sign_method == "total" else sign.sum(0)
+  agree = sign == jnp.where(votes >= 0, 1, -1).astype(x.dtype)
+  count = jnp.maximum(agree.sum(0), 1).astype(x.dtype)
+  return jnp.where(agree, weighted, 0).sum(0) / count
+
+
+def _factorwise(rule, ds, weights, density, sign_method, key):
+  """``linear`` / ``ties`` / ``magnitude_prune`` / ``dare_*`` on the ``a``
+  side and the ``b`` side separately, ``w s`` split as PEFT splits it."""
+  dtype, work = _dtypes(ds)
+  ws = [float(w) * float(d.scale) for d, w in zip(ds, weights)]
+  root = jnp.asarray([abs(v) ** 0.5 for v in ws], work)
+  sign = jnp.asarray([1.0 if v >= 0 else -1.0 for v in ws], work)
+  flat = [d.layout.flatten_factors(d.a, d.b) for d in ds]
+  a = jnp.stack([f[0] for f in flat]).astype(work)  # (n, G, K, R)
+  b = jnp.stack([f[1] for f in flat]).astype(work)  # (n, G, R, N)
+  keys = (None, None) if key is None else jax.random.split(key)
+  new_a = _merge(rule, a.reshape(*a.shape[:2], -1), sign * root, density,
+                 sign_method, keys[0]).reshape(a.shape[1:])
+  new_b = _merge(rule, b.reshape(*b.shape[:2], -1), root, density,
+                 sign_method, keys[1]).reshape(b.shape[1:])
+  first = ds[0]
+  new_a, new_b = first.layout.unflatten_factors(
+      new_a.astype(dtype), new_b.astype(dtype), first.kernel_shape)
+  return LoraDelta(new_a, new_b, scale=1.0, layout=first.layout,
+                   dropout=first.dropout), 0.0
+
+
+def _dense_merge_svd(rule, ds, weights, rank, density, sign_method, key):
+  """``*_svd``: the rule on the dense updates ``s_i a_i @ b_i`` (weights
+  ``w_i``), truncated to rank ``rank`` by SVD."""
+  dtype, work = _dtypes(ds)
+  updates = []
+  for d in ds:
+    a, b = d.layout.flatten_factors(d.a, d.b)
+    updates.append(jnp.matmul(a.astype(work), b.astype(work),
+                              precision=_HIGHEST) * float(d.scale))
+  x = jnp.stack(updates)  # (n, G, K, N)
+  merged = _merge(rule, x.reshape(*x.shape[:2], -1),
+                  jnp.asarray([float(w) for w in weights], work), density,
+                  sign_method, key).reshape(x.shape[1:])
+  p, s, qt = jnp.linalg.svd(merged, full_matrices=False)
+  return _truncate(p, s, qt, rank, ds[0], dtype)
+
+
+def _check_method(method, rank, density, sign_method, key) -> None:
+  """Raises naming the argument unless it fits ``method``."""
+  if method not in METHODS:
+    raise ValueError(f"lj.combine: method={method!r}; choose one of "
+                     f"{METHODS}.")
+  if rank is not None and method not in SVD:
+    raise ValueError(
+        f"lj.combine: rank={rank} is for the SVD methods {SVD}; "
+        + ("'cat' is exact and its rank is the sum of the ranks." if method
+           == "cat" else f"{method!r} keeps the adapters' (equal) rank."))
+  rule = method.removesuffix("_svd")
+  if rule in PRUNED:
+    if density is None:
+      raise ValueError(f"lj.combine: method={method!r} needs density, the "
+                       f"fraction of entries kept (0 < density <= 1).")
+    low = 0.0 if "dare" not in rule else None
+    ok = (isinstance(density, (int, float)) and not isinstance(density, bool)
+          and (0 <= density <= 1 if low == 0 else 0 < density <= 1))
+    if not ok:
+      raise ValueError(
+          f"lj.combine: density={density!r}; give the fraction of entries "
+          f"kept, in " + ("[0, 1]." if low == 0 else
+                          "(0, 1] (DARE divides by it)."))
+  elif density is not None:
+    raise ValueError(f"lj.combine: density={density!r} is for the pruning "
+                     f"methods; {method!r} prunes nothing.")
+  if sign_method not in SIGN_METHODS:
+    raise ValueError(f"lj.combine: majority_sign_method={sign_method!r}; "
+                     f"choose one of {SIGN_METHODS}.")
+  if rule.startswith("dare"):
+    if key is None:
+      raise ValueError(f"lj.combine: method={method!r} drops entries at "
+                       f"random; give key=jax.random.key(...).")
+  elif key is not None:
+    raise ValueError(f"lj.combine: key is for the DARE methods; {method!r} "
+                     f"is deterministic.")
+
+
+def _check_ranks(method, path, ds) -> None:
+  ranks = [d.rank for d in ds]
+  others = ["cat", "svd"] + ([] if method == "linear" else [method + "_svd"])
+  if len(set(ranks)) > 1:
+    k = next(i for i, r in enumerate(ranks) if r != ranks[0])
+    raise ValueError(
+        f"lj.combine: method={method!r} adds the factors entry by entry and "
+        f"needs equal ranks (as PEFT's add_weighted_adapter); at {path!r} "
+        f"delta 0 has rank {ranks[0]} and delta {k} rank {ranks[k]}. Use "
+        f"{' or '.join(repr(m) for m in others)}, which combine the "
+        f"updates.")
+
+
+def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
+            method: str = "cat", rank: int | None = None,
+            density: float | None = None, majority_sign_method: str = "total",
+            key: Any = None, *, return_info: bool = False) -> Any:
+  """One adapter from several, by any of PEFT's ``add_weighted_adapter``
+  combination types, with PEFT's delta weights.
+
+  With ``delta_W_i = s_i * a_i @ b_i`` (``s_i`` the adapter's scale) and
+  ``w_i = weights[i]``:
+
+  - ``"cat"`` (exact): ``sum_i w_i delta_W_i``, the factors concatenated
+    along the rank axis (rank ``sum r_i``).
+  - ``"svd"``: the best rank-``rank`` approximation of that sum (per batch
+    entry of a stacked kernel), computed from the factors without forming
+    the ``K x N`` update when the summed rank is below both sides.
+  - ``"ties_svd"``, ``"magnitude_prune_svd"``, ``"dare_linear_svd"``,
+    ``"dare_ties_svd"``: TIES / magnitude pruning / DARE on the dense
+    updates ``delta_W_i`` with weights ``w_i``, truncated to rank ``rank``.
+  - ``"linear"``, ``"ties"``, ``"magnitude_prune"``, ``"dare_linear"``,
+    ``"dare_ties"``: the same rules on the factors, the ``a_i`` with weights
+    ``sign(w_i s_i) sqrt|w_i s_i|`` and the ``b_i`` with ``sqrt|w_i s_i|``
+    (equal ranks required; the result has that rank). Their product has
+    cross terms ``a_i @ b_j`` that belong to no adapter (PEFT issue #3004):
+    ``"linear"`` of two adapters is not their sum, which ``"cat"`` is. They
+    are here to reproduce PEFT's merges.
+
+  Pruning (module docstring): ``magnitude_prune`` keeps each tensor's
+  ``int(density * numel)`` largest entries; ``ties`` prunes so, then keeps
+  the entries whose sign agrees with the elected one
+  (``majority_sign_method``) and divides their weighted sum by their count;
+  ``dare_*`` keeps each entry with probability ``density`` (from ``key``)
+  and divides by ``density``. ``density=1`` prunes nothing, as in PEFT.
+
+  The result has scale 1 (PEFT's ``lora_alpha = r``; with ``use_rslora``
+  PEFT 0.21's merged adapter is scaled by ``sqrt(r)`` instead, its issue
+  #3449). Where PEFT turns every method into ``"linear"`` for a single
+  adapter, lora_jax does what ``method`` says. DoRA adapters are refused:
+  their update is not linear. Call it outside ``jit`` (it reads the
+  discarded mass back as Python floats).
 
   Args:
     deltas: delta trees of one model adapting the same paths (from
       :func:`lora_jax.split`, :func:`lora_jax.load` or
       ``[lj.select(stacked, k) for k in ...]``); ranks and scales may differ.
     weights: one number per delta; default all 1.
-    method: ``"cat"`` (exact) or ``"svd"`` (truncated).
-    rank: the rank of the ``"svd"`` result; default the largest input rank.
-      Must be None for ``"cat"``.
-    return_info: also return ``{path: discarded fraction}`` (0.0 for
-      ``"cat"``; for ``"svd"`` ``sum of dropped sigma^2 / sum of all
-      sigma^2`` of the path's summed update).
+    method: one of the names above.
+    rank: the rank of an SVD method's result; default the largest input
+      rank. Must be None for the others.
+    density: the fraction of entries kept, for the ``ties``,
+      ``magnitude_prune`` and ``dare`` methods (required there, None
+      elsewhere); in ``[0, 1]``, ``(0, 1]`` for DARE.
+    majority_sign_method: ``"total"`` (the sign of the sum of the pruned
+      tensors) or ``"frequency"`` (of the sum of their signs), for ``ties``.
+    key: a ``jax.random`` key, required by the DARE methods (and refused by
+      the others); each path and factor draws its own mask from it.
+    return_info: also return ``{path: discarded fraction}``: for the SVD
+      methods ``sum of dropped sigma^2 / sum of all sigma^2`` of the path's
+      merged update, 0.0 for the others.
 
   Returns:
     The first delta's structure with the combined :class:`LoraDelta`
     (scale 1.0) at each path; with ``return_info``, ``(delta, info)``.
+
+  Raises:
+    ValueError: naming the path or argument: deltas adapting other paths or
+      kernels, DoRA or principal-init adapters, a rank mismatch for a
+      factor-wise method, a missing or misplaced ``rank``, ``density`` or
+      ``key``, an unknown method.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> d1 = {"w": lj.LoraDelta(jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)}
@@ -177,10 +376,13 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
   ...                        return_info=True)
   >>> low["w"].rank, round(info["w"], 3)
   (1, 0.062)
+  >>> e = {"w": lj.LoraDelta(jnp.eye(4)[:, :1], jnp.eye(3)[:1])}
+  >>> f = {"w": lj.LoraDelta(jnp.eye(4)[:, 1:2], jnp.eye(3)[1:2])}
+  >>> lj.combine([e, f], method="linear")["w"].weight()[:2]  # cross terms
+  Array([[1., 1., 0.],
+         [1., 1., 0.]], dtype=float32)
   """
-  if method not in METHODS:
-    raise ValueError(f"lj.combine: method={method!r}; choose one of "
-                     f"{METHODS}.")
+  _check_method(method, rank, density, majority_sign_method, key)
   deltas = list(deltas)
   if not deltas:
     raise ValueError("lj.combine needs at least one delta.")
@@ -191,20 +393,29 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
   flat = [adapters(d) for d in deltas]
   weights = [1.0] * len(deltas) if weights is None else list(weights)
   _check(flat, weights)
-  if method == "cat" and rank is not None:
-    raise ValueError(f"lj.combine: rank={rank} is for method='svd'; 'cat' is "
-                     f"exact and its rank is the sum of the ranks.")
+  if method in FACTORWISE:
+    for path in flat[0]:
+      _check_ranks(method, path, [f[path] for f in flat])
   if rank is None:
     rank = max(d.rank for f in flat for d in f.values())
   if int(rank) < 1:
     raise ValueError(f"lj.combine: rank={rank}; give a positive rank.")
+  rule = method.removesuffix("_svd")
   combined, info = {}, {}
-  for path in flat[0]:
+  for n, path in enumerate(flat[0]):
     ds = [f[path] for f in flat]
+    path_key = None if key is None else jax.random.fold_in(key, n)
     if method == "cat":
       combined[path], info[path] = _cat(ds, weights)
-    else:
+    elif method == "svd":
       combined[path], info[path] = _svd(ds, weights, int(rank))
+    elif method in FACTORWISE:
+      combined[path], info[path] = _factorwise(
+          rule, ds, weights, density, majority_sign_method, path_key)
+    else:
+      combined[path], info[path] = _dense_merge_svd(
+          rule, ds, weights, int(rank), density, majority_sign_method,
+          path_key)
   out = map_with_paths(lambda p, d: combined[p] if isinstance(d, LoraDelta)
                        else d, deltas[0], is_leaf=is_delta_or_none)
   return (out, info) if return_info else out
