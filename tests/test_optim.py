@@ -74,7 +74,7 @@ def test_frozen_updates_are_zero():
 
 def test_optimizer_errors():
   case, base, delta = _mlp()
-  with pytest.raises(ValueError, match=r"trainable='head/.*' matches no base leaf.*fc1/bias"):
+  with pytest.raises(ValueError, match=r"trainable: the regex 'head/.*' matches no base leaf path.*fc1/bias"):
     lj.optimizer(optax.adam(1e-3), trainable=r"head/.*").init((base, delta))
   with pytest.raises(TypeError, match=r"pair \(base, delta\)"):
     lj.optimizer(optax.adam(1e-3)).init(delta)

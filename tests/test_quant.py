@@ -303,7 +303,7 @@ def test_errors_name_the_leaf_and_the_remedy():
       "out of targets.")):
     lj.quantize(params, "nf4", targets="stack")
   with pytest.raises(ValueError, match=re.escape(
-      "quantize: targets regex 'nope' matches no leaf path")):
+      "quantize: targets: the regex 'nope' matches no leaf path")):
     lj.quantize(params, "nf4", targets="nope")
   with pytest.raises(ValueError, match="scheme must be one of"):
     lj.quantize(params, "fp4", targets="stack")

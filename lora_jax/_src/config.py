@@ -170,6 +170,31 @@ def selector_patterns(selector: Any) -> tuple[str, ...]:
   return (selector,) if isinstance(selector, str) else tuple(selector)
 
 
+def check_regex_matches(pattern: str, paths: Sequence[str], who: str,
+                        what: str = "leaf path") -> None:
+  """Raises unless regex ``pattern`` full-matches one of ``paths`` (a regex
+  that matches nothing is almost always a typo).
+
+  Args:
+    pattern: the regex.
+    paths: the ``'/'``-joined leaf paths it may match.
+    who: the field or argument it came from, which the error names.
+    what: what the paths are, for the error.
+
+  Raises:
+    ValueError: naming ``who``, ``pattern`` and some paths that exist.
+
+  >>> check_regex_matches("w", ["w", "b"], "LoraConfig.targets")
+  >>> check_regex_matches("v", ["w", "b"], "LoraConfig.targets")
+  Traceback (most recent call last):
+  ValueError: LoraConfig.targets: the regex 'v' matches no leaf path (full match on '/'-joined paths). Some paths that exist: ['w', 'b'].
+  """
+  if not any(re.fullmatch(pattern, p) for p in paths):
+    raise ValueError(
+        f"{who}: the regex {pattern!r} matches no {what} (full match on "
+        f"'/'-joined paths). Some paths that exist: {preview(paths)}.")
+
+
 def selects(selector: Any, path: str, leaf: Any) -> bool:
   """Whether ``selector`` (regex, list of regexes, callable...) picks a leaf."""
   if selector is None:
@@ -298,12 +323,7 @@ class LoraConfig:
                          "trainable_tokens")]
     for field, patterns in fields:
       for pattern in patterns:
-        compiled = re.compile(pattern)
-        if not any(compiled.fullmatch(p) for p in paths):
-          raise ValueError(
-              f"LoraConfig.{field}: the regex {pattern!r} matches no leaf path "
-              f"(full match on '/'-joined paths). Some paths that exist: "
-              f"{preview(paths)}.")
+        check_regex_matches(pattern, paths, f"LoraConfig.{field}")
 
   def to_json(self) -> dict:
     """A JSON-able description; :meth:`from_json` reads it back. Callables

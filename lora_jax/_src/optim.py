@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax._src.config import Selector
+from lora_jax._src.config import check_regex_matches
 from lora_jax._src.config import selector_patterns
 from lora_jax._src.config import selects
+from lora_jax._src.delta import is_concrete
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.paths import preview
@@ -33,10 +35,8 @@ def trainable_labels(params: Any, trainable: Selector | None = None) -> Any:
   if trainable is not None:
     leaves = leaves_with_paths(base)
     for pattern in selector_patterns(trainable):
-      if not any(selects(pattern, p, x) for p, x in leaves):
-        raise ValueError(
-            f"lora_jax.optimizer: trainable={pattern!r} matches no base leaf. "
-            f"Some paths that exist: {preview(p for p, _ in leaves)}.")
+      check_regex_matches(pattern, [p for p, _ in leaves],
+                          "lora_jax.optimizer: trainable", "base leaf path")
   # Integer and key leaves (an NNX Rngs counter and key) have no gradient:
   # frozen whatever `trainable` says.
   base_labels = map_with_paths(
@@ -70,8 +70,7 @@ def _check_gradients(grads: Any, labels: Any, checked: list) -> None:
         f", ...).")
   frozen = [(p, g) for (p, g), label in pairs if label == FREEZE]
   if checked or not frozen or not all(
-      isinstance(g, jax.Array) and not isinstance(g, jax.core.Tracer)
-      for _, g in frozen):
+      is_concrete(g) for _, g in frozen):
     return  # under jit, reading the values would force their computation
   checked.append(True)
   nonzero = [p for p, g in frozen if _is_float(g) and bool(jnp.any(g != 0))]

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
@@ -31,10 +30,13 @@ import numpy as np
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.config import ALL_LINEAR
+from lora_jax._src.config import PatternMap
+from lora_jax._src.config import check_regex_matches
 from lora_jax._src.config import selector_patterns
 from lora_jax._src.config import selects
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import describe_array
+from lora_jax._src.delta import is_concrete
 from lora_jax._src.discover import layout_from_uses
 from lora_jax._src.discover import linear_weights
 from lora_jax._src.discover import trace_uses
@@ -403,12 +405,10 @@ def _divisors_near(n: int, want: int, even: bool) -> list[int]:
   return sorted(sorted(sizes, key=lambda d: (abs(math.log(d / want)), d))[:4])
 
 
-def _layout_for(path: str, x: Any, layouts: Sequence[tuple[str, Layout]],
+def _layout_for(path: str, layouts: PatternMap,
                 from_delta: Mapping[str, Layout]) -> Layout | None:
-  for pattern, layout in layouts:
-    if re.fullmatch(pattern, path):
-      return layout
-  return from_delta.get(path)
+  found = layouts.lookup(path)
+  return from_delta.get(path) if found is None else found
 
 
 def _block_axis(path: str, x: Any, layout: Layout | None) -> int:
@@ -471,15 +471,11 @@ def _check_target(path: str, x: Any) -> None:
         f"Narrow `targets`.")
 
 
-def _concrete(x: Any) -> bool:
-  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-
-
 def _check_finite(path: str, x: Any, q: QArray) -> None:
   """Raises if concrete kernel ``x`` holds NaN or +-inf (read off ``q``'s
   absmax: a block's absmax is non-finite iff the block holds such a value)."""
   flag = q.absmax_mean if q.double_quant else q.absmax
-  if not _concrete(flag) or bool(jnp.isfinite(flag).all()):
+  if not is_concrete(flag) or bool(jnp.isfinite(flag).all()):
     return
   bad = ~jnp.isfinite(x)
   first = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), x.shape)
@@ -495,7 +491,7 @@ def _quantize_leaf(path: str, x: Any, scheme: str, block_size: int,
                    axis: int, double_quant: bool) -> QArray:
   """Quantizes one kernel; a concrete sharded one keeps its placement."""
   args = (scheme, block_size, axis, double_quant)
-  if not _concrete(x):
+  if not is_concrete(x):
     return _quantize_array(x, *args)  # traced: the caller's jit places it
   fn = lambda w: _quantize_array(w, *args)
   sharding = x.sharding
@@ -664,20 +660,16 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
     selected = [(p, x) for _, p, x in found]
   else:
     for pattern in selector_patterns(targets):
-      if not any(selects(pattern, p, x) for p, x in leaves):
-        raise ValueError(
-            f"quantize: targets regex {pattern!r} matches no leaf path (full "
-            f"match on '/'-joined paths). Some paths that exist: "
-            f"{preview(p for p, _ in leaves)}.")
+      check_regex_matches(pattern, [p for p, _ in leaves], "quantize: targets")
     selected = [(p, x) for p, x in leaves if _targeted(p, x, targets)]
-  pattern_layouts = list((layouts or {}).items())
+  pattern_layouts = PatternMap(tuple((layouts or {}).items()))
   from_delta = dict(adapted or {})
   if delta is not None:
     from_delta.update((p, d.layout) for p, d in adapters(delta).items())
   given = {}
   for path, x in selected:
     _check_target(path, x)
-    given[path] = _layout_for(path, x, pattern_layouts, from_delta)
+    given[path] = _layout_for(path, pattern_layouts, from_delta)
   need_trace = [p for p, layout in given.items()
                 if layout is None and apply_fn is not None]
   if need_trace:
