@@ -39,6 +39,7 @@ from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import describe_array
 from lora_jax._src.delta import is_concrete
+from lora_jax._src.jaxpr_core import is_array
 from lora_jax._src.merge import merge as merge_trees
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import preview
@@ -131,15 +132,18 @@ class LoraModule(nnx.Module):
   # -- the LoRA path -------------------------------------------------------
 
   def _lora_call(self, name: str, args: tuple, kwargs: dict):
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    dynamic = tuple(x if is_array(x) else None for x in leaves)
+    static = tuple(_ARRAY if is_array(x) else x for x in leaves)
+    if _eager(self, dynamic) and _hashable((static, treedef)):
+      # compiled once per structure, instead of the engine's ops one by one
+      return _compiled_call(self, name, dynamic, static, treedef)
+    return self._lora_apply(name, dynamic, static, treedef)
+
+  def _lora_apply(self, name: str, dynamic: tuple, static: tuple, treedef):
     graphdef, params, rest = _split(self.base_model)
-
-    def fn(p, state, *a, **k):
-      model = nnx.merge(graphdef, *_fresh((p, state)))
-      out = getattr(model, name)(*a, **k)
-      return out, nnx.state(model, nnx.Not(nnx.Param))
-
-    out, new_rest = wrap(fn, self.lora_mode)(params, self.lora_deltas(),
-                                             rest, *args, **kwargs)
+    out, new_rest = _run(graphdef, name, self.lora_mode, params,
+                         self.lora_deltas(), rest, dynamic, static, treedef)
     nnx.update(self.base_model, new_rest)
     return out
 
@@ -155,6 +159,49 @@ class LoraModule(nnx.Module):
           magnitude=None if magnitude is None else _get(magnitude),
           dropout=dropout, residual_of=residual_of)
     return out
+
+
+class _Array:
+  """Marks where an array argument goes among the static ones."""
+
+  def __repr__(self) -> str:
+    return "<array>"
+
+
+_ARRAY = _Array()
+
+
+def _run(graphdef, name: str, mode: str, params, deltas, rest, dynamic,
+         static, treedef):
+  """``(out, new non-Param state)`` of ``name`` on the model ``graphdef``
+  with weights ``merge(params, deltas)``, through :func:`lora_jax.wrap`."""
+  leaves = [d if s is _ARRAY else s for d, s in zip(dynamic, static)]
+  args, kwargs = jax.tree.unflatten(treedef, leaves)
+
+  def fn(p, state, *a, **k):
+    model = nnx.merge(graphdef, *_fresh((p, state)))
+    out = getattr(model, name)(*a, **k)
+    return out, nnx.state(model, nnx.Not(nnx.Param))
+  return wrap(fn, mode)(params, deltas, rest, *args, **kwargs)
+
+
+def _eager(m: nnx.Module, dynamic: tuple) -> bool:
+  """No value is a tracer: the call is not under a transform."""
+  return not any(isinstance(x, jax.core.Tracer)
+                 for x in jax.tree.leaves((nnx.state(m), dynamic)))
+
+
+def _hashable(x: Any) -> bool:
+  try:
+    hash(x)
+  except TypeError:
+    return False
+  return True
+
+
+@functools.partial(nnx.jit, static_argnums=(1, 3, 4))
+def _compiled_call(m, name, dynamic, static, treedef):
+  return m._lora_apply(name, dynamic, static, treedef)  # pylint: disable=protected-access
 
 
 def _segments(path: str) -> list[str]:
