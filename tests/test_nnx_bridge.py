@@ -4,6 +4,7 @@ KV-cache-like Variable and a decode method taking and returning a cache)."""
 
 import inspect
 
+from flax import nnx
 from helpers import randomize
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-from flax import nnx
 import lora_jax as lj
 import lora_jax.nnx as ljn
 

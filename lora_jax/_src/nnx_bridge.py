@@ -199,9 +199,11 @@ def _hashable(x: Any) -> bool:
   return True
 
 
-@functools.partial(nnx.jit, static_argnums=(1, 3, 4))
-def _compiled_call(m, name, dynamic, static, treedef):
+def _apply(m, name, dynamic, static, treedef):
   return m._lora_apply(name, dynamic, static, treedef)  # pylint: disable=protected-access
+
+
+_compiled_call: Callable[..., Any] = nnx.jit(_apply, static_argnums=(1, 3, 4))
 
 
 def _segments(path: str) -> list[str]:
