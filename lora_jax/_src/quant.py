@@ -46,6 +46,7 @@ from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.paths import preview
+from lora_jax._src.sharding import unpack_sharding
 
 SCHEMES = ("nf4", "int8")
 
@@ -215,15 +216,7 @@ class QArray:
     >>> q.shardings(P(None, "model")).codes == P(None, "model")
     True
     """
-    if isinstance(kernel_sharding, NamedSharding):
-      mesh, spec = kernel_sharding.mesh, kernel_sharding.spec
-      wrap = lambda p: NamedSharding(mesh, p)
-      size = lambda name: mesh.shape[name]
-    elif isinstance(kernel_sharding, PartitionSpec) or kernel_sharding is None:
-      spec, wrap, size = kernel_sharding, lambda p: p, None  # type: ignore[assignment]
-    else:
-      raise TypeError(f"QArray.shardings expects a NamedSharding or a "
-                      f"PartitionSpec, got {kernel_sharding!r}.")
+    spec, wrap, mesh = unpack_sharding(kernel_sharding, "QArray.shardings")
     entries = tuple(spec or ()) + (None,) * (self.ndim - len(spec or ()))
 
     def like_kernel(x):
@@ -232,8 +225,8 @@ class QArray:
       kept = []
       for dim, entry in zip(x.shape, entries):
         names = entry if isinstance(entry, tuple) else (entry,)
-        ways = 1 if size is None or entry is None else math.prod(
-            size(n) for n in names)
+        ways = 1 if mesh is None or entry is None else math.prod(
+            mesh.shape[n] for n in names)
         kept.append(entry if dim % ways == 0 else None)
       return wrap(PartitionSpec(*kept))
     replicated = lambda x: None if x is None else wrap(PartitionSpec())

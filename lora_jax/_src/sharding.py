@@ -10,6 +10,7 @@ is never split.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -54,18 +55,30 @@ def factor_specs(spec: PartitionSpec | None, layout: Layout):
           place(per_output, len(per_output)))
 
 
+def unpack_sharding(kernel_sharding: Any, who: str
+                    ) -> tuple[PartitionSpec | None, Callable[[PartitionSpec],
+                                                         Any], Any]:
+  """``(spec, wrap, mesh)`` of a kernel's sharding: a ``NamedSharding``'s
+  spec, ``wrap`` putting a spec on its mesh, and the mesh; a
+  ``PartitionSpec`` (or None) itself, the identity and no mesh.
+
+  Raises:
+    TypeError: naming ``who``, for anything else.
+  """
+  if isinstance(kernel_sharding, NamedSharding):
+    mesh = kernel_sharding.mesh
+    return kernel_sharding.spec, lambda p: NamedSharding(mesh, p), mesh
+  if isinstance(kernel_sharding, PartitionSpec) or kernel_sharding is None:
+    return kernel_sharding, lambda p: p, None
+  raise TypeError(
+      f"{who} expects a NamedSharding or a PartitionSpec for the kernel, got "
+      f"{kernel_sharding!r}. (A single-device or replicated kernel needs no "
+      f"derived sharding.)")
+
+
 def factor_shardings(kernel_sharding: Any, d: LoraDelta) -> LoraDelta:
   """A LoraDelta whose children are the shardings of ``d``'s children."""
-  if isinstance(kernel_sharding, NamedSharding):
-    mesh, spec = kernel_sharding.mesh, kernel_sharding.spec
-    wrap = lambda p: NamedSharding(mesh, p)
-  elif isinstance(kernel_sharding, PartitionSpec) or kernel_sharding is None:
-    spec, wrap = kernel_sharding, lambda p: p  # type: ignore[assignment]
-  else:
-    raise TypeError(
-        f"Expected a NamedSharding or a PartitionSpec for the kernel, got "
-        f"{kernel_sharding!r}. (A single-device or replicated kernel needs "
-        f"no derived sharding.)")
+  spec, wrap, _ = unpack_sharding(kernel_sharding, "delta_shardings")
   a, b, m = factor_specs(spec, d.layout)
   return d.replace(a=wrap(a), b=wrap(b),
                    magnitude=None if d.magnitude is None else wrap(m))
