@@ -634,6 +634,25 @@ def reshard_like(x, aval):
   return _reshard(x, spec)
 
 
+def reshard_to(x, spec):
+  """``x`` resharded to the type ``spec`` (one entry per axis) under
+  Explicit mesh axes; ``x`` itself where its type already says so."""
+  return x if type_spec(x) in (None, tuple(spec)) else _reshard(x, spec)
+
+
+_SHARDING_CONSTRAINT = Primitives("sharding_constraint_p")
+
+
+@reads_params
+def constraint_sharding(eqn):
+  """The ``NamedSharding`` a ``with_sharding_constraint`` equation puts its
+  operand on; None for any other equation or sharding."""
+  if eqn.primitive not in _SHARDING_CONSTRAINT:
+    return None
+  sharding = eqn.params["sharding"]
+  return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
 def _reshard(x, spec):
   reshard = getattr(jax.sharding, "reshard", None)
   if reshard is None:  # jax < 0.7

@@ -17,6 +17,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import is_concrete
@@ -113,6 +114,28 @@ def delta_shardings(delta: Any, base_shardings: Any) -> Any:
   return map_with_paths(
       lambda p, d: factor_shardings(specs[p], d) if isinstance(
           d, LoraDelta) else d, delta, is_leaf=is_delta_or_none)
+
+
+def follow_kernel(a: Any, b: Any, magnitude: Any, layout: Layout,
+                  kernel: Any, constraint: Any = None) -> tuple:
+  """``(a, b, magnitude)`` placed to follow a kernel the program has just
+  resharded (an FSDP gather, say), so ``x @ a`` contracts as ``x @ W0``
+  does: under Explicit mesh axes resharded to ``kernel``'s sharding type,
+  else constrained as ``constraint`` (the ``NamedSharding`` of the program's
+  ``with_sharding_constraint``) puts the kernel (:func:`factor_specs`).
+  Unchanged without either."""
+  spec = jc.type_spec(kernel)
+  if spec is not None:
+    sa, sb, sm = factor_specs(PartitionSpec(*spec), layout)
+    move = lambda v, s: v if v is None else jc.reshard_to(v, tuple(s))
+  elif isinstance(constraint, NamedSharding):
+    sa, sb, sm = factor_specs(constraint.spec, layout)
+    mesh = constraint.mesh
+    move = lambda v, s: v if v is None else jax.lax.with_sharding_constraint(
+        v, NamedSharding(mesh, s))
+  else:
+    return a, b, magnitude
+  return move(a, sa), move(b, sb), move(magnitude, sm)
 
 
 def place_like_kernel(kernel: Any, d: LoraDelta) -> LoraDelta:

@@ -15,6 +15,7 @@ from lora_jax._src.factored.values import Lora
 from lora_jax._src.factored.values import fallback
 from lora_jax._src.layouts import Layout
 from lora_jax._src.quant import QArray
+from lora_jax._src.sharding import follow_kernel
 
 
 def pass_through(eqn, invals, ctx, site=None):
@@ -36,13 +37,23 @@ def cast(eqn, invals, ctx, site=None):
 
 
 def on_kernel(eqn, invals, ctx, site=None):
-  """sharding constraints, device_put: applied to ``W0`` alone; the factors
-  keep their own dtype and placement."""
+  """sharding constraints, device_put, reshard: applied to ``W0``; the
+  factors keep their dtype and follow the kernel's new placement (its type
+  under Explicit axes, a sharding constraint's ``NamedSharding``): an FSDP
+  gather of the kernel gathers its factors."""
   del ctx
   invals = [x.eager() if isinstance(x, Lora) else x for x in invals]
   outs = jc.bind(eqn, [x.w if isinstance(x, Lora) else x for x in invals])
-  return [dataclasses.replace(x, w=o) if isinstance(x, Lora) else o
-          for x, o in zip(invals, outs)]
+  constraint = jc.constraint_sharding(eqn)
+  return [_follow(dataclasses.replace(x, w=o), constraint)
+          if isinstance(x, Lora) else o for x, o in zip(invals, outs)]
+
+
+def _follow(x: Lora, constraint) -> Lora:
+  if x.rows:  # per-row factors: placed with the rows they serve
+    return x
+  a, b, m = follow_kernel(x.a, x.b, x.magnitude, x.layout, x.w, constraint)
+  return dataclasses.replace(x, a=a, b=b, magnitude=m)
 
 
 def on_every_part(eqn, invals, ctx, site=None):
