@@ -139,7 +139,7 @@ def test_contract(adapted):
   assert type(m).__name__ == "LoraNet" and isinstance(m, ljn.LoraModule)
   assert list(inspect.signature(m.__call__).parameters) == ["tok", "last_only"]
   assert list(inspect.signature(m.decode).parameters) == ["tok", "cache"]
-  assert m.config is model.config
+  assert m.config == model.config
   assert hasattr(m, "init_cache") and not hasattr(m, "no_such_thing")
   # a call adds no attribute (nnx.cached_partial, the Sampler's graphdef)
   m.eval()  # eval() itself sets static attributes (deterministic=True)
