@@ -27,6 +27,7 @@ from lora_jax._src.factored import FallbackError
 from lora_jax._src.factored import Report
 from lora_jax._src.inits import to_plain_lora
 from lora_jax._src.layouts import Layout
+from lora_jax._src.loftq import loftq
 from lora_jax._src.loraplus import loraplus
 from lora_jax._src.merge import dora_norms
 from lora_jax._src.merge import merge
@@ -93,6 +94,7 @@ __all__ = (
     "load_metadata",
     "load_peft",
     "load_stack",
+    "loftq",
     "loraplus",
     "map_with_paths",
     "merge",
