@@ -40,12 +40,45 @@ def rebuild_node(cls: type, names: tuple[str, ...], values: tuple) -> Any:
   ``values``, bypassing ``__init__`` (for ``tree_unflatten``, whose children
   may be tracers, None or sentinels that ``__init__`` would reject)."""
   obj: Any = object.__new__(cls)
-  for name, value in zip(names, values):
+  for name, value in zip(names, values, strict=True):
     object.__setattr__(obj, name, value)
   return obj
 
 
-@jax.tree_util.register_pytree_with_keys_class
+def pytree_node(children: tuple[str, ...], static: tuple[str, ...]):
+  """Registers a frozen dataclass as a pytree node, the one way lora_jax
+  declares its nodes: the fields ``children`` are the node's children (data:
+  what optimisers, checkpoints and transformations see, keyed by
+  ``GetAttrKey``), the fields ``static`` its treedef's metadata (compared and
+  hashed: a change retraces). Unflattening bypasses ``__init__`` (see
+  :func:`rebuild_node`), which ``jax.tree_util.register_dataclass`` would
+  call on placeholder children.
+
+  >>> @pytree_node(children=("x",), static=("name",))
+  ... @dataclasses.dataclass(frozen=True)
+  ... class Node:
+  ...   x: Any
+  ...   name: str = "n"
+  >>> jax.tree.map(lambda v: v + 1, Node(1, "k"))
+  Node(x=2, name='k')
+  """
+  key = jax.tree_util.GetAttrKey
+  names = children + static
+
+  def register(cls: type) -> type:
+    jax.tree_util.register_pytree_with_keys(
+        cls,
+        lambda obj: (tuple((key(n), getattr(obj, n)) for n in children),
+                     tuple(getattr(obj, n) for n in static)),
+        lambda aux, kids: rebuild_node(cls, names, (*kids, *aux)),
+        lambda obj: (tuple(getattr(obj, n) for n in children),
+                     tuple(getattr(obj, n) for n in static)))
+    return cls
+  return register
+
+
+@pytree_node(children=("a", "b", "magnitude"),
+             static=("scale", "layout", "dropout", "residual_of"))
 @dataclasses.dataclass(frozen=True)
 class LoraDelta:
   """Low-rank update ``scale * a @ b`` of one kernel.
@@ -75,18 +108,7 @@ class LoraDelta:
   dropout: float = 0.0   # on the LoRA branch's input, when given a key
   residual_of: ResidualMark | None = None  # principal inits only
 
-  _CHILDREN = ("a", "b", "magnitude")
-  _STATIC = ("scale", "layout", "dropout", "residual_of")
   _DELTA_LEAF = True  # what is_delta_or_none stops at
-
-  def tree_flatten_with_keys(self):
-    key = jax.tree_util.GetAttrKey
-    children = tuple((key(n), getattr(self, n)) for n in self._CHILDREN)
-    return children, tuple(getattr(self, n) for n in self._STATIC)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return rebuild_node(cls, cls._CHILDREN + cls._STATIC, (*children, *aux))
 
   def replace(self, **changes) -> LoraDelta:
     """A copy with some fields replaced."""

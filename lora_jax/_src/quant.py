@@ -37,6 +37,7 @@ from lora_jax._src.config import selects
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import describe_array
 from lora_jax._src.delta import is_concrete
+from lora_jax._src.delta import pytree_node
 from lora_jax._src.discover import layout_from_uses
 from lora_jax._src.discover import linear_weights
 from lora_jax._src.discover import trace_uses
@@ -75,7 +76,8 @@ DOUBLE_QUANT_BLOCK = 256
 _INV_127 = np.float32(1 / 127)
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@pytree_node(children=("codes", "absmax", "absmax_scale", "absmax_mean"),
+             static=("scheme", "block_size", "shape", "dtype", "axis"))
 @dataclasses.dataclass(frozen=True, eq=False)
 class QArray:
   """A quantized kernel: packed codes plus per-block float32 absmax.
@@ -117,22 +119,6 @@ class QArray:
   # paths.leaves_with_paths and map_with_paths treat the node as one leaf, so
   # a quantized kernel keeps its kernel's path.
   lora_jax_leaf = True
-
-  _CHILDREN = ("codes", "absmax", "absmax_scale", "absmax_mean")
-  _AUX = ("scheme", "block_size", "shape", "dtype", "axis")
-
-  def tree_flatten_with_keys(self):
-    key = jax.tree_util.GetAttrKey
-    return (tuple((key(n), getattr(self, n)) for n in self._CHILDREN),
-            tuple(getattr(self, n) for n in self._AUX))
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    # No checks: transformations rebuild nodes with placeholder children.
-    obj = object.__new__(cls)
-    for name, value in zip(cls._CHILDREN + cls._AUX, tuple(children) + aux):
-      object.__setattr__(obj, name, value)
-    return obj
 
   def replace(self, **changes) -> QArray:
     """A copy with some fields replaced."""

@@ -23,7 +23,7 @@ from lora_jax._src.delta import adapters
 from lora_jax._src.delta import check_same_kernel
 from lora_jax._src.delta import describe_array
 from lora_jax._src.delta import is_delta_or_none
-from lora_jax._src.delta import rebuild_node
+from lora_jax._src.delta import pytree_node
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
@@ -62,7 +62,8 @@ def _scales(scale: Any) -> tuple[float, ...]:
   return tuple(float(v) for v in values.reshape(-1))
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@pytree_node(children=("a", "b", "magnitude"),
+             static=("scale", "layout", "dropout", "info", "residual_of"))
 @dataclasses.dataclass(frozen=True)
 class LoraStack:
   """``n`` adapters of one kernel: ``a (n, *batch, *in, R)``, ``b (n,
@@ -96,9 +97,6 @@ class LoraStack:
   info: StackInfo = StackInfo()
   residual_of: tuple = ()  # principal inits only: one mark (or None) each
 
-  _CHILDREN = ("a", "b", "magnitude")
-  _STATIC = ("scale", "layout", "dropout", "info", "residual_of")
-
   def __post_init__(self):
     object.__setattr__(self, "scale", _scales(self.scale))
     n = getattr(self.a, "shape", (None,))[0]
@@ -108,15 +106,6 @@ class LoraStack:
     marks = tuple(self.residual_of or ())
     object.__setattr__(self, "residual_of",
                        () if all(m is None for m in marks) else marks)
-
-  def tree_flatten_with_keys(self):
-    key = jax.tree_util.GetAttrKey
-    children = tuple((key(n), getattr(self, n)) for n in self._CHILDREN)
-    return children, tuple(getattr(self, n) for n in self._STATIC)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return rebuild_node(cls, cls._CHILDREN + cls._STATIC, (*children, *aux))
 
   @property
   def size(self) -> int:
