@@ -784,14 +784,14 @@ def test_load_rejects_unsupported_fields(tmp_path, config, message):
 @pytest.mark.parametrize("edit, message", [
     (lambda t: {**t, "base_model.model.model.embed.lora_embedding_A":
                 np.zeros((2, 5), np.float32)},
-     "key 'base_model.model.model.embed.lora_embedding_A' is an embedding "
-     "adapter (lora_embedding_A/B), which lora_jax does not map; target the "
-     "embedding's linear uses instead."),
+     "module 'model.embed' has no base_model.model.model.embed."
+     "lora_embedding_B."),
     (lambda t: {**t, Q + ".lora_B.bias": np.zeros(6, np.float32)},
      f"key '{Q}.lora_B.bias' is a LoRA bias (lora_bias)."),
     (lambda t: {**t, "model.q_proj.lora_A.weight": np.zeros((2, 4), np.float32)},
      "key 'model.q_proj.lora_A.weight' is not a base_model.model.<module>."
-     "lora_A.weight / lora_B.weight / lora_magnitude_vector tensor."),
+     "lora_A.weight / lora_B.weight / lora_magnitude_vector / "
+     "lora_embedding_A / lora_embedding_B tensor."),
     (lambda t: {k: v for k, v in t.items() if "lora_B" not in k},
      f"module 'model.q_proj' has no {Q}.lora_B.weight."),
     (lambda t: {**t, Q + ".lora_magnitude_vector": np.ones(6, np.float32)},
@@ -977,6 +977,206 @@ def test_save_peft_warns_for_principal_init(tmp_path):
   with pytest.warns(UserWarning, match=re.escape(
       "init='pissa': the adapter belongs with the residual base")):
     lj.save_peft(tmp_path, delta, config)
+
+
+# ------------------------------- embeddings, tied heads, experts (no torch)
+
+
+def _moe_params(seed=0):
+  """A table used for lookups and as the tied output head, a dense kernel,
+  and GPT-OSS-like stacked experts (3, 8, 12) and (3, 6, 8)."""
+  rng = np.random.default_rng(seed)
+  w = lambda *s: jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
+  return {"model": {"embed_tokens": {"embedding": w(16, 8)},
+                    "layers": {"0": {"q_proj": {"kernel": w(8, 8)},
+                                     "mlp": {"experts": {
+                                         "gate_up_proj": w(3, 8, 12),
+                                         "down_proj": w(3, 6, 8)}}}}}}
+
+
+def _moe_fn(p, ids):
+  m = p["model"]
+  table, layer = m["embed_tokens"]["embedding"], m["layers"]["0"]
+  x = table[ids] @ layer["q_proj"]["kernel"]
+  experts = layer["mlp"]["experts"]
+  h = jnp.einsum("ebd,edf->ebf", jnp.broadcast_to(x, (3, *x.shape)),
+                 experts["gate_up_proj"])
+  h = jax.nn.silu(h[..., :6]) * h[..., 6:]
+  y = jnp.einsum("ebf,efd->ebd", h, experts["down_proj"]).sum(0)
+  return (x + y) @ table.T  # the tied head
+
+
+MOE_IDS = jnp.array([1, 5, 7, 3])
+MOE_NAMES = [(r"model/layers/(\d+)/mlp/experts/(gate_up_proj|down_proj)",
+              r"model.layers.\1.mlp.experts.\2")]
+MOE_LAYOUTS = {r".*/experts/.*": lj.Layout((0,), (1,), (2,))}
+
+
+@pytest.fixture(scope="module")
+def moe_saved(tmp_path_factory):
+  """(params, delta, directory): every adapter kind, saved by save_peft."""
+  params = _moe_params()
+  config = lj.LoraConfig(rank=2, alpha=6.0, targets=(
+      r".*/(embedding|q_proj/kernel|gate_up_proj|down_proj)"))
+  _, delta = lj.split(params, config, jax.random.key(0), _moe_fn, (MOE_IDS,))
+  delta = _np_filled(delta)
+  directory = tmp_path_factory.mktemp("moe")
+  assert lj.save_peft(directory, delta, config, module_names=MOE_NAMES,
+                      tied_heads={".*/embed_tokens/embedding": "lm_head"},
+                      parameter_order=["gate_up_proj", "down_proj"]) == []
+  return params, delta, directory
+
+
+def test_embedding_head_and_expert_tensors_are_peft_s(moe_saved):
+  """The file's keys and shapes are PEFT's, and PEFT's arithmetic on them
+  (written out in numpy) is lj.merge's: Embedding (B @ A)^T, the tied head's
+  Linear B @ A, ParamWrapper's per-expert B3[:, :, e] @ A3[e]."""
+  params, delta, directory = moe_saved
+  t, _ = st.load_file(directory / "adapter_model.safetensors")
+  cfg = json.loads((directory / "adapter_config.json").read_text())
+  p, e = "base_model.model.model.", "layers.0.mlp.experts."
+  assert {k: v.shape for k, v in t.items()} == {
+      p + "embed_tokens.lora_embedding_A": (2, 16),
+      p + "embed_tokens.lora_embedding_B": (8, 2),
+      "base_model.model.lm_head.lora_A.weight": (2, 8),
+      "base_model.model.lm_head.lora_B.weight": (16, 2),
+      p + "layers.0.q_proj.lora_A.weight": (2, 8),
+      p + "layers.0.q_proj.lora_B.weight": (8, 2),
+      # gate_up_proj registered first: the inner wrapper.
+      p + e + "base_layer.lora_A.weight": (6, 12),
+      p + e + "base_layer.lora_B.weight": (8, 6),
+      p + e + "lora_A.weight": (6, 8), p + e + "lora_B.weight": (6, 6)}
+  assert cfg["target_parameters"] == ["model." + e + "down_proj",
+                                      "model." + e + "gate_up_proj"]
+  assert cfg["ensure_weight_tying"] is True and cfg["lora_dropout"] == 0.0
+  assert cfg["target_modules"] == ["lm_head", "model.embed_tokens",
+                                   "model.layers.0.q_proj"]
+  s = 3.0
+  merged = lj.merge(params, delta)
+  diff = lambda *ks: np.asarray(
+      _get(merged, ks)) - np.asarray(_get(params, ks))
+  emb = s * (t[p + "embed_tokens.lora_embedding_B"]
+             @ t[p + "embed_tokens.lora_embedding_A"]).T
+  np.testing.assert_allclose(diff("model", "embed_tokens", "embedding"), emb,
+                             atol=1e-6)
+  # The head's LoRA is the embedding's transposed: the same delta.
+  np.testing.assert_array_equal(t["base_model.model.lm_head.lora_A.weight"],
+                                t[p + "embed_tokens.lora_embedding_B"].T)
+  np.testing.assert_array_equal(t["base_model.model.lm_head.lora_B.weight"],
+                                t[p + "embed_tokens.lora_embedding_A"].T)
+  for inner, name in (("base_layer.", "gate_up_proj"), ("", "down_proj")):
+    lora_a, lora_b = t[p + e + inner + "lora_A.weight"], t[
+        p + e + inner + "lora_B.weight"]
+    want = s * np.einsum("ore,eri->eoi", lora_b.reshape(-1, 2, 3),
+                         lora_a.reshape(3, 2, -1))
+    np.testing.assert_allclose(
+        diff("model", "layers", "0", "mlp", "experts", name), want,
+        atol=1e-6)
+
+
+def _np_filled(delta, seed=3):
+  """Random factors drawn by numpy (no compilation per shape)."""
+  rng = np.random.default_rng(seed)
+  draw = lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, x.dtype)
+  return lj.map_with_paths(
+      lambda p, d: d.replace(a=draw(d.a), b=draw(d.b)) if isinstance(
+          d, lj.LoraDelta) else d, delta,
+      is_leaf=lambda x: x is None or isinstance(x, lj.LoraDelta))
+
+
+def _get(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def test_embedding_head_and_experts_round_trip(moe_saved, tmp_path):
+  """load_peft gives back the factors bitwise (the head's copy dropped: the
+  table's adapter is the head's) and lj.wrap computes lj.merge's output;
+  without parameter_order the one order whose shapes fit is taken."""
+  params, delta, directory = moe_saved
+  base, loaded, config = lj.load_peft(directory, params,
+                                      module_names=MOE_NAMES,
+                                      layouts=MOE_LAYOUTS)
+  assert sorted(lj.adapters(loaded)) == sorted(lj.adapters(delta))
+  for path, d in lj.adapters(delta).items():
+    got = lj.adapters(loaded)[path]
+    assert got.scale == d.scale and got.layout == d.layout, path
+    np.testing.assert_array_equal(got.a, d.a)
+    np.testing.assert_array_equal(got.b, d.b)
+  want = _moe_fn(lj.merge(params, delta), MOE_IDS)
+  base, loaded, _ = lj.load_peft(directory, params, module_names=MOE_NAMES,
+                                 apply_fn=_moe_fn, example_args=(MOE_IDS,),
+                                 parameter_order=["gate_up_proj", "down_proj"])
+  np.testing.assert_allclose(jax.jit(lj.wrap(_moe_fn))(base, loaded, MOE_IDS), want,
+                             atol=1e-5)
+  assert np.abs(want - _moe_fn(params, MOE_IDS)).max() > 1e-2
+
+
+def test_embedding_and_expert_errors(moe_saved, tmp_path):
+  params, delta, directory = moe_saved
+  cfg = lj.LoraConfig(rank=2, alpha=6.0)
+  with pytest.raises(lj.PeftFormatError, match=r"'model.layers.0.mlp."
+                     r"experts' holds 2 adapted parameters .*Pass "
+                     r"parameter_order=.*missing: \['down_proj'\]"):
+    lj.save_peft(tmp_path / "x", delta, cfg, module_names=MOE_NAMES,
+                 parameter_order=["gate_up_proj"])
+  with pytest.raises(lj.PeftFormatError, match="tied_heads names output "
+                     r"heads \['lm_head'\] for 'model/layers/0/q_proj/kernel'"):
+    lj.save_peft(tmp_path / "x", delta, cfg, module_names=MOE_NAMES,
+                 tied_heads={".*q_proj/kernel": "lm_head"},
+                 parameter_order=["gate_up_proj", "down_proj"])
+  # Without the head's copy (and no embed_tokens tying), PEFT's head would
+  # miss the adapter: an error with apply_fn showing the tie, or without it.
+  t, meta = st.load_file(directory / "adapter_model.safetensors")
+  edited = tmp_path / "nohead"
+  edited.mkdir()
+  (edited / "adapter_config.json").write_text(
+      (directory / "adapter_config.json").read_text().replace(
+          '"ensure_weight_tying": true', '"ensure_weight_tying": false'))
+  st.save_file(edited / "adapter_model.safetensors", {
+      k: v for k, v in t.items() if "lm_head" not in k}, meta)
+  with pytest.raises(lj.PeftFormatError, match="PEFT applies to the lookup "
+                     "only.*apply_fn also uses 'model/embed_tokens/embedding' "
+                     "as a tied output head"):
+    lj.load_peft(edited, params, module_names=MOE_NAMES, apply_fn=_moe_fn,
+                 example_args=(MOE_IDS,))
+  with pytest.raises(lj.PeftFormatError, match="Pass apply_fn and "
+                     "example_args so that load_peft can tell"):
+    lj.load_peft(edited, params, module_names=MOE_NAMES, layouts=MOE_LAYOUTS)
+  # PEFT's saved base weights of the table: accepted when they are params'.
+  table = np.asarray(params["model"]["embed_tokens"]["embedding"])
+  for base_weight, ok in ((table, True), (table + 1e-3, False)):
+    st.save_file(edited / "adapter_model.safetensors", {**t, (
+        "base_model.model.model.embed_tokens.base_layer.weight"): base_weight},
+                 meta)
+    (edited / "adapter_config.json").write_text(
+        (directory / "adapter_config.json").read_text())
+    if ok:
+      lj.load_peft(edited, params, module_names=MOE_NAMES, layouts=MOE_LAYOUTS)
+      continue
+    with pytest.raises(lj.PeftFormatError, match="holds base weights of "
+                       "'model.embed_tokens' that differ from params'"):
+      lj.load_peft(edited, params, module_names=MOE_NAMES, layouts=MOE_LAYOUTS)
+  # Two expert stacks of one shape: the nesting needs parameter_order.
+  same = {"m": {"experts": {"up": params["model"]["layers"]["0"]["mlp"][
+      "experts"]["gate_up_proj"][:, :, :8], "down": params["model"][
+          "layers"]["0"]["mlp"]["experts"]["gate_up_proj"][:, :, 4:]}}}
+  names = [(r"m/experts/(\w+)", r"m.experts.\1")]
+  _, d2 = lj.split(same, lj.LoraConfig(rank=2, alpha=6.0, targets=".*",
+                                       layouts=MOE_LAYOUTS), jax.random.key(1))
+  d2 = _np_filled(d2)
+  lj.save_peft(tmp_path / "same", d2, cfg, module_names=names,
+               parameter_order=["up", "down"])
+  with pytest.raises(lj.PeftFormatError, match=r"cannot tell which of "
+                     r"'m.experts''s targeted parameters \['down', 'up'\] .*2 "
+                     r"orders fit.*Pass parameter_order"):
+    lj.load_peft(tmp_path / "same", same, module_names=names,
+                 layouts=MOE_LAYOUTS)
+  _, got, _ = lj.load_peft(tmp_path / "same", same, module_names=names,
+                           layouts=MOE_LAYOUTS, parameter_order=["up", "down"])
+  for path, d in lj.adapters(d2).items():
+    np.testing.assert_array_equal(lj.adapters(got)[path].a, d.a)
 
 
 # ------------------------------------------------- against PyTorch PEFT
@@ -1221,3 +1421,169 @@ def test_safetensors_agrees_with_the_reference_package(hf, tmp_path):
     np.testing.assert_array_equal(theirs[k], x)
     np.testing.assert_array_equal(ours[k], x)
     assert ours[k].dtype == x.dtype and theirs[k].dtype == x.dtype
+
+
+# ------------------------- embeddings, tied heads and experts against PEFT
+
+
+def _random_lora(hf, pm, seed=1):
+  """PEFT's LoRA factors of ``pm`` filled with random values (PEFT zeros
+  lora_B, or lora_embedding_A, at init)."""
+  torch = hf[0]
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if "lora_" in n:
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+  return pm.eval()
+
+
+def test_embedding_adapter_with_tied_head_both_ways(hf, models, tmp_path):
+  """GPT-2 ties lm_head to wte. lora_jax's adapter of wte reaches the tied
+  head; in PEFT the head's own LoRA (lm_head, a copy of the embedding's
+  factors transposed, as ensure_weight_tying makes it) does. PEFT's file
+  gives PEFT's logits in lora_jax, save_peft's gives lora_jax's in PEFT."""
+  _, peft, _, _ = hf
+  torch_model, flax_model = models["gpt2"]
+  f = _flax_fn(flax_model)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # fan_in_fan_out for Conv1D
+    pm = _random_lora(hf, peft.get_peft_model(
+        copy.deepcopy(torch_model), peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["wte", "c_attn", "lm_head"])))
+  # PEFT ties only embed_tokens' head itself: tie GPT-2's by hand.
+  emb = pm.base_model.model.transformer.wte
+  head = pm.base_model.model.lm_head
+  with hf[0].no_grad():
+    head.lora_A["default"].weight.copy_(emb.lora_embedding_B["default"].T)
+    head.lora_B["default"].weight.copy_(emb.lora_embedding_A["default"].T)
+  want = _torch_logits(hf, pm)
+  assert np.abs(want - _torch_logits(hf, torch_model)).max() > 1e-2
+  pm.save_pretrained(tmp_path / "peft")
+  base, delta, _ = lj.load_peft(tmp_path / "peft", flax_model.params,
+                                apply_fn=f, example_args=(IDS,))
+  assert sorted(lj.adapters(delta)) == [
+      "transformer/h/0/attn/c_attn/kernel", "transformer/h/1/attn/c_attn/kernel",
+      "transformer/wte/embedding"]
+  got = np.asarray(jax.jit(lj.wrap(f))(base, delta, IDS))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+  config = lj.LoraConfig(rank=2, alpha=4.0,
+                         targets=r".*/(wte/embedding|c_attn/kernel)")
+  base, delta = lj.split(flax_model.params, config, jax.random.key(0), f,
+                         (IDS,))
+  delta = _randomized(delta)
+  want = np.asarray(jax.jit(lj.wrap(f))(base, delta, IDS))
+  lj.save_peft(tmp_path / "lj", delta, config,
+               tied_heads={"transformer/wte/embedding": "lm_head"})
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model),
+                                        tmp_path / "lj").eval()
+  got = _torch_logits(hf, pm)
+  assert np.abs(got - _torch_logits(hf, torch_model)).max() > 1e-2
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+EXPERTS = (3, 8, 6)  # experts, dim, expert dim
+
+
+def _torch_experts(torch):
+  """A GPT-OSS-like MoE block: stacked expert parameters gate_up_proj (E,
+  d, 2f) and down_proj (E, f, d), registered in that order, used as x @
+  W[e]; every expert sees every token, weighted by a softmax router."""
+  e, d, f = EXPERTS
+
+  class Experts(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.gate_up_proj = torch.nn.Parameter(torch.randn(e, d, 2 * f) * 0.3)
+      self.down_proj = torch.nn.Parameter(torch.randn(e, f, d) * 0.3)
+
+    def forward(self, x, weights):
+      h = torch.einsum("bd,edf->ebf", x, self.gate_up_proj)
+      h = torch.nn.functional.silu(h[..., :f]) * h[..., f:]
+      y = torch.einsum("ebf,efd->ebd", h, self.down_proj)
+      return torch.einsum("ebd,be->bd", y, weights)
+
+  class Mlp(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.router = torch.nn.Linear(d, e, bias=False)
+      self.experts = Experts()
+
+    def forward(self, x):
+      return x + self.experts(x, torch.softmax(self.router(x), -1))
+
+  class Model(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.mlp = Mlp()
+
+    def forward(self, x):
+      return self.mlp(x)
+
+  torch.manual_seed(0)
+  return Model().eval()
+
+
+def _jax_experts(params, x):
+  """The same block in JAX; each expert's product batched over the experts
+  (layout batch=(0,))."""
+  p = params["mlp"]
+  e, _, f = EXPERTS
+  weights = jax.nn.softmax(x @ p["router"]["kernel"], -1)
+  xe = jnp.broadcast_to(x, (e, *x.shape))
+  h = jnp.einsum("ebd,edf->ebf", xe, p["experts"]["gate_up_proj"])
+  h = jax.nn.silu(h[..., :f]) * h[..., f:]
+  y = jnp.einsum("ebf,efd->ebd", h, p["experts"]["down_proj"])
+  return x + jnp.einsum("ebd,be->bd", y, weights)
+
+
+EXPERT_NAMES = [(r"mlp/experts/(gate_up_proj|down_proj)", r"mlp.experts.\1")]
+
+
+def test_target_parameters_experts_both_ways(hf, tmp_path):
+  """PEFT's target_parameters on stacked experts: PEFT's file gives PEFT's
+  outputs in lora_jax, save_peft's gives lora_jax's in PEFT."""
+  torch, peft, _, _ = hf
+  model = _torch_experts(torch)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  params = {"mlp": {"router": {"kernel": jnp.asarray(sd["mlp.router.weight"].T)},
+                    "experts": {n: jnp.asarray(sd[f"mlp.experts.{n}"])
+                                for n in ("gate_up_proj", "down_proj")}}}
+  x = np.random.default_rng(0).normal(size=(5, EXPERTS[1])).astype(np.float32)
+  with torch.no_grad():
+    np.testing.assert_allclose(_jax_experts(params, x),
+                               model(torch.tensor(x)).numpy(), atol=1e-5)
+  pm = _random_lora(hf, peft.get_peft_model(
+      copy.deepcopy(model), peft.LoraConfig(
+          r=2, lora_alpha=4, target_modules=[],
+          target_parameters=["experts.gate_up_proj", "experts.down_proj"])))
+  with torch.no_grad():
+    want, plain = (m(torch.tensor(x)).numpy() for m in (pm, model))
+  assert np.abs(want - plain).max() > 1e-2
+  pm.save_pretrained(tmp_path / "peft")
+  base, delta, config = lj.load_peft(
+      tmp_path / "peft", params, module_names=EXPERT_NAMES,
+      apply_fn=_jax_experts, example_args=(x,))
+  assert sorted(lj.adapters(delta)) == ["mlp/experts/down_proj",
+                                        "mlp/experts/gate_up_proj"]
+  np.testing.assert_allclose(lj.wrap(_jax_experts)(base, delta, x), want,
+                             atol=1e-5, rtol=0)
+
+  config = lj.LoraConfig(rank=2, alpha=4.0, targets=r"mlp/experts/.*")
+  base, delta = lj.split(params, config, jax.random.key(0), _jax_experts,
+                         (x,))
+  delta = _randomized(delta)
+  want = np.asarray(lj.wrap(_jax_experts)(base, delta, x))
+  lj.save_peft(tmp_path / "lj", delta, config, module_names=EXPERT_NAMES,
+               parameter_order=["gate_up_proj", "down_proj"])
+  pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "lj")
+  with torch.no_grad():
+    got = pm.eval()(torch.tensor(x)).numpy()
+  assert np.abs(got - plain).max() > 1e-2
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -142,6 +142,16 @@ class Namer:
   def __call__(self, path: str):
     return self.fn(path)
 
+  def parameter(self, path: str) -> str | None:
+    """The name ``module_names`` gives a stacked kernel as a whole (a torch
+    parameter such as ``...mlp.experts.gate_up_proj``), or None: no name of
+    its own (the default name, or none)."""
+    name = self.fn(path)
+    if not isinstance(name, str) or not name or (
+        self.preset is None and name == default_module_name(path)):
+      return None
+    return name
+
   def known(self, path: str) -> str | None:
     """The single name of ``path``, or None (no module, or a split)."""
     name = self.fn(path)
@@ -243,6 +253,22 @@ def target_modules(names: list[str], others: list[str] | None
     # A list also picks '.'-suffixes; a string is full-matched.
     return "|".join(re.escape(n) for n in sorted(names))
   return sorted(names)
+
+
+def embedding_selector(embeddings: str | Sequence[str] | None
+                       ) -> Callable[[str], bool]:
+  """``path -> bool`` for :func:`save_peft`'s ``embeddings``: regexes
+  full-matched on leaf paths; None: leaves named ``embedding`` (Flax
+  ``nn.Embed``) or ``input_embedding`` (tunix's embedder)."""
+  if embeddings is None:
+    return lambda p: p.rsplit("/", 1)[-1] in ("embedding", "input_embedding")
+  patterns = [embeddings] if isinstance(embeddings, str) else list(embeddings)
+  try:
+    compiled = [re.compile(p) for p in patterns]
+  except (TypeError, re.error) as e:
+    raise TypeError(f"embeddings must be a regex or a list of regexes over "
+                    f"leaf paths, got {embeddings!r} ({e}).") from None
+  return lambda p: any(c.fullmatch(p) for c in compiled)
 
 
 def entry_path(path: str, idx: tuple) -> str:

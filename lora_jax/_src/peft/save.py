@@ -12,12 +12,12 @@ included), so the arithmetic is exactly the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 import warnings
 
 import numpy as np
@@ -27,10 +27,10 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import is_delta_or_none
+from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
+from lora_jax._src.peft import kinds
 from lora_jax._src.peft.files import CONFIG_FILE
-from lora_jax._src.peft.files import LORA_A
-from lora_jax._src.peft.files import LORA_B
 from lora_jax._src.peft.files import MAGNITUDE
 from lora_jax._src.peft.files import PREFIX
 from lora_jax._src.peft.files import WEIGHTS_FILE
@@ -42,6 +42,7 @@ from lora_jax._src.peft.names import Namer
 from lora_jax._src.peft.names import as_namer
 from lora_jax._src.peft.names import as_pattern_keys
 from lora_jax._src.peft.names import check_expected
+from lora_jax._src.peft.names import embedding_selector
 from lora_jax._src.peft.names import entry_path
 from lora_jax._src.peft.names import expected_set
 from lora_jax._src.peft.names import pattern_key
@@ -49,19 +50,51 @@ from lora_jax._src.peft.names import shortest_suffixes
 from lora_jax._src.peft.names import target_modules
 from lora_jax._src.peft.vllm import check_vllm
 from lora_jax._src.peft.vllm import principal_problem
+from lora_jax._src.tokens import TrainableTokens
+from lora_jax._src.tokens import token_deltas
 
 
-def _modules_of(delta: Any, namer: Namer) -> list[tuple]:
-  """``(module, path, adapter, batch index, part)`` per PEFT module; a kernel
-  with batch axes gives one module per index, named from ``path[i,j]``; a
-  kernel named with a list of ``n`` modules gives one per ``part`` ``(j,
-  n)`` of its first output axis (``part`` is None otherwise). Two leaves
-  under one module name are refused, naming both."""
+class Module(NamedTuple):
+  """One PEFT module (or targeted parameter) of a delta: its ``name``, the
+  adapter's ``path`` and ``delta``, the batch entry ``idx`` it holds (``()``:
+  all), ``part`` ``(j, n)`` (the ``j``-th of ``n`` equal blocks of the first
+  output axis; None: all) and its ``kind`` (:mod:`kinds`)."""
+
+  name: str
+  path: str
+  delta: LoraDelta
+  idx: tuple
+  part: tuple | None
+  kind: str
+
+
+def _embedding_check(path: str, d: LoraDelta, names: list[str]) -> None:
+  if d.layout != Layout.dense() or len(names) != 1:
+    raise PeftFormatError(
+        f"save_peft: {path!r} is written as a PEFT Embedding (it matches "
+        f"embeddings=) but its adapter has layout {d.layout} on kernel shape "
+        f"{d.kernel_shape}"
+        + (f" and {len(names)} module names" if len(names) != 1 else "")
+        + "; PEFT's Embedding adapts one (vocab, dim) table looked up by "
+        "row (layout Layout.dense()). Leave it out of embeddings=.")
+
+
+def _modules_of(delta: Any, namer: Namer, embeddings: Callable[[str], bool],
+                tied_heads: Mapping[str, Any] | None = None) -> list[Module]:
+  """The PEFT modules of ``delta``. A kernel named by ``module_names`` as a
+  whole despite its one batch axis is a targeted parameter (experts); any
+  other kernel with batch axes gives one module per entry, named from
+  ``path[i,j]``; a kernel named with a list of ``n`` modules gives one per
+  block of its first output axis. Two leaves under one module name are
+  refused, naming both."""
   out = []
   for path, d in adapters(delta).items():
     batch, _, outs = d.layout.sizes(d.kernel_shape)
     if not batch:
       names = namer.names(path)
+      kind = kinds.EMBEDDING if embeddings(path) else kinds.LINEAR
+      if kind == kinds.EMBEDDING:
+        _embedding_check(path, d, names)
       if len(names) > 1 and outs[0] != len(names):
         raise PeftFormatError(
             f"{namer.what} names {len(names)} torch modules {names} for "
@@ -71,8 +104,15 @@ def _modules_of(delta: Any, namer: Namer) -> list[tuple]:
             f"first output axis holds the fused projections (layouts=), or "
             f"name it as one module.")
       for j, m in enumerate(names):
-        out.append((m, path, d, (), (j, len(names)) if len(names) > 1 else
-                    None))
+        out.append(Module(m, path, d, (), (j, len(names)) if len(names) > 1
+                          else None, kind))
+      for head in _heads_of(path, tied_heads, kind):
+        out.append(Module(head, path, d, (), None, kinds.HEAD))
+      continue
+    param = namer.parameter(path)
+    if param is not None:
+      _param_check(path, d, param)
+      out.append(Module(param, path, d, (), None, kinds.PARAM))
       continue
     for idx in np.ndindex(*batch):
       indexed = entry_path(path, idx)
@@ -84,26 +124,28 @@ def _modules_of(delta: Any, namer: Namer) -> list[tuple]:
             f"layers or experts) while PEFT has one module per kernel. Pass "
             f"module_names that maps {indexed!r} to the module of that index, "
             f"e.g. module_names=[(r'(.*)/layers/(\\w+)/kernel\\[(\\d+)\\]', "
-            f"r'model.layers.\\3.\\2')].")
+            f"r'model.layers.\\3.\\2')], or that names {path!r} itself as "
+            f"a stacked torch parameter (PEFT's target_parameters), e.g. "
+            f"[(r'(.*)/experts/(\\w+)', r'model.\\1.experts.\\2')].")
       if len(names) > 1:
         raise PeftFormatError(
             f"{namer.what} names {len(names)} torch modules {names} for the "
             f"stacked entry {indexed!r}; an entry of a stacked kernel is one "
             f"module.")
-      out.append((names[0], path, d, idx, None))
+      out.append(Module(names[0], path, d, idx, None, kinds.LINEAR))
   # Each module name belongs to one leaf: two adapters, or an adapter and
   # another leaf of the tree (a kernel left alone; a bias belongs with its
   # kernel in torch's module), under one name would put the adapter on the
   # wrong weight in PEFT.
   owner: dict[str, str] = {}
-  for m, path, _, idx, _ in out:
-    where = entry_path(path, idx) if idx else path
-    if m in owner:
+  for mod in out:
+    where = entry_path(mod.path, mod.idx) if mod.idx else mod.path
+    if mod.name in owner:
       raise PeftFormatError(
-          f"{namer.what} gives the PEFT module name {m!r} to more than one "
-          f"adapter ({sorted([owner[m], where])}); each torch module holds "
-          f"one adapter. Fix module_names.")
-    owner[m] = where
+          f"{namer.what} gives the PEFT module name {mod.name!r} to more than "
+          f"one adapter ({sorted([owner[mod.name], where])}); each torch "
+          f"module holds one adapter. Fix module_names.")
+    owner[mod.name] = where
   for p, x in leaves_with_paths(delta, is_leaf=is_delta_or_none):
     if x is not None or p.rsplit("/", 1)[-1] == "bias":
       continue
@@ -118,20 +160,93 @@ def _modules_of(delta: Any, namer: Namer) -> list[tuple]:
   return out
 
 
-def _factors(d: LoraDelta, idx: tuple, part: tuple | None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-  """PEFT's ``(lora_A (r, in), lora_B (out, r), magnitude (out,) or None)``
-  of one (batch entry of an) adapter; ``part`` ``(j, n)``: the ``j``-th of
-  ``n`` equal blocks of its outputs (a fused projection's module)."""
+def _heads_of(path: str, tied_heads: Mapping[str, Any] | None, kind: str
+              ) -> list[str]:
+  """The torch modules of the output heads tied to the table ``path``."""
+  heads = []
+  for pattern, names in (tied_heads or {}).items():
+    if re.fullmatch(pattern, path):
+      heads += [names] if isinstance(names, str) else list(names)
+  if heads and kind != kinds.EMBEDDING:
+    raise PeftFormatError(
+        f"save_peft: tied_heads names output heads {heads} for {path!r}, "
+        f"which is not written as an embedding (embeddings=); a tied head "
+        f"belongs to an adapted embedding table.")
+  return heads
+
+
+def _param_check(path: str, d: LoraDelta, param: str) -> None:
+  """PEFT's ParamWrapper: one batch axis (experts), no DoRA."""
+  if len(d.layout.batch) != 1 or "." not in param:
+    raise PeftFormatError(
+        f"save_peft: module_names names the stacked kernel {path!r} (shape "
+        f"{d.kernel_shape}, layout {d.layout}) as the torch parameter "
+        f"{param!r}, which PEFT's target_parameters adapts one expert per "
+        f"entry of one batch axis: "
+        + ("the name needs a module and a parameter, e.g. "
+           "'model.layers.0.mlp.experts.gate_up_proj'." if "." not in param
+           else f"this kernel has {len(d.layout.batch)} batch axes. Name "
+           f"each entry \"<path>[i]\" as its own module instead."))
+  if d.magnitude is not None:
+    raise PeftFormatError(
+        f"save_peft: {path!r} is a DoRA adapter on a stacked parameter "
+        f"({param!r}); PEFT's target_parameters has no DoRA. Save it without "
+        f"DoRA or name each expert as its own module.")
+
+
+def _param_order(mods: list[Module], parameter_order: Sequence[str] | None
+                 ) -> dict[str, str]:
+  """``{parameter name: key prefix}`` for the targeted parameters: the
+  ``j``-th of a module's ``n`` parameters in ``parameter_order`` (torch's
+  registration order) nests under ``n-1-j`` ``.base_layer``."""
+  by_module: dict[str, list[str]] = {}
+  for mod in mods:
+    if mod.kind == kinds.PARAM:
+      module, _, short = mod.name.rpartition(".")
+      by_module.setdefault(module, []).append(short)
+  out = {}
+  for module, shorts in by_module.items():
+    if len(shorts) > 1:
+      order = list(parameter_order or ())
+      missing = sorted(set(shorts) - set(order))
+      if missing:
+        raise PeftFormatError(
+            f"save_peft: the torch module {module!r} holds {len(shorts)} "
+            f"adapted parameters {sorted(shorts)}; PEFT nests one wrapper per "
+            f"parameter, the first registered innermost, so their keys depend "
+            f"on torch's order. Pass parameter_order=[...] with every one of "
+            f"them in the order the module registers them (its "
+            f"named_parameters() order; GPT-OSS: ['gate_up_proj', "
+            f"'down_proj']); missing: {missing}.")
+      shorts = sorted(shorts, key=order.index)
+    for j, short in enumerate(shorts):
+      out[f"{module}.{short}"] = kinds.nested_module(module, j, len(shorts))
+  return out
+
+
+def _factors(mod: Module) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """The ``(lora_A, lora_B, magnitude or None)`` tensors of one module:
+  Linear and Embedding ``(r, in)``, ``(out, r)``; a targeted parameter
+  ``(r*E, out)``, ``(in, r*E)`` (:mod:`kinds`)."""
+  d = mod.delta
   lora_a, lora_b = d.layout.factors_to_out_in(d.a, d.b)
-  g = int(np.ravel_multi_index(idx, d.layout.sizes(d.kernel_shape)[0])
-          ) if idx else 0
+  if mod.kind == kinds.HEAD:  # (vocab, dim) table, head (vocab, dim) weight
+    if d.magnitude is not None:
+      raise PeftFormatError(
+          f"save_peft: {mod.path!r} is a DoRA adapter with the tied head "
+          f"{mod.name!r}; PEFT ties plain LoRA factors only.")
+    return np.asarray(lora_b[0]).T, np.asarray(lora_a[0]).T, None
+  if mod.kind == kinds.PARAM:
+    return (*kinds.param_to_peft(np.asarray(lora_a), np.asarray(lora_b)),
+            None)
+  g = int(np.ravel_multi_index(mod.idx, d.layout.sizes(d.kernel_shape)[0])
+          ) if mod.idx else 0
   lora_a, lora_b = np.asarray(lora_a[g]), np.asarray(lora_b[g])
   mag = None
   if d.magnitude is not None:
     mag = np.asarray(d.magnitude).reshape(-1, lora_b.shape[0])[g]
-  if part is not None:
-    j, n = part
+  if mod.part is not None:
+    j, n = mod.part
     rows = slice(j * lora_b.shape[0] // n, (j + 1) * lora_b.shape[0] // n)
     lora_b = lora_b[rows]
     mag = None if mag is None else mag[rows]
@@ -161,9 +276,43 @@ def _pattern(groups: dict[Any, list[str]], default: Any, names: list[str]):
   return out
 
 
+def _tokens_of(delta: Any, namer: Namer
+               ) -> dict[str, tuple[str, TrainableTokens]]:
+  """``{module: (path, TrainableTokens)}``: each table's one module."""
+  out = {}
+  for path, t in token_deltas(delta).items():
+    names = namer.names(path)
+    if len(names) != 1:
+      raise PeftFormatError(
+          f"save_peft: {namer.what} names {names} for the trainable tokens of "
+          f"{path!r}; an embedding table is one torch module.")
+    out[names[0]] = (path, t)
+  return out
+
+
+def _tokens_config(tokens: dict[str, tuple[str, TrainableTokens]]) -> dict:
+  """PEFT's ``TrainableTokensConfig`` for a delta of trainable tokens only:
+  one list of ids for every table."""
+  ids = {t.indices for _, t in tokens.values()}
+  if len(ids) > 1:
+    raise PeftFormatError(
+        f"save_peft: the tables {sorted(p for p, _ in tokens.values())} have "
+        f"different trainable token ids; PEFT's TrainableTokensConfig has one "
+        f"token_indices list for all its modules. Save each table as its own "
+        f"adapter, or add a LoRA adapter (then trainable_token_indices holds "
+        f"the ids per module).")
+  return {"peft_type": "TRAINABLE_TOKENS", "target_modules": sorted(tokens),
+          "token_indices": list(ids.pop()), "init_weights": True,
+          "inference_mode": True, "base_model_name_or_path": None,
+          "task_type": None}
+
+
 def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None,
                 fold_scales: bool = False,
-                expected_modules: Sequence[str] | None = None) -> dict:
+                expected_modules: Sequence[str] | None = None, *,
+                embeddings: str | Sequence[str] | None = None,
+                tied_heads: Mapping[str, Any] | None = None,
+                parameter_order: Sequence[str] | None = None) -> dict:
   """The ``adapter_config.json`` that :func:`save_peft` writes for ``delta``.
 
   Args:
@@ -172,6 +321,9 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
     module_names: as in :func:`save_peft`.
     fold_scales: as in :func:`save_peft`.
     expected_modules: as in :func:`save_peft`.
+    embeddings: as in :func:`save_peft`.
+    tied_heads: as in :func:`save_peft`.
+    parameter_order: as in :func:`save_peft`.
 
   Returns:
     The config as a dict of JSON types.
@@ -190,13 +342,20 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
     (2, 4, ['q_proj'])
   """
   namer = as_namer(module_names)
-  mods = _modules_of(delta, namer)
-  if not mods:
+  mods = _modules_of(delta, namer, embedding_selector(embeddings),
+                     tied_heads)
+  tokens = _tokens_of(delta, namer)
+  if not mods and not tokens:
     raise PeftFormatError("save_peft: the delta holds no adapter.")
-  names = [m for m, *_ in mods]
-  dora = sorted({p for _, p, d, *_ in mods if d.magnitude is not None})
-  if dora and len(dora) < len({p for _, p, *_ in mods}):
-    plain = sorted({p for _, p, d, *_ in mods if d.magnitude is None})
+  if not mods:
+    return _tokens_config(tokens)
+  _param_order(mods, parameter_order)  # the order is checked up front
+  names = [mod.name for mod in mods]
+  params = sorted(mod.name for mod in mods if mod.kind == kinds.PARAM)
+  modules = [mod.name for mod in mods if mod.kind != kinds.PARAM]
+  dora = sorted({mod.path for mod in mods if mod.delta.magnitude is not None})
+  if dora and len(dora) < len({mod.path for mod in mods}):
+    plain = sorted({mod.path for mod in mods if mod.delta.magnitude is None})
     raise PeftFormatError(
         f"save_peft: {dora[0]!r} is a DoRA adapter but {plain[0]!r} is not; "
         f"PEFT's use_dora holds for every module of an adapter. Save the two "
@@ -214,16 +373,19 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
   if expected_modules is not None:
     # The torch model's own module names: every other one is left alone.
     expected = expected_set(expected_modules)
-    check_expected(names, expected, "save_peft", namer.what)
+    check_expected(modules + [p.rpartition(".")[0] for p in params],
+                   expected, "save_peft", namer.what)
     others, has_slots = set(expected), True
-  targets = target_modules(names, sorted(others - set(names))
-                            if has_slots else None)
+  targets = target_modules(modules, sorted(others - set(modules))
+                           if has_slots else None) if modules else []
   by_rank: dict = {}
   by_alpha: dict = {}
-  for m, _, d, *_ in mods:
-    by_rank.setdefault(d.rank, []).append(m)
-    by_alpha.setdefault(_alpha_of(d, config.rslora), []).append(m)
-  dropouts = {d.dropout for _, _, d, *_ in mods}
+  for mod in mods:
+    by_rank.setdefault(mod.delta.rank, []).append(mod.name)
+    by_alpha.setdefault(_alpha_of(mod.delta, config.rslora), []).append(
+        mod.name)
+  # PEFT's ParamWrapper refuses dropout; it does not change inference.
+  dropouts = {0.0 if params else mod.delta.dropout for mod in mods}
   out = {
       "peft_type": "LORA",
       "r": config.rank,
@@ -243,6 +405,15 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
       "base_model_name_or_path": None,
       "task_type": None,
   }
+  if params:
+    out["target_parameters"] = params
+  if tokens:
+    out["trainable_token_indices"] = {m: list(t.indices)
+                                      for m, (_, t) in tokens.items()}
+  if any(mod.kind == kinds.EMBEDDING for mod in mods):
+    # A tied output head reads the table lora_jax adapts, and PEFT ties its
+    # adapter to the embedding's only with this field.
+    out["ensure_weight_tying"] = True
   if fold_scales:
     # One scale for every module (what vLLM applies): each module's alpha is
     # set so that alpha / r (or / sqrt(r)) is the global scale; the factor
@@ -257,7 +428,10 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
 def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
               module_names: ModuleNames = None, *, fold_scales: bool = False,
               extra_config: Mapping[str, Any] | None = None,
-              expected_modules: Sequence[str] | None = None) -> list[str]:
+              expected_modules: Sequence[str] | None = None,
+              embeddings: str | Sequence[str] | None = None,
+              tied_heads: Mapping[str, Any] | None = None,
+              parameter_order: Sequence[str] | None = None) -> list[str]:
   """Writes ``delta`` as a PEFT LoRA adapter directory.
 
   ``peft.PeftModel.from_pretrained`` loads it onto the equivalent torch model
@@ -295,7 +469,11 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
       into ``n`` equal blocks, one module each (a fused projection, as
       Gemma's ``kv_einsum``; the same ``lora_A`` for each). Two leaves under
       one module name are an error (a leaf named ``bias`` belongs with its
-      kernel).
+      kernel). A kernel with one batch axis (experts) that is named as a
+      whole, e.g. ``[(r"(.*)/mlp/experts/(gate_up_proj|down_proj)",
+      r"\\1.mlp.experts.\\2")]``, is written as PEFT's ``target_parameters``
+      adapter of that torch parameter (``lora.ParamWrapper``, one rank-``r``
+      adapter per expert, no DoRA).
     fold_scales: write one scale, ``lora_alpha / r``, for every module (vLLM
       ignores ``alpha_pattern``): each module's scale ratio is folded into
       its ``lora_B``, and ``alpha_pattern`` gives modules of another rank
@@ -309,6 +487,24 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
       _ in torch_model.named_modules()]``): an exported name that is not
       one of them is an error, raised before anything is written; they also
       make ``target_modules`` exact.
+    embeddings: regexes full-matched on leaf paths: the adapted tables
+      looked up by row, written as PEFT's ``lora.Embedding``
+      (``lora_embedding_A`` ``(r, vocab)``, ``lora_embedding_B`` ``(dim,
+      r)``) with ``ensure_weight_tying`` set. Default: leaves named
+      ``embedding`` (Flax ``nn.Embed``) or ``input_embedding`` (tunix).
+    tied_heads: ``{table path regex: torch module name(s)}`` of the output
+      heads that reuse an adapted table (``x @ table.T``, ``attend``), e.g.
+      ``{"transformer/wte/embedding": "lm_head"}``: lora_jax's adapter of
+      the table reaches them, so each is written as the Linear adapter
+      PEFT's weight tying gives it (``lora_A = lora_embedding_B.T``,
+      ``lora_B = lora_embedding_A.T``). PEFT ties a head by itself only for a
+      table named ``embed_tokens`` (with ``ensure_weight_tying``); name
+      every other tied head here, or PEFT's head misses the adapter.
+    parameter_order: the names of a torch module's targeted parameters in
+      the order the module registers them (``named_parameters()``), e.g.
+      ``["gate_up_proj", "down_proj"]`` for GPT-OSS's experts. Needed when
+      one module has several: PEFT nests their wrappers in that order, which
+      decides their keys.
 
   Returns:
     The problems :func:`check_vllm` found (also warned); empty if none.
@@ -337,9 +533,12 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
   if not isinstance(config, LoraConfig):
     raise TypeError(f"save_peft expects a lora_jax.LoraConfig, got {config!r}.")
   namer = as_namer(module_names)
-  cfg = peft_config(delta, config, namer, fold_scales, expected_modules)
+  cfg = peft_config(delta, config, namer, fold_scales, expected_modules,
+                    embeddings=embeddings, tied_heads=tied_heads,
+                    parameter_order=parameter_order)
   fixed = {"peft_type", "r", "lora_alpha", "target_modules", "use_rslora",
-           "use_dora", "rank_pattern", "alpha_pattern"}
+           "use_dora", "rank_pattern", "alpha_pattern", "target_parameters",
+           "trainable_token_indices", "token_indices"}
   clash = sorted(fixed & set(extra_config or {}))
   if clash:
     raise ValueError(
@@ -347,15 +546,23 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
         f"weights, and save_peft writes them from the delta and config.")
   cfg.update(extra_config or {})
   tensors = {}
-  for m, _, d, idx, part in _modules_of(delta, namer):
-    lora_a, lora_b, mag = _factors(d, idx, part)
+  mods = _modules_of(delta, namer, embedding_selector(embeddings),
+                     tied_heads)
+  nested = _param_order(mods, parameter_order)
+  for mod in mods:
+    lora_a, lora_b, mag = _factors(mod)
     if fold_scales:
-      ratio = d.scale / config.scale  # PEFT and vLLM apply config.scale
+      ratio = mod.delta.scale / config.scale  # PEFT and vLLM apply this
       lora_b = (lora_b.astype(np.float64) * ratio).astype(lora_b.dtype)
-    tensors[PREFIX + m + LORA_A] = lora_a
-    tensors[PREFIX + m + LORA_B] = lora_b
+    key = PREFIX + nested.get(mod.name, mod.name)
+    suffix_a, suffix_b = kinds.SUFFIXES[mod.kind]
+    tensors[key + suffix_a] = lora_a
+    tensors[key + suffix_b] = lora_b
     if mag is not None:
-      tensors[PREFIX + m + MAGNITUDE] = mag
+      tensors[key + MAGNITUDE] = mag
+  suffix = kinds.TOKENS_IN_LORA if mods else kinds.TOKENS
+  for m, (_, t) in _tokens_of(delta, namer).items():
+    tensors[PREFIX + m + suffix] = np.asarray(t.values)
   os.makedirs(directory, exist_ok=True)
   safetensors.save_file(os.path.join(directory, WEIGHTS_FILE), tensors,
                         {"format": "pt"})
