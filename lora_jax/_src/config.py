@@ -210,6 +210,52 @@ def selects(selector: Any, path: str, leaf: Any) -> bool:
 class LoraConfig:
   """What to adapt and how. Frozen and hashable, so it can be a static arg.
 
+  Every field is validated and normalised when the config is built (a
+  ``TypeError`` or ``ValueError`` naming the field otherwise).
+
+  Attributes:
+    rank: rank ``r`` of the update: ``a`` has shape ``(*batch, *in, r)``,
+      ``b`` ``(*batch, r, *out)``.
+    alpha: the update is scaled by ``alpha / rank`` (``alpha / sqrt(rank)``
+      with ``rslora``).
+    targets: which leaves get an adapter: a regex full-matched on the
+      ``'/'``-joined path, a list of regexes, a callable ``(path, leaf) ->
+      bool``, or ``"all-linear"`` (:data:`ALL_LINEAR`: every leaf named
+      ``kernel`` with ``ndim >= 2``; with ``apply_fn``, every kernel the
+      traced function uses as a linear map).
+    exclude: leaves never adapted even if targeted; the same forms as
+      ``targets``.
+    init: the factors' init: ``"default"`` (A kaiming-uniform(a=sqrt(5))
+      over fan-in, B = 0, as PEFT), ``"gaussian"`` (A ~ N(0, 1/rank^2), B =
+      0), ``"pissa"`` (principal singular vectors of W0; the base becomes the
+      residual), ``"pissa_niter_<N>"`` (the same by randomised SVD with N
+      power iterations), ``"olora"`` (QR of W0; residual base), ``"loftq"``
+      (for a quantized base: :func:`lora_jax.loftq` builds the quantized
+      base and the factors together, ``loftq_iters`` steps), or a callable
+      ``(key, a_shape, b_shape, dtype, fan_in) -> (a, b)``.
+    rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
+    dtype: dtype of the factors; None keeps float32 (float64 for float64
+      kernels), whatever the base's dtype, as PEFT does.
+    layouts: explicit layouts for kernels tracing cannot resolve, ``{regex:
+      Layout}``; the first regex that full-matches a path wins over a traced
+      layout.
+    dropout: dropout on the input of the LoRA branch only (as PEFT); active
+      only when the wrapped function is called with ``lora_rng=key``.
+    dora: DoRA: a trainable magnitude per output unit; the adapted kernel is
+      ``magnitude * (W0 + s A B) / ||W0 + s A B||`` (norm over the input
+      axes, a constant in the backward pass, as PEFT and the paper).
+    rank_pattern: per-leaf ranks, ``{regex: rank}`` full-matched on the
+      path, the first match winning (PEFT's ``rank_pattern``).
+    alpha_pattern: per-leaf alphas, as ``rank_pattern`` (PEFT's
+      ``alpha_pattern``).
+    trainable_tokens: PEFT's ``trainable_token_indices``, ``{regex: [token
+      ids]}``: only those rows of each matching 2-D embedding table ``(vocab,
+      dim)`` train, held as their new values in a
+      :class:`lora_jax.TrainableTokens` leaf of the delta.
+    loftq_iters: LoftQ's alternating steps (``init="loftq"``; PEFT's
+      ``loftq_iter``).
+    init_spec: ``init`` parsed (derived, not an argument).
+
   >>> cfg = LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
   >>> cfg.scale
   2.0
@@ -217,51 +263,21 @@ class LoraConfig:
   4.0
   """
 
-  # Rank r of the update: a has shape (*batch, *in, r), b (*batch, r, *out).
   rank: int = 8
-  # The update is scaled by alpha / rank (alpha / sqrt(rank) with rslora).
   alpha: float = 16.0
-  # Which leaves get an adapter: a regex full-matched on the '/'-joined path,
-  # a list of regexes, a callable (path, leaf) -> bool, or "all-linear"
-  # (every leaf named "kernel" with ndim >= 2).
   targets: Selector = ALL_LINEAR
-  # Leaves never adapted even if targeted; same forms as targets.
   exclude: Selector | None = None
-  # Factor init: "default" (A kaiming-uniform(a=sqrt(5)) over fan-in, B = 0,
-  # as PEFT), "gaussian" (A ~ N(0, 1/rank^2), B = 0), "pissa" (principal
-  # singular vectors of W0; the base becomes the residual), "pissa_niter_N"
-  # (the same by randomised SVD with N power iterations), "olora" (QR of W0;
-  # residual base), "loftq" (for a quantized base: lora_jax.loftq builds the
-  # quantized base and the factors together, loftq_iters steps), or a
-  # callable (key, a_shape, b_shape, dtype, fan_in) -> (a, b).
   init: str | Callable[..., Any] = "default"
-  # Rank-stabilised scaling alpha / sqrt(rank).
   rslora: bool = False
-  # dtype of the factors; None keeps float32 (float64 for float64 kernels),
-  # whatever the base's dtype, as PEFT does.
   dtype: Any = None
-  # Explicit layouts for kernels tracing cannot resolve: {regex: Layout}.
-  # The first regex that full-matches a path wins over a traced layout.
   layouts: Mapping[str, Layout] | Sequence[tuple[str, Layout]] = ()
-  # Dropout on the input of the LoRA branch only (as PEFT); active only when
-  # the wrapped function is called with lora_rng=key.
   dropout: float = 0.0
-  # DoRA: a trainable magnitude per output unit; the adapted kernel is
-  # magnitude * (W0 + s*A@B) / ||W0 + s*A@B|| (norm over the input axes,
-  # treated as a constant in the backward pass, as PEFT and the paper).
   dora: bool = False
-  # Per-leaf overrides, {regex: value}, full-matched on the path; the first
-  # match wins (PEFT's rank_pattern / alpha_pattern).
   rank_pattern: Mapping[str, int] | Sequence[tuple[str, int]] = ()
   alpha_pattern: Mapping[str, float] | Sequence[tuple[str, float]] = ()
-  # Trainable tokens (PEFT's trainable_token_indices): {regex: [token ids]};
-  # only those rows of each matching 2-D embedding table (vocab, dim) train,
-  # held as their new values in a lora_jax.TrainableTokens leaf of the delta.
   trainable_tokens: Mapping[str, Sequence[int]] | Sequence[
       tuple[str, Sequence[int]]] = ()
-  # LoftQ's alternating steps (init="loftq"; PEFT's loftq_iter).
   loftq_iters: int = 1
-  # ``init`` parsed (derived, not an argument).
   init_spec: InitSpec = dataclasses.field(
       init=False, compare=False, repr=False,
       default=None)  # type: ignore[assignment]  # set by __post_init__
