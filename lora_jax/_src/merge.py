@@ -174,6 +174,14 @@ def dora_norms(base: Any, delta: Any) -> dict:
   (the table's original rows at the ids) of every
   :class:`lora_jax.TrainableTokens`.
 
+  Args:
+    base: the base the delta was split from (a quantized base too).
+    delta: the delta tree.
+
+  Returns:
+    ``{path: array}``; empty when the delta has neither DoRA adapters nor
+    trainable tokens.
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> base, delta = lj.split({"w": jnp.eye(3) * 2}, lj.LoraConfig(
   ...     rank=1, targets="w", dora=True), jax.random.key(0))
@@ -205,6 +213,21 @@ def merge(base: Any, delta: Any) -> Any:
   ``shardings=lora_jax.delta_shardings(...)``). Swapped trees, a delta without
   any ``LoraDelta``, or a base holding one, are errors.
 
+  Args:
+    base: the frozen parameters (from :func:`lora_jax.split`).
+    delta: the delta tree (from :func:`lora_jax.split` or
+      :func:`lora_jax.load`); leaves without an adapter may be ``None`` or
+      absent.
+
+  Returns:
+    The merged parameters, ``base``'s structure and dtypes.
+
+  Raises:
+    ValueError: the trees look swapped, the delta holds no adapter, an
+      adapter's path has no base leaf, or an adapter does not fit its kernel
+      (shape, layout, a residual-base mark of another base); each names the
+      path.
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> base = {"kernel": jnp.zeros((3, 2))}
   >>> d = lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)), scale=2.0,
@@ -223,6 +246,19 @@ def unmerge(params: Any, delta: Any, norms: dict | None = None) -> Any:
   Exact up to float rounding (two roundings into the base dtype). DoRA
   adapters and trainable tokens (whose merge overwrote rows) also need
   ``norms = dora_norms(base, delta)``, taken before merging.
+
+  Args:
+    params: merged parameters (from :func:`merge`).
+    delta: the delta that was merged.
+    norms: :func:`dora_norms` of the base and delta, for DoRA adapters and
+      trainable tokens.
+
+  Returns:
+    The base parameters, up to float rounding.
+
+  Raises:
+    ValueError: as :func:`merge`, or a DoRA adapter / trainable tokens
+      without their entry in ``norms``.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> d = {"kernel": lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)))}

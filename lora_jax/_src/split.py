@@ -50,7 +50,38 @@ def split(params: Any, config: LoraConfig, key: jax.Array,
   elsewhere. A 2-D kernel is taken as ``(in, out)`` unless ``config.layouts``
   says otherwise; with ``apply_fn`` (called as ``apply_fn(params,
   *example_args, **example_kwargs)``) the layout of every targeted kernel is
-  read off an abstract trace of the function (no FLOPs are spent).
+  read off an abstract trace of the function (no FLOPs are spent). A tree
+  holding :class:`lora_jax.QArray` kernels is split on their shapes; the
+  base returned is the tree itself.
+
+  Args:
+    params: the parameter pytree (Flax Linen ``params``, an NNX ``nnx.Param``
+      state, any nested dict/list of arrays).
+    config: the :class:`lora_jax.LoraConfig`: which leaves, which rank, which
+      init.
+    key: a PRNG key for the factors' init.
+    apply_fn: optional ``apply_fn(params, *example_args, **example_kwargs)``,
+      traced abstractly to read each targeted kernel's layout (and, with
+      ``targets="all-linear"``, which kernels are linear maps).
+    example_args: positional example inputs of ``apply_fn`` (arrays or
+      ``jax.ShapeDtypeStruct``).
+    example_kwargs: keyword example inputs of ``apply_fn``.
+
+  Returns:
+    ``(base, delta)``: ``base`` is ``params`` (the residual kernels for a
+    principal init), ``delta`` has ``params``' structure with a
+    :class:`lora_jax.LoraDelta` at each adapted leaf (a
+    :class:`lora_jax.TrainableTokens` at each ``trainable_tokens`` table)
+    and ``None`` elsewhere.
+
+  Raises:
+    TypeError: ``config`` is not a ``LoraConfig``, or a target is not a
+      floating-point array.
+    ValueError: a regex of ``config`` matches no leaf, nothing is selected, a
+      target has fewer than 2 axes, its layout cannot be told (a kernel of 3
+      or more axes without ``apply_fn`` or ``config.layouts``), or a
+      principal init meets a quantized kernel. Each names the leaf and the
+      remedy.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"dense": {"kernel": jnp.ones((16, 32)), "bias": jnp.zeros(32)}}
