@@ -377,3 +377,29 @@ def test_merge_errors_name_the_argument():
   with pytest.raises(ValueError, match=r"majority_sign_method='count'"):
     lj.combine([good, good], method="ties", density=0.5,
                majority_sign_method="count")
+
+
+def test_non_finite_factors_are_refused_by_name():
+  good = {"blk": {"q": _one((4, 3))}}
+  bad = _one((4, 3))
+  bad = bad.replace(b=bad.b.at[1, 2].set(jnp.nan))
+  for method, kw in (("cat", {}), ("ties", {"density": 0.5})):
+    with pytest.raises(ValueError, match=r"delta 1 at 'blk/q' has NaN or inf "
+                       r"in its factors"):
+      lj.combine([good, {"blk": {"q": bad}}], method=method, **kw)
+
+
+def test_bf16_factors_stay_bf16():
+  rng = np.random.default_rng(2)
+  ds = [{"w": lj.LoraDelta(
+      jnp.asarray(rng.normal(size=(6, 2)), jnp.bfloat16),
+      jnp.asarray(rng.normal(size=(2, 5)), jnp.bfloat16), scale=s)}
+      for s in (0.5, 2.0)]
+  # linear in bf16 equals the float32 computation rounded
+  f32 = [{"w": d["w"].replace(a=d["w"].a.astype(jnp.float32),
+                              b=d["w"].b.astype(jnp.float32))} for d in ds]
+  want = lj.combine(f32, [1.0, -0.5], "linear")["w"]
+  got = lj.combine(ds, [1.0, -0.5], "linear")["w"]
+  assert got.a.dtype == got.b.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got.a, want.a.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(got.b, want.b.astype(jnp.bfloat16))

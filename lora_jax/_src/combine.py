@@ -34,6 +34,7 @@ for stacked kernels, one batch entry, as PEFT's modules are one per layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 from typing import Any
 
 import jax
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import check_same_kernel
+from lora_jax._src.delta import is_concrete
 from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.paths import preview
@@ -54,6 +56,13 @@ SVD = ("svd", "ties_svd", "magnitude_prune_svd", "dare_linear_svd",
 METHODS = ("cat",) + FACTORWISE + SVD
 PRUNED = ("ties", "magnitude_prune", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")
+
+
+def _finite(x) -> bool:
+  """Whether a concrete array is all finite (read now, also while tracing
+  a caller: adapters closed over by a jitted function are concrete)."""
+  with jax.ensure_compile_time_eval():
+    return bool(jnp.isfinite(x).all())
 
 
 def _check(deltas: list[dict[str, LoraDelta]], weights: list[float]):
@@ -87,6 +96,12 @@ def _check(deltas: list[dict[str, LoraDelta]], weights: list[float]):
             f"lj.combine: delta {k} at {path!r} was made with "
             f"init={d.residual_of.init!r} and belongs with its own residual "
             f"base; convert it with lj.to_plain_lora first.")
+      if any(is_concrete(x) and not _finite(x) for x in (d.a, d.b)):
+        raise ValueError(
+            f"lj.combine: delta {k} at {path!r} has NaN or inf in its "
+            f"factors; the combined adapter would be NaN, or (ties, "
+            f"magnitude pruning) would silently drop those entries. Fix or "
+            f"leave out that adapter.")
       if d.dropout != first.dropout:
         raise ValueError(
             f"lj.combine: at {path!r} delta {k} has dropout {d.dropout:g}, "
@@ -133,9 +148,10 @@ def _dense_svd(a, b):
   return jnp.linalg.svd(w, full_matrices=False)
 
 
-def _truncate(p, s, qt, rank, first, dtype):
-  """The rank-``rank`` adapter ``P[:, :rank] S Qt[:rank]`` (zero directions
-  past the available rank) and the fraction of singular mass it drops."""
+@functools.partial(jax.jit, static_argnums=3)
+def _top(p, s, qt, rank):
+  """``P[:, :rank] sqrt(S)`` and ``sqrt(S) Qt[:rank]`` (zero directions past
+  the available rank), the dropped and the total singular mass."""
   keep = min(rank, s.shape[-1])
   # sqrt(S) on each side: factors of like size, as a fresh LoRA would have
   root = jnp.sqrt(s[:, :keep])
@@ -146,6 +162,13 @@ def _truncate(p, s, qt, rank, first, dtype):
     new_b = jnp.pad(new_b, ((0, 0), (0, rank - keep), (0, 0)))
   energy = jnp.sum(s.astype(jnp.float32) ** 2)
   dropped = jnp.sum(s[:, keep:].astype(jnp.float32) ** 2)
+  return new_a, new_b, dropped, energy
+
+
+def _truncate(p, s, qt, rank, first, dtype):
+  """The rank-``rank`` adapter ``P S Qt`` truncated, and the fraction of
+  singular mass it drops."""
+  new_a, new_b, dropped, energy = _top(p, s, qt, rank)
   fraction = float(dropped / energy) if float(energy) > 0 else 0.0
   new_a, new_b = first.layout.unflatten_factors(
       new_a.astype(dtype), new_b.astype(dtype), first.kernel_shape)
@@ -206,6 +229,18 @@ def _merge(rule, x, w, density, sign_method, key):
   return jnp.where(agree, weighted, 0).sum(0) / count
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _merge_factors(rule, density, sign_method, a, b, wa, wb, key):
+  """The rule on ``a (n, G, K, R)`` with weights ``wa`` and on ``b (n, G, R,
+  N)`` with ``wb``, each factor its own mask."""
+  keys = (None, None) if key is None else jax.random.split(key)
+  new_a = _merge(rule, a.reshape(*a.shape[:2], -1), wa, density,
+                 sign_method, keys[0]).reshape(a.shape[1:])
+  new_b = _merge(rule, b.reshape(*b.shape[:2], -1), wb, density,
+                 sign_method, keys[1]).reshape(b.shape[1:])
+  return new_a, new_b
+
+
 def _factorwise(rule, ds, weights, density, sign_method, key):
   """``linear`` / ``ties`` / ``magnitude_prune`` / ``dare_*`` on the ``a``
   side and the ``b`` side separately, ``w s`` split as PEFT splits it."""
@@ -216,11 +251,8 @@ def _factorwise(rule, ds, weights, density, sign_method, key):
   flat = [d.layout.flatten_factors(d.a, d.b) for d in ds]
   a = jnp.stack([f[0] for f in flat]).astype(work)  # (n, G, K, R)
   b = jnp.stack([f[1] for f in flat]).astype(work)  # (n, G, R, N)
-  keys = (None, None) if key is None else jax.random.split(key)
-  new_a = _merge(rule, a.reshape(*a.shape[:2], -1), sign * root, density,
-                 sign_method, keys[0]).reshape(a.shape[1:])
-  new_b = _merge(rule, b.reshape(*b.shape[:2], -1), root, density,
-                 sign_method, keys[1]).reshape(b.shape[1:])
+  new_a, new_b = _merge_factors(rule, density, sign_method, a, b,
+                                sign * root, root, key)
   first = ds[0]
   new_a, new_b = first.layout.unflatten_factors(
       new_a.astype(dtype), new_b.astype(dtype), first.kernel_shape)
@@ -228,20 +260,32 @@ def _factorwise(rule, ds, weights, density, sign_method, key):
                    dropout=first.dropout), 0.0
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _merge_updates(rule, density, sign_method, a, b, scales, w, key):
+  """The SVD of the rule applied to the updates ``scales[i] a[i] @ b[i]``
+  (``a (n, G, K, R)``, ``b (n, G, R, N)``) with weights ``w``."""
+  x = jnp.matmul(a, b, precision=_HIGHEST) * scales[:, None, None, None]
+  merged = _merge(rule, x.reshape(*x.shape[:2], -1), w, density,
+                  sign_method, key).reshape(x.shape[1:])
+  return jnp.linalg.svd(merged, full_matrices=False)
+
+
 def _dense_merge_svd(rule, ds, weights, rank, density, sign_method, key):
   """``*_svd``: the rule on the dense updates ``s_i a_i @ b_i`` (weights
   ``w_i``), truncated to rank ``rank`` by SVD."""
   dtype, work = _dtypes(ds)
-  updates = []
-  for d in ds:
-    a, b = d.layout.flatten_factors(d.a, d.b)
-    updates.append(jnp.matmul(a.astype(work), b.astype(work),
-                              precision=_HIGHEST) * float(d.scale))
-  x = jnp.stack(updates)  # (n, G, K, N)
-  merged = _merge(rule, x.reshape(*x.shape[:2], -1),
-                  jnp.asarray([float(w) for w in weights], work), density,
-                  sign_method, key).reshape(x.shape[1:])
-  p, s, qt = jnp.linalg.svd(merged, full_matrices=False)
+  flat = [d.layout.flatten_factors(d.a, d.b) for d in ds]
+  if len({f[0].shape for f in flat}) > 1:  # ranks differ: pad with zeros
+    top = max(f[0].shape[-1] for f in flat)
+    flat = [(jnp.pad(a, ((0, 0), (0, 0), (0, top - a.shape[-1]))),
+             jnp.pad(b, ((0, 0), (0, top - b.shape[-2]), (0, 0))))
+            for a, b in flat]
+  a = jnp.stack([f[0] for f in flat]).astype(work)
+  b = jnp.stack([f[1] for f in flat]).astype(work)
+  p, s, qt = _merge_updates(
+      rule, density, sign_method, a, b,
+      jnp.asarray([float(d.scale) for d in ds], work),
+      jnp.asarray([float(w) for w in weights], work), key)
   return _truncate(p, s, qt, rank, ds[0], dtype)
 
 

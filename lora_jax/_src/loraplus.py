@@ -20,8 +20,9 @@ import optax
 from lora_jax._src.config import Selector
 from lora_jax._src.config import selects
 from lora_jax._src.delta import LoraDelta
-from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.paths import map_with_paths
+from lora_jax._src.stack import LoraStack
+from lora_jax._src.stack import is_stack_or_none
 
 A, B, B_NO_DECAY, EMBEDDING = ("loraplus_a", "loraplus_b",
                                "loraplus_b_no_decay", "loraplus_embedding")
@@ -31,7 +32,7 @@ A, B, B_NO_DECAY, EMBEDDING = ("loraplus_a", "loraplus_b",
 EMBEDDING_TABLES = r"(.*/)?embedding"
 
 
-def is_embedding_adapter(path: str, delta: LoraDelta,
+def is_embedding_adapter(path: str, delta: LoraDelta | LoraStack,
                          embeddings: Selector | None = EMBEDDING_TABLES
                          ) -> bool:
   """Whether the adapter at ``path`` updates an embedding table read by a
@@ -46,7 +47,7 @@ def is_embedding_adapter(path: str, delta: LoraDelta,
 
   Args:
     path: the adapter's path in the delta tree (e.g. ``"wte/embedding"``).
-    delta: the adapter.
+    delta: the adapter (or a stack of adapters).
     embeddings: the selector; None selects nothing.
 
   Returns:
@@ -67,20 +68,24 @@ def _labels(tree: Any, embeddings: Selector | None) -> Any:
   def label(path, x):
     if x is None:
       return None
-    if isinstance(x, LoraDelta):
+    if isinstance(x, (LoraDelta, LoraStack)):  # a stack: every adapter alike
       side = EMBEDDING if is_embedding_adapter(path, x, embeddings) else None
       # PEFT: a DoRA magnitude is 1-D, so it goes with B even on an embedding
-      return x.replace(a=side or A, b=side or B,
-                       magnitude=None if x.magnitude is None else B)
+      groups = {"a": side or A, "b": side or B,
+                "magnitude": None if x.magnitude is None else B}
+      kids, node = jax.tree_util.tree_flatten_with_path(
+          x, is_leaf=lambda y: y is not x)  # the node's own children
+      return jax.tree_util.tree_unflatten(
+          node, [groups[k[0].name] for k, _ in kids])
     if getattr(x, "ndim", None) == 1:
       return B_NO_DECAY if "bias" in path else B
     return A
-  return map_with_paths(label, tree, is_leaf=is_delta_or_none)
+  return map_with_paths(label, tree, is_leaf=is_stack_or_none)
 
 
 def _has_delta(tree: Any) -> bool:
-  return any(isinstance(x, LoraDelta)
-             for x in jax.tree.leaves(tree, is_leaf=is_delta_or_none))
+  return any(isinstance(x, (LoraDelta, LoraStack))
+             for x in jax.tree.leaves(tree, is_leaf=is_stack_or_none))
 
 
 def loraplus_labels(params: Any, embeddings: Selector | None = EMBEDDING_TABLES
