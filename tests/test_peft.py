@@ -1179,6 +1179,80 @@ def test_embedding_and_expert_errors(moe_saved, tmp_path):
     np.testing.assert_array_equal(lj.adapters(got)[path].a, d.a)
 
 
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_trainable_tokens_files_and_round_trip(tmp_path, with_lora):
+  """Trainable tokens are written as PEFT writes them (their rows' new
+  values; in a LoRA adapter under token_adapter with trainable_token_indices,
+  alone as a TRAINABLE_TOKENS adapter with token_indices) and read back
+  bitwise."""
+  params = _moe_params()["model"]
+  params = {"model": {"embed_tokens": params["embed_tokens"],
+                      "q_proj": params["layers"]["0"]["q_proj"],
+                      "lm_head": {"kernel": jnp.ones((8, 16))}}}
+  config = lj.LoraConfig(rank=2, alpha=4.0, targets=r".*q_proj/kernel",
+                         exclude=None if with_lora else ".*",
+                         trainable_tokens={".*/embedding": [5, 2]})
+  _, delta = lj.split(params, config, jax.random.key(0))
+  tokens = delta["model"]["embed_tokens"]["embedding"]
+  delta["model"]["embed_tokens"]["embedding"] = tokens.replace(
+      values=tokens.values * 2 + 1)
+  delta = _np_filled(delta)
+  lj.save_peft(tmp_path, delta, config)
+  t, _ = st.load_file(tmp_path / "adapter_model.safetensors")
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  key = "base_model.model.model.embed_tokens." + (
+      "token_adapter." if with_lora else "") + "trainable_tokens_delta"
+  np.testing.assert_array_equal(
+      t[key], np.asarray(params["model"]["embed_tokens"]["embedding"])[
+          [5, 2]] * 2 + 1)
+  assert len(t) == (3 if with_lora else 1)
+  if with_lora:
+    assert cfg["peft_type"] == "LORA"
+    assert cfg["trainable_token_indices"] == {"model.embed_tokens": [5, 2]}
+  else:
+    assert {k: cfg[k] for k in ("peft_type", "target_modules",
+                                "token_indices")} == {
+        "peft_type": "TRAINABLE_TOKENS",
+        "target_modules": ["model.embed_tokens"], "token_indices": [5, 2]}
+  base, loaded, got = lj.load_peft(tmp_path, params)
+  assert got.trainable_tokens == config.trainable_tokens.__class__(
+      ((re.escape("model/embed_tokens/embedding"), (5, 2)),))
+  got_tokens = loaded["model"]["embed_tokens"]["embedding"]
+  assert got_tokens.indices == (5, 2)
+  np.testing.assert_array_equal(
+      got_tokens.values, delta["model"]["embed_tokens"]["embedding"].values)
+  assert sorted(lj.adapters(loaded)) == (
+      ["model/q_proj/kernel"] if with_lora else [])
+  np.testing.assert_array_equal(
+      lj.merge(base, loaded)["model"]["embed_tokens"]["embedding"],
+      lj.merge(params, delta)["model"]["embed_tokens"]["embedding"])
+
+
+def test_trainable_tokens_errors(tmp_path):
+  params = {"model": {"embed_tokens": {"embedding": jnp.ones((16, 8))},
+                      "wpe": {"embedding": jnp.ones((16, 8))}}}
+  config = lj.LoraConfig(targets=".*", exclude=".*", trainable_tokens={
+      ".*embed_tokens.*": [1], ".*wpe.*": [2]})
+  _, delta = lj.split(params, config, jax.random.key(0))
+  with pytest.raises(lj.PeftFormatError, match="have different trainable "
+                     "token ids; PEFT's TrainableTokensConfig has one"):
+    lj.save_peft(tmp_path / "x", delta, config)
+  config = lj.LoraConfig(targets=".*", exclude=".*", trainable_tokens={
+      ".*embed_tokens.*": [1, 4]})
+  _, delta = lj.split(params, config, jax.random.key(0))
+  lj.save_peft(tmp_path, delta, config)
+  cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+  for field, value, message in (
+      ("token_indices", None, r"the field 'token_indices' \(None\) gives no "
+       "list of token ids for 'model.embed_tokens'"),
+      ("token_indices", [1, 4, 5], r"has shape \(2, 8\); want \(3, dim\), one "
+       "row per token id")):
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({**cfg, field: value}))
+    with pytest.raises(lj.PeftFormatError, match=message):
+      lj.load_peft(tmp_path, params)
+
+
 # ------------------------------------------------- against PyTorch PEFT
 
 
@@ -1587,3 +1661,62 @@ def test_target_parameters_experts_both_ways(hf, tmp_path):
     got = pm.eval()(torch.tensor(x)).numpy()
   assert np.abs(got - plain).max() > 1e-2
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+TOKEN_IDS = [3, 1, 7]
+
+
+@pytest.mark.parametrize("kind", ["lora", "tokens"])
+def test_trainable_tokens_both_ways(hf, models, kind, tmp_path):
+  """Trainable tokens on GPT-2's wte (its lm_head tied), in a LoRA adapter
+  (trainable_token_indices, with c_attn adapted) and alone
+  (TrainableTokensConfig): PEFT's file gives PEFT's logits in lora_jax,
+  save_peft's gives lora_jax's in PEFT."""
+  torch, peft, _, _ = hf
+  torch_model, flax_model = models["gpt2"]
+  f = _flax_fn(flax_model)
+  peft_config = peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=["c_attn"],
+      trainable_token_indices={"wte": TOKEN_IDS}) if kind == "lora" else (
+          peft.TrainableTokensConfig(target_modules=["wte"],
+                                     token_indices=TOKEN_IDS))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # fan_in_fan_out for Conv1D
+    pm = _random_lora(hf, peft.get_peft_model(copy.deepcopy(torch_model),
+                                              peft_config))
+  gen = torch.Generator().manual_seed(2)
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if n.endswith("trainable_tokens_delta.default"):
+        p.copy_(torch.randn(p.shape, generator=gen))
+  want = _torch_logits(hf, pm)
+  assert np.abs(want - _torch_logits(hf, torch_model)).max() > 1e-1
+  pm.save_pretrained(tmp_path / "peft")
+  base, delta, config = lj.load_peft(tmp_path / "peft", flax_model.params,
+                                     apply_fn=f, example_args=(IDS,))
+  tokens = delta["transformer"]["wte"]["embedding"]
+  assert isinstance(tokens, lj.TrainableTokens)
+  assert tokens.indices == tuple(TOKEN_IDS)
+  assert len(lj.adapters(delta)) == (2 if kind == "lora" else 0)
+  got = np.asarray(jax.jit(lj.wrap(f))(base, delta, IDS))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+  config = lj.LoraConfig(
+      rank=2, alpha=4.0, trainable_tokens={".*/wte/embedding": TOKEN_IDS},
+      targets=r".*/c_attn/kernel" if kind == "lora" else (
+          r".*/h/0/attn/c_attn/kernel"),
+      exclude=None if kind == "lora" else r".*")
+  base, delta = lj.split(flax_model.params, config, jax.random.key(0), f,
+                         (IDS,))
+  delta = _randomized(delta)
+  delta["transformer"]["wte"]["embedding"] = tokens.replace(
+      values=tokens.values[::-1] * 3.0)
+  want = np.asarray(jax.jit(lj.wrap(f))(base, delta, IDS))
+  lj.save_peft(tmp_path / "lj", delta, config)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model),
+                                        tmp_path / "lj").eval()
+  got = _torch_logits(hf, pm)
+  assert np.abs(got - _torch_logits(hf, torch_model)).max() > 1e-1
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
