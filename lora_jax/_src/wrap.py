@@ -41,62 +41,18 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
          strict: bool = False, recompute: bool = True) -> Callable[..., Any]:
   """``fn`` over ``(base, delta)`` instead of params.
 
-  Returns ``g(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs)
-  == fn(merge(base, delta), *args, **kwargs)``, traceable by ``jit``,
-  ``grad`` (also forward mode), ``vmap`` and ``shard_map``. ``g`` reports
-  that signature, so ``jax.jit(g, static_argnames="deterministic")`` marks
-  ``fn``'s keyword static and ``donate_argnames="delta"`` donates the delta.
-
-  Engines:
-    * ``"merge"`` builds ``W0 + scale * a @ b`` for every adapted kernel inside
-      the traced function and calls ``fn`` unchanged. Works for any function;
-      its backward pass computes a full-size gradient per adapted kernel.
-    * ``"factored"`` never materialises the update: it rewrites the ops that
-      consume each kernel to ``op(x, W0) + scale * op(op(x, a), b)``. Ops
-      without a factored rule get that kernel merged for that use, with a
-      warning (an error with ``strict=True``). A narrow frozen kernel (a
-      :class:`lora_jax.QArray`, a bf16 kernel the program widens) is widened
-      at its point of use and again in the backward pass, never kept; such a
-      kernel supports reverse-mode differentiation only.
-    * ``"auto"`` is factored, except where the shapes make merging cheaper
-      (many tokens and a large rank); see :func:`lora_jax.explain`.
-
-  Saved activations (factored and auto): each adapter keeps its input ``x``
-  for ``dA = x^T g``. Where ``x`` is elementwise maths (GELU, SiLU * up,
-  LayerNorm's scale and shift) on values the backward pass keeps anyway,
-  ``recompute=True`` keeps those values instead and recomputes ``x`` (and
-  the maths' own intermediates) in the backward pass; on W3 this removes a
-  third of the step's temporary memory (``benchmarks/results/w3_cpu.md``).
-  The recomputation is a ``custom_vjp`` (XLA:CPU merges ``jax.checkpoint``'s
-  recomputation back into the forward pass): reverse mode works at any
-  order, and an eager ``jax.jvp`` around ``g`` falls back to no
-  recomputation by itself, but forward mode traced under ``jit`` (``jvp``,
-  ``jacfwd``, Hessian-vector products as ``jvp`` of ``grad``) needs
-  ``recompute=False``; JAX's error then is "can't apply forward-mode
-  autodiff (jvp) to a custom_vjp function".
-
-  LoRA dropout (``LoraConfig(dropout=p)``) is applied only when ``g`` is
-  called with ``lora_rng=key``; without a key the call is deterministic. As
-  for every JAX random function, one key gives one mask: under ``jax.vmap``
-  with a shared key every example gets the same mask, so pass one key per
-  example (``jax.random.split(key, batch)``) for independent masks.
-
-  A stacked delta (:func:`lora_jax.stack`) needs ``adapter_ids``: an int
-  array with one entry per row of the array arguments (their axis 0); row
-  ``i`` uses adapter ``ids[i]``, ``-1`` the base alone. Rows must be
-  independent, as in serving. The factored and auto engines run the batch
-  whole where they can follow the rows through the program (axis 0 of every
-  argument, through elementwise ops, matmuls, reshapes, reductions over other
-  axes, ``scan`` over layers, ...): the frozen matmuls are the model's own and
-  each adapted ``x @ W``'s branch is one batched product over rows with each
-  row's factors. Where the rows cannot be followed (a reduction over rows,
-  an op without a rule), an adapted kernel is used otherwise (an embedding,
-  ``x @ W.T``, a convolution), with DoRA or with LoRA dropout, the function
-  runs once per row under ``vmap`` instead, each row on its own gathered
-  factors; the merge
-  engine always does, building one merged kernel per row. Randomness inside
-  ``fn`` (its own dropout) differs between the two forms: run whole, each
-  row draws its own.
+  ``wrap(fn, mode)`` is ``g(base, delta, *args, lora_rng=None,
+  adapter_ids=None, **kwargs) == fn(merge(base, delta), *args, **kwargs)``,
+  traceable by ``jit``, ``grad`` (also forward mode), ``vmap`` and
+  ``shard_map``; ``g`` reports that signature (for ``static_argnames`` and
+  ``donate_argnames``). ``"merge"`` builds each adapted kernel inside the
+  traced function; ``"factored"`` never materialises the update, rewriting
+  each op that consumes a kernel to ``op(x, W0) + scale * op(op(x, a), b)``;
+  ``"auto"`` is factored except where merging is cheaper. ``lora_rng=key``
+  turns LoRA dropout on; ``adapter_ids`` gives each row of a batch its
+  adapter of a stacked delta (``-1``: the base alone). How each engine,
+  ``recompute``, dropout and mixed batches work: the docs page "How the
+  engines work" (``docs/engines.rst``).
 
   Args:
     fn: ``fn(params, *args, **kwargs)``, e.g. ``lambda p, x:
@@ -105,11 +61,18 @@ def wrap(fn: Callable[..., Any], mode: str = "auto", *,
     strict: raise :class:`lora_jax.FallbackError` instead of merging a kernel
       that has no factored rule.
     recompute: recompute adapters' inputs in the backward pass where they
-      are elementwise maths on kept values (see above); ``False`` for
-      forward-mode differentiation under ``jit``.
+      are elementwise maths on kept values; ``False`` for forward-mode
+      differentiation under ``jit`` and ``jax.linearize``.
 
   Returns:
     ``g(base, delta, *args, lora_rng=None, adapter_ids=None, **kwargs)``.
+
+  Raises:
+    ValueError: ``mode`` is not one of the three. Calling ``g`` raises what
+      :func:`lora_jax.merge` raises for mismatched trees; a ``ValueError``
+      for a stacked delta without ``adapter_ids`` (or ids without a stack),
+      ids outside the stack, an output that mixes the rows, or dropout in
+      the merge engine; :class:`lora_jax.FallbackError` with ``strict=True``.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> f = lambda p, x: x @ p["kernel"]
@@ -198,7 +161,24 @@ def explain(fn: Callable[..., Any], base: Any, delta: Any, *args,
             mode: str = "auto", **kwargs) -> factored.Report:
   """Which rule handles each adapted kernel in ``wrap(fn, mode)``.
 
-  Traces abstractly (no FLOPs). ``str(report)`` gives one line per kernel.
+  Traces abstractly (no FLOPs). ``str(report)`` gives one line per kernel
+  and the number of merge fallbacks.
+
+  Args:
+    fn: the function :func:`wrap` would wrap.
+    base: the frozen parameters.
+    delta: a delta of single adapters (not a stack).
+    *args: ``fn``'s inputs (arrays or ``jax.ShapeDtypeStruct``).
+    mode: ``"auto"`` or ``"factored"``.
+    **kwargs: ``fn``'s keyword inputs.
+
+  Returns:
+    A :class:`lora_jax.Report`.
+
+  Raises:
+    ValueError: ``mode="merge"`` (it merges every kernel), a stacked delta
+      (explain one adapter: ``lj.select``), or trees :func:`lora_jax.merge`
+      would refuse.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> f = lambda p, x: jnp.tanh(x @ p["w"])
