@@ -525,8 +525,8 @@ def load_peft(directory: str | os.PathLike, params: Any,
     layouts: explicit ``{regex: lora_jax.Layout}``, as ``LoraConfig.layouts``.
     parameter_order: for PEFT's ``target_parameters`` (stacked expert
       parameters, read onto the kernel ``module_names`` names
-      ``"<module>.<parameter>"``, e.g. ``[(r"(.*)/experts/(\\w+)",
-      r"\\1.experts.\\2")]``): the parameters of one torch module in the
+      ``"<module>.<parameter>"``, e.g. ``[(r"layers/(\\d+)/mlp/experts/"
+      r"(\\w+)", r"model.layers.\\1.mlp.experts.\\2")]``): the parameters of one torch module in the
       order it registers them (``["gate_up_proj", "down_proj"]`` for
       GPT-OSS), which decides which nested ``.base_layer`` holds which.
       Without it, the one order whose shapes fit.

@@ -126,7 +126,8 @@ def _modules_of(delta: Any, namer: Namer, embeddings: Callable[[str], bool],
             f"e.g. module_names=[(r'(.*)/layers/(\\w+)/kernel\\[(\\d+)\\]', "
             f"r'model.layers.\\3.\\2')], or that names {path!r} itself as "
             f"a stacked torch parameter (PEFT's target_parameters), e.g. "
-            f"[(r'(.*)/experts/(\\w+)', r'model.\\1.experts.\\2')].")
+            f"[(r'model/layers/(\\d+)/mlp/experts/(\\w+)', "
+            f"r'model.layers.\\1.mlp.experts.\\2')].")
       if len(names) > 1:
         raise PeftFormatError(
             f"{namer.what} names {len(names)} torch modules {names} for the "
@@ -470,8 +471,8 @@ def save_peft(directory: str | os.PathLike, delta: Any, config: LoraConfig,
       Gemma's ``kv_einsum``; the same ``lora_A`` for each). Two leaves under
       one module name are an error (a leaf named ``bias`` belongs with its
       kernel). A kernel with one batch axis (experts) that is named as a
-      whole, e.g. ``[(r"(.*)/mlp/experts/(gate_up_proj|down_proj)",
-      r"\\1.mlp.experts.\\2")]``, is written as PEFT's ``target_parameters``
+      whole, e.g. ``[(r"layers/(\\d+)/mlp/experts/(\\w+)",
+      r"model.layers.\\1.mlp.experts.\\2")]``, is written as PEFT's ``target_parameters``
       adapter of that torch parameter (``lora.ParamWrapper``, one rank-``r``
       adapter per expert, no DoRA).
     fold_scales: write one scale, ``lora_alpha / r``, for every module (vLLM
