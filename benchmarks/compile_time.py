@@ -40,8 +40,8 @@ import optax
 import lora_jax as lj
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import qwen3  # pylint: disable=wrong-import-position
-import w1  # pylint: disable=wrong-import-position
+import qwen3
+import w1
 
 VARIANTS = ("full", "factored", "factored[recompute=False]", "merge")
 

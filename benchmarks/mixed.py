@@ -48,7 +48,7 @@ import lora_jax as lj
 from lora_jax._src.wrap import wrap_rows
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import w1  # pylint: disable=wrong-import-position
+import w1
 
 SCALING = (1, 2, 4, 8, 16, 32, 64)
 # mixed_factored[one-hot] / [gather]: the factored engine under vmap over
@@ -295,9 +295,9 @@ def markdown(report):
 
 def plot(report, path):
   try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import matplotlib.pyplot as plt
   except ImportError:
     print("matplotlib missing: no PNG")
     return

@@ -48,9 +48,9 @@ import lora_jax as lj
 from lora_jax._src import mixed as _mixed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mixed  # pylint: disable=wrong-import-position
-import qwen3  # pylint: disable=wrong-import-position
-import w1  # pylint: disable=wrong-import-position
+import mixed
+import qwen3
+import w1
 
 N_ADAPTERS = 8
 RANK = 8

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import qwen3  # pylint: disable=g-import-not-at-top,wrong-import-position
-import w1  # pylint: disable=g-import-not-at-top,wrong-import-position
+import qwen3
+import w1
 
-import lora_jax as lj  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lora_jax as lj
 
 # (model config, batch, sequence length)
 SIZES = {

@@ -15,19 +15,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import json  # pylint: disable=wrong-import-position
-import re  # pylint: disable=wrong-import-position
-import sys  # pylint: disable=wrong-import-position
+import json
+import re
+import sys
 
-import jax  # pylint: disable=wrong-import-position
-from jax.sharding import NamedSharding  # pylint: disable=wrong-import-position
-from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import w1  # pylint: disable=wrong-import-position
+import w1
 
-import lora_jax as lj  # pylint: disable=wrong-import-position
+import lora_jax as lj
 
 
 def kernel_spec(path: str, ndim: int) -> P:
@@ -71,7 +71,7 @@ def main(reps: int = 7):
     _, loss = exe(state, b, x)
     out[name] = {"exe": exe, "state": state, "base": b, "x": x,
                  "loss": float(loss), "times": []}
-  import statistics  # pylint: disable=import-outside-toplevel,multiple-imports
+  import statistics
   import time
   for _ in range(reps):
     for r in out.values():

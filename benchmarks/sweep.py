@@ -18,7 +18,7 @@ import sys
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import w1  # pylint: disable=wrong-import-position
+import w1
 
 KERNEL_SETS = {
     "2 (q,v)": r".*/(q|v)/kernel",
@@ -84,9 +84,9 @@ def write_table(out, path):
 
 
 def plot(out, path):
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   for ax, (key, label, log) in zip(axes, (("rank", "rank", True),
                                           ("kernels", "kernels_per_block", False),

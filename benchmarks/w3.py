@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import w1  # pylint: disable=g-import-not-at-top,wrong-import-position
+import w1
 
-import lora_jax as lj  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lora_jax as lj
 
 SIZE = w1.Size(vocab=32000, d_model=1024, layers=8, heads=16, mlp=4096,
                batch=1, seq=128)
@@ -105,7 +105,7 @@ def make_steps(apply, params, frozen, delta, tokens, variants=VARIANTS):
     fn, state = lora_step(mode, prepare, *recompute)
     try:
       fn.lower(state, frozen[base], tokens)  # traces only: can it run?
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       steps[v] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       continue
     steps[v] = (fn, state, (frozen[base],))

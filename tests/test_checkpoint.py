@@ -223,7 +223,7 @@ _SAVER = textwrap.dedent("""
 def test_two_processes_saving_to_one_folder(tmp_path):
   """This process and a child save "old" and "new" to one folder at once:
   both succeed and the folder holds one of the two, whole."""
-  import checkpoint_child as child  # pylint: disable=import-outside-toplevel
+  import checkpoint_child as child
   path, go = str(tmp_path / "adapter"), str(tmp_path / "go")
   script = _SAVER.format(tests=os.path.dirname(__file__))
   with subprocess.Popen([sys.executable, "-c", script, path, go],

@@ -19,7 +19,7 @@ import lora_jax as lj
 from lora_jax._src import checkpoint_folder
 
 sys.path.insert(0, os.path.dirname(__file__))
-import checkpoint_child as child  # pylint: disable=wrong-import-position
+import checkpoint_child as child
 
 CHILD = os.path.join(os.path.dirname(__file__), "checkpoint_child.py")
 OLD, NEW = child.adapter("old"), child.adapter("new")

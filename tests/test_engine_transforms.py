@@ -185,7 +185,7 @@ def test_shard_map_with_sharded_kernel_is_factored():
   w = jax.random.normal(jax.random.key(0), (6, 4)) * 0.3
   sm = getattr(jax, "shard_map", None)
   if sm is None:
-    from jax.experimental.shard_map import shard_map as sm  # pylint: disable=import-outside-toplevel
+    from jax.experimental.shard_map import shard_map as sm
 
   def fn(p, x):  # a column-parallel matmul: the kernel split over "model"
     return sm(lambda w, x: x @ w, mesh=mesh, in_specs=(P(None, "model"), P()),

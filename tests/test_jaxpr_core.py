@@ -52,7 +52,7 @@ def _mesh():
 def _shard_map(f, **kw):
   sm = getattr(jax, "shard_map", None)
   if sm is None:
-    from jax.experimental.shard_map import shard_map as sm  # pylint: disable=import-outside-toplevel
+    from jax.experimental.shard_map import shard_map as sm
   return sm(f, **kw)
 
 

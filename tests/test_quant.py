@@ -546,7 +546,7 @@ def _frozen_stack(kind):
 
 @pytest.mark.parametrize("kind", ["nf4", "bf16"])
 def test_frozen_linear_keeps_no_float_copy(kind):
-  from lora_jax._src.factored.frozen import frozen_linear  # pylint: disable=g-import-not-at-top
+  from lora_jax._src.factored.frozen import frozen_linear
   kernels = _frozen_stack(kind)
   x = jax.random.normal(jax.random.key(99), (64, 512))
   widen = lambda k: (lj.dequantize(k) if isinstance(k, lj.QArray)

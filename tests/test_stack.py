@@ -179,7 +179,7 @@ def test_a_row_over_the_whole_stack_is_that_adapter():
   base, ds = _adapters(case)
   stacked = lj.stack(ds)
   x = case.args[0]
-  from lora_jax._src.stack import stacks  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.stack import stacks
   for k in (0, 1, 2, -1):
     row = jax.tree.map(lambda s, k=k: s.row_of_all(k)
                        if isinstance(s, lj.LoraStack)

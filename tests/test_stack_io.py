@@ -156,8 +156,8 @@ def test_save_refuses_what_is_not_a_stack_and_keeps_overwrite_rules(tmp_path):
 
 def test_load_stack_onto_shardings(tmp_path):
   """Each factor and scale comes back on the placement asked for, bitwise."""
-  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
   mesh = jax.make_mesh((4, 2), ("x", "y"))
   stacked = _stack()[-1]
   path = lj.save_stack(str(tmp_path / "s"), stacked)

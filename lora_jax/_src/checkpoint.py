@@ -62,7 +62,7 @@ class CheckpointError(ValueError):
 
 
 def _version() -> str:
-  from lora_jax import __version__  # pylint: disable=import-outside-toplevel
+  from lora_jax import __version__
   return __version__
 
 
@@ -116,7 +116,7 @@ def metadata(delta: Any, config: LoraConfig | None = None) -> dict:
 def check_extra(path: Any, x: Any, who: str = "lora_jax.save") -> None:
   """Raises, before anything is written, unless extra ``x`` is an array that
   :func:`load_extras` gives back whole (``stack_io.save_stack`` shares it)."""
-  from lora_jax._src.quant import QArray  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.quant import QArray
   if isinstance(x, QArray):
     raise TypeError(
         f"{who}: extras[{path!r}] is a quantized kernel ({x!r}); "
@@ -173,7 +173,7 @@ def save(directory: str | os.PathLike, delta: Any,
   True
   """
   directory = abspath(directory)
-  from lora_jax._src.stack import refuse_stacks  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.stack import refuse_stacks
   refuse_stacks(delta, "lora_jax.save", "Save the stack with "
                 "lora_jax.save_stack, or one adapter of it with "
                 "lora_jax.save(directory, lora_jax.select(stacked, k)).")
@@ -393,7 +393,7 @@ def restore(directory: str, meta: dict, shardings: dict | None = None) -> dict:
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(arrays_dir, target)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise CheckpointError(
         f"lora_jax.load: cannot read the factors in {arrays_dir}: the "
         f"checkpoint is truncated, corrupt or does not match {META_FILE} "

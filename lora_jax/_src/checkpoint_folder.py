@@ -48,7 +48,7 @@ _OURS = (META_FILE, META_FILE + ".tmp", ARRAYS_DIR)  # + orbax's arrays.<tmp>
 def _sync(name: str) -> None:
   """A barrier across processes (no-op in a single process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 

@@ -131,7 +131,7 @@ class LoraDelta:
   def __repr__(self) -> str:
     try:
       head = f"rank={self.rank}, kernel={self.kernel_shape}, "
-    except Exception:  # pylint: disable=broad-except  # placeholder children
+    except (AttributeError, TypeError, ValueError, IndexError):  # placeholder children
       head = ""
     extra = "" if self.magnitude is None else (
         f", magnitude={describe_array(self.magnitude)}")

@@ -136,7 +136,7 @@ def _check_shape(path: str, w: Any, d: LoraDelta) -> None:
   shape = tuple(getattr(w, "shape", ()))
   try:
     want = d.kernel_shape
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise ValueError(f"The adapter at {path!r} is malformed: {e}") from None
   if shape != tuple(want):
     raise ValueError(

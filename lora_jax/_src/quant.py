@@ -506,7 +506,7 @@ def _delta_layouts(tree: Any) -> dict[str, Layout] | None:
       isinstance(tree, (list, tuple)) and all(isinstance(t, str)
                                               for t in tree)):
     return None
-  from lora_jax._src.stack import stacks  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.stack import stacks
   found = {p: d.layout for p, d in adapters(tree).items()}
   found.update({p: s.layout for p, s in stacks(tree).items()})
   return found

@@ -125,7 +125,7 @@ class LoraStack:
     try:
       head = (f"n={self.size}, ranks={self.info.ranks}, "
               f"kernel={self.kernel_shape}, ")
-    except Exception:  # pylint: disable=broad-except  # placeholder children
+    except (AttributeError, TypeError, ValueError, IndexError):  # placeholder children
       head = ""
     scales = ", ".join(f"{v:g}" for v in self.scale)
     return (f"LoraStack({head}a={describe_array(self.a)}, "
@@ -212,7 +212,7 @@ def is_stack_or_none(x: Any) -> bool:
 
 def stacks(tree: Any) -> dict[str, LoraStack]:
   """``{path: LoraStack}`` of a stacked delta tree."""
-  from lora_jax._src.paths import leaves_with_paths  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.paths import leaves_with_paths
   return {p: s for p, s in leaves_with_paths(tree, is_leaf=is_stack_or_none)
           if isinstance(s, LoraStack)}
 

@@ -213,9 +213,9 @@ def interleaved_ms(*fns: Callable[[], Any], rounds: int = 20) -> list[float]:
 def plot_curves(curves: dict[str, list[float]], path: str) -> str | None:
   """Writes the training-loss curves to a PNG; None without matplotlib."""
   try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import matplotlib.pyplot as plt
   except ImportError:
     return None
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -510,7 +510,7 @@ def _w3_module():
   bench = found[0]
   if bench not in sys.path:
     sys.path.insert(0, bench)
-  import w3  # pylint: disable=import-outside-toplevel,import-error
+  import w3
   return w3
 
 

@@ -44,14 +44,14 @@ def main(argv=None) -> dict:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count="
                              f"{args.devices_per_process}")
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  import numpy as np
+  import optax
 
-  import lora_jax as lj  # pylint: disable=import-outside-toplevel
+  import lora_jax as lj
 
   if args.num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
