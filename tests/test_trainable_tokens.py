@@ -212,3 +212,19 @@ def test_more_errors(setup):
                                            trainable_tokens={"embed": [1]}),
                      jax.random.key(0))
   assert lj.adapters(only) == {} and only["embed"].indices == (1,)
+
+
+def test_a_non_finite_row(setup):
+  params, base, delta = setup
+  bad = dict(delta, embed=delta["embed"].replace(
+      values=delta["embed"].values.at[1, 3].set(jnp.nan)))
+  # merge keeps the NaN to token 30's row (and its logit column)
+  out = lj.wrap(model, "merge")(base, bad, TOKENS[:, :2])  # tokens 1, 5
+  assert np.isfinite(np.delete(np.asarray(out), 30, axis=-1)).all()
+  # the factored engine would spread it (0 * nan in the one-hot product):
+  # refused eagerly, naming the table and the token
+  with pytest.raises(ValueError, match=r"'embed'.*token ids \[30\] hold NaN"):
+    lj.wrap(model, "factored")(base, bad, TOKENS)
+  # under jit: NaN, never a finite value
+  out = jax.jit(lj.wrap(model, "factored"))(base, bad, TOKENS[:, :2])
+  assert np.isnan(np.asarray(out)).all()

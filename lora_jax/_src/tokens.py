@@ -50,6 +50,7 @@ import numpy as np
 
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import describe_array
+from lora_jax._src.delta import is_concrete
 from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.delta import rebuild_node
 from lora_jax._src.layouts import Layout
@@ -134,10 +135,26 @@ class TrainableTokens:
     return table.at[idx].set(self.values.astype(table.dtype),
                              unique_indices=True)
 
-  def as_lora(self, table: jax.Array) -> LoraDelta:
+  def as_lora(self, table: jax.Array, path: str = "") -> LoraDelta:
     """The same table as a low-rank update of ``table``: ``a`` the one-hot
     ``(vocab, n)`` matrix of the ids (constant), ``b = values -
-    table[indices]``, scale 1 (what the factored engine carries)."""
+    table[indices]``, scale 1 (what the factored engine carries).
+
+    A non-finite row would reach every lookup and every logit of a tied
+    head there (``0 * inf`` in the one-hot product), where merging keeps it
+    to its token: concrete values holding NaN or +-inf are refused (under
+    ``jit``, where nothing can be checked, such outputs are NaN, never a
+    finite value)."""
+    if is_concrete(self.values) and not bool(
+        jnp.isfinite(self.values).all()):
+      rows = sorted({self.indices[int(i)] for i in jnp.nonzero(
+          ~jnp.isfinite(self.values).all(axis=1))[0]})
+      raise ValueError(
+          f"Trainable tokens at {path!r}: the rows of token ids {rows[:5]} "
+          f"hold NaN or +-inf. The factored engine would spread them to every "
+          f"token (a one-hot product); wrap(f, mode='merge') keeps them to "
+          f"their tokens. Fix the values (training diverged?) or use the merge "
+          f"engine.")
     n = len(self.indices)
     dtype = jnp.result_type(self.values.dtype, jnp.float32)
     idx = jnp.asarray(self.indices, jnp.int32)

@@ -153,7 +153,7 @@ def engine_deltas(base, delta, what: str) -> dict:
     for p, t in tokens.items():
       table = flat[p]
       deltas[p] = t.as_lora(table.dequantize() if isinstance(table, QArray)
-                            else table)
+                            else table, p)
   return deltas
 
 
