@@ -147,10 +147,10 @@ class TrainableTokens:
     finite value)."""
     if is_concrete(self.values) and not bool(
         jnp.isfinite(self.values).all()):
-      rows = sorted({self.indices[int(i)] for i in jnp.nonzero(
+      bad = sorted({self.indices[int(i)] for i in jnp.nonzero(
           ~jnp.isfinite(self.values).all(axis=1))[0]})
       raise ValueError(
-          f"Trainable tokens at {path!r}: the rows of token ids {rows[:5]} "
+          f"Trainable tokens at {path!r}: the rows of token ids {bad[:5]} "
           f"hold NaN or +-inf. The factored engine would spread them to every "
           f"token (a one-hot product); wrap(f, mode='merge') keeps them to "
           f"their tokens. Fix the values (training diverged?) or use the merge "
