@@ -29,6 +29,13 @@ and divides the weighted sum of the agreeing entries by their count (at
 least 1); ``dare_*`` keeps each entry with probability ``density`` and
 divides by ``density``. A tensor is one factor (or update) of one kernel:
 for stacked kernels, one batch entry, as PEFT's modules are one per layer.
+
+Where the result differs from PEFT 0.21's, on purpose: PEFT's ``"cat"``
+puts ``w_i s_i`` on ``lora_A`` where lora_jax puts it on ``b`` (the same
+update); PEFT turns every method into ``"linear"`` for a single adapter
+(lora_jax does what was asked); with ``use_rslora`` PEFT's merged adapter is
+scaled by ``sqrt(r)`` (its issue #3449; lora_jax's scale is 1); PEFT's
+``svd_clamp`` is not offered.
 """
 
 from __future__ import annotations
