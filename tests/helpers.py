@@ -68,3 +68,50 @@ def train_mse(apply, base, delta, x, y, steps=40):
     delta, opt, l = step(delta, opt, base)
     losses.append(float(l))
   return losses
+
+
+def weighted_sin_loss(apply, base, args):
+  """``delta -> sum over outputs of sin(out) * (1 + i % 3)``: a scalar whose
+  gradient reaches every output entry, with unequal weights (a plain sum
+  would let errors cancel)."""
+  def loss(delta):
+    out = apply(base, delta, *args)
+    return sum(jnp.sum(jnp.sin(o) * (1 + jnp.arange(o.size).reshape(o.shape) % 3))
+               for o in jax.tree.leaves(out))
+  return loss
+
+
+def assert_close(x, y, rtol=1e-5, atol=None):
+  """Trees equal leaf by leaf to ``rtol``, with an absolute floor of ``rtol *
+  max|y|`` per leaf (the engines round differently, so tiny entries of a
+  large gradient may differ by more than ``rtol`` of themselves)."""
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+    b = np.asarray(b)
+    floor = rtol * float(np.abs(b).max()) if atol is None else atol
+    np.testing.assert_allclose(np.asarray(a), b, rtol=rtol, atol=floor)
+
+
+def assert_engines_agree(fn, base, delta, args, mode="factored", rtol=1e-5,
+                         outputs=True):
+  """``wrap(fn, mode, strict=True)`` (jitted) equals the merge engine: its
+  outputs (unless ``outputs=False``) and the gradients of
+  :func:`weighted_sin_loss` with respect to ``delta``. Returns the
+  gradients of ``mode``."""
+  fact = lj.wrap(fn, mode, strict=True)
+  merged = lj.wrap(fn, "merge")
+  if outputs:
+    assert_close(jax.jit(fact)(base, delta, *args),
+                 merged(base, delta, *args), rtol)
+  grads = jax.jit(jax.grad(weighted_sin_loss(fact, base, args)))(delta)
+  assert_close(grads, jax.grad(weighted_sin_loss(merged, base, args))(delta),
+               rtol)
+  return grads
+
+
+def make_mesh(shape=(4, 2), names=("data", "model"), explicit=()):
+  """A mesh over the first ``prod(shape)`` CPU devices, the axes named in
+  ``explicit`` ``AxisType.Explicit``, the others ``Auto``."""
+  kinds = jax.sharding.AxisType
+  types = tuple(kinds.Explicit if n in explicit else kinds.Auto for n in names)
+  return jax.make_mesh(shape, names, axis_types=types,
+                       devices=jax.devices()[:int(np.prod(shape))])
