@@ -374,6 +374,8 @@ def test_merge_errors_name_the_argument():
                      r"is deterministic"):
     lj.combine([good, good], method="ties", density=0.5,
                key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"weights\[1\] is nan; give finite"):
+    lj.combine([good, good], [1.0, float("nan")], method="linear")
   with pytest.raises(ValueError, match=r"majority_sign_method='count'"):
     lj.combine([good, good], method="ties", density=0.5,
                majority_sign_method="count")

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -86,6 +88,10 @@ def _check(deltas: list[dict[str, LoraDelta]], weights: list[float]):
   if len(weights) != len(deltas):
     raise ValueError(f"lj.combine: {len(deltas)} deltas but {len(weights)} "
                      f"weights; give one weight per delta.")
+  for k, w in enumerate(weights):
+    if not math.isfinite(float(w)):
+      raise ValueError(f"lj.combine: weights[{k}] is {w!r}; give finite "
+                       f"weights.")
   for path in paths:
     first = deltas[0][path]
     for k, f in enumerate(deltas):
@@ -312,7 +318,7 @@ def _check_method(method, rank, density, sign_method, key) -> None:
       raise ValueError(f"lj.combine: method={method!r} needs density, the "
                        f"fraction of entries kept (0 < density <= 1).")
     low = 0.0 if "dare" not in rule else None
-    ok = (isinstance(density, (int, float)) and not isinstance(density, bool)
+    ok = (isinstance(density, numbers.Real) and not isinstance(density, bool)
           and (0 <= density <= 1 if low == 0 else 0 < density <= 1))
     if not ok:
       raise ValueError(
@@ -434,6 +440,8 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
          [1., 1., 0.]], dtype=float32)
   """
   _check_method(method, rank, density, majority_sign_method, key)
+  if density is not None:
+    density = float(density)  # a static argument of the jitted rules
   deltas = list(deltas)
   if not deltas:
     raise ValueError("lj.combine needs at least one delta.")
