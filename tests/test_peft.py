@@ -1126,6 +1126,23 @@ def test_embedding_and_expert_errors(moe_saved, tmp_path):
     lj.save_peft(tmp_path / "x", delta, cfg, module_names=MOE_NAMES,
                  tied_heads={".*q_proj/kernel": "lm_head"},
                  parameter_order=["gate_up_proj", "down_proj"])
+  # DoRA on a table: PEFT's Embedding normalises rows, lora_jax columns.
+  dcfg = lj.LoraConfig(rank=2, dora=True, targets=".*/embedding")
+  _, ddelta = lj.split(params, dcfg, jax.random.key(0))
+  with pytest.raises(lj.PeftFormatError, match="is a DoRA adapter on an "
+                     "embedding table; PEFT's DoRA Embedding normalises per "
+                     "vocabulary row"):
+    lj.save_peft(tmp_path / "x", ddelta, dcfg)
+  (tmp_path / "dora").mkdir()
+  (tmp_path / "dora" / "adapter_config.json").write_text(
+      (directory / "adapter_config.json").read_text().replace(
+          '"use_dora": false', '"use_dora": true'))
+  st.save_file(tmp_path / "dora" / "adapter_model.safetensors",
+               *st.load_file(directory / "adapter_model.safetensors"))
+  with pytest.raises(lj.PeftFormatError, match="module 'model.embed_tokens' "
+                     "is a DoRA Embedding"):
+    lj.load_peft(tmp_path / "dora", params, module_names=MOE_NAMES,
+                 layouts=MOE_LAYOUTS)
   # Without the head's copy (and no embed_tokens tying), PEFT's head would
   # miss the adapter: an error with apply_fn showing the tie, or without it.
   t, meta = st.load_file(directory / "adapter_model.safetensors")

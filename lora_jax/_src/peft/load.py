@@ -144,6 +144,13 @@ def _group_keys(tensors: dict, where: str, dora: bool,
             f"{where}: module {module!r} has both lora_A/lora_B (Linear) and "
             f"lora_embedding_A/B (Embedding) tensors; a module is one or the "
             f"other.")
+  embeds = [m for m, parts in mods.items()
+            if parts.get("kind") == kinds.EMBEDDING]
+  if dora and embeds:
+    raise PeftFormatError(
+        f"{where}: module {embeds[0]!r} is a DoRA Embedding; PEFT normalises "
+        f"it per vocabulary row, lora_jax's DoRA per output column, so "
+        f"lora_jax cannot compute it. Merge the adapter in PEFT instead.")
   for module, parts in mods.items():
     kind = parts.pop("kind", kinds.LINEAR)
     need = {"A", "B", "M"} if dora else {"A", "B"}

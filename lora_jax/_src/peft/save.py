@@ -69,6 +69,12 @@ class Module(NamedTuple):
 
 
 def _embedding_check(path: str, d: LoraDelta, names: list[str]) -> None:
+  if d.magnitude is not None:
+    raise PeftFormatError(
+        f"save_peft: {path!r} is a DoRA adapter on an embedding table; PEFT's "
+        f"DoRA Embedding normalises per vocabulary row, lora_jax's DoRA per "
+        f"output column, so the file would mean another model. Merge it "
+        f"(lora_jax.merge), or train the table without DoRA.")
   if d.layout != Layout.dense() or len(names) != 1:
     raise PeftFormatError(
         f"save_peft: {path!r} is written as a PEFT Embedding (it matches "
@@ -348,6 +354,9 @@ def peft_config(delta: Any, config: LoraConfig, module_names: ModuleNames = None
   tokens = _tokens_of(delta, namer)
   if not mods and not tokens:
     raise PeftFormatError("save_peft: the delta holds no adapter.")
+  if expected_modules is not None and tokens:
+    check_expected(sorted(tokens), expected_set(expected_modules),
+                   "save_peft", namer.what)
   if not mods:
     return _tokens_config(tokens)
   _param_order(mods, parameter_order)  # the order is checked up front
