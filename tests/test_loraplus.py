@@ -160,5 +160,11 @@ def test_errors():
     lj.loraplus(optax.sgd, 1e-3, ratio=-1.0)
   with pytest.raises(ValueError, match=r"embedding_lr=nan"):
     lj.loraplus(optax.sgd, 1e-3, embedding_lr=float("nan"))
+  with pytest.raises(ValueError, match=r"learning_rate='1e-3'"):
+    lj.loraplus(optax.sgd, "1e-3")
+  tx = lj.loraplus(optax.sgd, jnp.float32(0.5), ratio=np.float64(2.0))
+  delta = {"w": lj.LoraDelta(jnp.ones((2, 1)), jnp.ones((1, 2)))}
+  u, _ = tx.update(delta, tx.init(delta))
+  assert float(u["w"].b[0, 0]) == -1.0  # jax / numpy scalars are numbers
   with pytest.raises(TypeError, match=r"not an instance"):
     lj.loraplus(optax.sgd(1e-3), 1e-3)

@@ -103,8 +103,11 @@ def loraplus_labels(params: Any, embeddings: Selector | None = EMBEDDING_TABLES
 def _check_rate(name: str, value: Any) -> None:
   if callable(value):
     return
-  if (isinstance(value, bool) or not isinstance(value, (int, float))
-      or not math.isfinite(value) or value < 0):
+  try:
+    number = None if isinstance(value, (bool, str)) else float(value)
+  except (TypeError, ValueError):  # not a number (a string, a list ...)
+    number = None
+  if number is None or not math.isfinite(number) or number < 0:
     raise ValueError(f"lj.loraplus: {name}={value!r}; give a finite number "
                      f">= 0 or a schedule (a callable of the step count).")
 
