@@ -23,6 +23,7 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import delta_weight
+from lora_jax._src.eva import eva_init
 from lora_jax._src.factored import FallbackError
 from lora_jax._src.factored import Report
 from lora_jax._src.inits import to_plain_lora
@@ -82,6 +83,7 @@ __all__ = (
     "combine",
     "delta_shardings",
     "delta_weight",
+    "eva_init",
     "dequantize",
     "describe",
     "dora_norms",
