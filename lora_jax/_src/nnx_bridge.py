@@ -178,11 +178,13 @@ def _run(graphdef, name: str, mode: str, params, deltas, rest, dynamic,
   leaves = [d if s is _ARRAY else s for d, s in zip(dynamic, static)]
   args, kwargs = jax.tree.unflatten(treedef, leaves)
 
-  def fn(p, state, *a, **k):
+  def fn(p, state, call_args, call_kwargs):
     model = nnx.merge(graphdef, *_fresh((p, state)))
-    out = getattr(model, name)(*a, **k)
+    out = getattr(model, name)(*call_args, **call_kwargs)
     return out, nnx.state(model, nnx.Not(nnx.Param))
-  return wrap(fn, mode)(params, deltas, rest, *args, **kwargs)
+  # the call's arguments travel as two positional values: a keyword the
+  # model takes (adapter_ids, lora_rng, ...) is never read by wrap itself
+  return wrap(fn, mode)(params, deltas, rest, args, kwargs)
 
 
 def _eager(m: nnx.Module, dynamic: tuple) -> bool:
@@ -204,6 +206,21 @@ def _apply(m, name, dynamic, static, treedef):
 
 
 _compiled_call: Callable[..., Any] = nnx.jit(_apply, static_argnums=(1, 3, 4))
+
+
+def _adapters_only(delta: Any, who: str) -> dict[str, LoraDelta]:
+  """``{path: LoraDelta}``, or an error naming any other entry of the delta
+  (a ``TrainableTokens`` row set, a stack) that the module cannot hold."""
+  others = [p for p, x in leaves_with_paths(
+      delta, is_leaf=lambda x: x is None or isinstance(x, LoraDelta))
+            if x is not None and not isinstance(x, LoraDelta)]
+  if others:
+    raise ValueError(
+        f"lora_jax.nnx.{who}: the delta holds entries other than LoRA "
+        f"adapters at {preview(others)} (trainable token rows, a stack of "
+        f"adapters ...), which lora_jax.nnx modules do not hold yet. Use "
+        f"the functional API (lj.split / lj.wrap) for them.")
+  return adapters(delta)
 
 
 def _segments(path: str) -> list[str]:
@@ -298,9 +315,19 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
     otherwise (as :func:`lora_jax.split`).
 
   A QLoRA base: give ``model`` :class:`lora_jax.QArray` weights first, e.g.
-  ``graph, state = nnx.split(model); model = nnx.merge(graph,
-  lj.quantize(state, "nf4"))``; the kernels are dequantized at their point of
-  use.
+  ``graph, state = nnx.split(model); qmodel = nnx.merge(graph,
+  lj.quantize(state, "nf4", targets="all-linear", apply_fn=lambda s, *a:
+  nnx.merge(graph, s)(*a), example_args=example_args))``, then
+  ``apply_lora(qmodel, ...)``; the kernels are dequantized at their point of
+  use (``qmodel`` itself cannot be called).
+
+  Methods run through ``lora_jax.wrap`` as under ``jax.jit``: array
+  arguments are traced, other arguments (Python numbers, strings, dtypes)
+  are static, and the results must be arrays (or pytrees of them). A call
+  with no tracer in sight is compiled (``nnx.jit``) once per structure of
+  its arguments. LoRA dropout and the trainable token rows of
+  ``LoraConfig(trainable_tokens=...)`` are not supported here yet (an error
+  says so); the functional API has them.
 
   Args:
     model: a Flax NNX module (not one from ``apply_lora``; no
@@ -370,7 +397,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
   base, delta = split(params, config, key, apply_fn=apply_fn,
                       example_args=example_args,
                       example_kwargs=example_kwargs)
-  deltas = adapters(delta)
+  deltas = _adapters_only(delta, "apply_lora")
   specs = tuple((p, d.scale, d.layout, d.dropout, d.residual_of)
                 for p, d in deltas.items())
   inner = nnx.merge(graphdef, *_fresh((base, rest)))
@@ -455,7 +482,7 @@ def set_delta(m: nnx.Module, delta: Any) -> None:
   6.0
   """
   m = _lora_module(m, "set_delta")
-  new = adapters(delta)
+  new = _adapters_only(delta, "set_delta")
   have = {spec[0]: spec for spec in m.lora_specs}
   missing = [p for p in have if p not in new]
   extra = [p for p in new if p not in have]
