@@ -142,6 +142,10 @@ def test_embedding_selector():
   assert custom["fc/kernel/b"] == lp.EMBEDDING
   assert custom["fc/kernel/magnitude"] == lp.B  # 1-D: B, as PEFT
   assert labels(embeddings=[r"fc/kernel"])["fc/kernel/a"] == lp.EMBEDDING
+  d = delta["fc"]["kernel"]
+  assert [lp.is_embedding_adapter(p, d) for p in (
+      "embedder/input_embedding", "embedding", "wte/embedding_2",
+      "embedding/kernel")] == [True, True, False, False]
   # a stack of adapters: each factor as a single adapter's
   stacked = {p: x for p, x in lj.leaves_with_paths(
       lp.loraplus_labels(lj.stack([delta, delta])))}

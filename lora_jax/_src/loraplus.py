@@ -28,8 +28,10 @@ A, B, B_NO_DECAY, EMBEDDING = ("loraplus_a", "loraplus_b",
                                "loraplus_b_no_decay", "loraplus_embedding")
 
 # The parameter of Flax's nn.Embed and nnx.Embed (and of transformers' Flax
-# ports: "model/embed_tokens/embedding", "transformer/wte/embedding").
-EMBEDDING_TABLES = r"(.*/)?embedding"
+# ports: "model/embed_tokens/embedding", "transformer/wte/embedding") and
+# tunix's embedder ("embedder/input_embedding"): save_peft's default
+# embeddings= (peft/names.embedding_selector) picks the same leaves.
+EMBEDDING_TABLES = r"(.*/)?(embedding|input_embedding)"
 
 
 def is_embedding_adapter(path: str, delta: LoraDelta | LoraStack,
@@ -43,7 +45,8 @@ def is_embedding_adapter(path: str, delta: LoraDelta | LoraStack,
   the same :class:`Layout`), so the decision is by path: ``embeddings`` is a
   regex full-matched on the adapter's path in the delta tree, a list of them,
   or a callable ``(path, delta) -> bool``; the default matches Flax's
-  ``nn.Embed`` / ``nnx.Embed`` parameter, named ``embedding``.
+  ``nn.Embed`` / ``nnx.Embed`` parameter, named ``embedding``, and tunix's
+  ``input_embedding``, as :func:`lora_jax.save_peft`'s ``embeddings``.
 
   Args:
     path: the adapter's path in the delta tree (e.g. ``"wte/embedding"``).
@@ -143,8 +146,9 @@ def loraplus(optimizer: Callable[..., optax.GradientTransformation],
   - factor ``b`` and every 1-D leaf (DoRA magnitudes, trained biases or norm
     scales) at ``learning_rate * ratio``;
   - ``a`` and ``b`` of an adapter on an embedding lookup
-    (:func:`is_embedding_adapter`: by default the paths of Flax's
-    ``nn.Embed`` parameter ``embedding``) at ``embedding_lr``;
+    (:func:`is_embedding_adapter`: by default leaves named ``embedding``,
+    Flax's ``nn.Embed``, or ``input_embedding``, tunix's) at
+    ``embedding_lr``;
   - every group's weight decay is ``loraplus_weight_decay`` (default 0, as
     PEFT's, whatever the optimizer's own default), except 1-D leaves whose
     path contains ``bias``, which get none. PEFT also spares the weights of
