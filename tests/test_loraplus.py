@@ -146,6 +146,11 @@ def test_embedding_selector():
   assert [lp.is_embedding_adapter(p, d) for p in (
       "embedder/input_embedding", "embedding", "wte/embedding_2",
       "embedding/kernel")] == [True, True, False, False]
+  # trainable token rows (n, dim): PEFT's trainable_tokens_delta is 2-D and
+  # not a LoRA Embedding's, so it is in group A (lr, decayed)
+  tokens = lp.loraplus_labels({"wte": {"embedding": lj.TrainableTokens(
+      jnp.ones((1, 3)), (4,), vocab=6)}})
+  assert jax.tree.leaves(tokens) == [lp.A]
   # a stack of adapters: each factor as a single adapter's
   stacked = {p: x for p, x in lj.leaves_with_paths(
       lp.loraplus_labels(lj.stack([delta, delta])))}

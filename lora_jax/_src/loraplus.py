@@ -142,7 +142,7 @@ def loraplus(optimizer: Callable[..., optax.GradientTransformation],
   PEFT's ``create_loraplus_optimizer`` (peft 0.21), group for group:
 
   - factor ``a`` (and any other leaf of 2 or more axes: a trained base
-    kernel) at ``learning_rate``;
+    kernel, trainable token rows) at ``learning_rate``;
   - factor ``b`` and every 1-D leaf (DoRA magnitudes, trained biases or norm
     scales) at ``learning_rate * ratio``;
   - ``a`` and ``b`` of an adapter on an embedding lookup
