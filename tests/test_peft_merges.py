@@ -225,3 +225,26 @@ def test_loraplus_equals_create_loraplus_optimizer(torch_peft):
   start = lj.leaves_with_paths((base, delta))
   assert min(float(np.abs(np.asarray(x) - np.asarray(x0)).max())
              for (_, x0), x in zip(start, jax.tree.leaves(params))) > 5e-3
+
+
+def test_loraplus_groups_trainable_tokens_as_peft(torch_peft):
+  """PEFT puts trainable token rows (trainable_tokens_delta, 2-D) in the
+  lora_A group (lr, decayed); lora_jax puts TrainableTokens.values there."""
+  torch, peft = torch_peft
+  from peft.optimizers import create_loraplus_optimizer  # pylint: disable=g-import-not-at-top
+  cfg = peft.LoraConfig(r=2, target_modules=["lin", "out"],
+                        trainable_token_indices={"emb": [1, 3]})
+  model = peft.get_peft_model(_net(torch), cfg)
+  opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-2,
+                                  loraplus_lr_ratio=4.0,
+                                  loraplus_weight_decay=0.1)
+  rows = [p for n, p in model.named_parameters()
+          if "trainable_tokens_delta" in n]
+  assert len(rows) == 1 and rows[0].ndim == 2
+  group = next(g for g in opt.param_groups
+               if any(p is rows[0] for p in g["params"]))
+  assert (group["lr"], group["weight_decay"]) == (1e-2, 0.1)
+  from lora_jax._src import loraplus as lp  # pylint: disable=g-import-not-at-top
+  tokens = {"emb": {"embedding": lj.TrainableTokens(
+      np.asarray(_np(rows[0]), np.float32), (1, 3), vocab=10)}}
+  assert jax.tree.leaves(lp.loraplus_labels(tokens)) == [lp.A]
