@@ -228,3 +228,13 @@ def test_a_non_finite_row(setup):
   # under jit: NaN, never a finite value
   out = jax.jit(lj.wrap(model, "factored"))(base, bad, TOKENS[:, :2])
   assert np.isnan(np.asarray(out)).all()
+
+
+def test_summary_counts_the_rows(setup):
+  _, base, delta = setup
+  text = lj.summary(base, delta)
+  # 3 rows of 8, and the fc adapter's 2 * (8 * 2)
+  assert text.splitlines()[0].startswith(f"trainable {3 * DIM + 32} ")
+  assert re.search(r"embed +\(37, 8\) +3 tokens +24$", text, re.M)
+  assert re.search(r"embed +table \(37, 8\) +3 trainable tokens +ids \[5, "
+                   r"30, 2\] +values f32\[3,8\]", lj.describe(delta))

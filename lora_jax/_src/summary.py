@@ -12,6 +12,7 @@ from lora_jax._src.delta import adapters
 from lora_jax._src.delta import describe_array
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.stack import stacks
+from lora_jax._src.tokens import token_deltas
 
 
 def _size(x: Any) -> int:
@@ -43,6 +44,11 @@ def describe(delta: Any) -> str:
             "scales " + ",".join(f"{v:g}" for v in s.scale),
             f"a {describe_array(s.a)}", f"b {describe_array(s.b)}")
            for path, s in stacks(delta).items()]
+  rows += [(path, f"table {t.kernel_shape}", f"{len(t.indices)} trainable "
+            f"tokens", f"ids {list(t.indices[:8])}"
+            + ("..." if len(t.indices) > 8 else ""),
+            f"values {describe_array(t.values)}", "")
+           for path, t in token_deltas(delta).items()]
   return _table(rows, header=None)
 
 
@@ -75,9 +81,10 @@ def summary(base: Any, delta: Any, trainable: Any = None) -> str:
   extra = sum(_size(x) for p, x in base_leaves if selects(trainable, p, x))
   deltas = adapters(delta)
   stacked = stacks(delta)
+  tokens = token_deltas(delta)
   lora_params = sum(d.num_params for d in deltas.values()) + sum(
       _size(x) for s in stacked.values() for x in (s.a, s.b, s.magnitude)
-      if x is not None)
+      if x is not None) + sum(t.num_params for t in tokens.values())
   trainable_n = lora_params + extra
   total = base_params + lora_params
   pct = 100.0 * trainable_n / total if total else 0.0
@@ -95,5 +102,7 @@ def summary(base: Any, delta: Any, trainable: Any = None) -> str:
             ",".join(f"{v:g}" for v in s.scale),
             f"{sum(_size(x) for x in (s.a, s.b, s.magnitude) if x is not None):,}")
            for p, s in stacked.items()]
+  rows += [(p, str(t.kernel_shape), f"{len(t.indices)} tokens", "",
+            f"{t.num_params:,}") for p, t in tokens.items()]
   table = _table(rows, header=("path", "kernel", "rank", "scale", "params"))
   return f"{head}\n{table}"
