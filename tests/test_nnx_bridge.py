@@ -374,6 +374,28 @@ def test_principal_init_keeps_the_residual_base(adapted):
   np.testing.assert_allclose(m(TOK), ljn.merge(m)(TOK), rtol=1e-5, atol=1e-5)
 
 
+def test_lora_dropout_draws_a_key_per_training_call(adapted):
+  model = nnx.clone(adapted[0])
+  model.eval()  # the model's own dropout and batch norm off
+  config = lj.LoraConfig(rank=2, alpha=4.0, dropout=0.5,
+                         targets=r"layers/mlp/kernel")
+  m = ljn.apply_lora(model, config, jax.random.key(1), TOK)
+  ljn.set_delta(m, randomize(ljn.get_delta(m), scale=0.5))
+  f, params, rest = _functional(m.base_model)
+  functional = jax.jit(lambda d, key: lj.wrap(f)(params, d, rest, TOK,
+                                                 lora_rng=key))
+  plain = ljn.merge(m)(TOK)
+  for _ in range(2):  # each call draws the stream's next key
+    key = nnx.clone(m.lora_rngs).lora_dropout()
+    got = m(TOK)
+    np.testing.assert_allclose(got, functional(ljn.get_delta(m), key),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, plain, atol=1e-3)
+  m.eval()  # LoRA dropout off, as nnx.Dropout
+  assert m.deterministic
+  np.testing.assert_allclose(m(TOK), plain, rtol=1e-5, atol=1e-5)
+
+
 def test_misuse_is_an_error_naming_the_leaf(adapted):
   model, m, _ = adapted
   delta = ljn.get_delta(m)
@@ -408,8 +430,9 @@ def test_misuse_is_an_error_naming_the_leaf(adapted):
   with pytest.raises(ValueError, match="already has nnx.LoRAParam"):
     ljn.apply_lora(nnx.LoRA(4, 2, 3, rngs=nnx.Rngs(0)), CONFIG,
                    jax.random.key(0))
-  with pytest.raises(ValueError, match="LoRA dropout"):
-    ljn.apply_lora(model, lj.LoraConfig(dropout=0.1), jax.random.key(0), TOK)
+  with pytest.raises(ValueError, match="LoRA dropout acts on"):
+    ljn.apply_lora(model, lj.LoraConfig(dropout=0.1), jax.random.key(0), TOK,
+                   mode="merge")
   with pytest.raises(ValueError, match="mode must be one of"):
     ljn.apply_lora(model, CONFIG, jax.random.key(0), TOK, mode="fast")
   with pytest.raises(TypeError, match="expects a flax.nnx.Module"):

@@ -49,6 +49,7 @@ from lora_jax._src.wrap import MODES
 from lora_jax._src.wrap import wrap
 
 _FACTORS = ("a", "b", "magnitude")
+_DROPOUT_STREAM = 0x10AD  # folded into apply_lora's key for LoRA dropout
 
 
 # flax >= 0.12 deprecates ``Variable.value``; 0.11 has only ``value``.
@@ -99,11 +100,16 @@ class LoraModule(nnx.Module):
   """
 
   def __init__(self, base_model: nnx.Module, lora: _Node,
-               specs: tuple, mode: str):
+               specs: tuple, mode: str, dropout_key: jax.Array | None = None):
     self.base_model = base_model
     self.lora = lora
     self.lora_specs = specs
     self.lora_mode = mode
+    if dropout_key is not None:
+      # LoRA dropout: a key per call from this stream while training;
+      # ``m.eval()`` / ``m.train()`` set ``deterministic`` as on nnx.Dropout.
+      self.lora_rngs = nnx.Rngs(lora_dropout=dropout_key)
+      self.deterministic = False
 
   # -- what the wrapped model offers --------------------------------------
 
@@ -141,9 +147,13 @@ class LoraModule(nnx.Module):
     return self._lora_apply(name, dynamic, static, treedef)
 
   def _lora_apply(self, name: str, dynamic: tuple, static: tuple, treedef):
+    lora_rng = None
+    if "lora_rngs" in vars(self) and not self.deterministic:
+      lora_rng = self.lora_rngs.lora_dropout()
     graphdef, params, rest = _split(self.base_model)
     out, new_rest = _run(graphdef, name, self.lora_mode, params,
-                         self.lora_deltas(), rest, dynamic, static, treedef)
+                         self.lora_deltas(), rest, dynamic, static, treedef,
+                         lora_rng)
     nnx.update(self.base_model, new_rest)
     return out
 
@@ -172,7 +182,7 @@ _ARRAY = _Array()
 
 
 def _run(graphdef, name: str, mode: str, params, deltas, rest, dynamic,
-         static, treedef):
+         static, treedef, lora_rng=None):
   """``(out, new non-Param state)`` of ``name`` on the model ``graphdef``
   with weights ``merge(params, deltas)``, through :func:`lora_jax.wrap`."""
   leaves = [d if s is _ARRAY else s for d, s in zip(dynamic, static)]
@@ -184,7 +194,7 @@ def _run(graphdef, name: str, mode: str, params, deltas, rest, dynamic,
     return out, nnx.state(model, nnx.Not(nnx.Param))
   # the call's arguments travel as two positional values: a keyword the
   # model takes (adapter_ids, lora_rng, ...) is never read by wrap itself
-  return wrap(fn, mode)(params, deltas, rest, args, kwargs)
+  return wrap(fn, mode)(params, deltas, rest, args, kwargs, lora_rng=lora_rng)
 
 
 def _eager(m: nnx.Module, dynamic: tuple) -> bool:
@@ -325,9 +335,16 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
   arguments are traced, other arguments (Python numbers, strings, dtypes)
   are static, and the results must be arrays (or pytrees of them). A call
   with no tracer in sight is compiled (``nnx.jit``) once per structure of
-  its arguments. LoRA dropout and the trainable token rows of
+  its arguments. The trainable token rows of
   ``LoraConfig(trainable_tokens=...)`` are not supported here yet (an error
   says so); the functional API has them.
+
+  LoRA dropout (``LoraConfig(dropout=p)``): ``m`` holds an ``nnx.Rngs``
+  (``m.lora_rngs``, seeded from ``key``) and a ``deterministic`` flag that
+  ``m.train()`` / ``m.eval()`` set as they do on ``nnx.Dropout``. While
+  training, each call draws one key from the stream and computes
+  ``lora_jax.wrap(f)(base, delta, ..., lora_rng=key)``; in eval mode no
+  dropout is applied.
 
   Args:
     model: a Flax NNX module (not one from ``apply_lora``; no
@@ -351,8 +368,8 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
   Raises:
     TypeError: ``model`` is not an NNX module, or ``config`` not a LoraConfig.
     ValueError: ``model`` already has ``nnx.LoRAParam`` leaves or is adapted,
-      ``config`` selects no leaf, LoRA dropout is asked for, or ``mode`` is
-      unknown.
+      ``config`` selects no leaf, ``mode`` is unknown, or LoRA dropout is
+      asked for with ``mode="merge"``.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, lora_jax.nnx as ljn
   >>> from flax import nnx
@@ -383,12 +400,11 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
         f"lora_jax.nnx.apply_lora: the model already has nnx.LoRAParam leaves "
         f"({preview(own)}), e.g. from nnx.LoRA layers; trainers would train "
         f"them along with lora_jax's factors. Build the model without them.")
-  if config.dropout:
+  if config.dropout and mode == "merge":
     raise ValueError(
-        f"lora_jax.nnx.apply_lora: LoRA dropout (LoraConfig(dropout="
-        f"{config.dropout})) needs a key per call, which an NNX module call "
-        f"does not take; use dropout=0.0, or lora_jax.wrap(f)(base, delta, "
-        f"x, lora_rng=key) in a functional loop.")
+        "lora_jax.nnx.apply_lora: LoRA dropout acts on the LoRA branch's "
+        "input, which mode='merge' does not have; use mode='auto' or "
+        "'factored', or LoraConfig(dropout=0.0).")
   graphdef, params, rest = _split(model)
   apply_fn: Callable | None = None
   if example_args or example_kwargs:
@@ -401,7 +417,11 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
   specs = tuple((p, d.scale, d.layout, d.dropout, d.residual_of)
                 for p, d in deltas.items())
   inner = nnx.merge(graphdef, *_fresh((base, rest)))
-  return _class_for(type(model))(inner, _adapter_tree(deltas), specs, mode)
+  dropout_key = None
+  if any(d.dropout for d in deltas.values()):
+    dropout_key = jax.random.fold_in(key, _DROPOUT_STREAM)
+  return _class_for(type(model))(inner, _adapter_tree(deltas), specs, mode,
+                                 dropout_key)
 
 
 def _lora_module(m: Any, who: str) -> LoraModule:
