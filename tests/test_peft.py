@@ -1737,3 +1737,37 @@ def test_trainable_tokens_both_ways(hf, models, kind, tmp_path):
   got = _torch_logits(hf, pm)
   assert np.abs(got - _torch_logits(hf, torch_model)).max() > 1e-1
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_embed_tokens_head_is_tied_by_peft_itself(hf, tmp_path):
+  """save_peft without tied_heads on a table named embed_tokens: PEFT's
+  ensure_weight_tying (which save_peft sets) gives the tied lm_head the same
+  delta, so the torch logits are those of the merged, still tied, table; and
+  PEFT's file (with its lm_head copy) loads back to the same factors."""
+  torch, peft, transformers, _ = hf
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1,
+      max_position_embeddings=16, tie_word_embeddings=True)).eval()
+  table = model.model.embed_tokens.weight.detach().numpy()
+  params = {"model": {"embed_tokens": {"embedding": jnp.asarray(table)}}}
+  config = lj.LoraConfig(rank=2, alpha=4.0, targets=".*/embedding")
+  _, delta = lj.split(params, config, jax.random.key(0))
+  delta = _np_filled(delta)
+  lj.save_peft(tmp_path / "lj", delta, config)
+  pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "lj")
+  merged = copy.deepcopy(model)
+  ids = torch.tensor(IDS[:, :4])
+  with torch.no_grad():
+    merged.model.embed_tokens.weight.copy_(torch.tensor(np.asarray(
+        lj.merge(params, delta)["model"]["embed_tokens"]["embedding"])))
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    got, want = pm.eval()(ids).logits.numpy(), merged(ids).logits.numpy()
+    assert np.abs(got - model(ids).logits.numpy()).max() > 1e-1
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  pm.save_pretrained(tmp_path / "peft")  # lm_head's copy and base weights
+  _, loaded, _ = lj.load_peft(tmp_path / "peft", params)
+  got = lj.adapters(loaded)["model/embed_tokens/embedding"]
+  np.testing.assert_array_equal(got.a, delta["model"]["embed_tokens"][
+      "embedding"].a)
