@@ -317,14 +317,14 @@ def _check_method(method, rank, density, sign_method, key) -> None:
     if density is None:
       raise ValueError(f"lj.combine: method={method!r} needs density, the "
                        f"fraction of entries kept (0 < density <= 1).")
-    low = 0.0 if "dare" not in rule else None
-    ok = (isinstance(density, numbers.Real) and not isinstance(density, bool)
-          and (0 <= density <= 1 if low == 0 else 0 < density <= 1))
-    if not ok:
+    dare = rule.startswith("dare")
+    number = (float(density) if isinstance(density, numbers.Real)
+              and not isinstance(density, bool) else math.nan)
+    if not (0 < number <= 1 if dare else 0 <= number <= 1):
       raise ValueError(
           f"lj.combine: density={density!r}; give the fraction of entries "
-          f"kept, in " + ("[0, 1]." if low == 0 else
-                          "(0, 1] (DARE divides by it)."))
+          f"kept, in " + ("(0, 1] (DARE divides by it)." if dare else
+                          "[0, 1]."))
   elif density is not None:
     raise ValueError(f"lj.combine: density={density!r} is for the pruning "
                      f"methods; {method!r} prunes nothing.")
