@@ -112,3 +112,20 @@ def test_errors():
   with pytest.raises(ValueError, match=r"'w' has batch axes \(0,\)"):
     lj.eva_init(b3, d3, lambda p, x: jnp.einsum("bi,lio->lbo", x, p["w"]),
                 [jnp.ones((3, 8))])
+
+
+def test_trainable_tokens_are_part_of_the_model():
+  # the activations are the model's with the tokens' rows (here w1's input
+  # is the embedding of token 1, whose row the tokens replace)
+  params = {"embed": jnp.zeros((4, 8)), **PARAMS}
+  g = lambda p, ids: model(p, jnp.take(p["embed"], ids, axis=0))
+  base, delta = lj.split(params, lj.LoraConfig(
+      rank=RANK, targets="w.", trainable_tokens={"embed": [1]}),
+      jax.random.key(1))
+  rows = jnp.stack([BATCHES[0][0, 0], jnp.zeros(8)])
+  delta["embed"] = delta["embed"].replace(values=rows[:1])
+  new = lj.eva_init(base, delta, g, [jnp.array([1, 0])], rho=1.0)
+  assert new["embed"] is delta["embed"]
+  # w1 saw two rows, the token's new one and a zero row: one direction
+  ref = _numpy_eva({"w1": np.asarray(rows, np.float64)}, {"w1": 2}, 1.0)
+  _same_directions(np.asarray(new["w1"].a[:, :1]), ref["w1"][:, :1])

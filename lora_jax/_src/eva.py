@@ -48,6 +48,7 @@ from lora_jax._src.paths import map_with_paths
 from lora_jax._src.paths import preview
 from lora_jax._src.quant import QArray
 from lora_jax._src.stack import refuse_stacks
+from lora_jax._src.tokens import token_deltas
 
 
 class _Moments:
@@ -85,8 +86,8 @@ class _TapContext(Context):
     return super().dropout(x, lora)
 
 
-def _collect(fn: Callable, base: Any, deltas: dict, batches: Iterable,
-             moments: dict[str, _Moments]) -> None:
+def _collect(fn: Callable, base: Any, delta: Any, deltas: dict,
+             batches: Iterable, moments: dict[str, _Moments]) -> None:
   """Runs ``fn`` on every batch in the factored engine, adding each adapted
   kernel's input rows to ``moments``."""
   ins = {p: math.prod(d.layout.sizes(d.kernel_shape)[1])
@@ -95,6 +96,8 @@ def _collect(fn: Callable, base: Any, deltas: dict, batches: Iterable,
 
   def tap(path, x):
     path = str(path)
+    if path not in moments:  # trainable tokens: part of the model, not EVA's
+      return
     x = np.asarray(x)
     if x.size % ins[path]:
       raise ValueError(
@@ -103,12 +106,18 @@ def _collect(fn: Callable, base: Any, deltas: dict, batches: Iterable,
     moments[path].add(x.reshape(-1, ins[path]))
     seen.add(path)
 
+  # trainable tokens run as the factored engine runs them, so the
+  # activations are the model's
+  flat = dict(leaves_with_paths(base))
+  carried = {**deltas, **{p: t.as_lora(flat[p], p)
+                          for p, t in token_deltas(delta).items()}}
+
   def run(b, args, kwargs):
     stand_in = _stand_ins(b)
     closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
     ctx = _TapContext(strict=False, report=Report(), tap=tap)
     for i, (path, leaf) in enumerate(leaves_with_paths(b)):
-      d = deltas.get(path)
+      d = carried.get(path)
       if d is not None:
         inputs[i] = Lora(leaf, d.a, d.b, d.scale, d.layout, path)
       elif isinstance(leaf, QArray):
@@ -184,7 +193,7 @@ def eva_init(base: Any, delta: Any, apply_fn: Callable[..., Any],
   if not (isinstance(rho, (int, float)) and rho >= 1):
     raise ValueError(f"eva_init: rho must be a number >= 1, got {rho!r}.")
   deltas = adapters(delta)
-  check_matches(base, deltas, "eva_init")
+  check_matches(base, deltas, "eva_init", token_deltas(delta))
   for p, d in deltas.items():
     if d.layout.batch:
       raise ValueError(
@@ -194,7 +203,7 @@ def eva_init(base: Any, delta: Any, apply_fn: Callable[..., Any],
           f"its own kernel.")
   moments = {p: _Moments(math.prod(d.layout.sizes(d.kernel_shape)[1]))
              for p, d in deltas.items()}
-  _collect(apply_fn, base, deltas, batches, moments)
+  _collect(apply_fn, base, delta, deltas, batches, moments)
   pcas = {p: moments[p].pca() for p in deltas}
   offers = []  # (-ratio, kernel order, component) for every offered one
   for order, (p, d) in enumerate(deltas.items()):
