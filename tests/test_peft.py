@@ -1051,6 +1051,10 @@ def test_embedding_head_and_expert_tensors_are_peft_s(moe_saved):
   assert cfg["ensure_weight_tying"] is True and cfg["lora_dropout"] == 0.0
   assert cfg["target_modules"] == ["lm_head", "model.embed_tokens",
                                    "model.layers.0.q_proj"]
+  # The torch modules of those keys, nested wrappers included.
+  torch_modules = ["lm_head", "model.embed_tokens", "model.layers.0.q_proj",
+                   "model.layers.0.mlp.experts"]
+  assert lj.check_vllm(directory, expected_modules=torch_modules) == []
   s = 3.0
   merged = lj.merge(params, delta)
   diff = lambda *ks: np.asarray(

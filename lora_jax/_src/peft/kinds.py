@@ -40,6 +40,7 @@ import numpy as np
 
 from lora_jax._src.peft.files import LORA_A
 from lora_jax._src.peft.files import LORA_B
+from lora_jax._src.peft.files import MAGNITUDE
 
 LINEAR, EMBEDDING, PARAM, HEAD = "linear", "embedding", "param", "head"
 BASE_LAYER = ".base_layer"
@@ -98,3 +99,22 @@ def param_from_peft(peft_a: np.ndarray, peft_b: np.ndarray, experts: int
   lora_a = np.transpose(peft_b.reshape(peft_b.shape[0], r, experts), (2, 1, 0))
   lora_b = np.swapaxes(peft_a.reshape(experts, r, peft_a.shape[1]), 1, 2)
   return lora_a, lora_b
+
+
+def module_of_key(key: str, prefix: str) -> str | None:
+  """The torch module a key of PEFT's file belongs to (a targeted
+  parameter's wrappers and a base weight's ``.base_layer`` removed), or
+  None for a key of no module.
+
+  >>> module_of_key("base_model.model.m.experts.base_layer.lora_A.weight",
+  ...               "base_model.model.")
+  'm.experts'
+  """
+  if not key.startswith(prefix):
+    return None
+  ends = sorted({*SUFFIXES[LINEAR], *SUFFIXES[EMBEDDING], TOKENS_IN_LORA,
+                 TOKENS, BASE_WEIGHT, MAGNITUDE}, key=len, reverse=True)
+  end = next((e for e in ends if key.endswith(e)), None)
+  if end is None:
+    return None
+  return key[len(prefix):-len(end)].replace(BASE_LAYER, "")

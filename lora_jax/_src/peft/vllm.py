@@ -8,9 +8,8 @@ import math
 import os
 
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.peft import kinds
 from lora_jax._src.peft.files import LORA_A
-from lora_jax._src.peft.files import LORA_B
-from lora_jax._src.peft.files import MAGNITUDE
 from lora_jax._src.peft.files import PREFIX
 from lora_jax._src.peft.files import WEIGHTS_FILE
 from lora_jax._src.peft.files import close
@@ -122,8 +121,8 @@ def check_vllm(adapter: LoraConfig | str | os.PathLike, *,
   cfg = read_config(adapter)
   keys = list(read_weights(adapter))
   if expected_modules is not None:
-    modules = sorted({k[len(PREFIX):-len(s)] for k in keys for s in (LORA_A, LORA_B, MAGNITUDE)
-                      if k.startswith(PREFIX) and k.endswith(s)})
+    modules = sorted({m for m in (kinds.module_of_key(k, PREFIX) for k in keys)
+                      if m is not None})
     check_expected(modules, expected_set(expected_modules),
                     os.path.join(os.fspath(adapter), WEIGHTS_FILE),
                     "the file")
