@@ -265,7 +265,9 @@ def _parameters(mods: dict[str, dict], cfg: dict, cands: dict[str, list],
               if parameter_order is not None and set(held) <= set(
                   parameter_order) else
               [list(o) for o in itertools.permutations(held, n)])
-    fits = [o for o in orders if all(
+    # One possible order is taken as is (a misfit is then a shape error
+    # naming the tensors); among several, the shapes decide.
+    fits = orders if len(orders) == 1 else [o for o in orders if all(
         _param_fits(mods[by_depth[n - 1 - j]], cands.get(f"{base}.{s}"))
         for j, s in enumerate(o))]
     if len(fits) != 1:
