@@ -129,3 +129,14 @@ def test_trainable_tokens_are_part_of_the_model():
   # w1 saw two rows, the token's new one and a zero row: one direction
   ref = _numpy_eva({"w1": np.asarray(rows, np.float64)}, {"w1": 2}, 1.0)
   _same_directions(np.asarray(new["w1"].a[:, :1]), ref["w1"][:, :1])
+
+
+def test_input_contracted_on_its_first_axis():
+  # x (features, tokens) contracted on axis 0: the rows are x's columns
+  f = lambda p, xt: jnp.einsum("it,io->to", xt, p["w1"]) @ p["w2"]
+  base, delta = lj.split(PARAMS, lj.LoraConfig(rank=RANK, targets="w1"),
+                         jax.random.key(1))
+  xts = [jnp.swapaxes(b.reshape(-1, 8), 0, 1) for b in BATCHES]
+  new = lj.eva_init(base, delta, f, xts, rho=1.0)
+  ref = _numpy_eva({"w1": _rows()["w1"]}, {"w1": RANK}, 1.0)
+  _same_directions(np.asarray(new["w1"].a), ref["w1"])

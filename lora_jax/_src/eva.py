@@ -76,14 +76,34 @@ class _Moments:
 
 @dataclasses.dataclass(frozen=True)
 class _TapContext(Context):
-  """The engine's context, reporting each adapter's branch input ``x``
-  (its contracted axes last) to ``tap(path, x)`` through a host callback."""
+  """The engine's context, reporting each adapter's branch input ``x`` to
+  ``tap(path, rows)`` through a host callback, ``rows`` being ``x`` with its
+  contracted axis last. The engine asks ``choose(x_shape, x_contract,
+  lora)`` (``mode="auto"``'s question, answered "factored") just before it
+  computes a matmul's branch: that is where the contracted axis is read."""
   tap: Callable | None = None
+  contracted: dict = dataclasses.field(default_factory=dict)
 
   def dropout(self, x, lora: Lora):
-    if self.tap is not None and x is not None:
-      jax.debug.callback(self.tap, lora.path, x)
+    if self.tap is not None and x is not None and lora.path in self.contracted:
+      axes = self.contracted.pop(lora.path)
+      if len(axes) != 1:
+        raise ValueError(
+            f"eva_init: {lora.path!r} is contracted with its input over "
+            f"{len(axes)} axes; EVA supports kernels used as x @ W with one "
+            f"input axis (PEFT's Linear layers). Exclude it from targets.")
+      jax.debug.callback(self.tap, lora.path, jnp.moveaxis(x, axes[0], -1))
+    elif self.tap is not None and x is not None:
+      raise ValueError(
+          f"eva_init: {lora.path!r} is used by an op other than a matmul "
+          f"(a convolution, a grouped matmul); EVA supports kernels used as "
+          f"x @ W (PEFT's Linear layers). Exclude it from targets.")
     return super().dropout(x, lora)
+
+  def record(self, x_shape, x_contract, lora) -> str:
+    del x_shape
+    self.contracted[lora.path] = tuple(x_contract)
+    return "factored"
 
 
 def _collect(fn: Callable, base: Any, delta: Any, deltas: dict,
@@ -115,7 +135,8 @@ def _collect(fn: Callable, base: Any, delta: Any, deltas: dict,
   def run(b, args, kwargs):
     stand_in = _stand_ins(b)
     closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
-    ctx = _TapContext(strict=False, report=Report(), tap=tap)
+    ctx = _TapContext(strict=False, report=report, tap=tap)
+    ctx = dataclasses.replace(ctx, choose=ctx.record)
     for i, (path, leaf) in enumerate(leaves_with_paths(b)):
       d = carried.get(path)
       if d is not None:
@@ -126,6 +147,7 @@ def _collect(fn: Callable, base: Any, delta: Any, deltas: dict,
                     ctx)
     return jax.tree.unflatten(out_tree, outs)
 
+  report = Report()
   count = 0
   for batch in batches:
     args = batch if isinstance(batch, tuple) else (batch,)
@@ -134,6 +156,12 @@ def _collect(fn: Callable, base: Any, delta: Any, deltas: dict,
     count += 1
   if not count:
     raise ValueError("eva_init: batches is empty; pass at least one batch.")
+  merged = sorted({p for p, _ in report.fallbacks if p in deltas})
+  if merged:
+    raise ValueError(
+        f"eva_init: the engine merges {preview(merged)} for some use (no "
+        f"factored rule; see lora_jax.explain), where their inputs cannot be "
+        f"read. Exclude them from targets.")
   missing = [p for p in deltas if p not in seen]
   if missing:
     raise ValueError(
