@@ -132,10 +132,12 @@ def _bits(tree):
 
 def _close(x, y, dtype):
   """float32: rounding of the same math; bfloat16 weights: the merged
-  kernel is rounded to bfloat16 once, the factored product is not."""
+  kernel is rounded to bfloat16 once, the factored product is not, and
+  activations are bfloat16 (measured: 1.1e-5 of logits up to 6.5 in float32,
+  0.094, 1.5 bfloat16 ulps, of logits up to 8.75 in bfloat16)."""
   x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
   scale = max(1.0, float(np.abs(y).max()))
-  tol = 2e-5 if dtype == jnp.float32 else 3e-2
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(x, y, rtol=0, atol=tol * scale)
 
 
