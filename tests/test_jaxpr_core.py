@@ -6,6 +6,7 @@ factored engine (strict: no merge fallback) equals the merge engine."""
 
 import dataclasses
 
+from helpers import make_mesh
 from helpers import randomize
 import jax
 import jax.numpy as jnp
@@ -42,13 +43,6 @@ _cv.defvjp(lambda x, w: (x @ w, (x, w)),
            lambda r, g: (g @ r[1].T, r[0].T @ g))
 
 
-def _mesh():
-  kw = {}
-  if hasattr(jax.sharding, "AxisType"):
-    kw["axis_types"] = (jax.sharding.AxisType.Auto,)
-  return jax.make_mesh((2,), ("d",), devices=jax.devices()[:2], **kw)
-
-
 def _shard_map(f, **kw):
   sm = getattr(jax, "shard_map", None)
   if sm is None:
@@ -70,14 +64,14 @@ class Case:
 
 def _sharded(p, x):
   w = jax.lax.with_sharding_constraint(
-      p["w"], jax.sharding.NamedSharding(_mesh(), P(None, "d")))
+      p["w"], jax.sharding.NamedSharding(make_mesh((2,), ("d",)), P(None, "d")))
   return x @ w
 
 
 def _in_shard_map(p, x):
   # the replicated kernel enters the manual region and passes through pvary
   f = lambda w, x: x @ w
-  return _shard_map(f, mesh=_mesh(), in_specs=(P(), P("d")),
+  return _shard_map(f, mesh=make_mesh((2,), ("d",)), in_specs=(P(), P("d")),
                     out_specs=P("d"))(p["w"], x)
 
 

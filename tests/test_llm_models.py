@@ -4,11 +4,11 @@ agree on outputs and gradients, the factored engine never merges, and
 
 import warnings
 
+from helpers import assert_engines_agree
 from helpers import randomize
 import jax
 import jax.numpy as jnp
 import llm_models
-import numpy as np
 import pytest
 
 import lora_jax as lj
@@ -29,20 +29,6 @@ def _split(name, **kw):
   return fn, args, base, randomize(delta), expected
 
 
-def _loss(apply, base, args):
-  def loss(delta):
-    out = apply(base, delta, *args)
-    return jnp.sum(jnp.sin(out) * (1 + jnp.arange(out.size).reshape(out.shape) % 3))
-  return loss
-
-
-def _close(x, y, rtol=2e-5):
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-    b = np.asarray(b)
-    np.testing.assert_allclose(np.asarray(a), b, rtol=rtol,
-                               atol=rtol * float(np.abs(b).max()))
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_all_linear_adapts_attention_and_mlp_only(name):
   _, _, _, delta, expected = _split(name)
@@ -57,13 +43,7 @@ def test_engines_agree_with_no_fallback(name):
   assert set(report.rules) == set(lj.adapters(delta))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    fact = lj.wrap(fn, "factored", strict=True)
-    out_f = jax.jit(fact)(base, delta, *args)
-    g_f = jax.jit(jax.grad(_loss(fact, base, args)))(delta)
-  merged = lj.wrap(fn, "merge")
-  _close(out_f, merged(base, delta, *args))
-  g_m = jax.grad(_loss(merged, base, args))(delta)
-  _close(g_f, g_m)
+    g_f = assert_engines_agree(fn, base, delta, args, rtol=2e-5)
   # every adapter gets a gradient (B is random, so A's is non-zero too)
   for path, d in lj.adapters(g_f).items():
     assert float(jnp.abs(d.a).max()) > 0 and float(jnp.abs(d.b).max()) > 0, path

@@ -3,6 +3,7 @@
 import re
 from statistics import NormalDist
 
+from helpers import make_mesh
 from helpers import tanh_stack
 from helpers import train_mse
 import jax
@@ -455,14 +456,9 @@ needs_8 = pytest.mark.skipif(
     "--xla_force_host_platform_device_count=8 before jax starts)")
 
 
-def _mesh():
-  auto = jax.sharding.AxisType.Auto
-  return jax.make_mesh((4, 2), ("data", "model"), axis_types=(auto, auto))
-
-
 @needs_8
 def test_quantized_kernels_shard_like_the_kernel(tmp_path):
-  mesh = _mesh()
+  mesh = make_mesh()
   params = {"w1": _kernel((128, 64)), "w2": _kernel((64, 32), seed=1)}
   specs = {"w1": P("data", "model"), "w2": P(None, "model")}
   sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k]))
