@@ -210,6 +210,13 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
   The product is taken as one batched 2-D matmul (flattening the input and
   output groups), then reshaped and transposed back to the kernel's layout.
 
+  Args:
+    delta: one :class:`lora_jax.LoraDelta`.
+    dtype: the dtype of the product; None keeps the factors'.
+
+  Returns:
+    An array of the kernel's shape.
+
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> d = lj.LoraDelta(jnp.ones((3, 1)), jnp.ones((1, 2)), scale=0.5,
   ...                  layout=lj.Layout.transposed())   # kernel stored (2, 3)
@@ -235,9 +242,17 @@ def is_delta_or_none(x: Any) -> bool:
 
 
 def adapters(delta_tree: Any) -> dict[str, LoraDelta]:
-  """``{path: LoraDelta}`` for every adapter in a delta tree
-  (``lora_jax.adapters``): the same for a delta from ``split`` (with ``None``
-  slots, or NNX ``State``) and one from ``load``.
+  """``{path: LoraDelta}`` for every adapter in a delta tree.
+
+  The same for a delta from ``split`` (with ``None`` slots, or NNX
+  ``State``) and one from ``load``.
+
+  Args:
+    delta_tree: a delta tree (stacks are skipped: see ``LoraStack``).
+
+  Returns:
+    A dict from ``'/'``-joined leaf path to :class:`lora_jax.LoraDelta`, in
+    tree order.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> _, delta = lj.split({"a": {"kernel": jnp.ones((4, 4))}, "b": jnp.ones(4)},

@@ -382,9 +382,23 @@ def _adapter(s: LoraStack, k: int) -> LoraDelta:
 
 
 def select(stacked: Any, k: int) -> Any:
-  """Adapter ``k`` of a stack, as a plain delta tree of its own rank (with
-  its scale and, for PiSSA / OLoRA, its residual-base mark). ``k`` may be
-  negative (from the end); outside the stack it is an IndexError.
+  """Adapter ``k`` of a stack, as a plain delta tree.
+
+  The adapter comes back at its own rank, with its scale and, for PiSSA /
+  OLoRA, its residual-base mark; single adapters shared by every row stay
+  as they are.
+
+  Args:
+    stacked: a delta tree holding :class:`lora_jax.LoraStack` nodes (from
+      :func:`lora_jax.stack`).
+    k: the adapter's index; negative counts from the end.
+
+  Returns:
+    A delta tree of :class:`lora_jax.LoraDelta` nodes.
+
+  Raises:
+    TypeError: ``k`` is not an integer.
+    IndexError: ``k`` is outside the stack.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"w": jnp.ones((6, 4))}
@@ -402,10 +416,26 @@ def select(stacked: Any, k: int) -> Any:
 
 
 def put(stacked: Any, k: int, delta: Any) -> Any:
-  """``stacked`` with adapter ``k`` replaced by ``delta`` (pure; same
-  shapes, so a jitted function over the stack does not retrace unless
-  ``delta``'s scale differs from the slot's: scales are static, as a single
-  adapter's). ``delta``'s rank may be at most the stack's padded rank.
+  """``stacked`` with adapter ``k`` replaced by ``delta``.
+
+  Pure, and the shapes stay, so a jitted function over the stack does not
+  retrace unless ``delta``'s scale differs from the slot's (scales are
+  static, as a single adapter's).
+
+  Args:
+    stacked: a stacked delta tree.
+    k: the slot; negative counts from the end.
+    delta: a delta of single adapters at the stack's paths, of rank at most
+      the stack's padded rank, for the same kernels.
+
+  Returns:
+    The new stacked delta tree.
+
+  Raises:
+    TypeError: ``k`` is not an integer.
+    IndexError: ``k`` is outside the stack.
+    ValueError: ``delta`` adapts other paths, is itself a stack, has a
+      larger rank, another kernel or layout, or differs in DoRA.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"w": jnp.ones((6, 4))}
