@@ -9,7 +9,8 @@ On a TPU pod, drop the flags: ``jax.distributed.initialize()`` finds the
 coordinator and process ids itself, and every host runs the same script.
 
 Every process builds the same base model (same seed), shards it over a
-``(data, model)`` mesh spanning all processes' devices, splits it (the LoRA
+``(data, model)`` mesh spanning all processes' devices (``jax.make_mesh``:
+Explicit axes from JAX 0.9, entered with ``jax.set_mesh``), splits it (the LoRA
 factors land on shardings derived from the kernels'), trains a few Adam steps
 on a global batch that each process fills for its own devices, and saves the
 adapter: each process writes its own shards into one checkpoint. Prints one
@@ -58,8 +59,10 @@ def main(argv=None) -> dict:
     jax.distributed.initialize(args.coordinator, args.num_processes,
                                args.process_id)
   n = jax.device_count()
-  auto = jax.sharding.AxisType.Auto
-  mesh = jax.make_mesh((n // 2, 2), ("data", "model"), axis_types=(auto, auto))
+  # Explicit axes by default from JAX 0.9 (sharding in types), Auto before
+  mesh = jax.make_mesh((n // 2, 2), ("data", "model"))
+  explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+  set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh  # < 0.7
 
   # The same base everywhere: built from a seed, then sharded over the mesh.
   k = jax.random.split(jax.random.key(0), 4)
@@ -68,7 +71,15 @@ def main(argv=None) -> dict:
             "head": jax.random.normal(k[2], (32, 8)) * 0.2}
   specs = {"fc1": P(None, "model"), "fc2": P("model", None),
            "head": P(None, None)}
-  fn = lambda p, x: jax.nn.gelu(jax.nn.gelu(x @ p["fc1"]) @ p["fc2"]) @ p["head"]
+
+  def fn(p, x):
+    h = jax.nn.gelu(x @ p["fc1"])  # column-parallel
+    if explicit:  # row-parallel: explicit axes ask where the sum goes
+      h = jax.lax.dot_general(h, p["fc2"], (((1,), (0,)), ((), ())),
+                              out_sharding=P("data", None))
+    else:
+      h = h @ p["fc2"]
+    return jax.nn.gelu(h) @ p["head"]
   place = lambda v, s: jax.make_array_from_callback(
       v.shape, NamedSharding(mesh, s), lambda idx: np.asarray(v)[idx])
   base = {name: place(v, specs[name]) for name, v in params.items()}
@@ -77,7 +88,6 @@ def main(argv=None) -> dict:
   x, y = place(x_all, P("data")), place(y_all, P("data"))
 
   cfg = lj.LoraConfig(rank=4, alpha=8.0, targets="fc1|fc2")
-  base, delta = lj.split(base, cfg, jax.random.key(1))
   apply = lj.wrap(fn, args.mode)
   tx = optax.adam(1e-2)
 
@@ -88,10 +98,14 @@ def main(argv=None) -> dict:
     u, opt = tx.update(g, opt, delta)
     return optax.apply_updates(delta, u), opt, loss
 
-  opt, losses = tx.init(delta), []
-  for _ in range(args.steps):
-    delta, opt, loss = step(delta, opt, base, x, y)
-    losses.append(float(loss))
+  with set_mesh(mesh):
+    base, delta = lj.split(base, cfg, jax.random.key(1))
+    opt, losses = tx.init(delta), []
+    for _ in range(args.steps):
+      delta, opt, loss = step(delta, opt, base, x, y)
+      losses.append(float(loss))
+  # saved outside the mesh context (orbax < 0.12 on jax 0.6.2 slices arrays
+  # on one device, which that JAX refuses under use_mesh)
   if args.out:
     lj.save(args.out, delta, cfg, overwrite=True)
   result = {"process": jax.process_index(), "processes": jax.process_count(),
