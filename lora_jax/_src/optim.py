@@ -152,6 +152,17 @@ def trainable_leaves(base: Any, trainable: Selector) -> dict[str, Any]:
     loss = lambda t: loss_fn(apply(lj.with_leaves(base, t[1]), t[0], x), y)
     grads = jax.grad(loss)((delta, extras))
 
+  Args:
+    base: the frozen parameters.
+    trainable: a regex full-matched on leaf paths, a list of regexes or a
+      callable ``(path, leaf) -> bool``.
+
+  Returns:
+    ``{path: leaf}`` in tree order.
+
+  Raises:
+    ValueError: ``trainable`` selects no leaf (the error lists some paths).
+
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> base = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
   >>> list(lj.trainable_leaves(base, r".*/bias"))
@@ -167,6 +178,16 @@ def trainable_leaves(base: Any, trainable: Selector) -> dict[str, Any]:
 
 def with_leaves(base: Any, leaves: dict[str, Any]) -> Any:
   """``base`` with the leaves at the given paths replaced (shapes checked).
+
+  Args:
+    base: the frozen parameters.
+    leaves: ``{path: array}``, e.g. trained :func:`trainable_leaves`.
+
+  Returns:
+    ``base``'s structure with those leaves replaced.
+
+  Raises:
+    ValueError: a path the base has no leaf at, or a shape that differs.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> base = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}

@@ -26,6 +26,12 @@ def _nbytes(x: Any) -> int:
 def describe(delta: Any) -> str:
   """One line per adapter: path, kernel shape, rank, scale, factor shapes.
 
+  Args:
+    delta: a delta tree, single adapters or stacks.
+
+  Returns:
+    The lines, joined by newlines.
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> _, delta = lj.split({"fc": {"kernel": jnp.ones((8, 4))}},
   ...                     lj.LoraConfig(rank=2), jax.random.key(0))
@@ -67,8 +73,14 @@ def _table(rows, header) -> str:
 def summary(base: Any, delta: Any, trainable: Any = None) -> str:
   """Trainable vs total parameter counts and a per-adapter table.
 
-  ``trainable`` (as in :func:`lora_jax.optimizer`) counts base leaves that are
-  trained alongside the adapters.
+  Args:
+    base: the frozen parameters.
+    delta: the delta tree.
+    trainable: base leaves trained beside the adapters, as in
+      :func:`lora_jax.optimizer` (a regex, list of regexes or callable).
+
+  Returns:
+    A first line with the counts, then :func:`describe`'s table.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"fc": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
