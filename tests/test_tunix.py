@@ -14,6 +14,7 @@ tunix is a test-only extra (``lora_jax[tunix]`` plus ``google-tunix`` with
 import functools
 import importlib.metadata
 import os
+import re
 
 from flax import nnx
 import jax
@@ -134,10 +135,10 @@ def _close(x, y, dtype):
   """float32: rounding of the same math; bfloat16 weights: the merged
   kernel is rounded to bfloat16 once, the factored product is not, and
   activations are bfloat16 (measured: 1.1e-5 of logits up to 6.5 in float32,
-  0.094, 1.5 bfloat16 ulps, of logits up to 8.75 in bfloat16)."""
+  0.094-0.12, 1.5-2 bfloat16 ulps, of logits up to 8.75 in bfloat16)."""
   x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
   scale = max(1.0, float(np.abs(y).max()))
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
   np.testing.assert_allclose(x, y, rtol=0, atol=tol * scale)
 
 
@@ -157,7 +158,8 @@ class Family:
     self.inputs = _inputs(tx, self.tokens)
     i = self.inputs
     self.example = (self.tokens, i["positions"], None, i["attention_mask"])
-    self.config = lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
+    # all-linear (the default): the seven projections, not the embedding
+    self.config = lj.LoraConfig(rank=4, alpha=8.0)
     self.m = ljn.apply_lora(self.model, self.config, jax.random.key(2),
                             *self.example)
     self.delta0 = ljn.get_delta(self.m)
@@ -180,20 +182,27 @@ def fam(request, tx):
   return Family(tx, request.param)
 
 
+def _trainer(tx, m, ckpt):
+  pt = tx["peft_trainer"]
+  trainer = pt.PeftTrainer(m, optax.adam(LR), pt.TrainingConfig(
+      eval_every_n_steps=1_000, checkpoint_root_directory=ckpt))
+  return trainer.with_gen_model_input_fn(functools.partial(_inputs, tx))
+
+
 @pytest.fixture(scope="module")
-def trained(fam, tx):
-  """The adapted module trained STEPS steps by tunix's PeftTrainer (Adam),
-  and the same steps through a functional lj.wrap loop."""
+def trained(fam, tx, tmp_path_factory):
+  """The adapted module trained STEPS steps by tunix's PeftTrainer (Adam,
+  checkpointing into a folder), and the same steps through a functional
+  lj.wrap loop."""
   pt = tx["peft_trainer"]
   m = fam.fresh()
   frozen = _bits(nnx.state(m, nnx.Not(nnx.LoRAParam)))
   lora0 = {p: np.array(x) for p, x in  # copies: the state shares m's storage
            lj.leaves_with_paths(nnx.state(m, nnx.LoRAParam))}
   assert tx["utils"].is_lora_enabled(m)
-  trainer = pt.PeftTrainer(m, optax.adam(LR), pt.TrainingConfig(
-      eval_every_n_steps=1_000, max_steps=STEPS, pbar_description=None))
-  trainer = trainer.with_gen_model_input_fn(functools.partial(_inputs, tx))
-  trainer.train([fam.tokens] * STEPS)
+  ckpt = str(tmp_path_factory.mktemp(f"tunix_ckpt_{fam.family}"))
+  trainer = _trainer(tx, m, ckpt)
+  trainer.train([fam.tokens] * STEPS)  # trains until the data ends
   losses = np.asarray(trainer.metrics_logger.get_metric_history(
       "", "loss", "train"))
 
@@ -222,7 +231,7 @@ def trained(fam, tx):
   for _ in range(STEPS):
     delta, state, value = step(delta, state, fam.inputs)
     func_losses.append(float(value))
-  return dict(m=m, frozen=frozen, lora0=lora0, losses=losses,
+  return dict(m=m, frozen=frozen, lora0=lora0, losses=losses, ckpt=ckpt,
               func_delta=delta, func_losses=np.asarray(func_losses),
               final=float(step(delta, state, fam.inputs)[2]))
 
@@ -242,6 +251,7 @@ def test_structure(fam, tx):
   adapted = set(lj.adapters(fam.delta0))
   # 2 layers x q/k/v/o/gate/up/down (Gemma3: k and v in one kv_einsum)
   assert len(adapted) == (14 if fam.family == "qwen3" else 12), sorted(adapted)
+  assert all(re.fullmatch(TARGETS, p) for p in adapted), sorted(adapted)
   assert lora == {f"lora/{p}/{f}" for p in adapted for f in ("a", "b")}
   # every frozen weight is a Param, none a LoRAParam
   params = {p for p, _ in lj.leaves_with_paths(nnx.state(m, nnx.Param))}
@@ -301,6 +311,18 @@ def test_peft_trainer_equals_functional_wrap_loop(fam, trained):
       assert x.dtype == y.dtype == jnp.float32, (p, name)
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
                                  atol=tol * LR * STEPS, err_msg=f"{p}/{name}")
+
+
+def test_peft_trainer_checkpoint_restores_the_factors(fam, tx, trained):
+  """tunix checkpoints nnx.state(m, nnx.LoRAParam) (and the optimiser's
+  state); a new trainer on an untrained module restores the factors."""
+  m = fam.fresh(key=9)
+  trainer = _trainer(tx, m, trained["ckpt"])
+  assert trainer.train_steps == STEPS
+  assert _bits(nnx.state(m, nnx.LoRAParam)) == _bits(
+      nnx.state(trained["m"], nnx.LoRAParam))
+  assert _bits(nnx.state(m, nnx.Not(nnx.LoRAParam))) == trained["frozen"]
+  trainer.close()
 
 
 def _sample(tx, fam, model=None, sampler=None):
