@@ -77,7 +77,8 @@ def test_engines_and_tied_head_match_merge(setup):
   np.testing.assert_allclose(ref[..., 5], h @ delta["embed"].values[0],
                              rtol=1e-5, atol=1e-5)
   for mode in ("merge", "factored"):
-    np.testing.assert_allclose(lj.wrap(model, mode)(base, delta, TOKENS), ref,
+    np.testing.assert_allclose(jax.jit(lj.wrap(model, mode))(base, delta,
+                                                             TOKENS), ref,
                                rtol=1e-5, atol=1e-5)
   report = lj.explain(model, base, delta, TOKENS, mode="factored")
   assert report.rules["embed"] == ["gather", "dot_general (transposed use)"]
@@ -150,7 +151,7 @@ def test_optimizer_trains_the_rows(setup, grads):
   tx = lj.optimizer(optax.adam(0.1))
   state = tx.init((base, delta))
   grads = (jax.tree.map(jnp.zeros_like, base), grads["factored"][0])
-  updates, _ = tx.update(grads, state, (base, delta))
+  updates, _ = jax.jit(tx.update)(grads, state, (base, delta))
   new_base, new_delta = optax.apply_updates((base, delta), updates)
   np.testing.assert_array_equal(new_base["embed"], base["embed"])
   step = np.asarray(new_delta["embed"].values - delta["embed"].values)
@@ -169,8 +170,8 @@ def test_bf16_table():
   np.testing.assert_array_equal(
       np.asarray(merged["embed"][jnp.array(IDS)], np.float32),
       np.asarray(delta["embed"].values.astype(jnp.bfloat16), np.float32))
-  ref = lj.wrap(model, "merge")(base, delta, TOKENS)
-  out = lj.wrap(model, "factored")(base, delta, TOKENS)
+  ref = jax.jit(lj.wrap(model, "merge"))(base, delta, TOKENS)
+  out = jax.jit(lj.wrap(model, "factored"))(base, delta, TOKENS)
   # the factored engine adds (values - rows) to the bf16 rows: one rounding
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(ref, np.float32), rtol=0.02, atol=0.05)
@@ -219,7 +220,7 @@ def test_a_non_finite_row(setup):
   bad = dict(delta, embed=delta["embed"].replace(
       values=delta["embed"].values.at[1, 3].set(jnp.nan)))
   # merge keeps the NaN to token 30's row (and its logit column)
-  out = lj.wrap(model, "merge")(base, bad, TOKENS[:, :2])  # tokens 1, 5
+  out = jax.jit(lj.wrap(model, "merge"))(base, bad, TOKENS[:, :2])  # 1, 5
   assert np.isfinite(np.delete(np.asarray(out), 30, axis=-1)).all()
   # the factored engine would spread it (0 * nan in the one-hot product):
   # refused eagerly, naming the table and the token
