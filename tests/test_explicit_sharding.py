@@ -236,3 +236,69 @@ def test_a_mixed_adapter_batch():
     got = jax.jit(lambda b, s, x, i: lj.wrap(_megatron(mesh), "factored")(
         b, s, x, adapter_ids=i))(sb, lj.stack(adapters), sx, ids)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- DoRA: its norms contract the kernel's input axes --------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dora_under_tensor_parallel_axes(engine):
+  # w2 is row-parallel: the norms of W0 + s a b sum over its "model"-sharded
+  # input axis, under Explicit axes a contraction needing its out_sharding
+  params, x = _megatron_base(6)
+  base, delta = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2",
+                                               dora=True), jax.random.key(1))
+  delta = jax.tree.map(
+      lambda d: d.replace(magnitude=d.magnitude * (1 + 0.1 * jnp.arange(
+          d.magnitude.shape[0]) / d.magnitude.shape[0])),
+      _randomize(delta), is_leaf=lambda d: isinstance(d, lj.LoraDelta))
+  loss = lambda g: lambda d, b, x: jnp.sum(jnp.tanh(g(b, d, x)) ** 2)
+  want = jax.jit(jax.value_and_grad(loss(lj.wrap(_megatron(None), "merge")),
+                                    argnums=(0, 2)))(delta, base, x)
+  mesh = _mesh("explicit")
+  with _set_mesh(mesh):
+    kernel = {n: NamedSharding(mesh, s) for n, s in SPECS.items()}
+    sb = jax.device_put(base, kernel)
+    sd = jax.device_put(delta, lj.delta_shardings(delta, kernel))
+    sx = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    g = lj.wrap(_megatron(mesh), engine, strict=True)
+    got = jax.jit(jax.value_and_grad(loss(g), argnums=(0, 2)))(sd, sb, sx)
+    norms = jax.jit(lj.dora_norms)(sb, sd)
+    merged = jax.jit(lj.merge)(sb, sd)
+  assert jax.typeof(got[1][0]["w2"].magnitude).sharding.spec == P(None)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+  want_norms = lj.dora_norms(base, delta)
+  for n in SPECS:
+    np.testing.assert_allclose(norms[n], want_norms[n], rtol=1e-5)
+    np.testing.assert_allclose(merged[n], lj.merge(base, delta)[n],
+                               rtol=1e-5, atol=1e-6)
+
+
+# ---- a shard_map body ------------------------------------------------------
+
+def _shard_map(f, mesh, in_specs, out_specs):
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  from jax.experimental.shard_map import shard_map  # jax < 0.7
+  return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def _manual(mesh):
+  def body(w1, w2, x):  # Megatron by hand: one psum over "model"
+    return jax.lax.psum(jax.nn.gelu(x @ w1) @ w2, "model")
+
+  def fn(p, x):
+    if mesh is None:
+      return jax.nn.gelu(x @ p["w1"]) @ p["w2"]
+    return _shard_map(body, mesh, (P(None, "model"), P("model", None),
+                                   P("data", None)), P("data", None))(
+                                       p["w1"], p["w2"], x)
+  return fn
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_shard_map_body(engine):
+  params, x = _megatron_base(7)
+  _check(_manual, params, SPECS, x, P("data", None), "explicit", engine,
+         "w1|w2")

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import jaxpr_core as jc
+
 
 def norm(w0: jax.Array, delta: Any, dtype: Any = None) -> jax.Array:
   """``||W0 + scale * a @ b||`` over the input axes, per output unit.
@@ -46,12 +48,15 @@ def norm(w0: jax.Array, delta: Any, dtype: Any = None) -> jax.Array:
   a, b = (x.astype(dtype) for x in lay.flatten_factors(delta.a, delta.b))
   hi = jax.lax.Precision.HIGHEST
   s = delta.scale
-  cross = jnp.einsum("gkr,gkn->grn", a, w, precision=hi)
-  gram = jnp.einsum("gkr,gkq->grq", a, a, precision=hi)
+  # batched over g, contracting k: under Explicit mesh axes a sharded k is
+  # summed across the mesh (jaxpr_core.dot names the out_sharding)
+  over_k = (((1,), (1,)), ((0,), (0,)))
+  cross = jc.dot(a, w, over_k, precision=hi)   # (g, r, n)
+  gram = jc.dot(a, a, over_k, precision=hi)    # (g, r, q)
+  gb = jc.dot(gram, b, (((2,), (1,)), ((0,), (0,))), precision=hi)
   sq = (jnp.sum(w * w, axis=1) + 2 * s * jnp.sum(cross * b, axis=1)
-        + s * s * jnp.sum(b * jnp.einsum("grq,gqn->grn", gram, b, precision=hi),
-                          axis=1))
-  return jnp.sqrt(jnp.maximum(sq, 0)).reshape(*batch, *outs)
+        + s * s * jnp.sum(b * gb, axis=1))
+  return jc.reshape(jnp.sqrt(jnp.maximum(sq, 0)), (*batch, *outs))
 
 
 def init_magnitude(w0: jax.Array, delta: Any, dtype: Any) -> jax.Array:
