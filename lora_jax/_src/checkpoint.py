@@ -479,11 +479,21 @@ def load_extras(directory: str | os.PathLike) -> dict:
 
 def checkpoint_manager(directory: str | os.PathLike, every: int = 1,
                        keep: int | None = None) -> ocp.CheckpointManager:
-  """An orbax ``CheckpointManager`` saving every ``every`` steps, keeping the
-  last ``keep``. Save a training state (delta and optimiser state) with
+  """An orbax ``CheckpointManager`` for a training loop's state.
+
+  Save a training state (delta and optimiser state) with
   ``mngr.save(step, args=ocp.args.StandardSave(state))`` and resume with
   ``mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(
   jax.eval_shape(lambda: state)))``; the restored state is bit-identical.
+
+  Args:
+    directory: the folder of the numbered step checkpoints (``~`` is
+      expanded).
+    every: save every ``every`` steps (others are skipped).
+    keep: keep the last ``keep`` steps; None keeps all.
+
+  Returns:
+    An ``orbax.checkpoint.CheckpointManager``; close it when done.
 
   >>> import jax.numpy as jnp, lora_jax as lj, tempfile
   >>> import orbax.checkpoint as ocp

@@ -179,6 +179,18 @@ def to_plain_lora(initial: Any, trained: Any) -> Any:
   and an eager :func:`lora_jax.wrap` refuse the original weights; the
   converted one has none. Under ``jit`` the mark cannot be checked.)
 
+  Args:
+    initial: the delta ``split`` returned with a principal init.
+    trained: the same delta after training.
+
+  Returns:
+    A delta of rank ``2r`` adapters (no residual-base mark) that merges into
+    the original parameters.
+
+  Raises:
+    ValueError: an adapter of ``trained`` has no initial adapter, or is a
+      DoRA adapter (its update is not low-rank in ``W``).
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> w = jax.random.normal(jax.random.key(0), (6, 5))
   >>> cfg = lj.LoraConfig(rank=2, targets="w", init="pissa")
