@@ -82,7 +82,7 @@ def consumer(plan_fn: Callable) -> Callable:
       return fallback(eqn, invals, ctx)
     # under Explicit mesh axes: the base product's own sharding type
     low = jc.reshard_like(low, eqn.outvars[0].aval)
-    base = _frozen(eqn, invals, plan)
+    base = _frozen(eqn, invals, plan, ctx.recompute)
     out_dtype = eqn.outvars[0].aval.dtype
     if lora.magnitude is None:
       ctx.report.record(lora.path, plan.rule)
@@ -94,9 +94,10 @@ def consumer(plan_fn: Callable) -> Callable:
   return rule
 
 
-def _frozen(eqn, invals, plan: Plan):
+def _frozen(eqn, invals, plan: Plan, reverse_only: bool):
   """The op on the frozen kernel: a narrow one (quantized, bf16 widened by
-  the program) is built where it is used and rebuilt in the backward pass."""
+  the program) is built where it is used and rebuilt in the backward pass
+  (``reverse_only``: the ``custom_vjp`` form, :func:`frozen.frozen_linear`)."""
   lora, x = plan.lora, plan.x
   dtype = lora.dtype if lora.dtype is not None else jnp.dtype(lora.w.dtype)
   # a mixed-precision op (bf16 kernel, float32 activation) widens it inside
@@ -104,7 +105,7 @@ def _frozen(eqn, invals, plan: Plan):
       jnp.dtype(x.dtype).itemsize > dtype.itemsize)
   if (lora.narrow or widened_by_op) and plan.linear_op is not None:
     return frozen_linear(plan.linear_op, x, lora.w,
-                         x.dtype if widened_by_op else dtype)
+                         x.dtype if widened_by_op else dtype, reverse_only)
   return jc.bind(eqn, [lora.kernel() if v is lora else v for v in invals])[0]
 
 

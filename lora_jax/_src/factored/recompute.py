@@ -15,8 +15,8 @@ memory drops from 160 to 106 MiB (``benchmarks/results/w3_cpu.md``).
 The region is a ``custom_vjp`` rather than ``jax.checkpoint``: XLA:CPU drops
 the checkpoint's optimization barriers before common-subexpression
 elimination and merges the recomputation back into the forward pass (measured:
-no saving at all). The price is forward mode under ``jit``; see
-``lj.wrap(..., recompute=False)``.
+no saving at all). The price is forward mode under ``jit`` and
+``jax.linearize``; see ``lj.wrap(..., recompute=False)``.
 """
 
 from __future__ import annotations
@@ -153,9 +153,10 @@ def apply_recomputing(region, x_var, members, env: dict,
   run.defvjp(forward, backward)
   root_vals = [env[r] for r in roots]
   try:
-    # forward mode under jit fails here: lj.wrap(..., recompute=False)
+    # jvp under jit and linearize fail later, when lowered or evaluated,
+    # where no library code runs: lj.wrap(..., recompute=False)
     return run(root_vals, flat)
-  except TypeError as e:  # jax.jvp around the call: no custom_vjp there
+  except TypeError as e:  # an eager jvp, jacfwd: JAX refuses it here
     if "forward-mode" not in str(e):
       raise
     return region_fn(ctx, root_vals, flat)
