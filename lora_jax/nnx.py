@@ -30,6 +30,14 @@ Contract, for libraries built on NNX (tunix's ``PeftTrainer`` and
   ``nnx.cached_partial`` and ``nnx.graphdef`` + ``nnx.merge`` round trips
   are safe). ``inspect.signature(m.__call__)`` is ``model.__call__``'s.
 * Other public attributes of ``model`` (``m.config``) read through.
+* With ``LoraConfig(dropout=p)``, ``m.lora_rngs`` (an ``nnx.Rngs``) gives
+  each training call its dropout key and ``m.deterministic`` (set by
+  ``m.eval()`` / ``m.train()``) turns LoRA dropout off and on.
+* Not held yet (an error says so): trainable token rows
+  (``LoraConfig(trainable_tokens=...)``), stacks of adapters. The factors
+  carry no NNX sharding metadata: their arrays are placed like their kernels
+  (as :func:`lora_jax.split` places them), but ``nnx.get_partition_spec``
+  does not name their axes.
 * ``jax.tree.leaves(nnx.variables(m))[0]`` is ``model``'s first leaf (NNX
   orders attributes by name; ``base_model`` sorts before ``lora``), so a
   library that takes its dtype from there sees the model's, not a float32
