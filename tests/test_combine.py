@@ -405,3 +405,19 @@ def test_bf16_factors_stay_bf16():
   assert got.a.dtype == got.b.dtype == jnp.bfloat16
   np.testing.assert_array_equal(got.a, want.a.astype(jnp.bfloat16))
   np.testing.assert_array_equal(got.b, want.b.astype(jnp.bfloat16))
+
+
+def test_trainable_tokens_and_trained_arrays_are_refused_not_dropped():
+  # Keeping delta 0's token rows would silently drop delta 1's.
+  d = {"q": _one((4, 3))}
+  rows = {**d, "embed": lj.TrainableTokens(jnp.ones((1, 3)), (2,), vocab=5)}
+  with pytest.raises(ValueError, match=r"delta 1 holds a TrainableTokens at "
+                     r"'embed'"):
+    lj.combine([{**d, "embed": None}, rows])
+  with pytest.raises(ValueError, match=r"delta 0 holds a ArrayImpl at 'bias'|"
+                     r"delta 0 holds a \w+ at 'bias'"):
+    lj.combine([{**d, "bias": jnp.ones(3)}, {**d, "bias": jnp.ones(3)}])
+  # Without them the adapters combine as before: the weighted sum.
+  both = lj.combine([d, d], [1.0, 2.0])
+  np.testing.assert_allclose(both["q"].weight(), 3 * d["q"].weight(),
+                             rtol=1e-6)

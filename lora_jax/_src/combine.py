@@ -353,6 +353,21 @@ def _check_ranks(method, path, ds) -> None:
         f"updates.")
 
 
+def _refuse_other_leaves(delta: Any, k: int) -> None:
+  """combine merges LoRA adapters only: a trainable token table or a trained
+  array in a delta has no merge rule, and keeping delta 0's would drop the
+  others' silently."""
+  def check(path, x):
+    if x is not None and not isinstance(x, LoraDelta):
+      raise ValueError(
+          f"lj.combine: delta {k} holds a {type(x).__name__} at {path!r}; only "
+          f"LoRA adapters (LoraDelta) have a combination rule. Remove it from "
+          f"every delta before combining (e.g. set that path to None) and "
+          f"decide its value yourself.")
+    return x
+  map_with_paths(check, delta, is_leaf=is_delta_or_none)
+
+
 def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
             method: str = "cat", rank: int | None = None,
             density: float | None = None, majority_sign_method: str = "total",
@@ -420,7 +435,8 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
     ValueError: naming the path or argument: deltas adapting other paths or
       kernels, DoRA or principal-init adapters, a rank mismatch for a
       factor-wise method, a missing or misplaced ``rank``, ``density`` or
-      ``key``, an unknown method.
+      ``key``, an unknown method, a leaf other than a LoraDelta (trainable
+      token rows, a trained array).
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> d1 = {"w": lj.LoraDelta(jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)}
@@ -449,6 +465,8 @@ def combine(deltas: Sequence[Any], weights: Sequence[float] | None = None,
     refuse_stacks(d, f"lj.combine (delta {k})", "Combine its adapters: "
                   "lj.combine([lj.select(stacked, k) for k in range(n)], "
                   "weights).")
+  for k, d in enumerate(deltas):
+    _refuse_other_leaves(d, k)
   flat = [adapters(d) for d in deltas]
   weights = [1.0] * len(deltas) if weights is None else list(weights)
   _check(flat, weights)

@@ -20,6 +20,7 @@ import optax
 from lora_jax._src.config import Selector
 from lora_jax._src.config import selects
 from lora_jax._src.delta import LoraDelta
+from lora_jax._src.paths import EMBEDDING_TABLES
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.stack import LoraStack
 from lora_jax._src.stack import is_stack_or_none
@@ -27,11 +28,7 @@ from lora_jax._src.stack import is_stack_or_none
 A, B, B_NO_DECAY, EMBEDDING = ("loraplus_a", "loraplus_b",
                                "loraplus_b_no_decay", "loraplus_embedding")
 
-# The parameter of Flax's nn.Embed and nnx.Embed (and of transformers' Flax
-# ports: "model/embed_tokens/embedding", "transformer/wte/embedding") and
-# tunix's embedder ("embedder/input_embedding"): save_peft's default
-# embeddings= (peft/names.embedding_selector) picks the same leaves.
-EMBEDDING_TABLES = r"(.*/)?(embedding|input_embedding)"
+
 
 
 def is_embedding_adapter(path: str, delta: LoraDelta | LoraStack,

@@ -20,6 +20,13 @@ import jax
 # The attribute under which a wrapper node (see _wrapper_types) holds its array.
 _VALUE_ATTRS = frozenset({"value", "raw_value"})
 
+# Embedding tables by path, full-matched: the parameter of Flax's nn.Embed and
+# nnx.Embed (and of transformers' Flax ports: "model/embed_tokens/embedding",
+# "transformer/wte/embedding") and tunix's embedder
+# ("embedder/input_embedding"). The default of lj.loraplus's and
+# lj.save_peft's ``embeddings``.
+EMBEDDING_TABLES = r"(.*/)?(embedding|input_embedding)"
+
 
 def _wrapper_types() -> tuple[type, ...]:
   """Node types that stand for the one array under their ``value`` attribute:

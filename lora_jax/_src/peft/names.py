@@ -16,6 +16,7 @@ import difflib
 import re
 from typing import Any
 
+from lora_jax._src.paths import EMBEDDING_TABLES
 from lora_jax._src.peft.files import PeftFormatError
 
 # A path -> PEFT module name mapping: a preset name (MODULE_NAME_PRESETS), a
@@ -261,7 +262,7 @@ def embedding_selector(embeddings: str | Sequence[str] | None
   full-matched on leaf paths; None: leaves named ``embedding`` (Flax
   ``nn.Embed``) or ``input_embedding`` (tunix's embedder)."""
   if embeddings is None:
-    return lambda p: p.rsplit("/", 1)[-1] in ("embedding", "input_embedding")
+    embeddings = EMBEDDING_TABLES
   patterns = [embeddings] if isinstance(embeddings, str) else list(embeddings)
   try:
     compiled = [re.compile(p) for p in patterns]
