@@ -163,6 +163,15 @@ def save(directory: str | os.PathLike, delta: Any,
   Returns:
     The absolute path written.
 
+  Raises:
+    FileExistsError: ``directory`` exists and ``overwrite`` is False, or it
+      is not a lora_jax checkpoint (nothing is changed).
+    OSError: ``ENAMETOOLONG``, a folder name the filesystem cannot hold.
+    TypeError: an extra that is not a concrete array (a ``QArray``
+      included), before anything is written.
+    ValueError: a delta holding no adapter, or a stack (use
+      :func:`lora_jax.save_stack`).
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> cfg = lj.LoraConfig(rank=2)
   >>> base, delta = lj.split({"w": {"kernel": jnp.ones((4, 4))}}, cfg,
@@ -325,6 +334,13 @@ def load_metadata(directory: str | os.PathLike) -> dict:
   Returns:
     The metadata dict (``"adapters"``, ``"config"``, ``"extras"``...).
 
+  Raises:
+    FileNotFoundError: no checkpoint at ``directory`` (nor a complete one
+      an interrupted save left beside it).
+    CheckpointError: the folder is not a lora_jax checkpoint, is incomplete
+      or corrupt, or was written by a newer format; the error names the file
+      and the field.
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> cfg = lj.LoraConfig(rank=2, alpha=4.0, targets="w")
   >>> _, delta = lj.split({"w": jnp.ones((4, 4))}, cfg, jax.random.key(0))
@@ -347,6 +363,13 @@ def load_config(directory: str | os.PathLike, **overrides: Any
 
   Returns:
     The config, equal to the one saved.
+
+  Raises:
+    FileNotFoundError: no checkpoint at ``directory`` (nor a complete one
+      an interrupted save left beside it).
+    CheckpointError: the folder is not a lora_jax checkpoint, is incomplete
+      or corrupt, or was written by a newer format; the error names the file
+      and the field.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> cfg = lj.LoraConfig(rank=2, targets="w", rank_pattern={"w": 1})
@@ -418,6 +441,14 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
   Returns:
     The delta tree.
 
+  Raises:
+    FileNotFoundError: no checkpoint at ``directory`` (nor a complete one
+      an interrupted save left beside it).
+    CheckpointError: the folder is not a lora_jax checkpoint, is incomplete
+      or corrupt, or was written by a newer format; the error names the file
+      and the field;
+      also a stack's checkpoint (use :func:`lora_jax.load_stack`).
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> _, delta = lj.split({"fc": {"kernel": jnp.ones((4, 4))}},
   ...                     lj.LoraConfig(rank=2), jax.random.key(0))
@@ -461,6 +492,13 @@ def load_extras(directory: str | os.PathLike) -> dict:
 
   Returns:
     ``{path: array}``; empty if none were saved.
+
+  Raises:
+    FileNotFoundError: no checkpoint at ``directory`` (nor a complete one
+      an interrupted save left beside it).
+    CheckpointError: the folder is not a lora_jax checkpoint, is incomplete
+      or corrupt, or was written by a newer format; the error names the file
+      and the field.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> base = {"fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.full(4, 0.5)}}

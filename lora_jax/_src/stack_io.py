@@ -81,6 +81,12 @@ def save_stack(directory: str | os.PathLike, stacked: Any,
   Returns:
     The absolute path written.
 
+  Raises:
+    FileExistsError, OSError: as :func:`lora_jax.save`.
+    TypeError: an extra that is not a concrete array.
+    ValueError: a delta without stacks, or configs that do not match the
+      stack.
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> params = {"w": jnp.ones((6, 4))}
   >>> cfgs = [lj.LoraConfig(rank=r, targets="w") for r in (2, 4)]
@@ -257,6 +263,10 @@ def load_stack(directory: str | os.PathLike, *, shardings: Any = None,
     and a :class:`lora_jax.LoraDelta` at each shared one; with
     ``return_configs``, ``(stacked, configs)``. Extras saved with the stack
     are read by :func:`lora_jax.load_extras`.
+
+  Raises:
+    FileNotFoundError, CheckpointError: as :func:`lora_jax.load`; also a
+      checkpoint that holds no stack.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> params = {"w": jnp.ones((6, 4))}
