@@ -591,6 +591,15 @@ def quantize(tree: Any, scheme: str = "nf4", block_size: int = 64,
   Returns:
     ``tree`` with a ``QArray`` at every targeted leaf.
 
+  Raises:
+    TypeError: ``block_size`` is not an integer, a target is not a float
+      array, or ``targets`` is of another type.
+    ValueError: an unknown ``scheme``, a ``block_size`` below 1 (or odd for
+      nf4), a targets regex that matches nothing, a target already quantized
+      or with fewer than 2 axes, an axis ``block_size`` does not divide, a
+      layout that cannot be told, or a concrete kernel holding NaN or inf;
+      each names the leaf and the remedy.
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (128, 64)),
   ...                  "bias": jnp.zeros(64)}}

@@ -314,6 +314,12 @@ def stack(deltas: Sequence[Any]) -> Any:
     The first delta's structure with a :class:`LoraStack` at each adapted
     path.
 
+  Raises:
+    ValueError: no deltas, a delta without adapters or with other paths, a
+      stack among them, trainable tokens, or adapters of one path that do
+      not fit together (kernel, layout, DoRA, dropout); each names the path
+      and the adapter.
+
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> params = {"w": jnp.ones((6, 4))}
   >>> ds = [lj.split(params, lj.LoraConfig(rank=r, targets="w"),
