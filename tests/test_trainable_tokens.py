@@ -239,3 +239,19 @@ def test_summary_counts_the_rows(setup):
   assert re.search(r"embed +\(37, 8\) +3 tokens +24$", text, re.M)
   assert re.search(r"embed +table \(37, 8\) +3 trainable tokens +ids \[5, "
                    r"30, 2\] +values f32\[3,8\]", lj.describe(delta))
+
+
+def test_a_non_finite_base_row_under_a_token(setup):
+  # merge overwrites the table's rows at the ids, so a NaN there (a resized
+  # vocabulary's uninitialised rows) never reaches its outputs; the factored
+  # engine's b = values - rows would spread it to every token
+  params, base, delta = setup
+  bad = dict(base, embed=base["embed"].at[30].set(jnp.nan))
+  ref = model(lj.merge(bad, delta), TOKENS)
+  assert np.isfinite(np.asarray(ref)).all()
+  with pytest.raises(ValueError, match=r"'embed'.*own rows of token ids "
+                     r"\[30\] hold NaN.*set\(0\)"):
+    lj.wrap(model, "factored")(bad, delta, TOKENS)
+  # the remedy leaves the merged model as it was
+  fixed = dict(bad, embed=bad["embed"].at[jnp.array([30])].set(0))
+  np.testing.assert_array_equal(model(lj.merge(fixed, delta), TOKENS), ref)

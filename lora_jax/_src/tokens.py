@@ -142,9 +142,10 @@ class TrainableTokens:
 
     A non-finite row would reach every lookup and every logit of a tied
     head there (``0 * inf`` in the one-hot product), where merging keeps it
-    to its token: concrete values holding NaN or +-inf are refused (under
-    ``jit``, where nothing can be checked, such outputs are NaN, never a
-    finite value)."""
+    to its token: concrete values holding NaN or +-inf are refused, and so
+    are non-finite rows of ``table`` at the ids (merge overwrites them, but
+    ``b`` subtracts them); under ``jit``, where nothing can be checked, such
+    outputs are NaN, never a finite value."""
     if is_concrete(self.values) and not bool(
         jnp.isfinite(self.values).all()):
       bad = sorted({self.indices[int(i)] for i in jnp.nonzero(
@@ -160,6 +161,19 @@ class TrainableTokens:
     idx = jnp.asarray(self.indices, jnp.int32)
     one_hot = jnp.zeros((self.vocab, n), dtype).at[idx, jnp.arange(n)].set(1)
     rows = jnp.take(table, idx, axis=0).astype(dtype)
+    if is_concrete(rows) and not bool(jnp.isfinite(rows).all()):
+      # merge overwrites these rows, so they do not reach its outputs; here
+      # b = values - rows is non-finite and the one-hot product spreads it
+      bad = sorted({self.indices[int(i)] for i in jnp.nonzero(
+          ~jnp.isfinite(rows).all(axis=1))[0]})
+      raise ValueError(
+          f"Trainable tokens at {path!r}: the base table's own rows of token "
+          f"ids {bad[:5]} hold NaN or +-inf. lora_jax.merge overwrites them "
+          f"with the tokens' values, but the factored engine subtracts them "
+          f"(b = values - rows) and its one-hot product would spread them to "
+          f"every token. Set those base rows to any finite value (the merged "
+          f"model does not change: table.at[{list(bad[:5])}].set(0)) or use "
+          f"wrap(f, mode='merge').")
     return LoraDelta(one_hot, self.values.astype(dtype) - rows, 1.0,
                      Layout.dense())
 
