@@ -119,6 +119,12 @@ def optimizer(tx: optax.GradientTransformation,
   Returns:
     An optax ``GradientTransformationExtraArgs`` over ``(base, delta)``.
 
+  Raises:
+    TypeError: ``init``/``update`` get something other than the pair
+      ``(base, delta)``, or a base gradient with ``float0`` leaves (integer
+      or key state), each with the remedy.
+    ValueError: a ``trainable`` regex that matches no base leaf.
+
   >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
   >>> params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
   >>> base, delta = lj.split(params, lj.LoraConfig(rank=2), jax.random.key(0))
