@@ -29,7 +29,9 @@ Contract, for libraries built on NNX (tunix's ``PeftTrainer`` and
   ``m.base_model``. Calls add no attribute to ``m`` (``nnx.jit``,
   ``nnx.cached_partial`` and ``nnx.graphdef`` + ``nnx.merge`` round trips
   are safe). ``inspect.signature(m.__call__)`` is ``model.__call__``'s.
-* Other public attributes of ``model`` (``m.config``) read through.
+* Other public attributes of ``model`` (``m.config``) read through; a
+  submodule read that way (``m.layers``) is the frozen base's, without the
+  adapters.
 * With ``LoraConfig(dropout=p)``, ``m.lora_rngs`` (an ``nnx.Rngs``) gives
   each training call its dropout key and ``m.deterministic`` (set by
   ``m.eval()`` / ``m.train()``) turns LoRA dropout off and on.

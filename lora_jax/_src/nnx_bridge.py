@@ -331,6 +331,11 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
   ``apply_lora(qmodel, ...)``; the kernels are dequantized at their point of
   use (``qmodel`` itself cannot be called).
 
+  The LoRA path starts at ``m``: ``m(...)`` and ``m.<method>(...)`` are
+  adapted, but a submodule reached through ``m`` (``m.layers[0]``, or
+  ``m.base_model`` itself) is the frozen base and computes without the
+  adapters.
+
   Methods run through ``lora_jax.wrap`` as under ``jax.jit``: array
   arguments are traced, other arguments (Python numbers, strings, dtypes)
   are static, and the results must be arrays (or pytrees of them). A call
