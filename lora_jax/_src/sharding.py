@@ -38,6 +38,17 @@ def _padded(spec: PartitionSpec | None, ndim: int) -> tuple:
 def factor_specs(spec: PartitionSpec | None, layout: Layout):
   """``(a_spec, b_spec, magnitude_spec)`` for a kernel sharded by ``spec``.
 
+  ``a`` takes the kernel's specs on its batch and input axes, ``b`` on its
+  batch and output axes, DoRA's magnitude on its batch and output axes; the
+  rank axis is replicated (see the docs page "Sharding").
+
+  Args:
+    spec: the kernel's ``PartitionSpec`` (None: replicated).
+    layout: the kernel's :class:`lora_jax.Layout`.
+
+  Returns:
+    Three ``PartitionSpec``s.
+
   >>> from jax.sharding import PartitionSpec as P
   >>> import lora_jax as lj
   >>> [tuple(s) for s in lj.factor_specs(P("data", "model"), lj.Layout.dense())]
@@ -95,6 +106,19 @@ def delta_shardings(delta: Any, base_shardings: Any) -> Any:
   are read. The result has ``delta``'s structure with a :class:`LoraDelta` of
   shardings at each adapter, ready for ``jax.jit(..., out_shardings=...)``,
   ``jax.device_put`` or :func:`lora_jax.load`.
+
+  Args:
+    delta: a delta tree, concrete or abstract.
+    base_shardings: a tree like the base with a ``NamedSharding`` or
+      ``PartitionSpec`` (or None) at each adapted kernel's path.
+
+  Returns:
+    ``delta``'s structure with a ``LoraDelta`` of shardings at each adapter.
+
+  Raises:
+    ValueError: an adapter whose kernel has no entry in ``base_shardings``.
+    TypeError: an entry that is neither a ``NamedSharding`` nor a
+      ``PartitionSpec``.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj
   >>> from jax.sharding import PartitionSpec as P
