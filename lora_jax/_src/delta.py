@@ -83,13 +83,20 @@ def pytree_node(children: tuple[str, ...], static: tuple[str, ...]):
 class LoraDelta:
   """Low-rank update ``scale * a @ b`` of one kernel.
 
-  ``a`` has shape ``(*batch, *in, rank)`` and ``b`` ``(*batch, rank, *out)``
-  where the groups of axes are given by ``layout``. With DoRA, ``magnitude``
-  has shape ``(*batch, *out)``. ``a``, ``b`` and ``magnitude`` are the pytree
-  children (what optimisers and checkpoints see); ``scale``, ``layout``,
-  ``dropout`` and ``residual_of`` are static metadata (the same in a delta and
-  in its gradient). ``residual_of`` marks an adapter made by a principal init
-  (PiSSA / OLoRA), which belongs with the residual base ``split`` returned.
+  ``a``, ``b`` and ``magnitude`` are the pytree children (what optimisers and
+  checkpoints see); ``scale``, ``layout``, ``dropout`` and ``residual_of`` are
+  static metadata (the same in a delta and in its gradient).
+
+  Attributes:
+    a: shape ``(*batch, *in, rank)``, the groups of axes given by ``layout``.
+    b: shape ``(*batch, rank, *out)``.
+    scale: the update's factor (``alpha / rank``).
+    layout: which kernel axes are batch, input and output axes.
+    magnitude: DoRA only: shape ``(*batch, *out)``; else None.
+    dropout: LoRA dropout on the branch's input (when given a key).
+    residual_of: for an adapter made by a principal init (PiSSA / OLoRA),
+      the mark of the residual base ``split`` returned, which it belongs
+      with; else None.
 
   >>> import jax.numpy as jnp
   >>> d = LoraDelta(jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=0.5,

@@ -66,18 +66,25 @@ def _scales(scale: Any) -> tuple[float, ...]:
              static=("scale", "layout", "dropout", "info", "residual_of"))
 @dataclasses.dataclass(frozen=True)
 class LoraStack:
-  """``n`` adapters of one kernel: ``a (n, *batch, *in, R)``, ``b (n,
-  *batch, R, *out)`` and, with DoRA, ``magnitude (n, *batch, *out)``; ``R``
-  is the largest rank, smaller ones zero-padded. ``scale``: one Python float
-  per adapter.
+  """``n`` adapters of one kernel, stacked along a leading adapter axis.
 
   Children: ``a``, ``b``, ``magnitude`` (data: an optimiser trains them).
-  Static: ``scale`` (as a :class:`lora_jax.LoraDelta`'s: never trained, the
-  same in a stack and in its gradient), ``layout``, ``dropout``,
-  ``residual_of`` (each adapter's residual-base mark, for PiSSA / OLoRA
-  adapters; ``()`` when none has one) and ``info`` (:class:`StackInfo`).
-  Putting an adapter of another scale into a slot changes the static
-  metadata (a jitted function retraces once, as for a single adapter).
+  The other fields are static (``scale`` as a :class:`lora_jax.LoraDelta`'s:
+  never trained, the same in a stack and in its gradient); putting an
+  adapter of another scale into a slot changes them (a jitted function
+  retraces once, as for a single adapter).
+
+  Attributes:
+    a: shape ``(n, *batch, *in, R)``, ``R`` the largest rank, smaller ones
+      zero-padded.
+    b: shape ``(n, *batch, R, *out)``.
+    scale: one Python float per adapter.
+    magnitude: DoRA only: shape ``(n, *batch, *out)``; else None.
+    layout: the kernel's layout, shared by the adapters.
+    dropout: LoRA dropout, shared.
+    info: a ``StackInfo``: each adapter's own rank.
+    residual_of: each adapter's residual-base mark (PiSSA / OLoRA), ``()``
+      when none has one.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> d1 = lj.LoraDelta(jnp.ones((4, 1)), jnp.ones((1, 3)), scale=2.0)
