@@ -47,7 +47,7 @@ def factor_specs(spec: PartitionSpec | None, layout: Layout):
     layout: the kernel's :class:`lora_jax.Layout`.
 
   Returns:
-    Three ``PartitionSpec``s.
+    Three ``PartitionSpec`` objects.
 
   >>> from jax.sharding import PartitionSpec as P
   >>> import lora_jax as lj
