@@ -140,3 +140,16 @@ def test_input_contracted_on_its_first_axis():
   new = lj.eva_init(base, delta, f, xts, rho=1.0)
   ref = _numpy_eva({"w1": _rows()["w1"]}, {"w1": RANK}, 1.0)
   _same_directions(np.asarray(new["w1"].a), ref["w1"])
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (8, 8)])
+def test_a_transposed_use_is_refused(shape):
+  # h @ W.T (a tied head) contracts h with W's outputs: its directions are
+  # not the inputs a multiplies; a square W passes every shape check
+  params = {"w": jnp.ones(shape)}
+  base, delta = lj.split(params, lj.LoraConfig(rank=1, targets="w"),
+                         jax.random.key(0))
+  h = jnp.ones((3, shape[1]))
+  tied = lambda p, x: (x @ p["w"]).sum() + (h @ p["w"].T).sum()
+  with pytest.raises(ValueError, match=r"'w' is used transposed"):
+    lj.eva_init(base, delta, tied, [jnp.ones((3, 8))])

@@ -92,6 +92,9 @@ class _TapContext(Context):
             f"eva_init: {lora.path!r} is contracted with its input over "
             f"{len(axes)} axes; EVA supports kernels used as x @ W with one "
             f"input axis (PEFT's Linear layers). Exclude it from targets.")
+      ins = math.prod(lora.layout.sizes(tuple(lora.w.shape))[1])
+      if x.shape[axes[0]] != ins:
+        raise ValueError(_transposed(lora.path))
       jax.debug.callback(self.tap, lora.path, jnp.moveaxis(x, axes[0], -1))
     elif self.tap is not None and x is not None:
       raise ValueError(
@@ -104,6 +107,14 @@ class _TapContext(Context):
     del x_shape
     self.contracted[lora.path] = tuple(x_contract)
     return "factored"
+
+
+def _transposed(path: str) -> str:
+  return (f"eva_init: {path!r} is used transposed (h @ W.T, e.g. a tied "
+          f"output head): there the input is contracted with the kernel's "
+          f"outputs, and its directions are not the inputs that a "
+          f"multiplies. EVA supports kernels used as x @ W (PEFT's Linear "
+          f"layers). Exclude it from targets.")
 
 
 def _collect(fn: Callable, base: Any, delta: Any, deltas: dict,
@@ -156,6 +167,11 @@ def _collect(fn: Callable, base: Any, delta: Any, deltas: dict,
     count += 1
   if not count:
     raise ValueError("eva_init: batches is empty; pass at least one batch.")
+  # a square kernel used transposed passes the size check in the context
+  transposed = [p for p in deltas if any(
+      "transposed" in r for r in report.rules.get(p, ()))]
+  if transposed:
+    raise ValueError(_transposed(transposed[0]))
   merged = sorted({p for p, _ in report.fallbacks if p in deltas})
   if merged:
     raise ValueError(
