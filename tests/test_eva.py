@@ -153,3 +153,11 @@ def test_a_transposed_use_is_refused(shape):
   tied = lambda p, x: (x @ p["w"]).sum() + (h @ p["w"].T).sum()
   with pytest.raises(ValueError, match=r"'w' is used transposed"):
     lj.eva_init(base, delta, tied, [jnp.ones((3, 8))])
+
+
+def test_a_non_finite_input_names_the_kernel():
+  base, delta = lj.split(PARAMS, lj.LoraConfig(rank=RANK, targets="w."),
+                         jax.random.key(1))
+  bad = [BATCHES[0].at[0, 0, 2].set(jnp.nan)]
+  with pytest.raises(ValueError, match=r"inputs of \['w1', 'w2'\] hold NaN"):
+    lj.eva_init(base, delta, model, bad)

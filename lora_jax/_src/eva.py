@@ -248,6 +248,13 @@ def eva_init(base: Any, delta: Any, apply_fn: Callable[..., Any],
   moments = {p: _Moments(math.prod(d.layout.sizes(d.kernel_shape)[1]))
              for p, d in deltas.items()}
   _collect(apply_fn, base, delta, deltas, batches, moments)
+  bad = [p for p in deltas if not (np.isfinite(moments[p].outer).all()
+                                   and np.isfinite(moments[p].total).all())]
+  if bad:
+    raise ValueError(
+        f"eva_init: the inputs of {preview(bad)} hold NaN or +-inf (in the "
+        f"batches, or made by the model); their principal directions are "
+        f"undefined. Check the batches.")
   pcas = {p: moments[p].pca() for p in deltas}
   offers = []  # (-ratio, kernel order, component) for every offered one
   for order, (p, d) in enumerate(deltas.items()):
