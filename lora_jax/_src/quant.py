@@ -82,21 +82,26 @@ _INV_127 = np.float32(1 / 127)
 class QArray:
   """A quantized kernel: packed codes plus per-block float32 absmax.
 
-  Children (what ``jax.tree`` functions, jit, sharding and orbax see):
+  The children (``codes``, ``absmax``, ``absmax_scale``, ``absmax_mean``) are
+  what ``jax.tree`` functions, jit, sharding and orbax see; the other fields
+  are static metadata.
 
-  * ``codes``: ``uint8`` for nf4, two codes per byte packed along ``axis``
-    (entry ``2j`` in the high nibble, ``2j + 1`` in the low one; the axis is
-    half as long as the kernel's); ``int8`` for int8, one per entry. Other
-    axes are the kernel's, so the codes shard like the kernel.
-  * ``absmax``: per-block absolute maximum, the kernel's shape with ``axis``
-    divided by ``block_size``; float32, or int8 codes with double quant.
-  * ``absmax_scale``, ``absmax_mean``: double quant only (else ``None``):
-    float32 scale per block of 256 absmax values, and their float32 mean;
-    ``absmax = codes * (1 / 127) * scale + mean``.
-
-  Static metadata: ``scheme`` (``"nf4"``/``"int8"``), ``block_size``,
-  ``shape`` and ``dtype`` of the kernel it stands for, and ``axis``, the
-  contracted axis the blocks run along.
+  Attributes:
+    codes: ``uint8`` for nf4, two codes per byte packed along ``axis``
+      (entry ``2j`` in the high nibble, ``2j + 1`` in the low one; the axis
+      is half as long as the kernel's); ``int8`` for int8, one per entry.
+      Other axes are the kernel's, so the codes shard like the kernel.
+    absmax: per-block absolute maximum, the kernel's shape with ``axis``
+      divided by ``block_size``; float32, or int8 codes with double quant.
+    absmax_scale: double quant only (else None): float32 scale per block of
+      256 absmax values.
+    absmax_mean: double quant only (else None): their float32 mean;
+      ``absmax = codes * (1 / 127) * scale + mean``.
+    scheme: ``"nf4"`` or ``"int8"``.
+    block_size: entries per block along ``axis``.
+    shape: the shape of the kernel it stands for.
+    dtype: the dtype of the kernel it stands for.
+    axis: the contracted axis the blocks run along.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> q = lj.quantize({"w": jnp.ones((512, 512))}, "nf4")["w"]
