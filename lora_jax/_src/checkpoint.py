@@ -58,7 +58,17 @@ FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that is missing, incomplete, corrupt or does not match."""
+  """A checkpoint that is missing, incomplete, corrupt or does not match.
+
+  A ``ValueError``; the message names the file and the field or fault.
+
+  >>> import lora_jax as lj, tempfile
+  >>> try:
+  ...   lj.load(tempfile.mkdtemp())  # an empty folder
+  ... except lj.CheckpointError as e:
+  ...   print("lora_jax.json" in str(e))
+  True
+  """
 
 
 def _version() -> str:
