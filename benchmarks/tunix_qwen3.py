@@ -206,7 +206,11 @@ def measure(builders, tokens, reps):
       traceback.print_exc()
       print(f"{name}: FAILED {errors[name]}", flush=True)
       continue
+    cost = exe.cost_analysis()  # XLA's count for the compiled program
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
     out[name] = {"compile_s": compile_s, **w1.memory_stats(exe),
+                 "flops": cost.get("flops"),
+                 "bytes_accessed": cost.get("bytes accessed"),
                  "loss": float(loss), "grad_norm": float(grad_norm),
                  "trained_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
                  "frozen_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen))}
@@ -259,7 +263,9 @@ def targets_line(results):
     b, f = r.get(f"{pre}lora_jax.nnx"), r.get(f"{pre}lj.wrap")
     if b and f:
       parts.append(f"{pre}bridge / functional: step {b['step_ms'] / f['step_ms']:.3f} "
-                   f"(target <= 1.03), memory {b['memory_bytes'] / f['memory_bytes']:.3f}")
+                   f"(target <= 1.03), memory {b['memory_bytes'] / f['memory_bytes']:.3f}, "
+                   f"XLA flops {b['flops']:.4g} / {f['flops']:.4g}, bytes accessed "
+                   f"{b['bytes_accessed']:.4g} / {f['bytes_accessed']:.4g}")
   return "; ".join(parts)
 
 
