@@ -255,3 +255,25 @@ def test_a_non_finite_base_row_under_a_token(setup):
   # the remedy leaves the merged model as it was
   fixed = dict(bad, embed=bad["embed"].at[jnp.array([30])].set(0))
   np.testing.assert_array_equal(model(lj.merge(fixed, delta), TOKENS), ref)
+
+
+def test_a_transposed_table_gathered_by_column(setup):
+  # table.T[:, ids] and jnp.take(table.T, ids, axis=1) (a (dim, vocab) view):
+  # the factored lookup gathered from a (vocab, r) along the wrong axis
+  # (wrong rows in bounds, NaN with take's fill), for tokens and a LoRA
+  # adapter on the table alike
+  params, base, delta = setup
+  lbase, ldelta = lj.split(params, lj.LoraConfig(rank=2, targets="embed"),
+                           jax.random.key(3))
+  ldelta["embed"] = ldelta["embed"].replace(b=jnp.full((2, DIM), 0.3))
+  for b, d, f in ((base, delta, lambda p, t: p["embed"].T[:, t]),
+                  (lbase, ldelta,
+                   lambda p, t: jnp.take(p["embed"].T, t, axis=1))):
+    @jax.jit
+    def both(d, b=b, f=f):
+      loss = lambda d, mode: jnp.sum(jnp.sin(lj.wrap(f, mode)(b, d, TOKENS)))
+      return [(lj.wrap(f, m)(b, d, TOKENS), jax.grad(loss)(d, m))
+              for m in ("factored", "merge")]
+    got, want = both(d)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

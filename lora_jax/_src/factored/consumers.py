@@ -254,10 +254,13 @@ def _gather_plan(eqn, invals, ctx: Context, site: Site) -> Plan | None:
   off = g.offset_dims[0]
 
   def lowrank(_):
-    # Gather rows of a (vocab, r) with the same indices, then project with b.
+    # Gather rows of a (vocab, r) with the same indices, then project with b:
+    # a laid out as the operand, r where the operand's output axis is (a
+    # transposed table, (dim, vocab), gathers from a.T)
+    a = lora.a if lay.inputs[0] < lay.outputs[0] else lora.a.T
     sizes = list(g.slice_sizes)
     sizes[lay.outputs[0]] = lora.a.shape[-1]
-    rows = jc.gather_with_slice_sizes(eqn, lora.a, indices, sizes)
+    rows = jc.gather_with_slice_sizes(eqn, a, indices, sizes)
     rows = jnp.moveaxis(rows, off, -1) * jnp.asarray(lora.scale, rows.dtype)
     return jnp.moveaxis(rows @ lora.b, -1, off)
 
