@@ -375,11 +375,7 @@ def load_config(directory: str | os.PathLike, **overrides: Any
     The config, equal to the one saved.
 
   Raises:
-    FileNotFoundError: no checkpoint at ``directory`` (nor a complete one
-      an interrupted save left beside it).
-    CheckpointError: the folder is not a lora_jax checkpoint, is incomplete
-      or corrupt, or was written by a newer format; the error names the file
-      and the field.
+    FileNotFoundError, CheckpointError: as :func:`load_metadata`.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> cfg = lj.LoraConfig(rank=2, targets="w", rank_pattern={"w": 1})
@@ -452,12 +448,9 @@ def load(directory: str | os.PathLike, shardings: Any = None) -> dict:
     The delta tree.
 
   Raises:
-    FileNotFoundError: no checkpoint at ``directory`` (nor a complete one
-      an interrupted save left beside it).
-    CheckpointError: the folder is not a lora_jax checkpoint, is incomplete
-      or corrupt, or was written by a newer format; the error names the file
-      and the field;
-      also a stack's checkpoint (use :func:`lora_jax.load_stack`).
+    FileNotFoundError, CheckpointError: as :func:`load_metadata`; also a
+      CheckpointError for a stack's checkpoint (use
+      :func:`lora_jax.load_stack`).
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> _, delta = lj.split({"fc": {"kernel": jnp.ones((4, 4))}},
@@ -504,11 +497,7 @@ def load_extras(directory: str | os.PathLike) -> dict:
     ``{path: array}``; empty if none were saved.
 
   Raises:
-    FileNotFoundError: no checkpoint at ``directory`` (nor a complete one
-      an interrupted save left beside it).
-    CheckpointError: the folder is not a lora_jax checkpoint, is incomplete
-      or corrupt, or was written by a newer format; the error names the file
-      and the field.
+    FileNotFoundError, CheckpointError: as :func:`load_metadata`.
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, tempfile, os
   >>> base = {"fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.full(4, 0.5)}}
