@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
   # Explicit axes by default from JAX 0.9 (sharding in types), Auto before
   mesh = jax.make_mesh((n // 2, 2), ("data", "model"))
   explicit = jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
-  set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh  # < 0.7
+  set_mesh = (getattr(jax, "set_mesh", None)
+              or jax.sharding.use_mesh)  # type: ignore[attr-defined]  # < 0.7
 
   # The same base everywhere: built from a seed, then sharded over the mesh.
   k = jax.random.split(jax.random.key(0), 4)
