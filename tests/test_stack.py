@@ -374,3 +374,9 @@ def test_out_of_range_indices_and_misplaced_stacks_say_so(tmp_path):
     with pytest.raises(ValueError, match=rf"^{who}: {stack_at}.*{instead}"):
       call()
   assert not (tmp_path / "x").exists()
+
+
+def test_wrap_rows_refuses_an_unknown_row_mode():
+  from lora_jax._src.wrap import wrap_rows
+  with pytest.raises(ValueError, match=r"rows must be one of \('auto', 'gather', 'one-hot'\), got 'whole'"):
+    wrap_rows(lambda p, x: x, "factored", rows="whole")
