@@ -152,6 +152,13 @@ def loraplus(optimizer: Callable[..., optax.GradientTransformation],
     ``nn.LayerNorm`` modules, which a pytree does not mark: a trained norm
     scale is decayed here unless its path contains ``bias``.
 
+  The groups follow the factors' sides, not PEFT's tensor names: ``b`` is
+  always the output side. For a stacked expert kernel exchanged through
+  PEFT's ``target_parameters`` (``ParamWrapper``), PEFT's ``lora_B`` is the
+  *input* side (lora_jax's ``a``, see :func:`lora_jax.load_peft`), so PEFT
+  gives that side ``lr * ratio`` and the output side ``lr``: the reverse of
+  the rates here for those adapters.
+
   Each group is ``optimizer(learning_rate=..., weight_decay=...,
   **optimizer_kwargs)`` with its own state; ``optax.adamw`` here is torch's
   ``AdamW`` in PEFT (same betas and eps). Learning rates may be schedules.
