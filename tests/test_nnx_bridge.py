@@ -449,3 +449,26 @@ def test_misuse_is_an_error_naming_the_leaf(adapted):
     ljn.apply_lora({"w": jnp.ones((2, 2))}, CONFIG, jax.random.key(0))
   with pytest.raises(TypeError, match="from lora_jax.nnx.apply_lora"):
     ljn.get_delta(model)
+
+
+def test_nnx_objects_as_call_arguments_are_refused():
+  """An nnx.Rngs (or Variable) argument would reach the model as a copy: its
+  counter would not advance (the next call would reuse the dropout mask)
+  and the mask differed from the merged model's. Refused, by argument."""
+
+  class WithRngsArg(nnx.Module):
+    def __init__(self):
+      self.proj = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      self.drop = nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs=None):
+      return self.drop(self.proj(x), rngs=rngs)
+
+  m = ljn.apply_lora(WithRngsArg(), lj.LoraConfig(rank=2), jax.random.key(1))
+  x = jnp.ones((2, 4))
+  with pytest.raises(TypeError, match=r"kwargs\['rngs'\] \(Rngs\)"):
+    m(x, rngs=nnx.Rngs(dropout=3))
+  with pytest.raises(TypeError, match=r"args\[1\] \(RngStream\)"):
+    m(x, nnx.Rngs(dropout=3).dropout)
+  with pytest.raises(TypeError, match=r"kwargs\['rngs'\]\['c'\]\[0\] \(Cache"):
+    m(x, rngs={"c": [nnx.Cache(jnp.ones(2))]})

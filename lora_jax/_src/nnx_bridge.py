@@ -138,6 +138,7 @@ class LoraModule(nnx.Module):
   # -- the LoRA path -------------------------------------------------------
 
   def _lora_call(self, name: str, args: tuple, kwargs: dict):
+    _refuse_nnx_arguments(name, args, kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     dynamic = tuple(x if is_array(x) else None for x in leaves)
     static = tuple(_ARRAY if is_array(x) else x for x in leaves)
@@ -195,6 +196,32 @@ def _run(graphdef, name: str, mode: str, params, deltas, rest, dynamic,
   # the call's arguments travel as two positional values: a keyword the
   # model takes (adapter_ids, lora_rng, ...) is never read by wrap itself
   return wrap(fn, mode)(params, deltas, rest, args, kwargs, lora_rng=lora_rng)
+
+
+# NNX objects (modules, ``nnx.Rngs``, Variables): flax >= 0.12 derives them
+# from ``nnx.Pytree``, flax 0.11 from ``nnx.Object``.
+_NNX_OBJECTS = (nnx.Variable, getattr(nnx, "Pytree", None) or nnx.Object)
+
+
+def _refuse_nnx_arguments(name: str, args: tuple, kwargs: dict) -> None:
+  """An error naming any argument that is an NNX object: the call would see
+  a copy of its state, and what the model changes in it (an ``nnx.Rngs``
+  counter, a cache Variable) would be lost, so the next call would draw the
+  same dropout mask."""
+  found, _ = jax.tree_util.tree_flatten_with_path(
+      (args, kwargs), is_leaf=lambda x: isinstance(x, _NNX_OBJECTS))
+  nodes = [f"{'args' if path[0].idx == 0 else 'kwargs'}"  # type: ignore[attr-defined]
+           f"{jax.tree_util.keystr(path[1:])} ({type(x).__name__})"
+           for path, x in found if isinstance(x, _NNX_OBJECTS)]
+  if nodes:
+    raise TypeError(
+        f"lora_jax.nnx: m.{name}(...) was given NNX objects as arguments: "
+        f"{preview(nodes)}. The adapted call takes arrays (and static "
+        f"Python values); the state the model would update in such an "
+        f"object (an nnx.Rngs counter, a Variable) would not come back. "
+        f"Keep it on the model (e.g. nnx.Dropout(..., rngs=rngs) at "
+        f"construction), or pass arrays (a key: rngs.dropout(); a "
+        f"Variable's value: v[...]) and return what changes.")
 
 
 def _eager(m: nnx.Module, dynamic: tuple) -> bool:
