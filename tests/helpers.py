@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 
 import string
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +116,11 @@ def make_mesh(shape=(4, 2), names=("data", "model"), explicit=()):
   types = tuple(kinds.Explicit if n in explicit else kinds.Auto for n in names)
   return jax.make_mesh(shape, names, axis_types=types,
                        devices=jax.devices()[:int(np.prod(shape))])
+
+
+def safetensors_bytes(header: bytes, data: bytes) -> bytes:
+  """A safetensors file from its JSON header and data section, by hand: the
+  header's length (u64, little-endian), the header padded with spaces to a
+  multiple of 8, the data."""
+  header += b" " * (-len(header) % 8)
+  return struct.pack("<Q", len(header)) + header + data
