@@ -52,13 +52,13 @@ from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import describe_array
 from lora_jax._src.delta import is_concrete
 from lora_jax._src.delta import is_delta_or_none
-from lora_jax._src.delta import rebuild_node
+from lora_jax._src.delta import pytree_node
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import preview
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@pytree_node(children=("values",), static=("indices", "vocab"))
 @dataclasses.dataclass(frozen=True)
 class TrainableTokens:
   """New values of some rows of a ``(vocab, dim)`` embedding table.
@@ -85,8 +85,6 @@ class TrainableTokens:
   indices: tuple = ()
   vocab: int = 0
 
-  _CHILDREN = ("values",)
-  _STATIC = ("indices", "vocab")
   _DELTA_LEAF = True  # what delta.is_delta_or_none stops at
 
   def __post_init__(self):
@@ -98,15 +96,6 @@ class TrainableTokens:
       raise ValueError(
           f"TrainableTokens: values must be (n, dim) with n = "
           f"{len(self.indices)} (one row per index), got shape {shape}.")
-
-  def tree_flatten_with_keys(self):
-    key = jax.tree_util.GetAttrKey
-    return (((key("values"), self.values),),
-            tuple(getattr(self, n) for n in self._STATIC))
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return rebuild_node(cls, cls._CHILDREN + cls._STATIC, (*children, *aux))
 
   def replace(self, **changes) -> TrainableTokens:
     """A copy with some fields replaced."""
