@@ -320,6 +320,59 @@ def test_a_bug_in_a_rule_propagates(monkeypatch, error):
     assert "'dot_general'" in notes and "fc1" in notes, notes
 
 
+
+def test_one_rule_table_holds_the_higher_order_primitives():
+  """Evaluation dispatches through one table keyed by primitive; scan,
+  while, cond, remat, jit, custom_jvp/vjp and shard_map are in it."""
+  from lora_jax._src.factored import interpreter  # pylint: disable=g-import-not-at-top
+  from lora_jax._src.factored import programs  # pylint: disable=g-import-not-at-top
+
+  @jax.custom_jvp
+  def cj(x):
+    return x
+  cj.defjvp(lambda p, t: (p[0], t[0]))
+
+  @jax.custom_vjp
+  def cv(x):
+    return x
+  cv.defvjp(lambda x: (x, None), lambda _, g: (g,))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+  smap = getattr(jax, "shard_map", None) or __import__(
+      "jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
+
+  def fn(x):
+    x = jax.lax.scan(lambda c, _: (c + 1, None), x, None, length=2)[0]
+    x = jax.lax.while_loop(lambda c: c[0, 0] < 0, lambda c: c + 1, x)
+    x = jax.lax.cond(x[0, 0] > 0, jnp.sin, jnp.cos, x)
+    x = jax.checkpoint(jnp.sin)(jax.jit(jnp.cos)(x))
+    x = smap(jnp.sin, mesh=mesh, in_specs=P(), out_specs=P())(cv(cj(x)))
+    return x
+  eqns = jax.make_jaxpr(fn)(jnp.ones((2, 2))).jaxpr.eqns
+  got = {e.primitive.name: interpreter.RULES.get(e.primitive) for e in eqns
+         if interpreter.RULES.get(e.primitive) in (
+             programs.call, programs.scan, programs.while_, programs.cond,
+             programs.remat, programs.shard_map)}
+  want = {programs.scan, programs.while_, programs.cond, programs.remat,
+          programs.call, programs.shard_map}
+  assert set(got.values()) == want, got
+  # jit, custom_jvp and custom_vjp: three primitives, all inlined by call
+  assert sum(r is programs.call for r in got.values()) == 3, got
+
+
+def test_a_bug_in_a_higher_order_rule_propagates(monkeypatch):
+  prog = scanned()
+  fn, base, delta = _base(prog, "f32")
+  from lora_jax._src.factored import programs  # pylint: disable=g-import-not-at-top
+
+  def broken(*args, **kwargs):
+    raise ValueError("injected")
+  monkeypatch.setattr(programs, "_drop_leading", broken)
+  with pytest.raises(ValueError, match="injected") as info:
+    lj.wrap(fn, "factored")(base, delta, _x(prog))
+  notes = "\n".join(getattr(info.value, "__notes__", []))
+  assert "'scan'" in notes and "w" in notes, notes
+
+
 # ---- mixed-adapter batches ----------------------------------------------------
 
 def _stacked(params, targets, n=3, dropout=0.0, fn=None, x=None):

@@ -83,6 +83,26 @@ class Primitives:
     return primitive in self.objects or primitive.name in self.names
 
 
+class PrimitiveTable:
+  """A table keyed by primitive, built from ``(Primitives, value)`` pairs:
+  ``table.get(primitive)`` matches by object where ``jax.extend`` exposes
+  one, else by name; where two entries claim a primitive the first wins."""
+
+  def __init__(self, entries: Sequence[tuple[Primitives, Any]]):
+    self._objects: dict = {}
+    self._names: dict = {}
+    for prims, value in entries:
+      for o in prims.objects:
+        self._objects.setdefault(o, value)
+      for n in prims.names:
+        self._names.setdefault(n, value)
+
+  def get(self, primitive, default: Any = None) -> Any:
+    if primitive in self._objects:
+      return self._objects[primitive]
+    return self._names.get(primitive.name, default)
+
+
 # Views: the result holds the operand's data in the same axis order. The
 # factored engine applies PASS as the identity to a kernel, ON_KERNEL to the
 # frozen kernel alone (the factors stay as they are) and ON_EVERY_PART to the
@@ -383,14 +403,15 @@ def _names_to_spec(names: dict, ndim: int):
   return jax.sharding.PartitionSpec(*entries)
 
 
-_SCAN = Primitives("scan_p")
-_WHILE = Primitives("while_p")
-_COND = Primitives("cond_p")
-_REMAT = Primitives("remat_p", names=("checkpoint", "remat2"))
-_CALL = Primitives("jit_p", "closed_call_p", names=("pjit", "core_call"))
-_CUSTOM_JVP = Primitives("custom_jvp_call_p")
-_CUSTOM_VJP = Primitives("custom_vjp_call_p", "custom_vjp_call_jaxpr_p")
-_SHARD_MAP = Primitives(names=("shard_map",))
+# Higher-order primitives: :func:`higher_order` reads each one's structure.
+SCAN = Primitives("scan_p")
+WHILE = Primitives("while_p")
+COND = Primitives("cond_p")
+REMAT = Primitives("remat_p", names=("checkpoint", "remat2"))
+CALL = Primitives("jit_p", "closed_call_p", names=("pjit", "core_call"))
+CUSTOM_JVP = Primitives("custom_jvp_call_p")
+CUSTOM_VJP = Primitives("custom_vjp_call_p", "custom_vjp_call_jaxpr_p")
+SHARD_MAP = Primitives(names=("shard_map",))
 
 
 def _part_sizes(flat_tree) -> list[int]:
@@ -455,25 +476,25 @@ def higher_order(eqn):
   """
   prim = eqn.primitive
   try:
-    if prim in _SCAN:
+    if prim in SCAN:
       return _scan(eqn)
-    if prim in _CALL:
+    if prim in CALL:
       return Call(_call_body(eqn, "jaxpr", "call_jaxpr"), "call")
-    if prim in _REMAT:
+    if prim in REMAT:
       p = eqn.params
       return Remat(_call_body(eqn, "jaxpr"), p["prevent_cse"], p["policy"])
-    if prim in _COND:
+    if prim in COND:
       return Cond(tuple(_program(b, eqn) for b in eqn.params["branches"]))
-    if prim in _WHILE:
+    if prim in WHILE:
       p = eqn.params
       return While(_program(p["cond_jaxpr"], eqn),
                    _program(p["body_jaxpr"], eqn), p["cond_nconsts"],
                    p["body_nconsts"])
-    if prim in _CUSTOM_JVP:
+    if prim in CUSTOM_JVP:
       return Call(_call_body(eqn, "call_jaxpr"), "custom_jvp")
-    if prim in _CUSTOM_VJP:
+    if prim in CUSTOM_VJP:
       return Call(_call_body(eqn, "call_jaxpr", "fun_jaxpr"), "custom_vjp")
-    if prim in _SHARD_MAP:
+    if prim in SHARD_MAP:
       return _shard_map(eqn)
   except KeyError as e:
     raise schema_error(eqn, f"missing parameter {e}") from None

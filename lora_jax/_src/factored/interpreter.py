@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -29,8 +30,12 @@ from lora_jax._src.factored.values import fallback
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.quant import QArray
 
-# (primitives, rule(eqn, invals, ctx) -> outputs), first match wins.
-RULES: list[tuple[jc.Primitives, Callable]] = [
+# One table keyed by primitive (as jax.experimental.sparse keys
+# sparse_rules_bcoo[lax.scan_p]): rule(eqn, invals, ctx, site) -> outputs,
+# for an equation with a kernel among its operands. Higher-order primitives
+# are in it too: their rules read the sub-programs' structure from
+# jaxpr_core.higher_order and evaluate them through site.evaluate.
+RULES = jc.PrimitiveTable([
     (jc.DOT, consumers.dot_general),
     (jc.CONV, consumers.conv_general_dilated),
     (jc.GATHER, consumers.gather),
@@ -43,26 +48,20 @@ RULES: list[tuple[jc.Primitives, Callable]] = [
     (jc.SLICE, views.slice_),
     (jc.DYNAMIC_SLICE, views.dynamic_slice),
     (jc.SQUEEZE, views.squeeze),
-]
+    (jc.CALL, programs.call),
+    (jc.CUSTOM_JVP, programs.call),
+    (jc.CUSTOM_VJP, programs.call),
+    (jc.REMAT, programs.remat),
+    (jc.SCAN, programs.scan),
+    (jc.COND, programs.cond),
+    (jc.WHILE, programs.while_),
+    (jc.SHARD_MAP, programs.shard_map),
+])
 
-# Sub-program structure (from jaxpr_core.higher_order) -> rule.
-PROGRAM_RULES: dict[type, Callable] = {
-    jc.Call: programs.call,
-    jc.Remat: programs.remat,
-    jc.Scan: programs.scan,
-    jc.Cond: programs.cond,
-    jc.While: programs.while_,
-    jc.ShardMap: programs.shard_map,
-}
-
-def rule_for(primitive) -> Callable | None:
-  """The rule for a first-order equation with a kernel among its operands,
-  or None: no rule (a counted merge fallback)."""
-  return next((r for prims, r in RULES if primitive in prims), None)
-
-
-# Rules that know a kernel with per-row factors (a mixed batch run whole).
-_ROW_RULES = (consumers.dot_general, views.cast, views.pass_through)
+# Rules that know a kernel with per-row factors (a mixed batch run whole);
+# the others raise NeedsRowVmap on one.
+_ROW_RULES = (consumers.dot_general, views.cast, views.pass_through,
+              programs.call, programs.remat, programs.scan)
 
 
 def _apply(eqn, invals, ctx: Context, site: Site = NO_SITE,
@@ -74,24 +73,17 @@ def _apply(eqn, invals, ctx: Context, site: Site = NO_SITE,
   (:class:`jaxpr_core.UnknownSchemaError`). Any other exception inside a rule
   is a bug, and propagates with the equation and the kernels' paths added.
   """
-  try:
-    sub = jc.higher_order(eqn)
-  except jc.UnknownSchemaError:
-    return fallback(eqn, invals, ctx)
-  rule = (rule_for(eqn.primitive) if sub is None
-          else PROGRAM_RULES.get(type(sub)))
-  if any(isinstance(x, Lora) and x.rows for x in invals) and (
-      isinstance(sub, (jc.While, jc.Cond, jc.ShardMap))
-      or (sub is None and rule not in _ROW_RULES)):
+  rule = RULES.get(eqn.primitive)
+  if (rule not in _ROW_RULES
+      and any(isinstance(x, Lora) and x.rows for x in invals)):
     raise NeedsRowVmap(f"{eqn.primitive.name} reads a per-row kernel")
   if rule is None:
     return fallback(eqn, invals, ctx)
+  body_plan = plans[0] if plans else None
+  site = dataclasses.replace(
+      site, evaluate=functools.partial(evaluate, plan=body_plan))
   try:
     with _bugs_named(eqn, invals):
-      if sub is not None:
-        body_plan = plans[0] if plans else None
-        return rule(eqn, sub, invals, ctx,
-                    functools.partial(evaluate, plan=body_plan))
       return rule(eqn, invals, ctx, site)
   except jc.UnknownSchemaError:
     return fallback(eqn, invals, ctx)
@@ -127,7 +119,16 @@ def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
   ``jaxpr.eqns[i]`` and the later ones projecting the same input (computed
   together), when its input is recomputed (:mod:`recompute`); otherwise None
   (after projecting the siblings jointly into ``projected``) and the caller
-  applies the rule."""
+  applies the rule.
+
+  Sibling groups and recompute regions are still formed here, during
+  evaluation, because both read which variables hold a :class:`Lora` and
+  with what layout, rows, DoRA and dropout, which only evaluation knows
+  today. Forming them before it (as :mod:`rows` forms the row plan) needs a
+  :class:`walk.Walker` analysis giving each variable its abstract kernel
+  (the view rules' layout maths on abstract values, as :mod:`discover`
+  follows kernels for layouts), from which each frame records its groups
+  and regions by equation position next to the row plan's ``dots``."""
   eqn = jaxpr.eqns[i]
   try:
     found = find_group(jaxpr.eqns, i, env, ctx,

@@ -3,13 +3,18 @@ the interpreter inside: calls are inlined, ``scan`` becomes
 ``jax.lax.scan`` (stacked kernels sliced per step), ``remat`` becomes
 ``jax.checkpoint`` (same policy), ``cond`` ``jax.lax.switch``, ``while``
 ``jax.lax.while_loop`` and ``shard_map`` ``shard_map`` (the factors enter
-split like their kernel). Each rule gets the structure that
-``jaxpr_core.higher_order`` read off the equation, and ``evaluate(program,
-args, ctx)``, the interpreter itself."""
+split like their kernel). Each rule is an entry of
+``interpreter.RULES``, called as ``rule(eqn, invals, ctx, site)``: it reads
+the structure of its equation through ``jaxpr_core.higher_order`` (a schema
+this JAX names differently raises ``UnknownSchemaError``: a counted
+fallback) and evaluates the sub-programs through ``site.evaluate``, the
+interpreter itself."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +22,35 @@ import jax.numpy as jnp
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.values import Context
 from lora_jax._src.factored.values import Lora
+from lora_jax._src.factored.values import Site
 from lora_jax._src.factored.values import flatten
 from lora_jax._src.layouts import Layout
 from lora_jax._src.quant import QArray
 from lora_jax._src.sharding import factor_specs
 
 
-def call(eqn, sub: jc.Call, invals, ctx: Context, evaluate):
+def call(eqn, invals, ctx: Context, site: Site):
   """jit / closed_call are inlined. A custom_jvp / custom_vjp function that a
   kernel flows into is inlined too: the kernel's gradient is taken through
   its primal computation, as the merge engine would need a rule for a
   symbolic kernel that the custom rule cannot know."""
-  del eqn
+  sub, evaluate = _structure(eqn, site, jc.Call)
   return evaluate(sub.body, invals, ctx, symbolic_outputs=True)
 
 
-def remat(eqn, sub: jc.Remat, invals, ctx: Context, evaluate):
-  del eqn
+def _structure(eqn, site: Site, kind: type) -> tuple[Any, Callable]:
+  """``(jaxpr_core.higher_order(eqn), site.evaluate)``; the table's key
+  promises the structure is a ``kind``."""
+  sub = jc.higher_order(eqn)
+  if not isinstance(sub, kind) or site.evaluate is None:
+    raise TypeError(f"{eqn.primitive.name}: a {kind.__name__} rule was "
+                    f"given a {type(sub).__name__} and evaluate="
+                    f"{site.evaluate}")
+  return sub, site.evaluate
+
+
+def remat(eqn, invals, ctx: Context, site: Site):
+  sub, evaluate = _structure(eqn, site, jc.Remat)
   flat, rebuild = flatten(invals)
 
   def body(*flat_vals):
@@ -60,8 +77,8 @@ def _drop_leading(lora: Lora) -> Lora | None:
       layout=Layout(dec(rest), dec(lay.inputs), dec(lay.outputs)))
 
 
-def scan(eqn, sub: jc.Scan, invals, ctx: Context, evaluate):
-  del eqn
+def scan(eqn, invals, ctx: Context, site: Site):
+  sub, evaluate = _structure(eqn, site, jc.Scan)
   nc, ncarry = sub.num_consts, sub.num_carry
   consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
   init = [ctx.concrete(x, "scan carry") for x in init]
@@ -94,8 +111,8 @@ def scan(eqn, sub: jc.Scan, invals, ctx: Context, evaluate):
   return [*carry, *ys]
 
 
-def cond(eqn, sub: jc.Cond, invals, ctx: Context, evaluate):
-  del eqn
+def cond(eqn, invals, ctx: Context, site: Site):
+  sub, evaluate = _structure(eqn, site, jc.Cond)
   index, ops = invals[0], invals[1:]
   flat, rebuild = flatten(ops)
   branches = [
@@ -104,8 +121,8 @@ def cond(eqn, sub: jc.Cond, invals, ctx: Context, evaluate):
   return list(jax.lax.switch(index, branches, *flat))
 
 
-def while_(eqn, sub: jc.While, invals, ctx: Context, evaluate):
-  del eqn
+def while_(eqn, invals, ctx: Context, site: Site):
+  sub, evaluate = _structure(eqn, site, jc.While)
   cn, bn = sub.cond_nconsts, sub.body_nconsts
   cconsts, bconsts = invals[:cn], invals[cn:cn + bn]
   init = [ctx.concrete(x, "while carry") for x in invals[cn + bn:]]
@@ -114,9 +131,9 @@ def while_(eqn, sub: jc.While, invals, ctx: Context, evaluate):
   return list(jax.lax.while_loop(cond_fn, body_fn, init))
 
 
-def shard_map(eqn, sub: jc.ShardMap, invals, ctx: Context, evaluate):
+def shard_map(eqn, invals, ctx: Context, site: Site):
   """The factors enter split like their kernel (``lj.factor_specs``)."""
-  del eqn
+  sub, evaluate = _structure(eqn, site, jc.ShardMap)
   in_specs = []
   for x, spec in zip(invals, sub.in_specs):
     if isinstance(x, Lora):

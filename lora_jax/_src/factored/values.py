@@ -104,9 +104,13 @@ class Site:
       batch run whole (:mod:`rows`), else None.
     projected: ``scale * x @ a`` computed jointly with the siblings reading
       the same ``x`` (:mod:`siblings`), else None.
+    evaluate: for a higher-order equation, ``evaluate(program, args, ctx,
+      symbolic_outputs=False)`` evaluates a sub-program with this site's
+      plan for it (the interpreter).
   """
   rows: tuple | None = None
   projected: Any = None
+  evaluate: Callable | None = None
 
 
 NO_SITE = Site()
