@@ -16,6 +16,13 @@ up to floating point: the principal directions come from the exact
 float64, instead of PEFT's incremental PCA stopped when the directions stop
 moving (``tau``); every batch is used once.
 
+Differences that change the result: every row counts, where PEFT's default
+``use_label_mask=True`` drops the rows whose label is ``-100`` (padding,
+prompts): pass batches without padding rows for PEFT's directions. With
+rsLoRA PEFT's ``adjust_scaling_factors`` scales ``alpha`` by ``k / r``, so
+its scale becomes ``alpha * sqrt(k) / r`` for a new rank ``k``; lora_jax
+keeps the adapter's scale (the same as PEFT's without rsLoRA).
+
 The activations are read where the factored engine computes each adapter's
 branch (the same ``x`` the branch multiplies by ``a``), so every use of a
 kernel the engine factors is seen, inside ``scan``, ``remat`` and ``jit``
