@@ -472,3 +472,43 @@ def test_nnx_objects_as_call_arguments_are_refused():
     m(x, nnx.Rngs(dropout=3).dropout)
   with pytest.raises(TypeError, match=r"kwargs\['rngs'\]\['c'\]\[0\] \(Cache"):
     m(x, rngs={"c": [nnx.Cache(jnp.ones(2))]})
+
+
+def test_a_method_that_adds_cache_variables():
+  """flax's MultiHeadAttention.init_cache adds nnx.Cache attributes (where
+  there was None); the adapted module gains them, and decoding step by step
+  equals merge(m)'s. A method changing a static attribute is an error."""
+  mha = nnx.MultiHeadAttention(num_heads=2, in_features=4, qkv_features=4,
+                               decode=False, rngs=nnx.Rngs(0))
+  xs = jax.random.normal(jax.random.key(0), (1, 3, 4))
+  m = ljn.apply_lora(mha, lj.LoraConfig(rank=2, targets=r"(query|value)/kernel"),
+                     jax.random.key(1), xs)
+  ljn.set_delta(m, randomize(ljn.get_delta(m), scale=0.5))
+  plain = ljn.merge(m)
+  m.set_attributes(decode=True)
+  plain.set_attributes(decode=True)
+  m.init_cache((1, 3, 4))
+  plain.init_cache((1, 3, 4))
+  assert mha.cached_key is None  # the input model is untouched
+  assert isinstance(m.base_model.cached_key, nnx.Cache)
+  step = _compiled()
+  for t in range(3):
+    np.testing.assert_allclose(m(xs[:, t:t + 1]), step(plain, xs[:, t:t + 1]),
+                               rtol=1e-5, atol=1e-6)
+  assert int(m.base_model.cache_index[...]) == 3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               _state(m.base_model, nnx.Cache), _state(plain, nnx.Cache))
+
+  class Flag(nnx.Module):
+    def __init__(self):
+      self.proj = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      self.calls = 0
+
+    def __call__(self, x):
+      self.calls += 1  # a Python attribute: static to NNX
+      return self.proj(x)
+
+  flag = ljn.apply_lora(Flag(), lj.LoraConfig(rank=2), jax.random.key(1))
+  with pytest.raises(ValueError, match=r"m.__call__\(...\) changed the "):
+    flag(jnp.ones((2, 4)))

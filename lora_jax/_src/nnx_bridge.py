@@ -152,9 +152,21 @@ class LoraModule(nnx.Module):
     if "lora_rngs" in vars(self) and not self.deterministic:
       lora_rng = self.lora_rngs.lora_dropout()
     graphdef, params, rest = _split(self.base_model)
+    after: list = []  # the model's graphdef after the call
     out, new_rest = _run(graphdef, name, self.lora_mode, params,
                          self.lora_deltas(), rest, dynamic, static, treedef,
-                         lora_rng)
+                         lora_rng, after)
+    if after and after[-1] != graphdef:
+      # the method added state (flax's MultiHeadAttention.init_cache adds
+      # its cache Variables): add the same attributes here first
+      _graft(self.base_model, nnx.merge(after[-1], *_fresh((params,
+                                                            new_rest))))
+      if nnx.graphdef(self.base_model) != after[-1]:
+        raise ValueError(
+            f"lora_jax.nnx: m.{name}(...) changed the model's structure "
+            f"in a way the adapted module cannot copy (a static attribute, "
+            f"a removed or retyped Variable). Make that change on the "
+            f"model before apply_lora, or return the new values instead.")
     nnx.update(self.base_model, new_rest)
     return out
 
@@ -182,8 +194,26 @@ class _Array:
 _ARRAY = _Array()
 
 
+def _graft(target: Any, source: Any) -> None:
+  """Adds to ``target``'s graph the attributes that ``source`` (the same
+  model after a call) has and ``target`` lacks, at the same paths."""
+  for path, node in nnx.iter_graph(source):
+    if not isinstance(node, nnx.Module):
+      continue
+    here = target
+    for key in path:
+      here = getattr(here, key) if isinstance(key, str) else here[key]
+    for attr, value in vars(node).items():
+      if attr.startswith(("_object__", "_pytree__")):  # NNX's own
+        continue
+      old = vars(here).get(attr)
+      if isinstance(value, _NNX_OBJECTS) and not isinstance(old,
+                                                            _NNX_OBJECTS):
+        setattr(here, attr, value)  # e.g. None -> nnx.Cache
+
+
 def _run(graphdef, name: str, mode: str, params, deltas, rest, dynamic,
-         static, treedef, lora_rng=None):
+         static, treedef, lora_rng=None, after: list | None = None):
   """``(out, new non-Param state)`` of ``name`` on the model ``graphdef``
   with weights ``merge(params, deltas)``, through :func:`lora_jax.wrap`."""
   leaves = [d if s is _ARRAY else s for d, s in zip(dynamic, static)]
@@ -192,6 +222,8 @@ def _run(graphdef, name: str, mode: str, params, deltas, rest, dynamic,
   def fn(p, state, call_args, call_kwargs):
     model = nnx.merge(graphdef, *_fresh((p, state)))
     out = getattr(model, name)(*call_args, **call_kwargs)
+    if after is not None:
+      after.append(nnx.graphdef(model))
     return out, nnx.state(model, nnx.Not(nnx.Param))
   # the call's arguments travel as two positional values: a keyword the
   # model takes (adapter_ids, lora_rng, ...) is never read by wrap itself
@@ -346,7 +378,12 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
     ``wrt=nnx.LoRAParam``) in ``m.base_model``, a copy of ``model`` that
     shares its (immutable) weight arrays; other state is copied.
   * Calls add no attribute to ``m`` (safe under ``nnx.jit`` /
-    ``nnx.cached_partial``). ``m.__call__``'s signature is ``model``'s.
+    ``nnx.cached_partial``), except the Variables a method of ``model``
+    adds to itself (``nnx.MultiHeadAttention.init_cache``'s caches), which
+    ``m.base_model`` gains as ``model`` would; a method that changes a
+    static attribute is an error. Arguments are arrays or static values,
+    not NNX objects (an ``nnx.Rngs`` argument is an error: keep it on the
+    model). ``m.__call__``'s signature is ``model``'s.
   * ``nnx.variables(m)``'s first leaf is ``model``'s first leaf.
   * Factors are float32 for bf16 kernels unless ``config.dtype`` says
     otherwise (as :func:`lora_jax.split`).
