@@ -152,6 +152,11 @@ def loftq(params: Any, config: LoraConfig, key: jax.Array,
   best rank-``r`` approximation of ``W - dequant(Q)``. The first step is
   QLoRA's quantization of ``W`` plus the SVD of its error; each further step
   lowers ``||W - (dequant(Q) + s a b)||_F`` (``benchmarks/results/loftq_*``).
+  The factors carry the adapter's scale ``s``: ``s a b`` is the rank-``r``
+  approximation. PEFT 0.21 sets ``lora_A``, ``lora_B`` from the SVD without
+  dividing by its ``scaling``, so its ``Q + s B A`` approximates ``W`` only
+  at ``s = 1`` (``lora_alpha = r``); with ``s != 1`` the two differ, and
+  lora_jax's is the one that approximates ``W``.
   Leaves not adapted stay as they are (quantize them too with
   ``lora_jax.quantize(qbase, ...)``, which skips the ``QArray`` leaves).
 
