@@ -1667,3 +1667,23 @@ def test_embed_tokens_head_is_tied_by_peft_itself(hf, tmp_path):
   got = lj.adapters(loaded)["model/embed_tokens/embedding"]
   np.testing.assert_array_equal(got.a, delta["model"]["embed_tokens"][
       "embedding"].a)
+
+
+def test_trainable_tokens_listed_in_the_config_but_missing(tmp_path):
+  # a LoRA file whose trainable_token_indices names a table without its
+  # token_adapter tensor loaded without the tokens, silently
+  params = {"model": {"embed_tokens": {"embedding": jnp.ones((16, 8))},
+                      "q_proj": {"kernel": jnp.ones((8, 8))}}}
+  config = lj.LoraConfig(rank=2, targets=r".*q_proj/kernel",
+                         trainable_tokens={".*/embedding": [5, 2]})
+  _, delta = lj.split(params, config, jax.random.key(0))
+  lj.save_peft(tmp_path, delta, config)
+  path = tmp_path / "adapter_model.safetensors"
+  tensors, meta = st.load_file(path)
+  tensors.pop("base_model.model.model.embed_tokens.token_adapter."
+              "trainable_tokens_delta")
+  st.save_file(path, tensors, meta)
+  with pytest.raises(lj.PeftFormatError, match=r"'trainable_token_indices' "
+                     r".* lists trainable tokens of \['model.embed_tokens'\]"
+                     r", but no key"):
+    lj.load_peft(tmp_path, params)

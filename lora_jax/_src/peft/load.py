@@ -211,6 +211,19 @@ def _token_keys(tensors: dict, cfg: dict, where: str
   if tokens_only and not out:
     raise PeftFormatError(f"{where}: a TRAINABLE_TOKENS adapter without "
                           f"<module>{suffix} tensors.")
+  # the config names tables whose rows the file does not hold: loading
+  # without them would silently leave those rows as the base's
+  modules = [m for m, _, _ in out.values()]
+  listed = ([k for k in spec if isinstance(k, str)] if isinstance(spec, dict)
+            else ["<the input embedding>"] if spec else [])
+  lacking = [k for k in listed if not any(
+      m == k or m.endswith("." + k) for m in modules)] if isinstance(
+          spec, dict) else ([] if modules else listed)
+  if lacking:
+    raise PeftFormatError(
+        f"{where}: the field {field!r} ({spec!r:.200}) lists trainable "
+        f"tokens of {lacking}, but no key <module>{suffix} holds their rows "
+        f"(the file is incomplete, or its config is not its own).")
   return out
 
 
