@@ -302,3 +302,50 @@ def test_a_shard_map_body(engine):
   params, x = _megatron_base(7)
   _check(_manual, params, SPECS, x, P("data", None), "explicit", engine,
          "w1|w2")
+
+
+def _fsdp_megatron(mesh):
+  """The Megatron MLP on FSDP x TP kernels, gathered over "data" where used
+  (``reshard``), as explicit mode asks."""
+  def mlp(p, x):
+    if mesh is None:
+      return jax.nn.gelu(x @ p["w1"]) @ p["w2"]
+    w1 = _reshard(p["w1"], P(None, "model"))
+    w2 = _reshard(p["w2"], P("model", None))
+    return jax.lax.dot_general(jax.nn.gelu(x @ w1), w2,
+                               (((1,), (0,)), ((), ())),
+                               out_sharding=P("data", None))
+  return mlp
+
+
+def _reshard(x, spec):
+  fn = getattr(jax.sharding, "reshard", None)
+  if fn is None:  # jax < 0.7
+    from jax.experimental.shard import reshard as fn
+  return fn(x, spec)
+
+
+def test_a_mixed_adapter_batch_on_fsdp_kernels():
+  # the program reshards each kernel (an FSDP gather): the per-row factors
+  # pass the reshard with the rows they serve
+  params, x = _megatron_base()
+  base, d1 = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2"),
+                      jax.random.key(1))
+  _, d2 = lj.split(params, lj.LoraConfig(rank=2, targets="w1|w2"),
+                   jax.random.key(2))
+  adapters = [_randomize(d1), jax.tree.map(lambda v: 2 * v, _randomize(d2))]
+  ids = jnp.array([0, 1, -1, 0, 1, 1, 0, -1])
+  fn = _fsdp_megatron(None)
+  want = jnp.concatenate([
+      fn(base if i < 0 else lj.merge(base, adapters[i]), x[j:j + 1])
+      for j, i in enumerate(ids.tolist())])
+  mesh = _mesh("explicit")
+  specs = {"w1": P("data", "model"), "w2": P("model", "data")}
+  with _set_mesh(mesh):
+    sb = {n: jax.device_put(base[n], NamedSharding(mesh, s))
+          for n, s in specs.items()}
+    sx = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    got = jax.jit(lambda b, s, x, i: lj.wrap(_fsdp_megatron(mesh), "factored",
+                                             strict=True)(
+        b, s, x, adapter_ids=i))(sb, lj.stack(adapters), sx, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -61,7 +61,7 @@ RULES = jc.PrimitiveTable([
 # Rules that know a kernel with per-row factors (a mixed batch run whole);
 # the others raise NeedsRowVmap on one.
 _ROW_RULES = (consumers.dot_general, views.cast, views.pass_through,
-              programs.call, programs.remat, programs.scan)
+              views.on_kernel, programs.call, programs.remat, programs.scan)
 
 
 def _apply(eqn, invals, ctx: Context, site: Site = NO_SITE,
