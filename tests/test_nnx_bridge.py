@@ -485,8 +485,9 @@ def test_a_method_that_adds_cache_variables():
                      jax.random.key(1), xs)
   ljn.set_delta(m, randomize(ljn.get_delta(m), scale=0.5))
   plain = ljn.merge(m)
-  m.set_attributes(decode=True)
-  plain.set_attributes(decode=True)
+  m.decode = True  # reaches the wrapped model (not a shadow on m)
+  assert m.base_model.decode and "decode" not in vars(m)
+  plain.decode = True
   m.init_cache((1, 3, 4))
   plain.init_cache((1, 3, 4))
   assert mha.cached_key is None  # the input model is untouched

@@ -132,6 +132,18 @@ class LoraModule(nnx.Module):
       return method
     return value
 
+  def __setattr__(self, name: str, value: Any) -> None:
+    # An attribute of the wrapped model (``m.decode = True`` on flax's
+    # MultiHeadAttention) is set there: on ``m`` it would only shadow it,
+    # and the model's calls would not see it. (NNX rebuilds modules
+    # without calling __setattr__.)
+    inner = vars(self).get("base_model")
+    if (inner is not None and name not in _OWN and name not in vars(self)
+        and not name.startswith("_") and hasattr(inner, name)):
+      setattr(inner, name, value)
+      return
+    super().__setattr__(name, value)
+
   def __dir__(self):
     return sorted(set(super().__dir__()) | set(dir(self.base_model)))
 
@@ -182,6 +194,11 @@ class LoraModule(nnx.Module):
           magnitude=None if magnitude is None else _get(magnitude),
           dropout=dropout, residual_of=residual_of)
     return out
+
+
+# LoraModule's own attributes, never forwarded to the wrapped model
+_OWN = frozenset({"base_model", "lora", "lora_specs", "lora_mode",
+                  "lora_rngs", "deterministic"})
 
 
 class _Array:
