@@ -277,3 +277,29 @@ def test_a_transposed_table_gathered_by_column(setup):
     got, want = both(d)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_and_unmerge_on_an_explicit_vocab_sharded_table(setup):
+  # Under Explicit mesh axes JAX asks every gather / scatter on a sharded
+  # table for its out_sharding: merge, dora_norms and unmerge raised a
+  # ShardingTypeError from inside lora_jax; now the rows keep the table's
+  # feature sharding and the merged table its own
+  from helpers import make_mesh
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  from sharding_helpers import set_mesh
+  _, base, delta = setup
+  base = dict(base, embed=jnp.concatenate([base["embed"]] * 2)[:36])
+  delta = dict(delta, embed=delta["embed"].replace(vocab=36))
+  mesh = make_mesh((2, 2), explicit=("data", "model"))
+  want = lj.merge(base, delta)["embed"]
+  with set_mesh(mesh):
+    table = jax.device_put(base["embed"], NamedSharding(mesh, P(
+        "model", "data")))
+    sharded = dict(base, embed=table)
+    norms = lj.dora_norms(sharded, delta)
+    merged = jax.jit(lj.merge)(sharded, delta)
+    back = lj.unmerge(merged, delta, norms)
+  np.testing.assert_array_equal(merged["embed"], want)
+  assert merged["embed"].sharding.spec == P("model", "data")
+  np.testing.assert_array_equal(back["embed"], base["embed"])

@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import describe_array
 from lora_jax._src.delta import is_concrete
@@ -121,8 +123,7 @@ class TrainableTokens:
   def apply(self, table: jax.Array) -> jax.Array:
     """``table`` with the rows set to ``values`` (in the table's dtype)."""
     idx = jnp.asarray(self.indices, jnp.int32)
-    return table.at[idx].set(self.values.astype(table.dtype),
-                             unique_indices=True)
+    return _set_rows(table, idx, self.values)
 
   def as_lora(self, table: jax.Array, path: str = "") -> LoraDelta:
     """The same table as a low-rank update of ``table``: ``a`` the one-hot
@@ -149,7 +150,7 @@ class TrainableTokens:
     dtype = jnp.result_type(self.values.dtype, jnp.float32)
     idx = jnp.asarray(self.indices, jnp.int32)
     one_hot = jnp.zeros((self.vocab, n), dtype).at[idx, jnp.arange(n)].set(1)
-    rows = jnp.take(table, idx, axis=0).astype(dtype)
+    rows = _rows(table, idx).astype(dtype)
     if is_concrete(rows) and not bool(jnp.isfinite(rows).all()):
       # merge overwrites these rows, so they do not reach its outputs; here
       # b = values - rows is non-finite and the one-hot product spreads it
@@ -165,6 +166,30 @@ class TrainableTokens:
           f"wrap(f, mode='merge').")
     return LoraDelta(one_hot, self.values.astype(dtype) - rows, 1.0,
                      Layout.dense())
+
+
+def _rows(table: Any, idx: jax.Array) -> jax.Array:
+  """``table[idx]``; under Explicit mesh axes (sharding in types) the rows
+  keep the table's feature-axis sharding, whatever shards the vocabulary
+  (JAX asks for the gather's out_sharding there)."""
+  spec = jc.type_spec(table)
+  if spec is None:
+    return jnp.take(table, idx, axis=0)
+  return table.at[idx].get(out_sharding=jax.sharding.PartitionSpec(
+      None, *spec[1:]))
+
+
+def _set_rows(table: Any, idx: jax.Array, rows: Any) -> jax.Array:
+  """``table`` with rows ``idx`` set to ``rows`` (in its dtype), sharded
+  as ``table`` under Explicit mesh axes."""
+  rows = jnp.asarray(rows).astype(table.dtype)
+  spec = jc.type_spec(table)
+  ref = table.at[idx]
+  if spec is None or "out_sharding" not in inspect.signature(
+      ref.set).parameters:  # older jax (0.6) takes none here, nor needs it
+    return ref.set(rows, unique_indices=True)
+  return ref.set(rows, unique_indices=True,
+                 out_sharding=jax.sharding.PartitionSpec(*spec))
 
 
 def check_indices(who: str, indices: tuple, vocab: int, path: str = "",
@@ -260,7 +285,7 @@ def check_table(path: str, table: Any, t: TrainableTokens) -> None:
 
 def original_rows(table: Any, t: TrainableTokens) -> jax.Array:
   """The table's own rows at ``t``'s ids (what :func:`unset` restores)."""
-  return jnp.take(table, jnp.asarray(t.indices, jnp.int32), axis=0)
+  return _rows(table, jnp.asarray(t.indices, jnp.int32))
 
 
 def unset(path: str, params_table: Any, t: TrainableTokens,
@@ -280,5 +305,4 @@ def unset(path: str, params_table: Any, t: TrainableTokens,
         f"unmerge: the original rows given for {path!r} have shape "
         f"{tuple(rows.shape)}; the tokens need {tuple(t.values.shape)}.")
   idx = jnp.asarray(t.indices, jnp.int32)
-  return params_table.at[idx].set(rows.astype(params_table.dtype),
-                                  unique_indices=True)
+  return _set_rows(params_table, idx, rows)
