@@ -513,3 +513,19 @@ def test_a_method_that_adds_cache_variables():
   flag = ljn.apply_lora(Flag(), lj.LoraConfig(rank=2), jax.random.key(1))
   with pytest.raises(ValueError, match=r"m.__call__\(...\) changed the "):
     flag(jnp.ones((2, 4)))
+
+
+def test_state_of_another_rank_loaded_by_nnx_update_is_an_error(adapted):
+  """RL weight sync / checkpoints go through nnx.update, which replaces the
+  factors whatever their shape: a rank-3 state in a rank-2 module would run
+  with the rank-2 scale. Refused at the next call, naming the factor."""
+  model = nnx.clone(adapted[0])
+  model.eval()
+  small = ljn.apply_lora(model, lj.LoraConfig(rank=2, targets=r"q/kernel"),
+                         jax.random.key(1), TOK)
+  big = ljn.apply_lora(model, lj.LoraConfig(rank=3, targets=r"q/kernel"),
+                       jax.random.key(1), TOK)
+  nnx.update(small, nnx.state(big, nnx.LoRAParam))
+  with pytest.raises(ValueError, match=r"q/kernel/a is f32\[8,3\], but this "
+                     r"module's adapter was made f32\[8,2\]"):
+    small(TOK)

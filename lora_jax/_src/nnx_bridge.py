@@ -32,6 +32,7 @@ from typing import Any
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.config import LoraConfig
@@ -104,6 +105,11 @@ class LoraModule(nnx.Module):
     self.base_model = base_model
     self.lora = lora
     self.lora_specs = specs
+    # the factors' shapes and dtypes: what nnx.update may not change
+    self.lora_shapes = tuple(
+        (path, name, tuple(np.shape(_get(var))), str(_get(var).dtype))
+        for path, *_ in specs for name in _FACTORS
+        if (var := getattr(_node_at(lora, path), name, None)) is not None)
     self.lora_mode = mode
     if dropout_key is not None:
       # LoRA dropout: a key per call from this stream while training;
@@ -185,6 +191,18 @@ class LoraModule(nnx.Module):
   def lora_deltas(self) -> dict[str, LoraDelta]:
     """``{path: LoraDelta}`` from the current factors (tracers under a
     transform)."""
+    for path, name, shape, dtype in self.lora_shapes:
+      value = _get(getattr(_node_at(self.lora, path), name))
+      if tuple(value.shape) != shape or str(value.dtype) != dtype:
+        raise ValueError(
+            f"lora_jax.nnx: the factor {path}/{name} is "
+            f"{describe_array(value)}, but this module's adapter was made "
+            f"{describe_array(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))}"
+            f" (its scale is for that rank). Factors "
+            f"were replaced by ones of another shape or dtype (nnx.update "
+            f"with another model's or a checkpoint's state?). Load deltas "
+            f"with lora_jax.nnx.set_delta, or apply_lora with the config "
+            f"they were trained with.")
     out = {}
     for path, scale, layout, dropout, residual_of in self.lora_specs:
       node = _node_at(self.lora, path)
@@ -197,8 +215,8 @@ class LoraModule(nnx.Module):
 
 
 # LoraModule's own attributes, never forwarded to the wrapped model
-_OWN = frozenset({"base_model", "lora", "lora_specs", "lora_mode",
-                  "lora_rngs", "deterministic"})
+_OWN = frozenset({"base_model", "lora", "lora_specs", "lora_shapes",
+                  "lora_mode", "lora_rngs", "deterministic"})
 
 
 class _Array:
