@@ -529,3 +529,8 @@ def test_state_of_another_rank_loaded_by_nnx_update_is_an_error(adapted):
   with pytest.raises(ValueError, match=r"q/kernel/a is f32\[8,3\], but this "
                      r"module's adapter was made f32\[8,2\]"):
     small(TOK)
+  delta = ljn.get_delta(big)
+  listed = dict(delta, q={"kernel": delta["q"]["kernel"].replace(
+      b=np.ones((3, HEADS, HD)).tolist())})
+  with pytest.raises(ValueError, match=r"q/kernel/b is a list, not an array"):
+    ljn.set_delta(big, listed)

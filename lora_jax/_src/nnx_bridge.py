@@ -638,6 +638,11 @@ def set_delta(m: nnx.Module, delta: Any) -> None:
       if var is None:
         continue
       old = _get(var)
+      if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise ValueError(
+            f"lora_jax.nnx.set_delta: {path}/{name} is a "
+            f"{type(value).__name__}, not an array. Give arrays "
+            f"(jnp.asarray(...)) of {describe_array(old)}.")
       if (tuple(np.shape(value)) != tuple(old.shape)
           or np.dtype(value.dtype) != np.dtype(old.dtype)):
         raise ValueError(
