@@ -21,7 +21,7 @@ demo: setup
 # The README's test command: the whole suite (tests, doctests over lora_jax/,
 # notebooks) once, in .venv with $(PYTHON); needs only python3 >= 3.11.
 test: setup
-	$(BIN)/python -m pytest -p no:cacheprovider -q -n $(JOBS) --dist loadgroup
+	$(BIN)/python -m pytest -p no:cacheprovider -q -n $(JOBS) --dist loadfile
 
 # ruff and mypy, configured in pyproject.toml.
 lint: setup

@@ -69,7 +69,7 @@ FAILED=()  # steps that failed; the leg runs them all, then fails if any did
 
 run_pytest() {  # pytest "$@"; any non-zero exit fails the leg, 5 (no test ran) too
   local rc=0
-  "$PY" -m pytest -p no:cacheprovider -q -rfE --durations=10 -n "${JOBS:-auto}" --dist loadgroup "$@" || rc=$?
+  "$PY" -m pytest -p no:cacheprovider -q -rfE --durations=10 -n "${JOBS:-auto}" --dist loadfile "$@" || rc=$?
   if [ "$rc" -eq 5 ]; then FAILED+=("pytest exited 5: no tests ran")
   elif [ "$rc" -ne 0 ]; then FAILED+=("pytest exited $rc")
   fi

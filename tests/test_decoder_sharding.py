@@ -34,8 +34,7 @@ import lora_jax as lj
 
 pytestmark = [
     pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices "
-                       "(tests/conftest.py sets them before jax starts)"),
-    pytest.mark.xdist_group("decoder_sharding")]
+                       "(tests/conftest.py sets them before jax starts)")]
 
 AxisType = jax.sharding.AxisType
 LAYERS, D, HEADS, KV, HD, F, B, T = 2, 32, 8, 2, 8, 64, 4, 4

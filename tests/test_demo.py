@@ -12,10 +12,6 @@ import lora_jax as lj
 from lora_jax.__main__ import _main
 from lora_jax.examples import demo
 
-# One pytest-xdist worker runs this module (--dist loadgroup): the demo's run (a module fixture, ~50 s)
-# is then computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("demo")
-
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

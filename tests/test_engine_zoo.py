@@ -31,10 +31,6 @@ import pytest
 import lora_jax as lj
 from lora_jax._src.factored import consumers
 
-# One pytest-xdist worker runs this module (--dist loadgroup): each program's results (a module fixture per case)
-# is then computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("engine-zoo")
-
 B, D, H, KV, HD = 4, 8, 4, 2, 4  # rows, width, heads, kv heads, head dim
 
 
@@ -205,10 +201,20 @@ def _vjp(g, base, delta, x, ct):
   return out, pull(ct)[0]
 
 
+# Each case's results, computed once per process, whatever order the tests
+# using a case run in.
+_RESULTS: dict = {}
+
+
 @pytest.fixture(scope="module", params=CASES,
                 ids=[f"{p.__name__}-{k}" for p, k in CASES])
 def case(request):
-  make, kind = request.param
+  if request.param not in _RESULTS:
+    _RESULTS[request.param] = _case(*request.param)
+  return _RESULTS[request.param]
+
+
+def _case(make, kind):
   prog = make()
   fn, base, delta = _base(prog, kind)
   x = _x(prog)

@@ -25,8 +25,7 @@ import lora_jax as lj
 
 pytestmark = [
     pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices "
-                       "(tests/conftest.py sets them before jax starts)"),
-    pytest.mark.xdist_group("logical_sharding")]
+                       "(tests/conftest.py sets them before jax starts)")]
 
 RULES = (("batch", "data"), ("embed", None), ("mlp", "model"),
          ("heads", "model"), ("kv", None), ("layers", None), ("conv_h", None), ("conv_w", None))

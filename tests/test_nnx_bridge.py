@@ -15,8 +15,6 @@ import pytest
 import lora_jax as lj
 import lora_jax.nnx as ljn
 
-pytestmark = pytest.mark.xdist_group("nnx_bridge")
-
 VOCAB, D, HEADS, HD, LAYERS = 16, 8, 2, 4, 2
 
 

@@ -26,12 +26,6 @@ import lora_jax as lj
 from lora_jax._src import safetensors as st
 from lora_jax._src.peft import pattern_key
 
-# One pytest-xdist worker runs this module (--dist loadgroup): the torch models of the interop tests (module fixtures)
-# is then computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("peft")
-
-
-
 # ------------------------------------------------------- a Llama-like tree
 
 

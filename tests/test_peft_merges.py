@@ -15,10 +15,6 @@ import pytest
 
 import lora_jax as lj
 
-# On test_peft's pytest-xdist worker (--dist loadgroup): torch and peft are
-# imported once (~10 s) for both modules.
-pytestmark = pytest.mark.xdist_group("peft")
-
 INTEROP_REASON = "interop tests run on the py311 CI leg (LORA_JAX_INTEROP=1)"
 MODULES = ("emb", "lin", "out")
 # lora_jax's path of each torch module's weight: a Flax Embed table

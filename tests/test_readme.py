@@ -12,6 +12,7 @@ import re
 import pytest
 
 import lora_jax as lj
+import lora_jax.nnx as ljn
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.environ.get("LORA_JAX_README") or os.path.join(os.path.dirname(_HERE), "README.md")
@@ -76,14 +77,19 @@ def _section(text: str, heading: str) -> str:
 
 def test_api_table_lists_every_public_name():
   rows = [line for line in _section(_readme(), "API").splitlines() if line.startswith("| `")]
-  named = set()
+  named, nnx_named = set(), set()
   for row in rows:
     first_cell = row.split(" | ")[0]
-    named |= {re.match(r"\w*", span).group() for span in re.findall(r"`([^`]+)`", first_cell)}
-  missing = sorted(set(lj.__all__) - named)
-  assert not missing, f"lora_jax.__all__ names missing from README's API table: {missing}"
-  unknown = sorted(named - set(lj.__all__))
-  assert not unknown, f"README's API table names what lora_jax does not export: {unknown}"
+    spans = re.findall(r"`([^`]+)`", first_cell)
+    if spans[0] == "lora_jax.nnx":  # the row of the lora_jax.nnx module
+      nnx_named |= {re.match(r"\w*", span).group() for span in spans[1:]}
+    else:
+      named |= {re.match(r"\w*", span).group() for span in spans}
+  for module, names in ((lj, named), (ljn, nnx_named)):
+    missing = sorted(set(module.__all__) - names)
+    assert not missing, f"{module.__name__}.__all__ names missing from README's API table: {missing}"
+    unknown = sorted(names - set(module.__all__))
+    assert not unknown, f"README's API table names what {module.__name__} does not export: {unknown}"
 
 
 def test_every_notebook_is_linked():

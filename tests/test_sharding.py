@@ -30,8 +30,7 @@ pytestmark = [
     pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices "
                        "(tests/conftest.py sets "
                        "--xla_force_host_platform_device_count=8 before jax "
-                       "starts)"),
-    pytest.mark.xdist_group("sharding")]
+                       "starts)")]
 
 SPECS = {"w1": P("data", "model"), "w2": P("model", "data"),
          "w3": P(None, "model"), "stack": P(None, "data", "model")}

@@ -26,8 +26,6 @@ import pytest
 import lora_jax as lj
 import lora_jax.nnx as ljn
 
-pytestmark = pytest.mark.xdist_group("tunix")
-
 TUNIX_REASON = ("tunix tests run on the py313 CI leg (LORA_JAX_TUNIX=1, "
                 "lora_jax[tunix] + google-tunix==0.1.7 --no-deps)")
 TARGETS = (r"layers/\d+/attn/(q_proj|k_proj|v_proj|o_proj|q_einsum|kv_einsum|"
