@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.dtypes import is_float
 from lora_jax._src.factored.frozen import frozen_linear
+from lora_jax._src.factored.lowrank import a_matrix
 from lora_jax._src.factored.lowrank import lowrank_dot
 from lora_jax._src.factored.values import NO_SITE
 from lora_jax._src.factored.values import Context
@@ -174,9 +175,7 @@ def _rowwise_plan(eqn, lora: Lora, x, kernel_is_lhs, x_contract, k_contract,
   def lowrank(x_in):
     dtype = x_in.dtype
     rows = x_in.shape[r]
-    f1 = jnp.transpose(lora.a, [0] + [1 + in_a[k] for k in k_contract]
-                       + [1 + r_a])
-    f1 = jc.reshape(f1, (rows, -1, f1.shape[-1])).astype(dtype)
+    f1 = a_matrix(lora.a, in_a, k_contract, r_a, lead=1).astype(dtype)
     f2 = jnp.transpose(lora.b, [0, 1 + r_b] + [1 + in_b[k] for k in free])
     n_shape = f2.shape[2:]
     f2 = jc.reshape(f2, (rows, f2.shape[1], -1)).astype(dtype)

@@ -63,6 +63,18 @@ def _project_jvp(primals, tangents):
 project.defjvp(_project_jvp, symbolic_zeros=True)
 
 
+def a_matrix(a, in_pos, contract, r_pos, lead: int = 0):
+  """Factor ``a`` as a matrix ``(*lead, K, r)``, the one place a factor is
+  flattened for ``x @ a``: the kernel's contracted axes ``contract`` (found
+  at ``in_pos[k]`` in ``a``) flattened into ``K`` in that order, the rank
+  axis ``r_pos`` last, and the first ``lead`` axes (a per-row factor's row
+  axis) kept in front."""
+  f = jnp.transpose(a, list(range(lead)) + [lead + in_pos[k] for k in contract]
+                    + [lead + r_pos])
+  return jc.reshape(f, (*f.shape[:lead], math.prod(f.shape[lead:-1]),
+                        f.shape[-1]))
+
+
 def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
                 kernel_is_lhs: bool, projected=None):
   """``dot_general(x, scale * a @ b)`` (or with the kernel on the left) in
@@ -94,9 +106,8 @@ def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
   if not k_batch and tuple(x_contract) == tuple(
       range(x.ndim - len(x_contract), x.ndim)):
     # 2-D fast path: (M, K) @ (K, r) @ (r, N), no transposes of activations.
-    f1 = jnp.transpose(first, [f_pos[k] for k in k_contract] + [f_r])
-    k_size = math.prod(f1.shape[:-1])
-    f1 = jc.reshape(f1, (k_size, f1.shape[-1]))
+    f1 = a_matrix(first, f_pos, k_contract, f_r)
+    k_size = f1.shape[0]
     f2 = jnp.transpose(second, [s_r] + [s_pos[k] for k in free_sorted])
     n_shape = f2.shape[1:]
     f2 = jc.reshape(f2, (f2.shape[0], math.prod(n_shape)))

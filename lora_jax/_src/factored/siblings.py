@@ -11,6 +11,7 @@ import itertools
 import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.lowrank import a_matrix
 from lora_jax._src.factored.lowrank import project
 from lora_jax._src.factored.values import Context
 from lora_jax._src.factored.values import Lora
@@ -76,11 +77,8 @@ def project_group(group, x, r: int | None = None) -> dict:
   firsts = []
   for _, eqn, lora in group:
     in_a, _, r_a, _ = lora.layout.factor_positions()
-    f1 = jnp.transpose(lora.a, lead + [len(lead) + in_a[k] for k in
-                                       jc.dot_dims(eqn).rhs_contract]
-                       + [len(lead) + r_a])
-    firsts.append(jc.reshape(f1, (*f1.shape[:len(lead)], -1, f1.shape[-1]))
-                  .astype(dtype))
+    firsts.append(a_matrix(lora.a, in_a, jc.dot_dims(eqn).rhs_contract, r_a,
+                           lead=len(lead)).astype(dtype))
   a = jnp.concatenate(firsts, axis=-1)
   if r is None:
     t = project(jc.reshape(x.astype(dtype), (-1, a.shape[0])), a)
