@@ -98,6 +98,22 @@ class LoraModule(nnx.Module):
 
   Calls and methods of the wrapped model run through :func:`lora_jax.wrap`;
   other attributes of the wrapped model (``config``, ...) read through.
+  Build one with :func:`lora_jax.nnx.apply_lora`, not directly.
+
+  Attributes:
+    base_model: a copy of the model: its weights (``nnx.Param``) frozen, its
+      other state (caches, RNG counters, batch statistics) updated by calls.
+    lora: the adapters, ``lora/<kernel path>/{a, b[, magnitude]}``, the
+      module's only ``nnx.LoRAParam`` variables.
+
+  >>> import jax, lora_jax as lj, lora_jax.nnx as ljn
+  >>> from flax import nnx
+  >>> m = ljn.apply_lora(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+  ...                    lj.LoraConfig(rank=2), jax.random.key(1))
+  >>> isinstance(m, ljn.LoraModule), type(m.base_model).__name__
+  (True, 'Linear')
+  >>> [p for p, _ in nnx.to_flat_state(nnx.state(m, nnx.LoRAParam))]
+  [('lora', 'kernel', 'a'), ('lora', 'kernel', 'b')]
   """
 
   def __init__(self, base_model: nnx.Module, lora: _Node,
@@ -306,7 +322,7 @@ def _hashable(x: Any) -> bool:
 
 
 def _apply(m, name, dynamic, static, treedef):
-  return m._lora_apply(name, dynamic, static, treedef)  # pylint: disable=protected-access
+  return m._lora_apply(name, dynamic, static, treedef)
 
 
 _compiled_call: Callable[..., Any] = nnx.jit(_apply, static_argnums=(1, 3, 4))
@@ -675,8 +691,9 @@ def merge(m: nnx.Module) -> nnx.Module:
 
   >>> import jax, jax.numpy as jnp, lora_jax as lj, lora_jax.nnx as ljn
   >>> from flax import nnx
-  >>> m = ljn.apply_lora(nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
-  ...                    lj.LoraConfig(rank=2), jax.random.key(1))
+  >>> linear = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  >>> m = ljn.apply_lora(linear, lj.LoraConfig(rank=2, init="pissa"),
+  ...                    jax.random.key(1))
   >>> plain = ljn.merge(m)
   >>> type(plain).__name__, bool(jnp.allclose(plain(jnp.ones(4)), m(jnp.ones(4))))
   ('Linear', True)

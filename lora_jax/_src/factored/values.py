@@ -19,7 +19,21 @@ from lora_jax._src.quant import QArray
 
 
 class FallbackError(RuntimeError):
-  """Raised under ``strict=True`` when a kernel would have to be merged."""
+  """Raised under ``strict=True`` when a kernel would have to be merged.
+
+  The message names the kernel's path and the primitive without a factored
+  rule; ``mode="merge"`` (or ``strict=False``, which merges that use and
+  counts it in :class:`Report`) runs the program.
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> base, delta = lj.split({"w": jnp.ones((4, 3))},
+  ...                        lj.LoraConfig(rank=2, targets="w"), jax.random.key(0))
+  >>> f = lambda p, x: jnp.cumsum(p["w"], axis=0)[0] * x
+  >>> try:
+  ...   lj.wrap(f, strict=True)(base, delta, 1.0)
+  ... except lj.FallbackError as e:
+  ...   print(type(e).__name__)
+  FallbackError"""
 
 
 class NeedsRowVmap(Exception):
@@ -150,10 +164,23 @@ def flatten(values: list, scales: bool = False
 
 @dataclasses.dataclass
 class Report:
-  """What the engine did with each adapted kernel: ``{path: [rule, ...]}``
-  and the merge fallbacks ``{(path, primitive): count}``.
+  """What the engine did with each adapted kernel (from :func:`lora_jax.explain`).
 
   ``str(report)`` gives one line per kernel and the fallback count.
+
+  Attributes:
+    rules: ``{path: [rule, ...]}``, the factored rules each kernel's uses
+      took, in the order first taken.
+    fallbacks: ``{(path, primitive): count}``, the uses of a kernel by a
+      primitive without a factored rule (merged for that use).
+
+  >>> import jax, jax.numpy as jnp, lora_jax as lj
+  >>> params = {"w": jnp.ones((4, 3))}
+  >>> base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="w"),
+  ...                        jax.random.key(0))
+  >>> report = lj.explain(lambda p, x: x @ p["w"], base, delta, jnp.ones((2, 4)))
+  >>> list(report.rules), report.fallbacks
+  (['w'], {})
   """
   rules: dict = dataclasses.field(default_factory=dict)
   fallbacks: dict = dataclasses.field(default_factory=dict)

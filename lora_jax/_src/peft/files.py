@@ -20,7 +20,14 @@ MAGNITUDE = ".lora_magnitude_vector"
 
 class PeftFormatError(ValueError):
   """A PEFT adapter directory lora_jax cannot read (or a delta it cannot
-  write as one); the message names the file, key or field, and the remedy."""
+  write as one); the message names the file, key or field, and the remedy.
+
+  >>> import lora_jax as lj, tempfile
+  >>> try:
+  ...   lj.load_peft(tempfile.mkdtemp(), {})
+  ... except lj.PeftFormatError as e:
+  ...   print(str(e).split(": ", 1)[1])
+  no adapter_config.json; a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors."""
 
 
 def read_config(directory) -> dict:
