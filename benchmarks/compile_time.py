@@ -2,7 +2,7 @@
 
 The factored engine re-evaluates the traced program with its own rules, so
 its step takes longer to trace than full fine-tuning's; this measures by how
-much (BENCHMARKS.md "Compile and trace time": a 48-layer unscanned NNX
+much (benchmarks/README.md: a 48-layer unscanned NNX
 decoder, target <= 1.2x full fine-tuning's trace + compile).
 
 Model: ``benchmarks/qwen3.py``'s tunix-style Qwen3 with ``--layers`` layers

@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import w1  # pylint: disable=g-import-not-at-top,wrong-import-position
-import w3  # pylint: disable=g-import-not-at-top,wrong-import-position
+import w1
+import w3
 
-import lora_jax as lj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lora_jax._src import loftq as loftq_module  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lora_jax as lj
+from lora_jax._src import loftq as loftq_module
 
 ITERS = (1, 2, 4, 5)
 SCHEMES = ("nf4", "int8")

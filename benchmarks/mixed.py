@@ -1,4 +1,4 @@
-"""Mixed-adapter inference on W1 (BENCHMARKS.md "Mixed-adapter inference").
+"""Mixed-adapter inference on W1 (benchmarks/README.md).
 
 W1's forward (batch 8 x 128 tokens) with 8 rank-8 adapters on q, k, v, o,
 fc1, fc2 held in one ``lj.stack``, every row of the batch a different adapter,

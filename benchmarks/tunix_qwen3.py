@@ -60,10 +60,10 @@ from tunix.sft import peft_trainer
 from tunix.sft import utils as sft_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import w1  # pylint: disable=g-import-not-at-top,wrong-import-position
+import w1
 
-import lora_jax as lj  # pylint: disable=g-import-not-at-top,wrong-import-position
-import lora_jax.nnx as ljn  # pylint: disable=g-import-not-at-top,wrong-import-position
+import lora_jax as lj
+import lora_jax.nnx as ljn
 
 SIZES = {
     "cpu": (dict(num_layers=4, vocab_size=2048, embed_dim=256, hidden_dim=1024,
@@ -100,7 +100,7 @@ def tunix_step(model, tx):
 
   def step(state, frozen, tokens):
     model, optimizer = nnx.merge(graphdef, state, frozen)
-    loss, _, grad_norm = trainer._train_step(  # pylint: disable=protected-access
+    loss, _, grad_norm = trainer._train_step(
         model, optimizer, model_inputs(tokens))
     return nnx.state((model, optimizer), trained), (loss, grad_norm)
 
@@ -123,7 +123,7 @@ def wrap_step(model, base, delta, tx):
 
     def loss(d):
       m = lambda t, pos, _, mask: (wrapped(base, d, t, pos, mask), None)
-      return peft_trainer._default_loss_fn(m, **model_inputs(tokens))  # pylint: disable=protected-access
+      return peft_trainer._default_loss_fn(m, **model_inputs(tokens))
 
     value, g = jax.value_and_grad(loss)(delta)
     grad_norm = optax.global_norm(g)
@@ -200,7 +200,7 @@ def measure(builders, tokens, reps):
       compile_s = time.perf_counter() - t0
       state, (loss, grad_norm) = exe(state, *frozen, tokens)  # warm up
       jax.block_until_ready(loss)
-    except Exception as e:  # pylint: disable=broad-exception-caught
+    except Exception as e:
       # reported in the results (qwix's QLoRA), never silently dropped
       errors[name] = f"{type(e).__name__}: {e}"[:600]
       traceback.print_exc()

@@ -1,4 +1,4 @@
-"""Reference workload W1 (BENCHMARKS.md): a GPT-style decoder, LoRA vs full.
+"""Reference workload W1 (benchmarks/README.md): a GPT-style decoder, LoRA vs full.
 
 Runs every variant interleaved in one process, after compilation, and reports
 median step time, ratio to full fine-tuning, compile time and compiled memory
@@ -105,7 +105,7 @@ class FlaxBlock(nn.Module):
 
 class Decoder(nn.Module):
   size: Size
-  arch: str = "w1"  # "w1": BENCHMARKS.md's model; "flax_scan": FlaxBlock under nn.scan
+  arch: str = "w1"  # "w1": benchmarks/README.md's W1 model; "flax_scan": FlaxBlock under nn.scan
 
   @nn.compact
   def __call__(self, tokens):
@@ -156,7 +156,7 @@ def make_steps(apply, params, base, delta, tokens, variants,
   ``step(state, *frozen, tokens) -> (state, loss)``.
 
   Each step's arguments are exactly what its training loop holds, nothing
-  more (BENCHMARKS.md, "Memory"): ``state`` is what the step updates (and
+  more (benchmarks/README.md, "Memory is counted honestly"): ``state`` is what the step updates (and
   donates), ``frozen`` what it only reads. Full fine-tuning: params + Adam
   state, nothing frozen. LoRA: delta + its Adam state + key, the base frozen.
   Floor: the position table + its Adam state, the other params frozen.
@@ -336,7 +336,7 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=15)
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--arch", choices=sorted(ARCH_TARGETS), default="w1",
-                  help="w1: BENCHMARKS.md's model; flax_scan: Flax attention "
+                  help="w1: benchmarks/README.md's W1 model; flax_scan: Flax attention "
                        "(DenseGeneral kernels) with blocks under nn.scan")
   ap.add_argument("--seq", type=int, default=None, help="override sequence length")
   ap.add_argument("--variants", default="forward,merged_forward,floor,full,merge,"

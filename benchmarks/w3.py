@@ -1,4 +1,4 @@
-"""Reference workload W3 (BENCHMARKS.md): where parameters dominate memory.
+"""Reference workload W3 (benchmarks/README.md): where parameters dominate memory.
 
 W1's architecture at d=1024, 8 blocks, vocab 32000, batch 1 x 128 tokens,
 float32 compute (about 166 M parameters), LoRA rank 8 on q, k, v, o, fc1,

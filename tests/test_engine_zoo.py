@@ -156,7 +156,7 @@ def lj_shard_map(body, mesh, in_specs, out_specs):
   if hasattr(jax, "shard_map"):
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
                          out_specs=out_specs)
-  from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  from jax.experimental.shard_map import shard_map
   return shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
@@ -330,8 +330,8 @@ def test_a_bug_in_a_rule_propagates(monkeypatch, error):
 def test_one_rule_table_holds_the_higher_order_primitives():
   """Evaluation dispatches through one table keyed by primitive; scan,
   while, cond, remat, jit, custom_jvp/vjp and shard_map are in it."""
-  from lora_jax._src.factored import interpreter  # pylint: disable=g-import-not-at-top
-  from lora_jax._src.factored import programs  # pylint: disable=g-import-not-at-top
+  from lora_jax._src.factored import interpreter
+  from lora_jax._src.factored import programs
 
   @jax.custom_jvp
   def cj(x):
@@ -368,7 +368,7 @@ def test_one_rule_table_holds_the_higher_order_primitives():
 def test_a_bug_in_a_higher_order_rule_propagates(monkeypatch):
   prog = scanned()
   fn, base, delta = _base(prog, "f32")
-  from lora_jax._src.factored import programs  # pylint: disable=g-import-not-at-top
+  from lora_jax._src.factored import programs
 
   def broken(*args, **kwargs):
     raise ValueError("injected")
@@ -554,7 +554,7 @@ def test_a_mixed_batch_run_whole_equals_each_row_alone(monkeypatch, make,
                                                        recompute):
   """Siblings share one batched projection over rows, recompute regions form
   in that mode too; each row equals its adapter run alone."""
-  from lora_jax._src.factored import interpreter  # pylint: disable=g-import-not-at-top
+  from lora_jax._src.factored import interpreter
   grouped = []
   real = interpreter.project_group
   monkeypatch.setattr(interpreter, "project_group",

@@ -216,7 +216,9 @@ def test_a_quantized_base():
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
 
 
-def test_a_mixed_adapter_batch():
+def _mixed_batch(fn):
+  """Two adapters of the Megatron MLP, rows' adapter ids (-1: the base), and
+  what each row must give: ``fn`` on that row's merged parameters."""
   params, x = _megatron_base()
   base, d1 = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2"),
                       jax.random.key(1))
@@ -224,10 +226,15 @@ def test_a_mixed_adapter_batch():
                    jax.random.key(2))
   adapters = [_randomize(d1), jax.tree.map(lambda v: 2 * v, _randomize(d2))]
   ids = jnp.array([0, 1, -1, 0, 1, 1, 0, -1])
-  fn = _megatron(None)
   want = jnp.concatenate([
       fn(base if i < 0 else lj.merge(base, adapters[i]), x[j:j + 1])
       for j, i in enumerate(ids.tolist())])
+  return base, x, adapters, ids, want
+
+
+def test_a_mixed_adapter_batch():
+  fn = _megatron(None)
+  base, x, adapters, ids, want = _mixed_batch(fn)
   mesh = _mesh("explicit")
   with _set_mesh(mesh):
     sb = {n: jax.device_put(base[n], NamedSharding(mesh, s))
@@ -328,17 +335,8 @@ def _reshard(x, spec):
 def test_a_mixed_adapter_batch_on_fsdp_kernels():
   # the program reshards each kernel (an FSDP gather): the per-row factors
   # pass the reshard with the rows they serve
-  params, x = _megatron_base()
-  base, d1 = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2"),
-                      jax.random.key(1))
-  _, d2 = lj.split(params, lj.LoraConfig(rank=2, targets="w1|w2"),
-                   jax.random.key(2))
-  adapters = [_randomize(d1), jax.tree.map(lambda v: 2 * v, _randomize(d2))]
-  ids = jnp.array([0, 1, -1, 0, 1, 1, 0, -1])
   fn = _fsdp_megatron(None)
-  want = jnp.concatenate([
-      fn(base if i < 0 else lj.merge(base, adapters[i]), x[j:j + 1])
-      for j, i in enumerate(ids.tolist())])
+  base, x, adapters, ids, want = _mixed_batch(fn)
   mesh = _mesh("explicit")
   specs = {"w1": P("data", "model"), "w2": P("model", "data")}
   with _set_mesh(mesh):

@@ -424,7 +424,7 @@ def test_a_2d_bias_is_not_a_kernel_mha_round_trip(tmp_path):
   """Flax MultiHeadDotProductAttention: DenseGeneral's (heads, head_dim)
   biases sit beside their kernels under one module name; they are no
   kernel, so save -> load gives the same adapters and the same outputs."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
   mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
   x = jax.random.normal(jax.random.key(0), (2, 3, 8))
   params = mha.init(jax.random.key(1), x)["params"]
@@ -1188,10 +1188,10 @@ def hf():
   """torch, peft, transformers and safetensors, or a skip (a failure with
   LORA_JAX_INTEROP=1, where CI promises to run these tests)."""
   try:
-    import peft  # pylint: disable=g-import-not-at-top
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
+    import peft
+    import safetensors.numpy
+    import torch
+    import transformers
   except ImportError as e:
     if os.environ.get("LORA_JAX_INTEROP") == "1":
       pytest.fail(f"LORA_JAX_INTEROP=1 but {e}: install lora_jax[interop].")

@@ -27,8 +27,8 @@ def torch_peft():
   """torch and peft, or a skip (a failure with LORA_JAX_INTEROP=1, where CI
   promises to run these tests)."""
   try:
-    import peft  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
+    import peft
+    import torch
   except ImportError as e:
     if os.environ.get("LORA_JAX_INTEROP") == "1":
       pytest.fail(f"LORA_JAX_INTEROP=1 but {e}: install lora_jax[interop].")
@@ -158,7 +158,7 @@ def test_loraplus_equals_create_loraplus_optimizer(torch_peft):
   decay; the embedding adapter at loraplus_lr_embedding; a trained base
   kernel at lr) and lora_jax's, for every trained parameter."""
   torch, peft = torch_peft
-  from peft.optimizers import create_loraplus_optimizer  # pylint: disable=g-import-not-at-top
+  from peft.optimizers import create_loraplus_optimizer
   cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(MODULES),
                         use_dora=True, init_lora_weights=False)
   model = peft.get_peft_model(_net(torch), cfg)
@@ -227,7 +227,7 @@ def test_loraplus_groups_trainable_tokens_as_peft(torch_peft):
   """PEFT puts trainable token rows (trainable_tokens_delta, 2-D) in the
   lora_A group (lr, decayed); lora_jax puts TrainableTokens.values there."""
   torch, peft = torch_peft
-  from peft.optimizers import create_loraplus_optimizer  # pylint: disable=g-import-not-at-top
+  from peft.optimizers import create_loraplus_optimizer
   cfg = peft.LoraConfig(r=2, target_modules=["lin", "out"],
                         trainable_token_indices={"emb": [1, 3]})
   model = peft.get_peft_model(_net(torch), cfg)
@@ -240,7 +240,7 @@ def test_loraplus_groups_trainable_tokens_as_peft(torch_peft):
   group = next(g for g in opt.param_groups
                if any(p is rows[0] for p in g["params"]))
   assert (group["lr"], group["weight_decay"]) == (1e-2, 0.1)
-  from lora_jax._src import loraplus as lp  # pylint: disable=g-import-not-at-top
+  from lora_jax._src import loraplus as lp
   tokens = {"emb": {"embedding": lj.TrainableTokens(
       np.asarray(_np(rows[0]), np.float32), (1, 3), vocab=10)}}
   assert jax.tree.leaves(lp.loraplus_labels(tokens)) == [lp.A]

@@ -39,11 +39,11 @@ def tx():
   """tunix's modules, or a skip (a failure with LORA_JAX_TUNIX=1, where CI
   promises to run these tests)."""
   try:
-    from tunix.generate import sampler  # pylint: disable=g-import-not-at-top
-    from tunix.models.gemma3 import model as gemma3  # pylint: disable=g-import-not-at-top
-    from tunix.models.qwen3 import model as qwen3  # pylint: disable=g-import-not-at-top
-    from tunix.sft import peft_trainer  # pylint: disable=g-import-not-at-top
-    from tunix.sft import utils  # pylint: disable=g-import-not-at-top
+    from tunix.generate import sampler
+    from tunix.models.gemma3 import model as gemma3
+    from tunix.models.qwen3 import model as qwen3
+    from tunix.sft import peft_trainer
+    from tunix.sft import utils
   except ImportError as e:
     if os.environ.get("LORA_JAX_TUNIX") == "1":
       pytest.fail(f"LORA_JAX_TUNIX=1 but {e}: install lora_jax[tunix] and "
@@ -218,7 +218,7 @@ def trained(fam, tx, tmp_path_factory):
   def step(delta, state, inputs):
     def loss(d):
       model = lambda t, pos, _, mask: (wrapped(base, d, t, pos, mask), None)
-      return pt._default_loss_fn(model, **inputs)  # pylint: disable=protected-access
+      return pt._default_loss_fn(model, **inputs)
     value, g = jax.value_and_grad(loss)(delta)
     updates, state = opt.update(g, state, delta)
     return optax.apply_updates(delta, updates), state, value

@@ -388,7 +388,7 @@ def _emit_shard_map(fn, sm: ShardMap, in_specs, out_specs):
       kwargs["axis_names"] = set(sm.axis_names)
     return public(flat, mesh=sm.mesh, in_specs=in_specs,
                   out_specs=out_specs, check_vma=sm.check, **kwargs)
-  from jax.experimental.shard_map import shard_map  # pylint: disable=import-outside-toplevel
+  from jax.experimental.shard_map import shard_map
   return shard_map(flat, mesh=sm.mesh, in_specs=in_specs,
                    out_specs=out_specs, check_rep=sm.check,
                    auto=mesh_axes - sm.axis_names)  # type: ignore[call-arg]  # jax < 0.7
@@ -677,7 +677,7 @@ def constraint_sharding(eqn):
 def _reshard(x, spec):
   reshard = getattr(jax.sharding, "reshard", None)
   if reshard is None:  # jax < 0.7
-    from jax.experimental.shard import reshard  # pylint: disable=import-outside-toplevel
+    from jax.experimental.shard import reshard
   return reshard(x, jax.sharding.PartitionSpec(*spec))
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
+import re
 from typing import Any
 
 import jax
@@ -50,14 +51,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.config import check_regex_matches
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import describe_array
 from lora_jax._src.delta import is_concrete
 from lora_jax._src.delta import is_delta_or_none
 from lora_jax._src.delta import pytree_node
+from lora_jax._src.dtypes import is_float
 from lora_jax._src.layouts import Layout
 from lora_jax._src.paths import leaves_with_paths
-from lora_jax._src.paths import preview
 
 
 @pytree_node(children=("values",), static=("indices", "vocab"))
@@ -115,7 +117,7 @@ class TrainableTokens:
   def __repr__(self) -> str:
     try:
       table = f", table={self.kernel_shape}"
-    except Exception:  # pylint: disable=broad-except  # placeholder children
+    except (AttributeError, IndexError, TypeError):  # placeholder children
       table = ""
     return (f"TrainableTokens(indices={self.indices}{table}, "
             f"values={describe_array(self.values)})")
@@ -225,19 +227,14 @@ def make_tokens(params: Any, config: Any, lora_paths: set, dtype_for: Any
   """``{path: TrainableTokens}`` for ``config.trainable_tokens``: each regex
   must full-match at least one 2-D float leaf (the table), which must hold
   every id and carry no LoRA adapter; values start as the table's rows."""
-  from lora_jax._src.dtypes import is_float  # pylint: disable=import-outside-toplevel
   out: dict[str, TrainableTokens] = {}
   leaves = leaves_with_paths(params)
   remedy = (" Fix LoraConfig.trainable_tokens, or exclude the table from "
             "it.")
   for pattern, ids in config.trainable_tokens:
-    import re  # pylint: disable=import-outside-toplevel
+    check_regex_matches(pattern, [p for p, _ in leaves],
+                        "LoraConfig.trainable_tokens", "embedding table")
     matched = [(p, x) for p, x in leaves if re.fullmatch(pattern, p)]
-    if not matched:
-      raise ValueError(
-          f"LoraConfig.trainable_tokens: the regex {pattern!r} matches no "
-          f"embedding table (full match on '/'-joined paths). Some paths "
-          f"that exist: {preview(p for p, _ in leaves)}.")
     for p, x in matched:
       shape = tuple(getattr(x, "shape", ()))
       if len(shape) != 2 or not is_float(x):
