@@ -40,6 +40,18 @@ import numpy as np
 JAX_VERSION = jax.__version__
 
 
+def constrain(x: Any, sharding: Any) -> Any:
+  """``jax.lax.with_sharding_constraint(x, sharding)`` where the engine may
+  place a value inside its own custom_jvp rules: JAX before 0.7 (0.6.2
+  here) gives the constrained value a type its JVP check does not match
+  with the tangent's ("Expected float32[4,2] ... but got float32[4,2]"), so
+  there the value is left unconstrained (a placement hint only: GSPMD
+  chooses, the numbers are the same)."""
+  if tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 7):
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 class UnknownSchemaError(RuntimeError):
   """An equation whose parameters this lora_jax does not know how to read."""
 

@@ -155,7 +155,7 @@ def follow_kernel(a: Any, b: Any, magnitude: Any, layout: Layout,
   elif isinstance(constraint, NamedSharding):
     sa, sb, sm = factor_specs(constraint.spec, layout)
     mesh = constraint.mesh
-    move = lambda v, s: v if v is None else jax.lax.with_sharding_constraint(
+    move = lambda v, s: v if v is None else jc.constrain(
         v, NamedSharding(mesh, s))
   else:
     return a, b, magnitude
