@@ -119,11 +119,11 @@ EOF
   else
     say "interop tests: no 'interop' extra in pyproject.toml, none to run"
   fi
-  # The demo's test and the notebooks run in `make test` (jax for python3)
-  # and in py313-newest; here, on the oldest releases, the README's snippets
-  # (the interop one included) do. CI's three suites would not fit its 25
-  # minutes with every documentation run in each.
-  say "pytest: tests/, doctests over lora_jax/ (checkout, editable); NOT tests/test_demo.py and tests/test_notebooks.py (run by make test and py313-newest)"
+  # CI's three suites would not fit its 25 minutes with every documentation
+  # run in each: the demo's test runs in `make test` (beside `make demo`), the
+  # notebooks in `make test` and py313-newest, the README's snippets (the
+  # interop one included) in `make test` and here.
+  say "pytest: tests/, doctests over lora_jax/ (checkout, editable); NOT tests/test_demo.py (run by make test) and tests/test_notebooks.py (run by make test and py313-newest)"
   run_pytest --ignore=tests/test_demo.py --ignore=tests/test_notebooks.py
 }
 
@@ -200,8 +200,8 @@ EOF
   [[ $pkg == "$ROOT/$venv/lib/"*"/site-packages/lora_jax" ]] || die "lora_jax is not the installed wheel"
   export LORA_JAX_EXPECT_DIR=$pkg  # tests/conftest.py checks it again
   "$PY" -m lora_jax.examples.multihost --help >/dev/null || die "python -m lora_jax.examples.multihost"
-  say "pytest: tests/, doctests over the installed lora_jax, notebooks (wheel); NOT tests/test_readme.py (run by make test and py311-oldest)"
-  run_pytest tests "$pkg" --doctest-modules --ignore=tests/test_readme.py
+  say "pytest: tests/, doctests over the installed lora_jax, notebooks (wheel); NOT tests/test_readme.py (run by make test and py311-oldest) and tests/test_demo.py (run by make test, beside make demo)"
+  run_pytest tests "$pkg" --doctest-modules --ignore=tests/test_readme.py --ignore=tests/test_demo.py
   say "API reference: sphinx -W (autodoc imports the installed wheel)"
   if "$PY" -m sphinx -W --keep-going -q -b html docs "$work/html"; then
     echo "  built $work/html/index.html"
