@@ -120,11 +120,11 @@ EOF
     say "interop tests: no 'interop' extra in pyproject.toml, none to run"
   fi
   # CI's three suites would not fit its 25 minutes with every documentation
-  # run in each: the demo's test runs in `make test` (beside `make demo`), the
-  # notebooks in `make test` and py313-newest, the README's snippets (the
-  # interop one included) in `make test` and here.
-  say "pytest: tests/, doctests over lora_jax/ (checkout, editable); NOT tests/test_demo.py (run by make test) and tests/test_notebooks.py (run by make test and py313-newest)"
-  run_pytest --ignore=tests/test_demo.py --ignore=tests/test_notebooks.py
+  # run in each: the demo's test runs in `make test` (beside `make demo`);
+  # notebooks 01-05 and the README's snippets (the interop one included) in
+  # `make test` and here; notebook 06 (tunix) in py313-newest.
+  say "pytest: tests/, doctests over lora_jax/, notebooks (checkout, editable); NOT tests/test_demo.py (run by make test)"
+  run_pytest --ignore=tests/test_demo.py
 }
 
 newest_setup() {  # the venv, the wheel built from the checkout, installed
@@ -200,8 +200,12 @@ EOF
   [[ $pkg == "$ROOT/$venv/lib/"*"/site-packages/lora_jax" ]] || die "lora_jax is not the installed wheel"
   export LORA_JAX_EXPECT_DIR=$pkg  # tests/conftest.py checks it again
   "$PY" -m lora_jax.examples.multihost --help >/dev/null || die "python -m lora_jax.examples.multihost"
-  say "pytest: tests/, doctests over the installed lora_jax, notebooks (wheel); NOT tests/test_readme.py (run by make test and py311-oldest) and tests/test_demo.py (run by make test, beside make demo)"
-  run_pytest tests "$pkg" --doctest-modules --ignore=tests/test_readme.py --ignore=tests/test_demo.py
+  say "pytest: tests/, doctests over the installed lora_jax, notebook 06 (wheel); NOT tests/test_readme.py and notebooks 01-05 (run by make test and py311-oldest), tests/test_demo.py (run by make test, beside make demo)"
+  local nb=tests/test_notebooks.py::test_notebook_runs
+  run_pytest tests "$pkg" --doctest-modules --ignore=tests/test_readme.py \
+    --ignore=tests/test_demo.py --deselect "$nb[01_quickstart_linen.ipynb]" \
+    --deselect "$nb[02_nnx.ipynb]" --deselect "$nb[03_engines_and_performance.ipynb]" \
+    --deselect "$nb[04_sharding.ipynb]" --deselect "$nb[05_many_adapters.ipynb]"
   say "API reference: sphinx -W (autodoc imports the installed wheel)"
   if "$PY" -m sphinx -W --keep-going -q -b html docs "$work/html"; then
     echo "  built $work/html/index.html"
