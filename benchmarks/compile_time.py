@@ -17,7 +17,12 @@ Model: ``benchmarks/qwen3.py``'s tunix-style Qwen3 with ``--layers`` layers
 Each rep builds fresh jitted steps (no trace cache) and times
 ``jit(step).trace(...)`` (Python tracing, ``.lower()`` where this JAX has no
 ``trace``), ``.lower()`` and ``.compile()``; reps interleave the variants,
-medians are reported.
+medians are reported. Each phase is timed twice: wall clock, and the
+process's CPU time (all threads), which other jobs on a shared machine
+disturb less (XLA:CPU compiles with several threads, so CPU time can exceed
+wall time on an idle machine). The size of what XLA compiles is counted too:
+StableHLO ops and ``dot_general``s of the lowered module, fusions and
+instructions of the compiled one.
 
     python benchmarks/compile_time.py [--layers 48] [--reps 3]
 
@@ -27,9 +32,11 @@ Writes ``results/compile_time_<platform>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -73,19 +80,35 @@ def time_variant(variant, apply, params, base, delta, tokens) -> dict:
   trained = params if variant == "full" else delta
   state = (trained, tx.init(trained))
   frozen = None if variant == "full" else base
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   if hasattr(step, "trace"):
     traced = step.trace(state, frozen, tokens)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     lowered = traced.lower()
   else:
     lowered = step.lower(state, frozen, tokens)
-    t1 = time.perf_counter()
-  t2 = time.perf_counter()
-  lowered.compile()
-  t3 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
+  t2, c2 = time.perf_counter(), time.process_time()
+  compiled = lowered.compile()
+  t3, c3 = time.perf_counter(), time.process_time()
   return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2,
-          "total_s": t3 - t0}
+          "total_s": t3 - t0, "trace_cpu_s": c1 - c0, "lower_cpu_s": c2 - c1,
+          "compile_cpu_s": c3 - c2, "total_cpu_s": c3 - c0,
+          **hlo_size(lowered, compiled)}
+
+
+def hlo_size(lowered, compiled) -> dict:
+  """What XLA is given and what it makes of it: StableHLO ops and
+  ``dot_general``s of the lowered module; instructions (outside and inside
+  fusions) and fusions of the optimised HLO."""
+  ops = collections.Counter(re.findall(r"= \"?(stablehlo\.[a-z_]+)",
+                                       lowered.as_text()))
+  hlo = compiled.as_text() or ""
+  return {"stablehlo_ops": sum(ops.values()),
+          "stablehlo_dots": ops["stablehlo.dot_general"],
+          "hlo_instructions": len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", hlo,
+                                             re.M)),
+          "hlo_fusions": len(re.findall(r" fusion\(", hlo))}
 
 
 def main(argv=None):
@@ -113,17 +136,29 @@ def main(argv=None):
   for r in results.values():
     if full:
       r["total_over_full"] = r["total_s"] / full["total_s"]
+      r["total_cpu_over_full"] = r["total_cpu_s"] / full["total_cpu_s"]
   name = args.name or f"compile_time_{jax.devices()[0].platform}"
   report = {"layers": args.layers, "model": dataclasses.asdict(config),
             "batch": list(tokens.shape), "reps": args.reps,
             "environment": w1.environment(), "results": results,
             "runs": runs}
-  rows = ["| variant | trace (s) | lower (s) | compile (s) | total (s) | / full |",
-          "|---|---|---|---|---|---|"]
+  nan = float("nan")
+  rows = ["| variant | trace (s) | lower (s) | compile (s) | total (s) | / full "
+          "| CPU: trace | lower | compile | total | / full |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
   for v, r in results.items():
     rows.append(f"| {v} | {r['trace_s']:.2f} | {r['lower_s']:.2f} | "
                 f"{r['compile_s']:.2f} | {r['total_s']:.2f} | "
-                f"{r.get('total_over_full', float('nan')):.2f} |")
+                f"{r.get('total_over_full', nan):.2f} | "
+                f"{r['trace_cpu_s']:.2f} | {r['lower_cpu_s']:.2f} | "
+                f"{r['compile_cpu_s']:.2f} | {r['total_cpu_s']:.2f} | "
+                f"{r.get('total_cpu_over_full', nan):.2f} |")
+  rows += ["", "| variant | StableHLO ops | dot_general | HLO instructions "
+           "(optimised) | fusions |", "|---|---|---|---|---|"]
+  for v, r in results.items():
+    rows.append(f"| {v} | {r['stablehlo_ops']:.0f} | "
+                f"{r['stablehlo_dots']:.0f} | {r['hlo_instructions']:.0f} | "
+                f"{r['hlo_fusions']:.0f} |")
   md = (f"# {name}\n\n{json.dumps(report['environment'])}\n\n"
         f"{args.layers}-layer unscanned tunix-style Qwen3 (NNX), batch 2 x 64, "
         f"Adam step; medians of {args.reps} interleaved reps, each with fresh "
