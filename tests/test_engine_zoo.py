@@ -436,6 +436,89 @@ def test_a_jaxpr_shared_by_two_call_sites(whole):
                              rtol=2e-5, atol=2e-5)
 
 
+def _shared_projections():
+  """One jitted helper (one jaxpr) projecting ``gelu(h)`` with three
+  kernels, called at two sites: with q, k, v (all adapted: one group of
+  three and a recompute region for ``gelu(h)``) and with q, u, v (u is not
+  adapted: a group of two, and no region, as ``gelu(h)`` is also read by
+  the frozen u)."""
+  k = _keys(4)
+  params = {n: _normal(k[i], (D, D)) for i, n in enumerate("qkvu")}
+
+  @jax.jit
+  def proj(wq, wk, wv, h):
+    h = jax.nn.gelu(h)
+    return h @ wq, h @ wk, h @ wv
+
+  def fn(p, x):
+    a, b, c = proj(p["q"], p["k"], p["v"], x)
+    d, e, f = proj(p["q"], p["u"], p["v"], jnp.tanh(x))
+    return a * b + c + d * e - f
+  return params, fn
+
+
+def _spy_plans(monkeypatch) -> list:
+  """The root plan of each factored call, as the interpreter makes it."""
+  from lora_jax._src.factored import plan
+  made = []
+  real = plan.plan
+  monkeypatch.setattr(plan, "plan",
+                      lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+  return made
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_jaxpr_shared_by_two_call_sites_is_planned_at_each(monkeypatch,
+                                                             mixed):
+  """Sibling groups and recompute regions are planned before evaluation,
+  by equation position per call site: the helper's one jaxpr gets a group
+  of three with a region at one site and a group of two without at the
+  other; single adapters and a mixed batch run whole (per-row factors) alike,
+  equal to merge (to each row run alone), and a NaN row stays in its row."""
+  params, fn = _shared_projections()
+  x = jax.random.normal(jax.random.key(3), (B, 3, D))
+  made = _spy_plans(monkeypatch)
+  if mixed:
+    base, ds, delta = _stacked(params, "q|k|v")
+    ids = jnp.array([2, 0, -1, 1])
+    g = lambda d, x, mode: lj.wrap(fn, mode, strict=True)(
+        base, d, x, adapter_ids=ids)
+  else:
+    base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="q|k|v"),
+                           jax.random.key(1))
+    delta = randomize(delta)
+    g = lambda d, x, mode: lj.wrap(fn, mode, strict=True)(base, d, x)
+  ct = jax.random.normal(jax.random.key(4), (B, 3, D))
+  step = jax.jit(lambda d, x, mode: (lambda out, pull: (out, *pull(ct)))(
+      *jax.vjp(lambda d, x: g(d, x, mode), d, x)), static_argnums=2)
+  out, got_dd, got_dx = step(delta, x, "factored")
+  _, want_dd, want_dx = step(delta, x, "merge")
+  want = (_per_row(fn, base, ds, list(ids), x) if mixed
+          else fn(lj.merge(base, delta), x))
+  np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+  # gradients (through the regions' custom_vjp) equal merge's
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_dd), jax.tree.leaves(want_dd)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # the plan: the two call sites' sub-plans are for one jaxpr, and differ
+  (root,) = made
+  sites = sorted(root.subs)
+  assert len(sites) == 2, root.subs
+  (one,), (two,) = (root.subs[i] for i in sites)
+  assert one.jaxpr is two.jaxpr
+  shape = lambda p: sorted((len(h.members), h.region is not None,
+                            h.x_rows) for h in p.heads.values())
+  row = 0 if mixed else None
+  assert shape(one) == [(3, True, row)], one.heads
+  assert shape(two) == [(2, False, row)], two.heads
+  assert [k.path for k in one.heads[min(one.heads)].kernels] == ["q", "k", "v"]
+  # a NaN row changes no other row (output or input gradient)
+  bad_out, _, bad_dx = step(delta, x.at[1].set(jnp.nan), "factored")
+  assert np.isnan(bad_out[1]).all()
+  for bad, good in ((bad_out, out), (bad_dx, got_dx)):
+    np.testing.assert_array_equal(np.delete(bad, 1, 0), np.delete(good, 1, 0))
+
+
 @pytest.mark.parametrize("mode", ["factored", "merge"])
 @pytest.mark.parametrize("whole", [True, False])
 def test_a_time_major_output_keeps_every_step(mode, whole):

@@ -1,8 +1,10 @@
 """One walker for the forward analyses of a traced program.
 
-Layout discovery and ``all-linear`` (:mod:`discover`) and the row axes of a
-mixed batch (:mod:`factored.rows`) each give every variable an abstract
-value and push values through the program equation by equation. What they
+Layout discovery and ``all-linear`` (:mod:`discover`), the row axes of a
+mixed batch (:mod:`factored.rows`) and the factored engine's plan (sibling
+groups and recompute regions, :mod:`factored.plan`) each give every
+variable an abstract value and push values through the program equation by
+equation, before anything is evaluated. What they
 share lives here: the environment (literals, constants and unread variables
 read as :meth:`Walker.empty`), recursion into sub-programs (a call, a remat
 and a ``shard_map`` body are walked with the operands' values), and loops
@@ -52,7 +54,7 @@ class Walker:
       for v, out in zip(eqn.outvars, outs):
         if not jc.is_dropvar(v):
           env[v] = out
-    return [read(v) for v in jaxpr.outvars], frame
+    return [read(v) for v in jaxpr.outvars], self.finish(frame, jaxpr, env)
 
   def visit(self, frame, i: int, eqn, ins: list) -> list:
     """The values of one equation's outputs."""
@@ -92,6 +94,12 @@ class Walker:
     """A higher-order equation whose parameters this JAX names otherwise."""
     del eqn, ins
     raise error
+
+  def finish(self, frame, jaxpr, env: dict) -> Any:
+    """What a walk of ``jaxpr`` returns as its frame, given the walk's frame
+    and every variable's value (default: the frame)."""
+    del jaxpr, env
+    return frame
 
   def record(self, frame, i: int, frames: tuple) -> None:
     """Keeps the frames of equation ``i``'s sub-programs (default: not)."""

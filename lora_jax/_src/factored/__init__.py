@@ -9,6 +9,8 @@ kernel, both factors, the scale and a layout relative to the value's axes).
   op'(op''(x, a), b)`` in low rank, all through one skeleton.
 * ``programs``: sub-programs are re-emitted through public API with the
   interpreter inside.
+* ``plan``: the analyses that run before evaluation (row axes, sibling
+  groups, recompute regions) and their immutable plan, per call site.
 * ``siblings``: kernels reading the same input share one projection.
 * ``lowrank``: the low-rank products (2-D, with a CPU-friendly backward).
 * ``cost``: ``mode="auto"``'s choice between merging and factoring.

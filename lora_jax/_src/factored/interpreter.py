@@ -1,6 +1,8 @@
 """The interpreter: evaluates a traced program with adapted kernels carried
 as symbolic :class:`Lora` values, dispatching each equation that touches one
-to its rule (one table, :data:`RULES`); everything else is bound as traced."""
+to its rule (one table, :data:`RULES`); everything else is bound as traced.
+What to compute together (siblings, recompute regions) and along which row
+axes comes from the :class:`plan.Plan` made before evaluation."""
 
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import jax
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored import consumers
+from lora_jax._src.factored import plan as plans
 from lora_jax._src.factored import programs
 from lora_jax._src.factored import recompute
 from lora_jax._src.factored import rows
 from lora_jax._src.factored import views
-from lora_jax._src.factored.siblings import find_group
 from lora_jax._src.factored.siblings import project_group
 from lora_jax._src.factored.values import NO_SITE
 from lora_jax._src.factored.values import Context
@@ -65,8 +67,9 @@ _ROW_RULES = (consumers.dot_general, views.cast, views.pass_through,
 
 
 def _apply(eqn, invals, ctx: Context, site: Site = NO_SITE,
-           plans: tuple | None = None) -> list:
-  """Runs the rule for ``eqn`` (``plans``: its sub-programs' row plans).
+           plan: plans.Plan | None = None, i: int = -1) -> list:
+  """Runs the rule for ``eqn``, equation ``i`` of the program ``plan`` is
+  for (its sub-programs are evaluated with their plans).
 
   Exactly two things become a counted merge fallback: a primitive without a
   rule, and parameters this JAX names differently
@@ -79,14 +82,22 @@ def _apply(eqn, invals, ctx: Context, site: Site = NO_SITE,
     raise NeedsRowVmap(f"{eqn.primitive.name} reads a per-row kernel")
   if rule is None:
     return fallback(eqn, invals, ctx)
-  body_plan = plans[0] if plans else None
-  site = dataclasses.replace(
-      site, evaluate=functools.partial(evaluate, plan=body_plan))
+  if plan is not None and i in plan.subs:
+    site = dataclasses.replace(site, evaluate=functools.partial(
+        _evaluate_sub, plan, i))
   try:
     with _bugs_named(eqn, invals):
       return rule(eqn, invals, ctx, site)
   except jc.UnknownSchemaError:
     return fallback(eqn, invals, ctx)
+
+
+def _evaluate_sub(plan: plans.Plan, i: int, program: jc.Program, args,
+                  ctx: Context, symbolic_outputs: bool = False) -> list:
+  """``site.evaluate`` for equation ``i``'s sub-programs: each with the
+  plan made for it at this call site."""
+  return evaluate(program, args, ctx, plan=plan.sub(i, program),
+                  symbolic_outputs=symbolic_outputs)
 
 
 @contextlib.contextmanager
@@ -107,85 +118,70 @@ def _bugs_named(eqn, invals):
     raise
 
 
-def _site(plan: rows.RowPlan | None, i: int, projected: dict) -> Site:
-  return Site(rows=plan.dots.get(i) if plan else None,
-              projected=projected.pop(i, None))
+def _site(plan: plans.Plan, i: int, projected: dict) -> Site:
+  return Site(rows=plan.dots.get(i), projected=projected.pop(i, None))
 
 
-def _adapted_matmul(jaxpr, i: int, invals, env: dict, ctx: Context,
-                    producers: dict, uses, plan, projected: dict
-                    ) -> dict | None:
-  """Outputs ``{index: outputs}`` for the adapted ``dot_general``
-  ``jaxpr.eqns[i]`` and the later ones projecting the same input (computed
-  together), when its input is recomputed (:mod:`recompute`); otherwise None
-  (after projecting the siblings jointly into ``projected``) and the caller
-  applies the rule.
+def _kernel_at(eqn, env: dict) -> Lora | None:
+  return next((x for x in (jc.read(env, v) for v in eqn.invars)
+               if isinstance(x, Lora)), None)
 
-  Sibling groups and recompute regions are still formed here, during
-  evaluation, because both read which variables hold a :class:`Lora` and
-  with what layout, rows, DoRA and dropout, which only evaluation knows
-  today. Forming them before it (as :mod:`rows` forms the row plan) needs a
-  :class:`walk.Walker` analysis giving each variable its abstract kernel
-  (the view rules' layout maths on abstract values, as :mod:`discover`
-  follows kernels for layouts), from which each frame records its groups
-  and regions by equation position next to the row plan's ``dots``."""
-  eqn = jaxpr.eqns[i]
-  try:
-    found = find_group(jaxpr.eqns, i, env, ctx,
-                       lambda j: plan.dots.get(j) if plan else None)
-  except jc.UnknownSchemaError:
-    found = None  # the rule falls back for this equation
-  group, x_rows = found if found else (None, None)
-  members = [(j, e) for j, e, _ in group] if group else [(i, eqn)]
-  loras = [x for x in invals if isinstance(x, Lora)]
-  region = None
-  if (ctx.recompute and len(invals) == 2 and len(loras) == 1
-      and not ctx.dropping(loras[0])):
-    x_var = eqn.invars[1] if isinstance(invals[0], Lora) else eqn.invars[0]
-    region = recompute.input_region(x_var, jaxpr.eqns, producers, uses(), env,
-                                    len(members))
-  if region is None:
-    if group:
-      with _bugs_named(eqn, invals):
-        projected.update(project_group(group, env[group[0][1].invars[0]],
-                                       x_rows))
+
+def _head(plan: plans.Plan, i: int, invals, env: dict, ctx: Context,
+          projected: dict) -> dict | None:
+  """Head ``i`` of the plan (:class:`plan.Head`): its members' outputs
+  ``{index: outputs}``, computed together when their input is recomputed
+  (:mod:`recompute`); otherwise None, after projecting the siblings jointly
+  into ``projected`` (the caller then applies each member's rule)."""
+  head = plan.heads[i]
+  eqns = plan.jaxpr.eqns
+  eqn = eqns[i]
+  plans.check(plan, i, eqn, lambda j: _kernel_at(eqns[j], env))
+  members = [(j, eqns[j]) for j in head.members]
+  if head.region is None:
+    with _bugs_named(eqn, invals):
+      projected.update(project_group(
+          [(j, e, _kernel_at(e, env)) for j, e in members],
+          jc.read(env, eqn.invars[0]), head.x_rows))
     return None
+  positions, roots = head.region
+  x_var = eqn.invars[1] if isinstance(invals[0], Lora) else eqn.invars[0]
 
   def compute(c: Context, x, member_invals):
     proj: dict = {}
-    if group:  # with the kernel values passed in, not the outer ones
+    if head.grouped:  # with the kernel values passed in, not the outer ones
       with _bugs_named(eqn, invals):
         proj = project_group(
             [(j, e, next(v for v in vals if isinstance(v, Lora)))
-             for (j, e), vals in zip(members, member_invals)], x, x_rows)
+             for (j, e), vals in zip(members, member_invals)], x,
+            head.x_rows)
     return [_apply(e, vals, c, _site(plan, j, proj))
             for (j, e), vals in zip(members, member_invals)]
-  outs = recompute.apply_recomputing(region, x_var, [e for _, e in members],
-                                     env, compute, ctx)
+  outs = recompute.apply_recomputing(
+      ([eqns[k] for k in positions], list(roots)), x_var,
+      [e for _, e in members], env, compute, ctx)
   return {j: o for (j, _), o in zip(members, outs)}
 
 
 def evaluate(program: jc.Program, args, ctx: Context, *,
-             plan: rows.RowPlan | None = None,
+             plan: plans.Plan | None = None,
              symbolic_outputs: bool = False) -> list:
   """Evaluates ``program`` where some inputs may be :class:`Lora` values.
 
-  ``plan``: the row analysis of this program at this call site (a mixed
-  batch run whole), else None. Its outputs are plain arrays (a kernel
-  returned as such is merged), except with ``symbolic_outputs`` (an inlined
-  call: the caller goes on with them).
+  ``plan``: this program's plan at this call site (:mod:`plan`); None
+  plans it here (a program evaluated on its own, no mixed batch). Its
+  outputs are plain arrays (a kernel returned as such is merged), except
+  with ``symbolic_outputs`` (an inlined call: the caller goes on with them).
   """
   jaxpr = program.jaxpr
+  if plan is None:
+    plan = plans.plan(jaxpr, [plans.Kernel.of(x) if isinstance(x, Lora)
+                              else None for x in args], ctx)
+  if plan.jaxpr is not jaxpr:
+    raise AssertionError("lora_jax: a program evaluated with another "
+                         "program's plan (a bug in lora_jax)")
   env: dict = dict(zip(jaxpr.constvars, program.consts))
   env.update(zip(jaxpr.invars, args))
-  producers: dict = {}  # var -> the position of the equation computing it
-  counts = None
-
-  def uses():  # how often each variable is read, counted once if needed
-    nonlocal counts
-    if counts is None:
-      counts = recompute.use_counts(jaxpr)
-    return counts
   done: dict = {}       # index -> outputs computed with an earlier sibling
   projected: dict = {}  # index -> scale * x @ a, computed with its siblings
   for i, eqn in enumerate(jaxpr.eqns):
@@ -197,19 +193,16 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
       if not any(isinstance(x, Lora) for x in invals):
         outs = jc.bind(eqn, invals)
       else:
-        if eqn.primitive in jc.DOT and i not in projected:
-          computed = _adapted_matmul(jaxpr, i, invals, env, ctx, producers,
-                                     uses, plan, projected)
+        if i in plan.heads:
+          computed = _head(plan, i, invals, env, ctx, projected)
         if computed is None:
-          outs = _apply(eqn, invals, ctx, _site(plan, i, projected),
-                        plan.subs.get(i) if plan else None)
+          outs = _apply(eqn, invals, ctx, _site(plan, i, projected), plan, i)
         else:
           outs = computed.pop(i)
           done.update(computed)
     for v, x in zip(eqn.outvars, outs):
       if not jc.is_dropvar(v):
         env[v] = x
-        producers[v] = i
   outs = [jc.read(env, v) for v in jaxpr.outvars]
   return outs if symbolic_outputs else [ctx.concrete(x, "output")
                                         for x in outs]
@@ -262,9 +255,9 @@ def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
   ctx = Context.create(strict, report if report is not None else Report(), choose,
                 rng, recompute)
   n_params = len(jax.tree.leaves(stand_in))
-  plan = None
+  row_plan = None
   if row_factors:
-    out_rows, plan = _row_analysis(closed, n_params, inputs)
+    out_rows, row_plan = _row_analysis(closed, n_params, inputs)
     if any(r is rows.UNKNOWN for r in out_rows):
       # an output mixes rows, or they cannot be followed: vmap over rows
       # decides (and refuses what has no per-row meaning)
@@ -280,6 +273,8 @@ def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
                        d.magnitude, d.dropout)
     elif isinstance(leaf, QArray):  # not adapted: dequantized for the program
       inputs[i] = leaf.dequantize()
+  plan = plans.plan(closed.jaxpr, [plans.Kernel.of(x) if isinstance(x, Lora)
+                                   else None for x in inputs], ctx, row_plan)
   outs = evaluate(jc.Program(closed.jaxpr, tuple(closed.consts)), inputs, ctx,
                   plan=plan)
   return jax.tree.unflatten(out_tree, outs)

@@ -30,7 +30,6 @@ import numpy as np
 from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.ordering import after
-from lora_jax._src.factored.values import Lora
 from lora_jax._src.factored.values import flatten
 
 # A size limit, not a loop bound: a region of more equations than this is
@@ -60,13 +59,15 @@ def _size(v) -> int:
   return int(np.prod(v.aval.shape, dtype=np.int64))
 
 
-def input_region(x_var, eqns, producers: dict, uses, env: dict,
+def input_region(x_var, eqns, producers: dict, uses, is_kernel: Callable,
                  readers: int = 1):
-  """``(equations in program order, root variables)`` computing ``x_var``
-  by elementwise maths from roots no larger than it, every intermediate read
-  only inside the region and ``x_var`` read ``readers`` times (by the
-  matmuls); None when there is no such region. ``producers``: variable ->
-  the position in ``eqns`` of the equation computing it."""
+  """``(positions of the equations in program order, root variables)``
+  computing ``x_var`` by elementwise maths from roots no larger than it and
+  holding no kernel (``is_kernel(var)``, from the analysis), every
+  intermediate read only inside the region and ``x_var`` read ``readers``
+  times (by the matmuls); None when there is no such region. Runs before
+  evaluation (:mod:`plan`). ``producers``: variable -> the position in
+  ``eqns`` of the equation computing it."""
   if (jc.is_literal(x_var) or uses[x_var] != readers
       or x_var not in producers):
     return None
@@ -98,15 +99,15 @@ def input_region(x_var, eqns, producers: dict, uses, env: dict,
         v for e in region.values() for v in e.invars if not jc.is_literal(v))
     return stop | {v for e in region.values() for v in e.outvars
                    if v is not x_var and uses[v] != inner[v]}
-  # every round adds a variable defined so far, or ends
+  # every round adds a variable of the program, or ends
   stop: frozenset = fixpoint.iterate(shrink, frozenset(), len(producers),
                           "a recompute region")
   region, roots = grow(stop)
   if not region or len(region) > MAX_REGION:
     return None
-  if any(isinstance(env.get(r), Lora) or _size(r) > x_size for r in roots):
+  if any(is_kernel(r) or _size(r) > x_size for r in roots):
     return None
-  return [region[i] for i in sorted(region)], roots
+  return sorted(region), roots
 
 
 def apply_recomputing(region, x_var, members, env: dict,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import dataclasses
 import math
+import types
 
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src import walk
@@ -148,6 +149,11 @@ class _Rows(walk.Walker):
 
   def record(self, frame: RowPlan, i: int, frames: tuple) -> None:
     frame.subs[i] = frames  # type: ignore[index]
+
+  def finish(self, frame: RowPlan, jaxpr, env) -> RowPlan:
+    del jaxpr, env  # the walk's records, read-only from here on
+    return RowPlan(types.MappingProxyType(dict(frame.dots)),
+                   types.MappingProxyType(dict(frame.subs)))
 
   def unreadable(self, eqn, ins, error):
     del ins, error

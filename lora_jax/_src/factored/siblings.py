@@ -14,15 +14,16 @@ from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.lowrank import a_matrix
 from lora_jax._src.factored.lowrank import project
 from lora_jax._src.factored.values import Context
-from lora_jax._src.factored.values import Lora
 
 
-def _plain_projection(eqn, env, ctx: Context, rows: tuple | None):
-  """``(x var, contraction, x's row axis, lora)`` if ``eqn`` is ``x @
+def projection(eqn, ins, ctx: Context, rows: tuple | None):
+  """``(x var, contraction, x's row axis, kernel)`` if ``eqn`` is ``x @
   kernel`` taking the 2-D fast path of ``lowrank_dot`` (or, for per-row
   factors, the batched product over rows; ``rows``: the dot's row axes) with
   a plain (no DoRA, no dropout) adapter that the engine would factor; else
-  None."""
+  None. ``ins``: the operands' abstract values (:class:`plan.Kernel` or
+  None), before evaluation. Equations with the same first three entries
+  form a group."""
   if eqn.primitive not in jc.DOT:
     return None
   dims = jc.dot_dims(eqn)
@@ -30,42 +31,27 @@ def _plain_projection(eqn, env, ctx: Context, rows: tuple | None):
   if (dims.lhs_batch or dims.rhs_batch or jc.is_literal(lhs)
       or jc.is_literal(rhs)):
     return None
-  lora, x = env.get(rhs), env.get(lhs)
-  if not isinstance(lora, Lora) or x is None or isinstance(x, Lora):
+  x, kernel = ins
+  if kernel is None or x is not None:  # x @ kernel, x no kernel
     return None
   nd = len(lhs.aval.shape)
   lc = dims.lhs_contract
   r = None
-  if lora.rows:  # x's row axis, a free axis of x
+  if kernel.rows:  # x's row axis, a free axis of x
     if not rows:
       return None
     r = rows[0]
     if not isinstance(r, int) or rows[1] is not None or r >= nd - len(lc):
       return None
-  lay = lora.layout
-  if (lora.magnitude is not None or ctx.dropping(lora) or lay.batch
+  lay = kernel.layout
+  if (kernel.dora or ctx.dropping(kernel) or lay.batch
       or set(lay.inputs) != set(dims.rhs_contract)
       or lc != tuple(range(nd - len(lc), nd))):
     return None
-  if (not lora.rows and ctx.choose is not None
-      and ctx.choose(x.shape, lc, lora) == "merge"):
+  if (not kernel.rows and ctx.choose is not None
+      and ctx.choose(tuple(lhs.aval.shape), lc, kernel) == "merge"):
     return None
-  return lhs, lc, r, lora
-
-
-def find_group(eqns, i: int, env: dict, ctx: Context, rows_of=lambda j: None):
-  """``([(index, eqn, lora), ...], x's row axis)``: ``eqns[i]`` and every
-  later equation of the same program that projects the same ``x`` (at least
-  two), or None. ``rows_of(j)``: the row axes of dot ``j`` (a mixed batch)."""
-  head = _plain_projection(eqns[i], env, ctx, rows_of(i))
-  if head is None:
-    return None
-  group = [(i, eqns[i], head[3])]
-  for j in range(i + 1, len(eqns)):
-    other = _plain_projection(eqns[j], env, ctx, rows_of(j))
-    if other is not None and other[:3] == head[:3]:
-      group.append((j, eqns[j], other[3]))
-  return (group, head[2]) if len(group) > 1 else None
+  return lhs, lc, r, kernel
 
 
 def project_group(group, x, r: int | None = None) -> dict:
