@@ -9,6 +9,7 @@ devices, train through both engines with `strict=True` and equal the
 unsharded run.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -22,6 +23,7 @@ AxisType = jax.sharding.AxisType
 TYPES = {"explicit": (AxisType.Explicit,) * 2, "auto": (AxisType.Auto,) * 2,
          "mixed": (AxisType.Explicit, AxisType.Auto)}
 ENGINES = ("factored", "merge")
+_OLD_JAX = tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 7)
 
 
 def _set_mesh(mesh):
@@ -216,17 +218,18 @@ def test_a_quantized_base():
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
 
 
-def _mixed_batch(fn):
+def _mixed_batch(fn, dora=False):
   """Two adapters of the Megatron MLP, rows' adapter ids (-1: the base), and
-  what each row must give: ``fn`` on that row's merged parameters."""
+  what each row must give: ``fn`` on that row's merged parameters (None
+  without ``fn``)."""
   params, x = _megatron_base()
-  base, d1 = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2"),
-                      jax.random.key(1))
-  _, d2 = lj.split(params, lj.LoraConfig(rank=2, targets="w1|w2"),
+  base, d1 = lj.split(params, lj.LoraConfig(rank=4, targets="w1|w2",
+                                            dora=dora), jax.random.key(1))
+  _, d2 = lj.split(params, lj.LoraConfig(rank=2, targets="w1|w2", dora=dora),
                    jax.random.key(2))
   adapters = [_randomize(d1), jax.tree.map(lambda v: 2 * v, _randomize(d2))]
   ids = jnp.array([0, 1, -1, 0, 1, 1, 0, -1])
-  want = jnp.concatenate([
+  want = None if fn is None else jnp.concatenate([
       fn(base if i < 0 else lj.merge(base, adapters[i]), x[j:j + 1])
       for j, i in enumerate(ids.tolist())])
   return base, x, adapters, ids, want
@@ -243,6 +246,34 @@ def test_a_mixed_adapter_batch():
     got = jax.jit(lambda b, s, x, i: lj.wrap(_megatron(mesh), "factored")(
         b, s, x, adapter_ids=i))(sb, lj.stack(adapters), sx, ids)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# The factored engine runs a plain stack's batch whole; the merge engine and
+# DoRA stacks run it per adapter (the program names the rows' "data"
+# sharding, which vmap over rows cannot keep): outputs and gradients equal
+# the unsharded run's (vmap over rows, merge engine).
+@pytest.mark.parametrize("engine,dora", [("merge", False), ("factored", True)])
+def test_a_mixed_adapter_batch_trains(engine, dora):
+  base, x, adapters, ids, _ = _mixed_batch(None, dora)
+  ct = jax.random.normal(jax.random.key(8), x.shape)
+
+  def run(g, b, s, x, ct):  # outputs and the gradients of <outputs, ct>
+    out, vjp = jax.vjp(lambda s, x: g(b, s, x, adapter_ids=ids), s, x)
+    return out, vjp(ct)
+  want = jax.jit(run, static_argnums=0)(lj.wrap(_megatron(None), "merge"),
+                                        base, lj.stack(adapters), x, ct)
+  mesh = _mesh("explicit")
+  with _set_mesh(mesh):
+    sb = {n: jax.device_put(base[n], NamedSharding(mesh, s))
+          for n, s in SPECS.items()}
+    sx = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    g = lj.wrap(_megatron(mesh), engine, strict=engine == "factored")
+    rows = NamedSharding(mesh, P("data", None))
+    got = jax.jit(run, static_argnums=0)(g, sb, lj.stack(adapters), sx,
+                                         jax.device_put(ct, rows))
+  assert jax.typeof(got[0]).sharding.spec == P("data", None)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
 
 
 # ---- DoRA: its norms contract the kernel's input axes --------------------
@@ -347,3 +378,63 @@ def test_a_mixed_adapter_batch_on_fsdp_kernels():
                                              strict=True)(
         b, s, x, adapter_ids=i))(sb, lj.stack(adapters), sx, ids)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+# ---- an embedding lookup and a convolution --------------------------------
+
+def _lookup(mesh):
+  def fn(p, ids):  # a vocab-parallel table: explicit mode asks the lookup
+    if mesh is None:  # for its out_sharding (JAX runs it on Auto axes)
+      return jnp.take(p["embedding"], ids, axis=0)
+    return p["embedding"].at[ids].get(out_sharding=P("data", None, None))
+  return fn
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_embedding_lookup_with_ids_on_data(engine):
+  if engine == "factored" and _OLD_JAX:
+    pytest.skip("jax 0.6 enters the lookup's Auto axes with mesh_cast, which "
+                "has no public form to move the factors with; the factored "
+                "engine raises naming the rule and mode='merge' (jax >= 0.7 "
+                "runs it)")
+  k = jax.random.split(jax.random.key(10), 2)
+  base, delta = lj.split({"embedding": jax.random.normal(k[0], (32, 16))},
+                         lj.LoraConfig(rank=4, targets="embedding"),
+                         jax.random.key(1))
+  delta = _randomize(delta)
+  ids = jax.random.randint(k[1], (8, 4), 0, 32)
+  loss = lambda g: lambda d, b, i: jnp.sum(jnp.tanh(g(b, d, i)) ** 2)
+  want = jax.jit(jax.value_and_grad(loss(lj.wrap(_lookup(None), "merge"))))(
+      delta, base, ids)
+  mesh = _mesh("explicit")
+  with _set_mesh(mesh):
+    table = {"embedding": NamedSharding(mesh, P("model", None))}
+    sb = jax.device_put(base, table)
+    sd = jax.device_put(delta, lj.delta_shardings(delta, table))
+    si = jax.device_put(ids, NamedSharding(mesh, P("data", None)))
+    g = lj.wrap(_lookup(mesh), engine, strict=engine == "factored")
+    got = jax.jit(jax.value_and_grad(loss(g)))(sd, sb, si)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+
+
+def _conv(mesh):
+  del mesh  # batch on "data", kernel replicated: no out_sharding to name
+  conv = nn.Conv(8, (3, 3))
+  return lambda p, x: conv.apply({"params": p}, x)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_convolution_with_its_batch_on_data(engine):
+  if _OLD_JAX:
+    pytest.skip("jax 0.6's convolution gradient under Explicit axes raises "
+                "ShardingTypeError ('a potential JAX bug') in the plain, "
+                "unadapted model; jax >= 0.7 trains it")
+  k = jax.random.split(jax.random.key(11), 3)
+  params = {"kernel": jax.random.normal(k[0], (3, 3, 4, 8)) / 6,
+            "bias": jax.random.normal(k[1], (8,))}
+  x = jax.random.normal(k[2], (8, 6, 6, 4))
+  _check(_conv, params, {"kernel": P(), "bias": P()}, x,
+         P("data", None, None, None), "explicit", engine, "kernel",
+         apply_fn=_conv(None), example_args=(x,))

@@ -27,6 +27,7 @@ Only public API: ``jax.make_jaxpr``, ``jax.extend.core``, ``jax.lax``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import contextlib
 import dataclasses
 import functools
 import math
@@ -235,10 +236,12 @@ def gather_dims(eqn) -> GatherDims:
 
 
 def gather_with_slice_sizes(eqn, operand, indices, slice_sizes):
-  """The equation's gather applied to another operand (other slice sizes)."""
+  """The equation's gather applied to another operand (other slice sizes),
+  in the equation's context (:func:`context`)."""
   params = dict(eqn.params)
   params["slice_sizes"] = tuple(slice_sizes)
-  return eqn.primitive.bind(operand, indices, **params)
+  with context(eqn):
+    return eqn.primitive.bind(operand, indices, **params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,13 +554,18 @@ def bind(eqn, invals: Sequence[Any]) -> list:
   if isinstance(bind_params, tuple):  # (subfuns, params)
     subfuns, bind_params = bind_params
     invals = [*subfuns, *invals]
-  ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
-  if ctx is not None:
-    with ctx:
-      out = eqn.primitive.bind(*invals, **bind_params)
-  else:
+  with context(eqn):
     out = eqn.primitive.bind(*invals, **bind_params)
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def context(eqn):
+  """The context the equation was traced in (its abstract mesh: inside an
+  ``auto_axes`` region, as ``.at[ids].get(out_sharding=...)`` makes, the
+  mesh's axes are Auto): what code standing in for the equation runs
+  under; a no-op context where the equation records none."""
+  ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+  return ctx if ctx is not None else contextlib.nullcontext()
 
 
 def read(env: dict, v) -> Any:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from lora_jax._src import dora
 from lora_jax._src import factored
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import describe_array
@@ -72,6 +73,9 @@ def run(fn: Callable, single: Callable, base: Any, stacked: Any,
                  **kwargs)
   out_axes, out_tree = row_axes(fn, base, stacked, args, kwargs,
                                 ids.shape[0])
+  if rows == "auto" and _row_lead(args, kwargs) is not None:
+    return per_adapter(apply, base, stacked, ids, args, kwargs, out_axes,
+                       out_tree, rng=lora_rng)
   return per_row(apply, base, stacked, ids, args, kwargs, out_axes, out_tree,
                  one_hot=mode != "merge" and rows == "one-hot", rng=lora_rng)
 
@@ -154,9 +158,100 @@ def per_row(apply, base, stacked, ids, args, kwargs, out_axes: list,
     flat = jax.tree.leaves(apply(base, delta, key, *a, **k))
     return [y if r is None else jax.lax.index_in_dim(y, 0, r, keepdims=False)
             for y, r in zip(flat, out_axes)]
-  flat = jax.vmap(one, out_axes=list(out_axes))(
+  row_leaves, ids, positions = _rows_alike(
       [leaves[i] for i in rows], ids, jnp.arange(ids.shape[0]))
+  flat = jax.vmap(one, out_axes=list(out_axes))(row_leaves, ids, positions)
   return jax.tree.unflatten(out_tree, flat)
+
+
+def _row_lead(*trees) -> Any:
+  """The first array of ``trees`` whose rows (axis 0) are sharded by type
+  (a batch on ``"data"`` under Explicit mesh axes), or None."""
+  return next((x for x in jax.tree.leaves(trees) if hasattr(x, "shape")
+               and x.ndim and (jc.type_spec(x) or (None,))[0] is not None),
+              None)
+
+
+def _rows_alike(row_leaves: list, ids, positions) -> tuple:
+  """``(row_leaves, ids, positions)`` with axis 0 (the rows) sharded alike,
+  as ``vmap`` over rows asks of its inputs under Explicit mesh axes: each
+  as the first argument whose rows are sharded by type, other axes as they
+  are. The values are unchanged; without Explicit axes, all is returned as
+  given."""
+  lead = _row_lead(row_leaves)
+  if lead is None:
+    return row_leaves, ids, positions
+  alike = lambda v: jc.align(v, lead, {0: 0})
+  return [alike(x) for x in row_leaves], alike(ids), alike(positions)
+
+
+def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
+                out_tree, rng=None):
+  """What :func:`per_row` computes, by running the whole batch once on the
+  base model and once per adapter, keeping each pass's rows of that
+  adapter: for a batch whose rows are sharded by type under Explicit mesh
+  axes, which ``vmap`` over rows cannot run when the program names the
+  rows' sharding (an ``out_sharding=P("data", ...)``: inside ``vmap`` the
+  row axis already holds ``"data"``, and a row alone cannot be split over
+  it).
+
+  The function sees the batch as the caller gave it, one adapter at a
+  time: ``n + 1`` passes under one ``lax.scan``. Rows whose ids are outside
+  ``[-1, n)`` (possible only under ``jit``) come out NaN, as on every other
+  path: floating outputs are set so; if an output is not floating, a first
+  pass on an adapter outside the stack (NaN scale) gives those rows what a
+  NaN adapter gives them, without a gradient. Rows must be independent, as
+  for :func:`per_row`; LoRA dropout draws the masks a single-adapter batch
+  would (``rng`` itself in every pass). A non-finite adapter turns every
+  row's gradient with respect to the inputs NaN (its pass's zero cotangent
+  on the other rows meets its non-finite values); the outputs and the other
+  adapters' gradients stay their own.
+  """
+  n = next(iter(stacks(stacked).values())).size
+  norms = base_norms(base, stacked)
+  lead = _row_lead(args, kwargs)
+  if lead is not None:  # the ids' masks live on the rows' mesh
+    ids = jc.align(ids, lead, {0: 0})
+
+  def one(k):
+    return jax.tree.leaves(apply(base, row_delta(stacked, k, norms), rng,
+                                 *args, **kwargs))
+
+  def keep(outs, k):
+    return [o if r is None else jnp.where(_row_mask(ids == k, y, r), y, o)
+            for y, o, r in zip(one(k), outs, out_axes)], None
+  ks = jnp.arange(-1, n, dtype=ids.dtype)
+  floating = all(r is None or jnp.issubdtype(y.dtype, jnp.inexact)
+                 for y, r in zip(jax.eval_shape(one, ks[0]), out_axes))
+  if floating:  # the base model's pass first; bad ids set to NaN after
+    flat = _over(keep, one(ks[0]), ks[1:])
+    valid = (ids >= -1) & (ids < n)
+    flat = [y if r is None else jnp.where(
+        _row_mask(valid, y, r), y, jnp.full((), jnp.nan, y.dtype))
+            for y, r in zip(flat, out_axes)]
+  else:
+    start = jax.lax.stop_gradient(one(jnp.asarray(n, ids.dtype)))
+    flat = _over(keep, start, ks)
+  return jax.tree.unflatten(out_tree, flat)
+
+
+def _over(body, carry, ks):
+  """``lax.scan(body, carry, ks)``'s carry; a Python loop on JAX < 0.7,
+  whose scan lowers the gradient's residuals under Explicit mesh axes on
+  the wrong mesh ("Context mesh ... should match the mesh of sharding")."""
+  if tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 7):
+    return jax.lax.scan(body, carry, ks)[0]
+  for k in ks:
+    carry = body(carry, k)[0]
+  return carry
+
+
+def _row_mask(mask, y, r: int):
+  """``mask`` (one entry per row) shaped to broadcast against ``y`` along
+  its row axis ``r``, sharded as ``y``'s rows."""
+  mask = jc.align(mask, y, {0: r})
+  return jax.lax.broadcast_in_dim(
+      mask, tuple(m if a == r else 1 for a, m in enumerate(y.shape)), (r,))
 
 
 def row_delta(stacked, index, norms: dict, one_hot: bool = False) -> Any:

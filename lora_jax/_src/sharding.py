@@ -149,9 +149,16 @@ def follow_kernel(a: Any, b: Any, magnitude: Any, layout: Layout,
   ``with_sharding_constraint``) puts the kernel (:func:`factor_specs`).
   Unchanged without either."""
   spec = jc.type_spec(kernel)
+  mesh = _typed_mesh(kernel)
   if spec is not None:
     sa, sb, sm = factor_specs(PartitionSpec(*spec), layout)
     move = lambda v, s: v if v is None else jc.reshard_to(v, tuple(s))
+  elif mesh is not None and jc.type_spec(a) is not None:
+    # the kernel left Explicit axes for a mesh whose axes are Auto (an
+    # auto_axes region, as .at[ids].get(out_sharding=...) makes for a
+    # lookup): its factors go with it, placed by the compiler there
+    sa, sb, sm = factor_specs(None, layout)
+    move = lambda v, s: v if v is None else _reshard(v, NamedSharding(mesh, s))
   elif isinstance(constraint, NamedSharding):
     sa, sb, sm = factor_specs(constraint.spec, layout)
     mesh = constraint.mesh
@@ -160,6 +167,26 @@ def follow_kernel(a: Any, b: Any, magnitude: Any, layout: Layout,
   else:
     return a, b, magnitude
   return move(a, sa), move(b, sb), move(magnitude, sm)
+
+
+def _typed_mesh(x: Any) -> Any:
+  """The mesh ``x``'s type names when every axis of it is Auto (a value
+  inside an ``auto_axes`` region under Explicit axes); else None."""
+  typeof = getattr(jax, "typeof", None)
+  mesh = getattr(getattr(typeof(x) if typeof is not None else None,
+                         "sharding", None), "mesh", None)
+  types = getattr(mesh, "axis_types", None)
+  auto = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)
+  if not types or auto is None or any(t != auto for t in types):
+    return None
+  return mesh
+
+
+def _reshard(x: Any, sharding: NamedSharding) -> Any:
+  if hasattr(jax.sharding, "reshard"):
+    return jax.sharding.reshard(x, sharding)
+  from jax.experimental.shard import reshard  # jax < 0.7
+  return reshard(x, sharding)
 
 
 def place_like_kernel(kernel: Any, d: LoraDelta) -> LoraDelta:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.delta import LoraDelta
 from lora_jax._src.delta import adapters
 from lora_jax._src.delta import check_same_kernel
@@ -163,18 +164,18 @@ class LoraStack:
     i = jnp.clip(ids, 0, self.size - 1)
 
     def take(v):
-      got = v[i]
-      mask = jnp.reshape(ok, ok.shape + (1,) * (got.ndim - ok.ndim))
+      got = _gather_rows(v, i)
+      mask = _expand(ok, got.ndim)
       return jnp.where(mask, got, jnp.zeros((), got.dtype))
     dtype = jnp.float32
-    scale = jnp.where(ok, self.scales(dtype)[i], jnp.where(
+    scale = jnp.where(ok, _gather_rows(self.scales(dtype), i), jnp.where(
         ids == -1, jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype)))
     magnitude = None
     if self.magnitude is not None:  # -1 without base_norm: NaN, not a guess
-      got = self.magnitude[i]
-      mask = jnp.reshape(ok, ok.shape + (1,) * (got.ndim - ok.ndim))
+      got = _gather_rows(self.magnitude, i)
+      mask = _expand(ok, got.ndim)
       other = (jnp.full((), jnp.nan, got.dtype) if base_norm is None
-               else base_norm.astype(got.dtype))
+               else jc.reshard_like(base_norm.astype(got.dtype), got))
       magnitude = jnp.where(mask, got, other)
     return take(self.a), take(self.b), scale, magnitude
 
@@ -211,6 +212,46 @@ class LoraStack:
     return LoraDelta(a, b, scale=jnp.repeat(pick, r),  # type: ignore[arg-type]
                      layout=self.layout,
                      dropout=self.dropout)
+
+
+def _expand(ok: Any, ndim: int) -> Any:
+  """``ok`` with trailing unit axes up to ``ndim``, to select whole rows; a
+  scalar as it is (JAX 0.6's select under Explicit mesh axes takes a scalar
+  or a mask sharded as the values, not unit axes)."""
+  return ok if ok.ndim == 0 else jnp.reshape(ok, ok.shape + (1,) * (
+      ndim - ok.ndim))
+
+
+def _gather_rows(v: Any, i: Any) -> Any:
+  """``v[i]`` (``i`` an int array, its axes in front of ``v``'s others).
+
+  Under Explicit mesh axes JAX asks such a gather for its out_sharding when
+  the ids are sharded (a batch on ``"data"``, or each row under ``vmap``
+  over a sharded batch): the result keeps the ids' sharding on their axes
+  and ``v``'s on the rest, except for a mesh axis the ids already use (a
+  factor axis FSDP-sharded on ``"data"`` beside rows on ``"data"``), which
+  is left replicated there."""
+  si, sv = jc.type_spec(i), jc.type_spec(v)
+  if si is None and sv is None:
+    return v[i]
+  si = si or (None,) * jnp.ndim(i)
+  sv = sv or (None,) * v.ndim
+  used = {a for e in si for a in _mesh_axes(e)}
+  rest = [None if used & set(_mesh_axes(e)) else e for e in sv[1:]]
+  if jnp.ndim(i) == 0:
+    # one id (a row under vmap): gathered as a one-element array, whose
+    # batching keeps the rows' sharding (JAX's scalar-index path, a
+    # dynamic_slice, loses the out_sharding when vmapped)
+    return v.at[i[None]].get(out_sharding=jax.sharding.PartitionSpec(
+        None, *rest))[0]
+  return v.at[i].get(out_sharding=jax.sharding.PartitionSpec(*si, *rest))
+
+
+def _mesh_axes(entry: Any) -> tuple:
+  """The mesh axes of one PartitionSpec entry."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
 def is_stack_or_none(x: Any) -> bool:

@@ -73,26 +73,34 @@ def consumer(plan_fn: Callable) -> Callable:
       ctx.report.record(lora.path, "merge (auto: cheaper)")
       return jc.bind(eqn, [lora.materialize() if v is lora else v
                            for v in invals])
-    if lora.magnitude is not None and plan.place_outputs is None:
-      return fallback(eqn, invals, ctx)
-    x = plan.x
-    dtype = jnp.result_type(lora.a.dtype, *([] if x is None else [x.dtype]))
-    low = plan.lowrank(None if x is None
-                       else ctx.dropout(x, lora).astype(dtype))
-    if low is None:
-      return fallback(eqn, invals, ctx)
-    # under Explicit mesh axes: the base product's own sharding type
-    low = jc.reshard_like(low, eqn.outvars[0].aval)
-    base = _frozen(eqn, invals, plan, ctx.recompute)
-    out_dtype = eqn.outvars[0].aval.dtype
-    if lora.magnitude is None:
-      ctx.report.record(lora.path, plan.rule)
-      return [base + low.astype(out_dtype)]
-    # DoRA: (m / ||W0 + s a b||) * (op(x, W0) + s op'(op''(x, a), b)).
-    factor = plan.place_outputs(lora.dora_factor(dtype))
-    ctx.report.record(lora.path, plan.rule + " + DoRA")
-    return [(factor * (base.astype(dtype) + low)).astype(out_dtype)]
+    # the branch runs where the op does (an auto_axes region's mesh, say)
+    with jc.context(eqn):
+      return _branch(eqn, invals, plan, ctx)
   return rule
+
+
+def _branch(eqn, invals, plan: Plan, ctx: Context) -> list:
+  """The op's result with the LoRA branch (and DoRA's factor) applied."""
+  lora, place = plan.lora, plan.place_outputs
+  if lora.magnitude is not None and place is None:
+    return fallback(eqn, invals, ctx)
+  x = plan.x
+  dtype = jnp.result_type(lora.a.dtype, *([] if x is None else [x.dtype]))
+  low = plan.lowrank(None if x is None
+                     else ctx.dropout(x, lora).astype(dtype))
+  if low is None:
+    return fallback(eqn, invals, ctx)
+  # under Explicit mesh axes: the base product's own sharding type
+  low = jc.reshard_like(low, eqn.outvars[0].aval)
+  base = _frozen(eqn, invals, plan, ctx.recompute)
+  out_dtype = eqn.outvars[0].aval.dtype
+  if lora.magnitude is None or place is None:
+    ctx.report.record(lora.path, plan.rule)
+    return [base + low.astype(out_dtype)]
+  # DoRA: (m / ||W0 + s a b||) * (op(x, W0) + s op'(op''(x, a), b)).
+  factor = place(lora.dora_factor(dtype))
+  ctx.report.record(lora.path, plan.rule + " + DoRA")
+  return [(factor * (base.astype(dtype) + low)).astype(out_dtype)]
 
 
 def _frozen(eqn, invals, plan: Plan, reverse_only: bool):

@@ -45,8 +45,9 @@ def on_kernel(eqn, invals, ctx, site=None):
   invals = [x.eager() if isinstance(x, Lora) else x for x in invals]
   outs = jc.bind(eqn, [x.w if isinstance(x, Lora) else x for x in invals])
   constraint = jc.constraint_sharding(eqn)
-  return [_follow(dataclasses.replace(x, w=o), constraint)
-          if isinstance(x, Lora) else o for x, o in zip(invals, outs)]
+  with jc.context(eqn):  # (a reshard into an auto_axes region: its mesh)
+    return [_follow(dataclasses.replace(x, w=o), constraint)
+            if isinstance(x, Lora) else o for x, o in zip(invals, outs)]
 
 
 def _follow(x: Lora, constraint) -> Lora:
