@@ -519,6 +519,32 @@ def test_a_jaxpr_shared_by_two_call_sites_is_planned_at_each(monkeypatch,
     np.testing.assert_array_equal(np.delete(bad, 1, 0), np.delete(good, 1, 0))
 
 
+def test_a_plan_evaluation_disagrees_with_is_an_error(monkeypatch):
+  """The plan is an abstraction of evaluation: if the analysis got a view
+  wrong (here a transpose that hands on another kernel), the head's check
+  refuses to compute with it, naming the equation and the kernels."""
+  from lora_jax._src.factored import plan
+  k = _keys(3)
+  params = {n: _normal(k[i], (D, D)) for i, n in enumerate("qkv")}
+  def fn(p, x):  # kernels stored (out, in)
+    ws = [p[n].T for n in "qkv"]
+    return sum(x @ w for w in ws)
+  base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="q|k|v"),
+                         jax.random.key(1), fn, (_x(dense()),))
+  real = plan._view
+
+  def wrong(eqn, ins):
+    outs = real(eqn, ins)
+    if eqn.primitive.name == "transpose":
+      return [dataclasses.replace(o, path=o.path.upper()) for o in outs]
+    return outs
+  monkeypatch.setattr(plan, "_view", wrong)
+  with pytest.raises(AssertionError, match=r"planned with kernel 'Q'.* "
+                                           r"evaluates 'q'.*analysis and "
+                                           r"evaluation disagree"):
+    lj.wrap(fn, "factored")(base, delta, _x(dense()))
+
+
 @pytest.mark.parametrize("mode", ["factored", "merge"])
 @pytest.mark.parametrize("whole", [True, False])
 def test_a_time_major_output_keeps_every_step(mode, whole):
