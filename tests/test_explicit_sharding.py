@@ -398,14 +398,20 @@ def test_an_embedding_lookup_with_ids_on_data(engine):
                 "engine raises naming the rule and mode='merge' (jax >= 0.7 "
                 "runs it)")
   k = jax.random.split(jax.random.key(10), 2)
-  base, delta = lj.split({"embedding": jax.random.normal(k[0], (32, 16))},
-                         lj.LoraConfig(rank=4, targets="embedding"),
+  table = {"embedding": jax.random.normal(k[0], (32, 16))}
+  base, delta = lj.split(table, lj.LoraConfig(rank=4, targets="embedding"),
                          jax.random.key(1))
   delta = _randomize(delta)
+  other = _randomize(lj.split(table, lj.LoraConfig(
+      rank=2, targets="embedding"), jax.random.key(2))[1])
   ids = jax.random.randint(k[1], (8, 4), 0, 32)
+  rows = jnp.array([0, 1, -1, 0, 1, 1, 0, -1])  # a mixed-adapter batch
   loss = lambda g: lambda d, b, i: jnp.sum(jnp.tanh(g(b, d, i)) ** 2)
   want = jax.jit(jax.value_and_grad(loss(lj.wrap(_lookup(None), "merge"))))(
       delta, base, ids)
+  # (unsharded: vmap over rows, each on its merged table)
+  want_rows = jax.jit(lambda s: lj.wrap(_lookup(None), "merge")(
+      base, s, ids, adapter_ids=rows))(lj.stack([delta, other]))
   mesh = _mesh("explicit")
   with _set_mesh(mesh):
     table = {"embedding": NamedSharding(mesh, P("model", None))}
@@ -414,6 +420,10 @@ def test_an_embedding_lookup_with_ids_on_data(engine):
     si = jax.device_put(ids, NamedSharding(mesh, P("data", None)))
     g = lj.wrap(_lookup(mesh), engine, strict=engine == "factored")
     got = jax.jit(jax.value_and_grad(loss(g)))(sd, sb, si)
+    # (rows on "data": one pass per adapter, vmap over rows cannot run it)
+    got_rows = jax.jit(lambda b, s, i, r: g(b, s, i, adapter_ids=r))(
+        sb, lj.stack([delta, other]), si, rows)
+  np.testing.assert_allclose(got_rows, want_rows, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())

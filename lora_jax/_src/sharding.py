@@ -169,6 +169,16 @@ def follow_kernel(a: Any, b: Any, magnitude: Any, layout: Layout,
   return move(a, sa), move(b, sb), move(magnitude, sm)
 
 
+def follow_kernel_mesh(v: Any, kernel: Any) -> Any:
+  """``v`` (a traced scale: a stack's adapter picked by a traced index)
+  moved onto ``kernel``'s mesh where the kernel has left Explicit axes for
+  an Auto region (:func:`follow_kernel`), replicated there; else ``v``."""
+  mesh = _typed_mesh(kernel)
+  if mesh is None or not hasattr(v, "shape") or jc.type_spec(v) is None:
+    return v
+  return _reshard(v, NamedSharding(mesh, PartitionSpec(*(None,) * v.ndim)))
+
+
 def _typed_mesh(x: Any) -> Any:
   """The mesh ``x``'s type names when every axis of it is Auto (a value
   inside an ``auto_axes`` region under Explicit axes); else None."""

@@ -16,6 +16,7 @@ from lora_jax._src.factored.values import fallback
 from lora_jax._src.layouts import Layout
 from lora_jax._src.quant import QArray
 from lora_jax._src.sharding import follow_kernel
+from lora_jax._src.sharding import follow_kernel_mesh
 
 
 def pass_through(eqn, invals, ctx, site=None):
@@ -54,7 +55,8 @@ def _follow(x: Lora, constraint) -> Lora:
   if x.rows:  # per-row factors: placed with the rows they serve
     return x
   a, b, m = follow_kernel(x.a, x.b, x.magnitude, x.layout, x.w, constraint)
-  return dataclasses.replace(x, a=a, b=b, magnitude=m)
+  return dataclasses.replace(x, a=a, b=b, magnitude=m,
+                             scale=follow_kernel_mesh(x.scale, x.w))
 
 
 def on_every_part(eqn, invals, ctx, site=None):
