@@ -271,9 +271,21 @@ def test_a_mixed_adapter_batch_trains(engine, dora):
     rows = NamedSharding(mesh, P("data", None))
     got = jax.jit(run, static_argnums=0)(g, sb, lj.stack(adapters), sx,
                                          jax.device_put(ct, rows))
+    if engine == "merge":  # an id outside the stack, and an integer output
+      fn = _megatron(mesh)
+      both = lj.wrap(lambda p, x: (fn(p, x), jnp.argmax(fn(p, x), -1)),
+                     "merge")
+      bad = jax.jit(lambda b, s, x, i: both(b, s, x, adapter_ids=i))(
+          sb, lj.stack(adapters), sx, np.where(np.arange(8) == 3, 5, ids))
   assert jax.typeof(got[0]).sharding.spec == P("data", None)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+  if engine == "merge":  # that row NaN (as on every path), the others kept
+    keep = np.arange(8) != 3
+    bad, out = [np.asarray(v) for v in bad], np.asarray(want[0])
+    assert np.isnan(bad[0][3]).all() and not np.isnan(bad[0][keep]).any()
+    np.testing.assert_allclose(bad[0][keep], out[keep], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(bad[1][keep], np.argmax(out[keep], -1))
 
 
 # ---- DoRA: its norms contract the kernel's input axes --------------------

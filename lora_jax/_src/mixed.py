@@ -221,10 +221,10 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
     return [o if r is None else jnp.where(_row_mask(ids == k, y, r), y, o)
             for y, o, r in zip(one(k), outs, out_axes)], None
   ks = jnp.arange(-1, n, dtype=ids.dtype)
-  floating = all(r is None or jnp.issubdtype(y.dtype, jnp.inexact)
-                 for y, r in zip(jax.eval_shape(one, ks[0]), out_axes))
-  if floating:  # the base model's pass first; bad ids set to NaN after
-    flat = _over(keep, one(ks[0]), ks[1:])
+  first = one(ks[0])  # the base model's pass
+  if all(r is None or jnp.issubdtype(y.dtype, jnp.inexact)
+         for y, r in zip(first, out_axes)):  # bad ids set to NaN after
+    flat = _over(keep, first, ks[1:])
     valid = (ids >= -1) & (ids < n)
     flat = [y if r is None else jnp.where(
         _row_mask(valid, y, r), y, jnp.full((), jnp.nan, y.dtype))
