@@ -519,6 +519,37 @@ def test_a_jaxpr_shared_by_two_call_sites_is_planned_at_each(monkeypatch,
     np.testing.assert_array_equal(np.delete(bad, 1, 0), np.delete(good, 1, 0))
 
 
+def test_siblings_widened_next_to_their_matmuls_are_grouped(monkeypatch):
+  """Flax layers widen each bf16 kernel right before its matmul (q's cast,
+  q's matmul, k's cast, ...): the plan still groups q, k and v (the head
+  evaluates the later casts first), with the region recomputing their input;
+  outputs and gradients equal the program on the merged float32 kernels."""
+  k = _keys(3)
+  params = {n: _normal(k[i], (D, D)).astype(jnp.bfloat16)
+            for i, n in enumerate("qkv")}
+
+  def fn(p, x):
+    h = jnp.tanh(x)
+    return sum(h @ p[n].astype(jnp.float32) for n in "qkv")
+  base, delta = lj.split(params, lj.LoraConfig(rank=2, targets="q|k|v"),
+                         jax.random.key(1))
+  delta = randomize(delta)
+  x = _x(dense())
+  made = _spy_plans(monkeypatch)
+  loss = lambda g: lambda d, x: jnp.sum(jnp.sin(g(d, x)))
+  got = jax.jit(jax.value_and_grad(loss(
+      lambda d, x: lj.wrap(fn, "factored", strict=True)(base, d, x)), (0, 1)))(
+          delta, x)
+  wide = jax.tree.map(lambda w: w.astype(jnp.float32), base)
+  want = jax.jit(jax.value_and_grad(loss(
+      lambda d, x: fn(lj.merge(wide, d), x)), (0, 1)))(delta, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=5e-5, atol=5e-5)
+  (head,) = made[0].heads.values()
+  assert [k.path for k in head.kernels] == ["q", "k", "v"]
+  assert head.region is not None and len(head.early) == 2, head
+
+
 def test_a_plan_evaluation_disagrees_with_is_an_error(monkeypatch):
   """The plan is an abstraction of evaluation: if the analysis got a view
   wrong (here a transpose that hands on another kernel), the head's check

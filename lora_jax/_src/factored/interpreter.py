@@ -184,25 +184,35 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
   env.update(zip(jaxpr.invars, args))
   done: dict = {}       # index -> outputs computed with an earlier sibling
   projected: dict = {}  # index -> scale * x @ a, computed with its siblings
-  for i, eqn in enumerate(jaxpr.eqns):
-    if i in done:
-      outs = done.pop(i)
-    else:
-      invals = [jc.read(env, v) for v in eqn.invars]
-      computed = None
-      if not any(isinstance(x, Lora) for x in invals):
-        outs = jc.bind(eqn, invals)
-      else:
-        if i in plan.heads:
-          computed = _head(plan, i, invals, env, ctx, projected)
-        if computed is None:
-          outs = _apply(eqn, invals, ctx, _site(plan, i, projected), plan, i)
-        else:
-          outs = computed.pop(i)
-          done.update(computed)
+  def assign(eqn, outs):
     for v, x in zip(eqn.outvars, outs):
       if not jc.is_dropvar(v):
         env[v] = x
+
+  def run(i, eqn, invals):
+    if not any(isinstance(x, Lora) for x in invals):
+      return jc.bind(eqn, invals)
+    return _apply(eqn, invals, ctx, _site(plan, i, projected), plan, i)
+
+  for i, eqn in enumerate(jaxpr.eqns):
+    if i in done:
+      assign(eqn, done.pop(i))
+      continue
+    invals = [jc.read(env, v) for v in eqn.invars]
+    computed = None
+    if i in plan.heads and any(isinstance(x, Lora) for x in invals):
+      for k in plan.heads[i].early:  # members' kernel views, first
+        if k not in done:
+          e = jaxpr.eqns[k]
+          done[k] = run(k, e, [jc.read(env, v) for v in e.invars])
+          assign(e, done[k])
+      computed = _head(plan, i, invals, env, ctx, projected)
+    if computed is None:
+      outs = run(i, eqn, invals)
+    else:
+      outs = computed.pop(i)
+      done.update(computed)
+    assign(eqn, outs)
   outs = [jc.read(env, v) for v in jaxpr.outvars]
   return outs if symbolic_outputs else [ctx.concrete(x, "output")
                                         for x in outs]

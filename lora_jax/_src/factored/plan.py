@@ -94,11 +94,15 @@ class Head:
     x_rows: the shared input's row axis (per-row factors), else None.
     region: ``(equation positions, root variables)`` recomputing the
       shared input in the backward pass (:mod:`recompute`), else None.
+    early: positions of later view equations (a widening cast or transpose
+      of a member's kernel next to its matmul, as Flax layers write it)
+      that the head evaluates first, so that every member's kernel exists.
   """
   members: tuple[int, ...]
   kernels: tuple[Kernel, ...]
   x_rows: int | None = None
   region: tuple | None = None
+  early: tuple[int, ...] = ()
 
   @property
   def grouped(self) -> bool:
@@ -301,7 +305,9 @@ class _Planner(walk.Walker):
     producers = {v: i for i, e in enumerate(eqns) for v in e.outvars
                  if not jc.is_dropvar(v)}
     # siblings: plain projections of one input, grouped by (input,
-    # contraction, row axis); a member's kernel must exist at the head
+    # contraction, row axis); a member's kernel must exist at the head, or
+    # be views (a widening cast, a transpose) of kernels that do, which
+    # the head then evaluates early
     by_key: dict = {}
     keys: dict = {}
     for i, ins in sorted(dot_ins.items()):
@@ -314,19 +320,25 @@ class _Planner(walk.Walker):
         by_key.setdefault(p[:3], []).append(i)
     groups: dict = {}
     grouped: dict = {}
+    hoist: dict = {}
     for cands in by_key.values():
       left = list(cands)
       while left:
         head = left[0]
         rest: list[int] = []
-        found = [head]
+        found, early = [head], set()
         for j in left[1:]:
-          kernel_var = eqns[j].invars[1]
-          (found if producers.get(kernel_var, -1) < head else rest).append(j)
+          views = _early_views(eqns[j].invars[1], head, eqns, producers, env)
+          if views is None:
+            rest.append(j)
+          else:
+            found.append(j)
+            early.update(views)
         left = rest
         if len(found) > 1:
           groups[head] = tuple(found)
           grouped.update({j: head for j in found[1:]})
+          hoist[head] = tuple(sorted(early))
     uses = None
     heads: dict = {}
     for i, ins in sorted(dot_ins.items()):
@@ -348,8 +360,38 @@ class _Planner(walk.Walker):
       if len(members) > 1 or region is not None:
         heads[i] = Head(members,
                         tuple(_kernel_of(dot_ins[j]) for j in members),
-                        keys[i][2] if len(members) > 1 else None, region)
+                        keys[i][2] if len(members) > 1 else None, region,
+                        hoist.get(i, ()))
     return heads, grouped
+
+
+def _early_views(var, head: int, eqns, producers: dict, env: dict
+                 ) -> list[int] | None:
+  """Positions of the view equations (after ``head``) that compute kernel
+  ``var`` from values existing at equation ``head``; None if it needs
+  anything else (a value computed after the head, a consumer, a call)."""
+  need: set = set()
+  todo = [var]
+  while todo:
+    v = todo.pop()
+    if jc.is_literal(v):
+      continue
+    p = producers.get(v)
+    if p is None or p < head or p in need:
+      continue
+    e = eqns[p]
+    if not isinstance(env.get(v), Kernel):
+      return None
+    try:
+      is_view = _view(e, [None if jc.is_literal(u) else env.get(u)
+                          for u in e.invars]) is not None
+    except jc.UnknownSchemaError:
+      return None
+    if not is_view:
+      return None
+    need.add(p)
+    todo.extend(e.invars)
+  return sorted(need)
 
 
 def _kernel_of(ins) -> Kernel:
