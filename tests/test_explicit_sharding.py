@@ -277,6 +277,10 @@ def test_a_mixed_adapter_batch_trains(engine, dora):
                      "merge")
       bad = jax.jit(lambda b, s, x, i: both(b, s, x, adapter_ids=i))(
           sb, lj.stack(adapters), sx, np.where(np.arange(8) == 3, 5, ids))
+      # rows replicated, the program still naming "data" for them: a row
+      # alone (vmap) could not be split so, the batch per adapter can
+      whole = jax.jit(lambda b, s, x: g(b, s, x, adapter_ids=ids))(
+          sb, lj.stack(adapters), jax.device_put(x, NamedSharding(mesh, P())))
   assert jax.typeof(got[0]).sharding.spec == P("data", None)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
@@ -286,6 +290,7 @@ def test_a_mixed_adapter_batch_trains(engine, dora):
     assert np.isnan(bad[0][3]).all() and not np.isnan(bad[0][keep]).any()
     np.testing.assert_allclose(bad[0][keep], out[keep], rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(bad[1][keep], np.argmax(out[keep], -1))
+    np.testing.assert_allclose(whole, out, rtol=1e-5, atol=1e-4)
 
 
 # ---- DoRA: its norms contract the kernel's input axes --------------------

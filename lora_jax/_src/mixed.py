@@ -44,6 +44,7 @@ from lora_jax._src.merge import check_matches
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import map_with_paths
 from lora_jax._src.quant import QArray
+from lora_jax._src.sharding import onto_mesh_of
 from lora_jax._src.stack import LoraStack
 from lora_jax._src.stack import check_stack_bases
 from lora_jax._src.stack import is_stack_or_none
@@ -73,7 +74,7 @@ def run(fn: Callable, single: Callable, base: Any, stacked: Any,
                  **kwargs)
   out_axes, out_tree = row_axes(fn, base, stacked, args, kwargs,
                                 ids.shape[0])
-  if rows == "auto" and _row_lead(args, kwargs) is not None:
+  if rows == "auto" and _typed_rows(args, kwargs) is not None:
     return per_adapter(apply, base, stacked, ids, args, kwargs, out_axes,
                        out_tree, rng=lora_rng)
   return per_row(apply, base, stacked, ids, args, kwargs, out_axes, out_tree,
@@ -172,6 +173,16 @@ def _row_lead(*trees) -> Any:
               None)
 
 
+def _typed_rows(*trees) -> Any:
+  """The first array of ``trees`` with rows whose type names a mesh with
+  Explicit axes (its rows sharded or not), or None: such a batch runs per
+  adapter, as a program written for it may name the rows' sharding (an
+  ``out_sharding=P("data", ...)``) that a row alone under ``vmap`` cannot
+  have."""
+  return next((x for x in jax.tree.leaves(trees) if hasattr(x, "shape")
+               and x.ndim and jc.type_spec(x) is not None), None)
+
+
 def _rows_alike(row_leaves: list, ids, positions) -> tuple:
   """``(row_leaves, ids, positions)`` with axis 0 (the rows) sharded alike,
   as ``vmap`` over rows asks of its inputs under Explicit mesh axes: each
@@ -210,8 +221,9 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
   n = next(iter(stacks(stacked).values())).size
   norms = base_norms(base, stacked)
   lead = _row_lead(args, kwargs)
-  if lead is not None:  # the ids' masks live on the rows' mesh
-    ids = jc.align(ids, lead, {0: 0})
+  lead = _typed_rows(args, kwargs) if lead is None else lead
+  if lead is not None:  # the ids' masks live on the rows' mesh, sharded so
+    ids = onto_mesh_of(ids, lead, (jc.type_spec(lead) or (None,))[:1])
 
   def one(k):
     return jax.tree.leaves(apply(base, row_delta(stacked, k, norms), rng,

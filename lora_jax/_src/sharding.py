@@ -179,6 +179,16 @@ def follow_kernel_mesh(v: Any, kernel: Any) -> Any:
   return _reshard(v, NamedSharding(mesh, PartitionSpec(*(None,) * v.ndim)))
 
 
+def onto_mesh_of(v: Any, like: Any, spec: tuple) -> Any:
+  """``v`` resharded to ``spec`` on the mesh ``like``'s type names (a value
+  with no mesh in its type, such as ids given as a plain array, put beside
+  values on an Explicit-axis mesh)."""
+  if jc.type_spec(v) == tuple(spec):
+    return v
+  mesh = jax.typeof(like).sharding.mesh
+  return _reshard(v, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def _typed_mesh(x: Any) -> Any:
   """The mesh ``x``'s type names when every axis of it is Auto (a value
   inside an ``auto_axes`` region under Explicit axes); else None."""
