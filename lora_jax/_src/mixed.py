@@ -4,7 +4,9 @@
 The factored and auto engines run the batch whole where the engine can
 follow the rows through the program (:func:`whole_batch`); otherwise, and
 always in the merge engine, the function runs once per row under
-``jax.vmap`` (:func:`per_row`), each row on its own gathered factors.
+``jax.vmap`` (:func:`per_row`), each row on its own gathered factors; for
+a batch on a mesh with Explicit axes, once per adapter on the whole batch
+(:func:`per_adapter`).
 
 How a batch runs is the caller's explicit choice (``rows``), one of
 :data:`ROWS`:
@@ -200,11 +202,10 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
                 out_tree, rng=None):
   """What :func:`per_row` computes, by running the whole batch once on the
   base model and once per adapter, keeping each pass's rows of that
-  adapter: for a batch whose rows are sharded by type under Explicit mesh
-  axes, which ``vmap`` over rows cannot run when the program names the
-  rows' sharding (an ``out_sharding=P("data", ...)``: inside ``vmap`` the
-  row axis already holds ``"data"``, and a row alone cannot be split over
-  it).
+  adapter: for a batch on a mesh with Explicit axes, which ``vmap`` over
+  rows cannot run when the program names the rows' sharding (an
+  ``out_sharding=P("data", ...)``: inside ``vmap`` a row axis sharded on
+  ``"data"`` holds it already, and a row alone cannot be split over it).
 
   The function sees the batch as the caller gave it, one adapter at a
   time: ``n + 1`` passes under one ``lax.scan``. Rows whose ids are outside
