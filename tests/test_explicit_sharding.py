@@ -258,6 +258,10 @@ def test_a_mixed_adapter_batch():
 def test_a_mixed_adapter_batch_trains(engine, dora, kind):
   base, x, adapters, ids, _ = _mixed_batch(None, dora)
   ct = jax.random.normal(jax.random.key(8), x.shape)
+  # a NaN in row 0's input (adapter 0) and an inf in adapter 0's factors
+  poisoned = [jax.tree.map(lambda v: v.at[(0,) * v.ndim].set(jnp.inf),
+                           adapters[0]), adapters[1]]
+  x_nan = x.at[0, 3].set(jnp.nan)
 
   def run(g, b, s, x, ct):  # outputs and the gradients of <outputs, ct>
     out, vjp = jax.vjp(lambda s, x: g(b, s, x, adapter_ids=ids), s, x)
@@ -284,9 +288,24 @@ def test_a_mixed_adapter_batch_trains(engine, dora, kind):
       # alone (vmap) could not be split so, the batch per adapter can
       whole = jax.jit(lambda b, s, x: g(b, s, x, adapter_ids=ids))(
           sb, lj.stack(adapters), jax.device_put(x, NamedSharding(mesh, P())))
+      # with row 0's input NaN and adapter 0 inf: no other row's outputs or
+      # input gradients, nor adapter 1's gradients, change (each pass reads
+      # only its own rows)
+      nan = jax.jit(run, static_argnums=0)(
+          g, sb, lj.stack(poisoned), jax.device_put(x_nan, rows),
+          jax.device_put(ct, rows))
   assert jax.typeof(got[0]).sharding.spec == P("data", None)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+  if extra:
+    other = np.asarray(ids) != 0
+    out, (d_stack, d_x) = nan
+    close = lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+    close(np.asarray(out)[other], np.asarray(want[0])[other])
+    close(np.asarray(d_x)[other], np.asarray(want[1][1])[other])
+    for a, b in zip(jax.tree.leaves(d_stack), jax.tree.leaves(want[1][0])):
+      close(np.asarray(a)[1], np.asarray(b)[1])  # adapter 1's
   if extra:  # that row NaN (as on every path), the others kept
     keep = np.arange(8) != 3
     bad, out = [np.asarray(v) for v in bad], np.asarray(want[0])

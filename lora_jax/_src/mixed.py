@@ -214,10 +214,10 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
   pass on an adapter outside the stack (NaN scale) gives those rows what a
   NaN adapter gives them, without a gradient. Rows must be independent, as
   for :func:`per_row`; LoRA dropout draws the masks a single-adapter batch
-  would (``rng`` itself in every pass). A non-finite adapter turns every
-  row's gradient with respect to the inputs NaN (its pass's zero cotangent
-  on the other rows meets its non-finite values); the outputs and the other
-  adapters' gradients stay their own.
+  would (``rng`` itself in every pass). Each pass reads only its adapter's
+  rows (the others enter as zeros, with no gradient), so a non-finite row or
+  adapter changes no other row's outputs or gradients, nor another
+  adapter's gradients.
   """
   n = next(iter(stacks(stacked).values())).size
   norms = base_norms(base, stacked)
@@ -226,9 +226,15 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
   if lead is not None:  # the ids' masks live on the rows' mesh, sharded so
     ids = onto_mesh_of(ids, lead, (jc.type_spec(lead) or (None,))[:1])
 
-  def one(k):
+  def one(k, own=True):
+    # Pass k reads its own rows; the others enter as zeros, and their
+    # gradients are cut (a select, not a product with a zero mask): so a
+    # non-finite value in another adapter's row, or another adapter
+    # non-finite, reaches neither this adapter's gradient nor those rows'.
+    a, kw = jax.tree.map(lambda x: _own_rows(x, ids == k), (args, kwargs)
+                         ) if own else (args, kwargs)
     return jax.tree.leaves(apply(base, row_delta(stacked, k, norms), rng,
-                                 *args, **kwargs))
+                                 *a, **kw))
 
   def keep(outs, k):
     return [o if r is None else jnp.where(_row_mask(ids == k, y, r), y, o)
@@ -243,9 +249,18 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
         _row_mask(valid, y, r), y, jnp.full((), jnp.nan, y.dtype))
             for y, r in zip(flat, out_axes)]
   else:
-    start = jax.lax.stop_gradient(one(jnp.asarray(n, ids.dtype)))
+    start = jax.lax.stop_gradient(one(jnp.asarray(n, ids.dtype), False))
     flat = _over(keep, start, ks)
   return jax.tree.unflatten(out_tree, flat)
+
+
+def _own_rows(x, mask):
+  """``x`` with the rows outside ``mask`` zero and carrying no gradient, for
+  a floating array with rows (axis 0); anything else as it is."""
+  if not (hasattr(x, "shape") and x.ndim
+          and jnp.issubdtype(x.dtype, jnp.inexact)):
+    return x
+  return jnp.where(_row_mask(mask, x, 0), x, jnp.zeros((), x.dtype))
 
 
 def _over(body, carry, ks):
