@@ -18,7 +18,11 @@ def _free_port() -> int:
 
 
 def _run(args, **kw):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # the example sets its own device count; the suite's other XLA flags (its
+  # compile-time savings, tests/conftest.py) carry over
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
   return subprocess.Popen([sys.executable, "-m", "lora_jax.examples.multihost",
                            *args], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, **kw)
