@@ -120,11 +120,17 @@ EOF
     say "interop tests: no 'interop' extra in pyproject.toml, none to run"
   fi
   # CI's three suites would not fit its 25 minutes with every documentation
-  # run in each: the demo's test runs in `make test` (beside `make demo`);
-  # notebooks 01-05 and the README's snippets (the interop one included) in
-  # `make test` and here; notebook 06 (tunix) in py313-newest.
-  say "pytest: tests/, doctests over lora_jax/, notebooks (checkout, editable); NOT tests/test_demo.py (run by make test)"
-  run_pytest --ignore=tests/test_demo.py
+  # run in each: the demo's test, notebooks 01-05 and the README's snippets
+  # run in `make test` (jax 0.10 on CI's Python 3.11); here only the
+  # snippet that needs PyTorch (the interop one, which `make test` skips);
+  # notebook 06 (tunix) in py313-newest.
+  local docs="not test_notebook_runs and (not test_snippet_runs_on_its_own or pytorch)"
+  local picked
+  picked=$("$PY" -m pytest -p no:cacheprovider --collect-only -q tests/test_readme.py -k "$docs" 2>&1 || true)
+  [[ $picked == *"test_snippet_runs_on_its_own["*pytorch* ]] \
+    || die "the README's PyTorch snippet is no longer selected by -k '$docs': $picked"
+  say "pytest: tests/, doctests over lora_jax/ (checkout, editable), the README's PyTorch snippet; NOT tests/test_demo.py, notebooks 01-05, the other snippets (run by make test)"
+  run_pytest --ignore=tests/test_demo.py -k "$docs"
 }
 
 newest_setup() {  # the venv, the wheel built from the checkout, installed
@@ -200,7 +206,7 @@ EOF
   [[ $pkg == "$ROOT/$venv/lib/"*"/site-packages/lora_jax" ]] || die "lora_jax is not the installed wheel"
   export LORA_JAX_EXPECT_DIR=$pkg  # tests/conftest.py checks it again
   "$PY" -m lora_jax.examples.multihost --help >/dev/null || die "python -m lora_jax.examples.multihost"
-  say "pytest: tests/, doctests over the installed lora_jax, notebook 06 (wheel); NOT tests/test_readme.py and notebooks 01-05 (run by make test and py311-oldest), tests/test_demo.py (run by make test, beside make demo)"
+  say "pytest: tests/, doctests over the installed lora_jax, notebook 06 (wheel); NOT tests/test_readme.py and notebooks 01-05 (run by make test; py311-oldest runs the PyTorch snippet), tests/test_demo.py (run by make test, beside make demo)"
   local nb=tests/test_notebooks.py::test_notebook_runs
   run_pytest tests "$pkg" --doctest-modules --ignore=tests/test_readme.py \
     --ignore=tests/test_demo.py --deselect "$nb[01_quickstart_linen.ipynb]" \
