@@ -302,6 +302,12 @@ def first_row(base, stacked, ids):
                                 base_norms(base, stacked))
 
 
+def _resized(x, size: int):
+  """``x``'s first row (``size`` 1), or ``x`` twice over along its rows
+  (``size`` ``2 * n_rows``), for the row-axis probe of :func:`row_axes`."""
+  return x[:1] if size == 1 else jnp.concatenate([x, x])
+
+
 def row_axes(fn, base, stacked, args, kwargs, n_rows: int
               ) -> tuple[list, Any]:
   """Where each output of a mixed batch holds its rows (None: it does not
@@ -312,9 +318,12 @@ def row_axes(fn, base, stacked, args, kwargs, n_rows: int
   one_shapes = shapes
   if any(r is factored.UNKNOWN for r in out_rows):
     # The analysis could not follow the rows to these outputs: the axis that
-    # is n_rows long on the whole batch and 1 long on one row, if one is.
-    one = jax.tree.map(lambda x: x[:1] if is_array(x) and x.ndim else x,
-                       (args, kwargs))
+    # is n_rows long on the whole batch and 1 long on one row, if one is
+    # (rows sharded by type: 2 * n_rows long on the batch twice over, as
+    # one row cannot be cut from rows split over a mesh axis).
+    size = 1 if _row_lead(args, kwargs) is None else 2 * n_rows
+    one = jax.tree.map(lambda x: _resized(x, size)
+                       if is_array(x) and x.ndim else x, (args, kwargs))
     one_args, one_kwargs = one
     one_shapes = factored.output_rows(fn, base, one_args, one_kwargs,
                                       per_row_kernels)[1]
@@ -323,7 +332,7 @@ def row_axes(fn, base, stacked, args, kwargs, n_rows: int
     if r is factored.UNKNOWN:
       changed = [a for a, (m, n) in enumerate(zip(full, row)) if m != n]
       if (len(full) == len(row) and len(changed) == 1
-          and (full[changed[0]], row[changed[0]]) == (n_rows, 1)):
+          and (full[changed[0]], row[changed[0]]) == (n_rows, size)):
         r = changed[0]
       else:
         raise ValueError(
