@@ -215,9 +215,9 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
   NaN adapter gives them, without a gradient. Rows must be independent, as
   for :func:`per_row`; LoRA dropout draws the masks a single-adapter batch
   would (``rng`` itself in every pass). Each pass reads only its adapter's
-  rows (the others enter as zeros, with no gradient), so a non-finite row or
-  adapter changes no other row's outputs or gradients, nor another
-  adapter's gradients.
+  rows (the others enter with no gradient, their non-finite entries 0), so
+  a non-finite row or adapter changes no other row's outputs or gradients,
+  nor another adapter's gradients.
   """
   n = next(iter(stacks(stacked).values())).size
   norms = base_norms(base, stacked)
@@ -227,10 +227,12 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
     ids = onto_mesh_of(ids, lead, (jc.type_spec(lead) or (None,))[:1])
 
   def one(k, own=True):
-    # Pass k reads its own rows; the others enter as zeros, and their
-    # gradients are cut (a select, not a product with a zero mask): so a
-    # non-finite value in another adapter's row, or another adapter
-    # non-finite, reaches neither this adapter's gradient nor those rows'.
+    # Pass k reads its own rows; the others enter finite (their NaN and
+    # inf entries 0, finite ones as they are: a program need not be finite
+    # at zero), and their gradients are cut (a select, not a product with a
+    # zero mask): so a non-finite value in another adapter's row, or another
+    # adapter non-finite, reaches neither this adapter's gradient nor those
+    # rows'.
     a, kw = jax.tree.map(lambda x: _own_rows(x, ids == k), (args, kwargs)
                          ) if own else (args, kwargs)
     return jax.tree.leaves(apply(base, row_delta(stacked, k, norms), rng,
@@ -255,12 +257,16 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
 
 
 def _own_rows(x, mask):
-  """``x`` with the rows outside ``mask`` zero and carrying no gradient, for
-  a floating array with rows (axis 0); anything else as it is."""
+  """``x`` with the rows outside ``mask`` carrying no gradient and their
+  non-finite entries set to 0, for a floating array with rows (axis 0);
+  anything else as it is. Their finite entries stay: a program need not be
+  finite at zero (``x / |x|``), and a 0/0 in a discarded row would meet its
+  zero cotangent in the adapter's gradient as a NaN in one of its own."""
   if not (hasattr(x, "shape") and x.ndim
           and jnp.issubdtype(x.dtype, jnp.inexact)):
     return x
-  return jnp.where(_row_mask(mask, x, 0), x, jnp.zeros((), x.dtype))
+  other = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+  return jnp.where(_row_mask(mask, x, 0), x, jax.lax.stop_gradient(other))
 
 
 def _over(body, carry, ks):
