@@ -266,7 +266,9 @@ class Context:
     return self.keys is not None and lora.dropout > 0
 
   def next_key(self) -> jax.Array:
-    assert self.keys is not None, "next_key without a dropout rng"
+    if self.keys is None:  # callers check dropping() first: a bug if not
+      raise RuntimeError("lora_jax internal error: a dropout key was asked "
+                         "for where no lora_rng was given")
     return self.keys.next()
 
   def dropout(self, x: jax.Array, lora: Lora) -> jax.Array:
