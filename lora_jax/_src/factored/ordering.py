@@ -13,7 +13,7 @@ Two places in the engine must tell XLA *when* to compute something, not what:
 ``lax.optimization_barrier`` says this on GPU and TPU, but XLA:CPU removes
 barriers before scheduling and common-subexpression elimination. So
 :func:`after` also threads a zero through the values: the zero is
-``min(popcount(bits of one scalar of the anchor), 0)``, which is 0 for every
+``min(popcount(bits of two elements of the anchor), 0)``, which is 0 for every
 bit pattern (a population count is never negative: NaN, inf and -0.0 give 0
 like any other number). Floats get ``x - 0.0``, exact for every float
 (``-0.0``, inf and NaN included), integers (quantized codes) ``x ^ 0``. No
@@ -32,11 +32,18 @@ import jax.numpy as jnp
 from lora_jax._src import jaxpr_core as jc
 
 
-def _anchor_scalar(anchor: Any) -> jax.Array | None:
-  """One scalar read from ``anchor``'s first non-empty numeric leaf: its
-  first element, or under Explicit mesh axes, where one element of a sharded
-  axis cannot be sliced out by type, the first element of each shard of the
-  sharded axes (the rest of the work reduces them)."""
+def _anchor_elements(anchor: Any) -> jax.Array | None:
+  """A few elements read from ``anchor``'s first non-empty numeric leaf: its
+  first two (one if it has one), or under Explicit mesh axes, where one
+  element of a sharded axis cannot be sliced out by type, the first element
+  of each shard of the sharded axes (the rest of the work reduces them).
+
+  Two, not one: XLA simplifies a reduction over one element away, and then
+  copies the whole bitcast, population count, min and convert into every
+  fusion that reads a value made to wait (19 copies per decoder layer of
+  ``benchmarks/qwen3.py``, a tenth of the factored step's optimised HLO, a
+  cost paid at every compile). A reduction over two stays one small fusion
+  whose scalar the waiting values read."""
   for x in jax.tree.leaves(anchor):
     dtype = jnp.dtype(x.dtype)
     if x.size and (jnp.issubdtype(dtype, jnp.inexact)
@@ -44,7 +51,7 @@ def _anchor_scalar(anchor: Any) -> jax.Array | None:
                        jnp.issubdtype(dtype, jnp.complexfloating)):
       spec = jc.type_spec(x)
       if spec is None or not any(spec):
-        return jnp.ravel(x)[0]
+        return jnp.ravel(x)[:2]
       return x[tuple(slice(None) if s else 0 for s in spec)]
   return None
 
@@ -56,7 +63,7 @@ def _bits_dtype(dtype) -> jnp.dtype:
 def zero_after(anchor: Any) -> jax.Array | None:
   """An int32 0 that XLA computes only once ``anchor`` exists (None when the
   anchor has no numeric element to wait for)."""
-  x = _anchor_scalar(anchor)
+  x = _anchor_elements(anchor)
   if x is None:
     return None
   if jnp.issubdtype(x.dtype, jnp.inexact):
