@@ -403,6 +403,23 @@ def test_a_shard_map_body(engine):
          "w1|w2")
 
 
+# A shard_map splitting the rows over "data": one row alone cannot be split
+# so, and the row analysis does not follow rows through the body; the batch
+# runs per adapter, on any mesh.
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_mixed_adapter_batch_through_a_shard_map_over_its_rows(engine):
+  base, x, adapters, ids, want = _mixed_batch(_manual(None))
+  x_nan = x.at[0, 3].set(jnp.nan)  # row 0 (adapter 0)
+  mesh = _mesh("auto")
+  g = lj.wrap(_manual(mesh), engine)
+  run = jax.jit(lambda s, x: g(base, s, x, adapter_ids=ids))
+  with _set_mesh(mesh):
+    got, bad = run(lj.stack(adapters), x), run(lj.stack(adapters), x_nan)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.isnan(np.asarray(bad)[0]).any()
+  np.testing.assert_array_equal(np.asarray(bad)[1:], np.asarray(got)[1:])
+
+
 def _fsdp_megatron(mesh):
   """The Megatron MLP on FSDP x TP kernels, gathered over "data" where used
   (``reshard``), as explicit mode asks."""

@@ -516,6 +516,26 @@ def higher_order(eqn):
   return None
 
 
+def programs_of(structure) -> tuple[Program, ...]:
+  """Every sub-program of a :func:`higher_order` structure (None: none)."""
+  if structure is None:
+    return ()
+  if isinstance(structure, While):
+    return (structure.cond, structure.body)
+  if isinstance(structure, Cond):
+    return structure.branches
+  return (structure.body,)
+
+
+def holds(jaxpr, primitives: Primitives) -> bool:
+  """Whether ``jaxpr`` or any sub-program of it has an equation of
+  ``primitives``."""
+  return any(eqn.primitive in primitives
+             or any(holds(p.jaxpr, primitives)
+                    for p in programs_of(higher_order(eqn)))
+             for eqn in jaxpr.eqns)
+
+
 # ---- tracing and evaluating ---------------------------------------------------
 
 def is_array(x: Any) -> bool:

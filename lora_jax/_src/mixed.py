@@ -74,9 +74,9 @@ def run(fn: Callable, single: Callable, base: Any, stacked: Any,
   if ids.shape[0] == 1:  # one row: the function itself, on that adapter
     return apply(base, first_row(base, stacked, ids), lora_rng, *args,
                  **kwargs)
-  out_axes, out_tree = row_axes(fn, base, stacked, args, kwargs,
-                                ids.shape[0])
-  if rows == "auto" and _typed_rows(args, kwargs) is not None:
+  out_axes, out_tree, whole_only = row_axes(fn, base, stacked, args, kwargs,
+                                            ids.shape[0])
+  if rows == "auto" and whole_only:
     return per_adapter(apply, base, stacked, ids, args, kwargs, out_axes,
                        out_tree, rng=lora_rng)
   return per_row(apply, base, stacked, ids, args, kwargs, out_axes, out_tree,
@@ -205,7 +205,9 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
   adapter: for a batch on a mesh with Explicit axes, which ``vmap`` over
   rows cannot run when the program names the rows' sharding (an
   ``out_sharding=P("data", ...)``: inside ``vmap`` a row axis sharded on
-  ``"data"`` holds it already, and a row alone cannot be split over it).
+  ``"data"`` holds it already, and a row alone cannot be split over it);
+  and for a program holding a ``shard_map``, which may split the rows over
+  devices.
 
   The function sees the batch as the caller gave it, one adapter at a
   time: ``n + 1`` passes under one ``lax.scan``. Rows whose ids are outside
@@ -315,19 +317,25 @@ def _resized(x, size: int):
 
 
 def row_axes(fn, base, stacked, args, kwargs, n_rows: int
-              ) -> tuple[list, Any]:
+              ) -> tuple[list, Any, bool]:
   """Where each output of a mixed batch holds its rows (None: it does not
-  read them), or a ValueError naming the output that has none."""
+  read them), or a ValueError naming the output that has none; and whether
+  the batch must run whole, per adapter (:func:`per_adapter`), because a
+  row cannot run alone: rows typed on a mesh with Explicit axes, or a
+  program holding a ``shard_map`` (which may split the rows over devices:
+  one row cannot be split so)."""
   per_row_kernels = set(stacks(stacked))
-  out_rows, shapes, out_tree, reads = factored.output_rows(
+  out_rows, shapes, out_tree, reads, shard_mapped = factored.output_rows(
       fn, base, args, kwargs, per_row_kernels)
+  whole_only = shard_mapped or _typed_rows(args, kwargs) is not None
   one_shapes = shapes
   if any(r is factored.UNKNOWN for r in out_rows):
     # The analysis could not follow the rows to these outputs: the axis that
     # is n_rows long on the whole batch and 1 long on one row, if one is
-    # (rows sharded by type: 2 * n_rows long on the batch twice over, as
-    # one row cannot be cut from rows split over a mesh axis).
-    size = 1 if _row_lead(args, kwargs) is None else 2 * n_rows
+    # (2 * n_rows long on the batch twice over where one row cannot be cut
+    # from rows split over a mesh axis or split by a shard_map).
+    size = (2 * n_rows if shard_mapped or _row_lead(args, kwargs) is not None
+            else 1)
     one = jax.tree.map(lambda x: _resized(x, size)
                        if is_array(x) and x.ndim else x, (args, kwargs))
     one_args, one_kwargs = one
@@ -358,7 +366,7 @@ def row_axes(fn, base, stacked, args, kwargs, n_rows: int
           f"it per row (keep a row axis), or outside the wrapped function "
           f"for each adapter (lj.select).")
     axes.append(r)
-  return axes, out_tree
+  return axes, out_tree, whole_only
 
 
 def _output_name(out_tree, k: int) -> str:

@@ -233,12 +233,12 @@ def _row_analysis(closed, n_params: int, inputs):
 
 
 def output_rows(fn, base, args, kwargs, kernels=frozenset()
-                ) -> tuple[list, list, object, list]:
+                ) -> tuple[list, list, object, list, bool]:
   """For a mixed-adapter batch (rows on axis 0 of every array argument):
   ``(row axis of each flat output, each flat output's shape, out tree,
-  whether each flat output reads a base leaf whose path is in kernels)``;
-  a row axis is an int, None (the output does not read the rows) or
-  :data:`rows.UNKNOWN`."""
+  whether each flat output reads a base leaf whose path is in kernels,
+  whether the program holds a shard_map)``; a row axis is an int, None
+  (the output does not read the rows) or :data:`rows.UNKNOWN`."""
   stand_in = _stand_ins(base)
   closed, inputs, out_tree = jc.trace(fn, stand_in, args, kwargs)
   n_params = len(jax.tree.leaves(stand_in))
@@ -247,7 +247,7 @@ def output_rows(fn, base, args, kwargs, kernels=frozenset()
   reads = rows.reads(closed.jaxpr,
                      in_reads + [False] * (len(inputs) - n_params))
   return (out_rows, [tuple(a.shape) for a in closed.out_avals], out_tree,
-          reads)
+          reads, jc.holds(closed.jaxpr, jc.SHARD_MAP))
 
 
 def factored_apply(fn, base, deltas: dict, args, kwargs, *, strict=False,
