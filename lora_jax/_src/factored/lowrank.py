@@ -3,6 +3,7 @@ the LoRA branch of a ``dot_general`` reshaped to 2-D matmuls."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -75,6 +76,32 @@ def a_matrix(a, in_pos, contract, r_pos, lead: int = 0):
                         f.shape[-1]))
 
 
+@functools.partial(jax.jit, inline=True, static_argnames=(
+    "f_perm", "s_perm", "n_x", "kernel_is_lhs"))
+def _low_2d(x, first, second, scale, projected, *, f_perm, s_perm, n_x,
+            kernel_is_lhs):
+  """The 2-D fast path of :func:`lowrank_dot`, jitted so that its trace and
+  its linearization are made once per shape, not once per kernel."""
+  dtype = x.dtype
+  f1 = jnp.transpose(first, f_perm)
+  f1 = jc.reshape(f1, (math.prod(f1.shape[:-1]), f1.shape[-1]))
+  k_size = f1.shape[0]
+  f2 = jnp.transpose(second, s_perm)
+  n_shape = f2.shape[1:]
+  f2 = jc.reshape(f2, (f2.shape[0], math.prod(n_shape)))
+  m_shape = x.shape[:n_x]
+  if projected is None:
+    x2 = jc.reshape(x, (math.prod(m_shape), k_size))
+    t = project(x2, f1.astype(dtype)) * scale
+  else:
+    t = projected.astype(dtype)
+  u = jc.reshape(jc.matmul(t, f2.astype(dtype)), (*m_shape, *n_shape))
+  if kernel_is_lhs:
+    u = jnp.moveaxis(u, list(range(len(m_shape))),
+                     list(range(len(n_shape), len(n_shape) + len(m_shape))))
+  return u
+
+
 def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
                 kernel_is_lhs: bool, projected=None):
   """``dot_general(x, scale * a @ b)`` (or with the kernel on the left) in
@@ -106,21 +133,11 @@ def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
   if not k_batch and tuple(x_contract) == tuple(
       range(x.ndim - len(x_contract), x.ndim)):
     # 2-D fast path: (M, K) @ (K, r) @ (r, N), no transposes of activations.
-    f1 = a_matrix(first, f_pos, k_contract, f_r)
-    k_size = f1.shape[0]
-    f2 = jnp.transpose(second, [s_r] + [s_pos[k] for k in free_sorted])
-    n_shape = f2.shape[1:]
-    f2 = jc.reshape(f2, (f2.shape[0], math.prod(n_shape)))
-    m_shape = x.shape[:x.ndim - len(x_contract)]
-    if projected is None:
-      x2 = jc.reshape(x, (math.prod(m_shape), k_size))
-      t = project(x2, f1.astype(dtype)) * scale
-    else:
-      t = projected.astype(dtype)
-    u = jc.reshape(jc.matmul(t, f2.astype(dtype)), (*m_shape, *n_shape))
-    if kernel_is_lhs:
-      u = jnp.moveaxis(u, list(range(len(m_shape))),
-                       list(range(len(n_shape), len(n_shape) + len(m_shape))))
+    f_perm = tuple([f_pos[k] for k in k_contract] + [f_r])
+    s_perm = tuple([s_r] + [s_pos[k] for k in free_sorted])
+    u = _low_2d(x, first, second, scale if projected is None else None,
+                projected, f_perm=f_perm, s_perm=s_perm,
+                n_x=x.ndim - len(x_contract), kernel_is_lhs=kernel_is_lhs)
     return u, rule
   # General case: batched dot_generals.
   t = jc.dot(

@@ -6,12 +6,14 @@ concatenated per-row ``a``s."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 
+import jax
 import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
-from lora_jax._src.factored.lowrank import a_matrix
 from lora_jax._src.factored.lowrank import project
 from lora_jax._src.factored.values import Context
 
@@ -59,12 +61,30 @@ def project_group(group, x, r: int | None = None) -> dict:
   matmul against the concatenated ``a``s. With per-row factors (``r``: x's
   row axis): ``(rows, M, rank)`` each, one batched product over rows."""
   dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, _, lora in group))
-  lead = [] if r is None else [0]  # per-row factors: the row axis first
-  firsts = []
+  perms = []
   for _, eqn, lora in group:
     in_a, _, r_a, _ = lora.layout.factor_positions()
-    firsts.append(a_matrix(lora.a, in_a, jc.dot_dims(eqn).rhs_contract, r_a,
-                           lead=len(lead)).astype(dtype))
+    perms.append(tuple([in_a[k] for k in jc.dot_dims(eqn).rhs_contract]
+                       + [r_a]))
+  scales = [jnp.asarray(lora.scale, dtype) for _, _, lora in group]
+  parts = _project(x, [lora.a for _, _, lora in group], scales,
+                   perms=tuple(perms), dtype=jnp.dtype(dtype), r=r)
+  return {j: part for (j, _, _), part in zip(group, parts)}
+
+
+@functools.partial(jax.jit, inline=True,
+                   static_argnames=("perms", "dtype", "r"))
+def _project(x, factors, scales, *, perms, dtype, r):
+  """:func:`project_group`'s products, jitted so that its trace and its
+  linearization are made once per shape, not once per group."""
+  lead = [] if r is None else [0]  # per-row factors: the row axis first
+  firsts = []
+  for a, perm in zip(factors, perms):
+    f = jnp.transpose(a, list(range(len(lead))) + [len(lead) + p
+                                                   for p in perm])
+    firsts.append(jc.reshape(f, (*f.shape[:len(lead)],
+                                 math.prod(f.shape[len(lead):-1]),
+                                 f.shape[-1])).astype(dtype))
   a = jnp.concatenate(firsts, axis=-1)
   if r is None:
     t = project(jc.reshape(x.astype(dtype), (-1, a.shape[0])), a)
@@ -74,7 +94,6 @@ def project_group(group, x, r: int | None = None) -> dict:
                (((2,), (1,)), ((0,), (0,))))
   offsets = list(itertools.accumulate(f.shape[-1] for f in firsts))[:-1]
   parts = jnp.split(t, offsets, axis=-1)
-  scale = lambda lora: (jnp.asarray(lora.scale, dtype) if r is None
-                        else jc.align(jnp.asarray(lora.scale, dtype), t,
-                                      {0: 0})[:, None, None])
-  return {j: part * scale(lora) for (j, _, lora), part in zip(group, parts)}
+  return [part * (scale if r is None
+                  else jc.align(scale, t, {0: 0})[:, None, None])
+          for part, scale in zip(parts, scales)]
