@@ -288,3 +288,36 @@ def test_unknown_schema_in_the_engine_is_a_counted_fallback(monkeypatch):
     lj.wrap(fn, "factored", strict=True)(base, delta, X)
   monkeypatch.setattr(jc, "dot_dims", real)
   np.testing.assert_allclose(got, X @ lj.merge(base, delta)["w"], rtol=1e-5)
+
+
+def test_value_key_tells_apart_what_acts_differently():
+  vk = jc.value_key
+  assert vk(0.0) != vk(-0.0) and vk(1) != vk(1.0) and vk(1) != vk(True)
+  assert vk(np.float32(0.5)) == vk(np.float32(0.5))
+  assert vk(np.float32(0.5)) != vk(np.float64(0.5))
+  assert vk(np.array([0.0], np.float32)) != vk(np.array([-0.0], np.float32))
+  assert vk((1, (2, "a"))) == vk((1, (2, "a"))) != vk([1, (2, "a")])
+  f = lambda x: x
+  assert vk(f) == vk(f) != vk(lambda x: x)  # functions: only themselves
+  with pytest.raises(jc.NoKey):
+    vk(jnp.ones(2))  # data is not a parameter
+  with pytest.raises(jc.NoKey):
+    vk(bytearray(b"x"))  # unhashable
+
+
+def test_equations_key_is_the_computation_not_the_variables():
+  def block(x, s, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * s
+
+  def eqns_of(eps, shape=(4, 8)):
+    closed = jax.make_jaxpr(lambda x, s: block(x, s, eps))(
+        jnp.ones(shape), jnp.ones(shape[-1:]))
+    return closed.jaxpr.eqns, closed.jaxpr.invars
+
+  key = lambda e: jc.equations_key(*e)
+  assert key(eqns_of(1e-6)) == key(eqns_of(1e-6))  # other variables
+  assert key(eqns_of(1e-6)) != key(eqns_of(1e-5))  # another literal
+  assert key(eqns_of(1e-6)) != key(eqns_of(1e-6, (2, 8)))  # other shapes
+  eqns, invars = eqns_of(1e-6)
+  with pytest.raises(jc.NoKey, match="outside"):
+    jc.equations_key(eqns[1:], invars)  # reads the first one's output

@@ -184,3 +184,64 @@ def test_mixed_adapter_batch_with_recomputed_inputs():
 def _batched(fn):
   """The block over a leading batch axis (rows), as models take a batch."""
   return lambda p, x: jax.vmap(lambda r: fn(p, r))(x)
+
+
+def test_regions_of_the_same_structure_share_one_backward_pass(monkeypatch):
+  """Every layer of a deep model recomputes alike, so their regions share
+  one traced backward pass; a region that differs in anything the backward
+  pass computes with (a literal such as LayerNorm's eps, an adapter's
+  scale) gets its own. Gradients equal the merge engine's either way: a
+  region that shared wrongly would use another layer's eps or scale."""
+  from lora_jax._src.factored import recompute
+
+  def ln(x, s, b, eps):
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) * jax.lax.rsqrt(v + eps) * s + b
+
+  def block(p, x, eps):
+    h = ln(x, p["ln1_s"], p["ln1_b"], eps)
+    q, k, v = h @ p["q"], h @ p["k"], h @ p["v"]
+    att = jax.nn.softmax(q @ k.T / np.sqrt(D), axis=-1)
+    x = x + (att @ v) @ p["o"]
+    h = ln(x, p["ln2_s"], p["ln2_b"], eps)
+    return x + jax.nn.gelu(h @ p["fc1"] + p["fc1_b"]) @ p["fc2"]
+
+  eps = (1e-6, 1e-6, 0.5, 1e-6)  # layer 2: another eps in both LayerNorms
+
+  def fn(p, x):
+    for i, e in enumerate(eps):
+      x = block(p[f"l{i}"], x, e)
+    return x
+
+  keys = iter(jax.random.split(jax.random.key(0), 64))
+  w = lambda *s: jax.random.normal(next(keys), s) / np.sqrt(s[0])
+  layer = lambda: {
+      "q": w(D, D), "k": w(D, D), "v": w(D, D), "o": w(D, D),
+      "fc1": w(D, MLP), "fc1_b": w(MLP) * 0.1, "fc2": w(MLP, D),
+      "ln1_s": 1 + w(D) * 0.1, "ln1_b": w(D) * 0.1,
+      "ln2_s": 1 + w(D) * 0.1, "ln2_b": w(D) * 0.1}
+  params = {f"l{i}": layer() for i in range(len(eps))}
+  cfg = lj.LoraConfig(rank=4, alpha=8.0, targets=r"l\d/(q|k|v|o|fc1|fc2)")
+  base, delta = lj.split(params, cfg, jax.random.key(1))
+  delta = randomize(delta, scale=0.3)
+  # layer 3: q's adapter at twice the scale (static, not an array)
+  q3 = delta["l3"]["q"]
+  delta["l3"]["q"] = type(q3)(q3.a, q3.b, 2 * q3.scale, q3.layout)
+  x = jax.random.normal(jax.random.key(2), (T, D))
+
+  traced = []
+  real = recompute._backward
+  monkeypatch.setattr(recompute, "_backward", lambda *a: (
+      traced.append(1), real(*a))[1])
+  g_on = jax.jit(jax.grad(_loss(fn, base, x)))(delta)
+  g_merge = jax.grad(lambda d: jnp.sum(jnp.tanh(
+      lj.wrap(fn, "merge")(base, d, x))))(delta)
+  for (path, a), c in zip(jax.tree_util.tree_leaves_with_path(g_on),
+                          jax.tree.leaves(g_merge)):
+    scale = float(jnp.abs(c).max())
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  # per layer: LayerNorm -> q/k/v, LayerNorm -> fc1, GELU -> fc2. Layers 0
+  # and 1 share all three; layer 2 shares GELU's; layer 3 all but q/k/v's
+  assert len(traced) == 3 + 2 + 1, len(traced)

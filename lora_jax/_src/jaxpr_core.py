@@ -605,6 +605,98 @@ def is_dropvar(v) -> bool:
       type(v).__name__ == "DropVar")
 
 
+# ---- structural keys ------------------------------------------------------------
+
+class NoKey(Exception):
+  """A value with no structural key (unhashable, or data that is not a
+  parameter): whatever it belongs to is not shared."""
+
+
+def value_key(v: Any) -> Any:
+  """A hashable stand-in for ``v`` that is equal only for values that act
+  alike: Python scalars by type and ``repr`` (``0.0`` and ``-0.0`` differ,
+  so do ``1``, ``1.0`` and ``True``), NumPy values by dtype, shape and
+  bytes, containers element by element, anything else hashable as itself
+  (its own equality: a jaxpr or function is equal only to itself). Raises
+  :class:`NoKey` for the rest (a jax.Array, an unhashable object)."""
+  if v is None or isinstance(v, (bool, int, float, complex, str)):
+    return (type(v).__name__, repr(v))
+  if isinstance(v, (tuple, list)):
+    return (type(v).__name__, tuple(value_key(x) for x in v))
+  if isinstance(v, dict):
+    return ("dict", tuple(sorted((repr(k), value_key(x))
+                                 for k, x in v.items())))
+  if isinstance(v, (np.ndarray, np.generic)):
+    a = np.asarray(v)
+    return ("ndarray", a.dtype.str, a.shape, a.tobytes())
+  if isinstance(v, jax.Array):  # tracers included
+    raise NoKey(f"an array ({type(v).__name__})")
+  try:
+    hash(v)
+  except TypeError:
+    raise NoKey(f"unhashable {type(v).__name__}") from None
+  return ("object", type(v), v)
+
+
+def aval_key(x: Any) -> Any:
+  """Shape, dtype, weak type and (Explicit axes) sharding type of a value
+  or variable."""
+  aval = getattr(x, "aval", None)
+  if aval is None:
+    aval = jax.typeof(x)
+  return (tuple(aval.shape), str(aval.dtype),
+          bool(getattr(aval, "weak_type", False)), type_spec(aval))
+
+
+def equations_key(eqns: Sequence[Any], inputs: Sequence[Any]) -> Any:
+  """A key equal for two equation lists that compute alike from inputs of
+  the same types: each equation's primitive, parameters
+  (:func:`value_key`), tracing context and operands, each operand a
+  literal's value or the position of the input or earlier output it reads.
+  Raises :class:`NoKey` where that cannot be said (an operand from outside,
+  a parameter without a key)."""
+  where: dict = {v: i for i, v in enumerate(inputs)}
+  out = [tuple(aval_key(v) for v in inputs)]
+  for e in eqns:
+    refs = []
+    for v in e.invars:
+      if is_literal(v):
+        refs.append(("literal", value_key(np.asarray(v.val)),
+                     aval_key(v)))
+      elif v in where:
+        refs.append(where[v])
+      else:
+        raise NoKey(f"{e.primitive.name} reads a value from outside")
+    out.append((e.primitive, _params_key(e), _context_key(e), tuple(refs),
+        tuple(aval_key(v) for v in e.outvars)))
+    for v in e.outvars:
+      where[v] = len(where)
+  return tuple(out)
+
+
+def _context_key(eqn) -> Any:
+  """The equation's tracing context (abstract mesh, compute type, ...) by
+  its fields where it names them in ``__slots__`` (JAX 0.6's compares by
+  identity, and each equation may hold its own); else as itself."""
+  ctx = getattr(eqn, "ctx", None)
+  slots = [s for t in type(ctx).__mro__
+           for s in _names(getattr(t, "__slots__", ()))
+           if not s.startswith("__")]
+  if ctx is None or not slots:
+    return value_key(ctx)
+  return (type(ctx), tuple((s, value_key(getattr(ctx, s, None)))
+                           for s in slots))
+
+
+def _names(slots) -> tuple:
+  return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+@reads_params
+def _params_key(eqn) -> Any:
+  return tuple(sorted((k, value_key(v)) for k, v in eqn.params.items()))
+
+
 # ---- sharding in types (meshes with AxisType.Explicit axes) -------------------
 # Under a mesh whose axes are Explicit (jax.make_mesh's default since JAX 0.9),
 # every array's type carries its sharding, and a product whose contracted axes

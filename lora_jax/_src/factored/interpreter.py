@@ -157,9 +157,12 @@ def _head(plan: plans.Plan, i: int, invals, env: dict, ctx: Context,
             head.x_rows)
     return [_apply(e, vals, c, _site(plan, j, proj))
             for (j, e), vals in zip(members, member_invals)]
+  # what compute reads besides the equations and kernels: the plan's
+  static = (head.grouped, head.x_rows,
+            tuple(plan.dots.get(j) for j, _ in members))
   outs = recompute.apply_recomputing(
       ([eqns[k] for k in positions], list(roots)), x_var,
-      [e for _, e in members], env, compute, ctx)
+      [e for _, e in members], env, compute, ctx, static)
   return {j: o for (j, _), o in zip(members, outs)}
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from lora_jax._src import fixpoint
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.ordering import after
+from lora_jax._src.factored.values import Lora
 from lora_jax._src.factored.values import flatten
 
 # A size limit, not a loop bound: a region of more equations than this is
@@ -111,7 +112,7 @@ def input_region(x_var, eqns, producers: dict, uses, is_kernel: Callable,
 
 
 def apply_recomputing(region, x_var, members, env: dict,
-                      compute: Callable, ctx) -> list:
+                      compute: Callable, ctx, static=None) -> list:
   """``compute(ctx, x, [invals of each member])`` (the adapted matmuls
   ``members``, all reading ``x_var``) with ``x`` recomputed from the region's
   roots in the backward pass: a ``custom_vjp`` that keeps only the roots and
@@ -119,7 +120,12 @@ def apply_recomputing(region, x_var, members, env: dict,
   incoming cotangent, so that the backend can neither run it in the forward
   pass nor merge it with the forward pass's copy (XLA:CPU does both with
   ``jax.checkpoint``'s recomputation; see :mod:`ordering`, which leaves
-  every value as it is). Returns each member's outputs."""
+  every value as it is). Returns each member's outputs.
+
+  ``static``: what else ``compute`` depends on, as a hashable key (None:
+  unknown). With it, regions that compute alike (the same equations and
+  kernel settings on values of the same types: every layer of a deep
+  model) share one traced backward pass (:func:`_sharing_key`)."""
   eqns, roots = region
   member_vars = [list(e.invars) for e in members]
   flat, rebuild = flatten([None if v is x_var else jc.read(env, v)
@@ -143,13 +149,20 @@ def apply_recomputing(region, x_var, members, env: dict,
   def forward(root_vals, flat_vals):
     return run(root_vals, flat_vals), (root_vals, flat_vals)
 
+  key = _sharing_key(region, members, [
+      jc.read(env, v) for vs in member_vars for v in vs if v is not x_var],
+                     ctx, static)
+
   def backward(saved, g):
     root_vals, flat_vals = saved
-    root_vals = after(root_vals, g)  # in the backward pass, unchanged
-    quiet = ctx.quiet()
-    _, vjp = jax.vjp(lambda r, f: region_fn(quiet, r, f), root_vals,
-                     flat_vals)
-    return vjp(g)
+    if key is None:
+      return _backward(region_fn, ctx.quiet())(root_vals, flat_vals, g)
+    # traced (and linearized, and transposed) once per key
+    shared = ctx.shared.get(key)
+    if shared is None:
+      shared = ctx.shared.setdefault(key, jax.jit(
+          _backward(region_fn, ctx.quiet()), inline=True))
+    return shared(root_vals, flat_vals, g)
 
   run.defvjp(forward, backward)
   root_vals = [env[r] for r in roots]
@@ -161,3 +174,52 @@ def apply_recomputing(region, x_var, members, env: dict,
     if "forward-mode" not in str(e):
       raise
     return region_fn(ctx, root_vals, flat)
+
+
+def _backward(region_fn: Callable, quiet) -> Callable:
+  """The region's backward pass: the recomputation waits for the cotangent
+  (:func:`ordering.after`), then the vjp of the whole region."""
+  def backward(root_vals, flat_vals, g):
+    root_vals = after(root_vals, g)  # in the backward pass, unchanged
+    _, vjp = jax.vjp(lambda r, f: region_fn(quiet, r, f), root_vals,
+                     flat_vals)
+    return vjp(g)
+  return backward
+
+
+def _lora_key(x: Lora) -> tuple:
+  """What a kernel value contributes to a region's computation besides its
+  arrays (whose types the ``jit`` cache keys on): not its path, which only
+  names it."""
+  scale = None if not isinstance(x.scale, (int, float)) else x.scale
+  return (jc.value_key(scale), jc.value_key(x.layout), jc.value_key(x.dtype),
+          jc.value_key(x.dropout), x.rows, x.magnitude is None,
+          type(x.w).__name__)
+
+
+def _sharing_key(region, members, values, ctx, static):
+  """A key equal for two recompute regions whose backward passes are the
+  same function of their arrays, or None where that cannot be said: the
+  region's and the members' equations (:func:`jaxpr_core.equations_key`),
+  each kernel's settings, ``static`` (what the caller's ``compute`` reads),
+  and the context's. A context drawing dropout keys is never shared (each
+  region draws its own). ``values``: the members' operands other than the
+  shared input, in order."""
+  if static is None or ctx.keys is not None:
+    return None
+  eqns, roots = region
+  outside = [v for e in members for v in e.invars
+             if v not in _outputs(eqns) and not jc.is_literal(v)]
+  try:
+    structure = jc.equations_key(list(eqns) + list(members),
+                                 list(roots) + outside)
+    kernels = tuple(_lora_key(x) if isinstance(x, Lora) else None
+                    for x in values)
+    settings = (ctx.strict, jc.value_key(ctx.choose), ctx.recompute)
+  except (jc.NoKey, jc.UnknownSchemaError):
+    return None
+  return structure, kernels, settings, static
+
+
+def _outputs(eqns) -> set:
+  return {v for e in eqns for v in e.outvars}

@@ -231,12 +231,17 @@ class Context:
       ``mode="auto"``, or None (always factored).
     keys: LoRA dropout's key stream, or None (no dropout: inference).
     recompute: recompute adapters' inputs (:mod:`recompute`).
+    shared: backward passes that recompute regions of the same structure
+      share, by :func:`recompute._sharing_key` (a memo of traced functions
+      for one call: what a rule computes never depends on it).
   """
   strict: bool
   report: Report
   choose: Callable | None = None
   keys: KeyStream | None = None
   recompute: bool = False
+  shared: dict = dataclasses.field(default_factory=dict, compare=False,
+                                   repr=False)
 
   @classmethod
   def create(cls, strict: bool, report: Report, choose: Callable | None,
