@@ -25,8 +25,14 @@ StableHLO ops and ``dot_general``s of the lowered module, fusions and
 instructions of the compiled one.
 
     python benchmarks/compile_time.py [--layers 48] [--reps 3]
+    python benchmarks/compile_time.py --model w1 --reps 5
 
-Writes ``results/compile_time_<platform>.json`` and ``.md``.
+``--model w1`` measures the same steps on W1 (``benchmarks/w1.py``'s
+decoder; target <= 1.0x full fine-tuning's). W1's own table times
+``lower`` + ``compile`` once per variant, with the LoRA steps carrying a
+PRNG key for dropout; this one interleaves reps of identical steps.
+
+Writes ``results/compile_time[_w1]_<platform>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -120,12 +126,27 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--name", default=None)
+  ap.add_argument("--model", choices=("qwen3", "w1"), default="qwen3",
+                  help="w1: the W1 decoder of benchmarks/w1.py (--layers "
+                  "ignored)")
   args = ap.parse_args(argv)
-  config = dataclasses.replace(qwen3.Config(), num_layers=args.layers)
-  params, apply = qwen3.build(jax.random.key(0), config=config)
-  tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, config.vocab_size)
-  base, delta = lj.split(params, lj.LoraConfig(rank=8, targets=qwen3.TARGETS),
-                         jax.random.key(2), apply, (tokens,))
+  if args.model == "w1":
+    apply, params, base, delta, tokens = w1.setup(w1.SIZES["w1"])
+    model = {"model": "w1", **dataclasses.asdict(w1.SIZES["w1"])}
+    what = ("W1 (GPT-style decoder, 4 blocks, d 512, Flax Linen), batch 8 x "
+            "128, LoRA rank 8 on q, k, v, o, fc1, fc2")
+    target = "factored trace + compile <= 1.0x full fine-tuning's (W1)"
+  else:
+    config = dataclasses.replace(qwen3.Config(), num_layers=args.layers)
+    params, apply = qwen3.build(jax.random.key(0), config=config)
+    tokens = jax.random.randint(jax.random.key(1), (2, 64),
+                                0, config.vocab_size)
+    base, delta = lj.split(params, lj.LoraConfig(
+        rank=8, targets=qwen3.TARGETS), jax.random.key(2), apply, (tokens,))
+    model = dataclasses.asdict(config)
+    what = (f"{args.layers}-layer unscanned tunix-style Qwen3 (NNX), batch "
+            f"2 x 64")
+    target = "factored trace + compile <= 1.2x full fine-tuning's"
   variants = args.variants.split(",")
   runs = {v: [] for v in variants}
   for rep in range(args.reps):
@@ -139,8 +160,9 @@ def main(argv=None):
     if full:
       r["total_over_full"] = r["total_s"] / full["total_s"]
       r["total_cpu_over_full"] = r["total_cpu_s"] / full["total_cpu_s"]
-  name = args.name or f"compile_time_{jax.devices()[0].platform}"
-  report = {"layers": args.layers, "model": dataclasses.asdict(config),
+  name = args.name or (f"compile_time{'_w1' if args.model == 'w1' else ''}"
+                       f"_{jax.devices()[0].platform}")
+  report = {"layers": args.layers, "model": model,
             "batch": list(tokens.shape), "reps": args.reps,
             "environment": w1.environment(), "results": results,
             "runs": runs}
@@ -161,12 +183,11 @@ def main(argv=None):
     rows.append(f"| {v} | {r['stablehlo_ops']:.0f} | "
                 f"{r['stablehlo_dots']:.0f} | {r['hlo_instructions']:.0f} | "
                 f"{r['hlo_fusions']:.0f} |")
+  command = " ".join(sys.argv[1:] if argv is None else argv)
   md = (f"# {name}\n\n{json.dumps(report['environment'])}\n\n"
-        f"{args.layers}-layer unscanned tunix-style Qwen3 (NNX), batch 2 x 64, "
-        f"Adam step; medians of {args.reps} interleaved reps, each with fresh "
-        f"jitted steps. `python benchmarks/compile_time.py --layers "
-        f"{args.layers} --reps {args.reps}`\n\n" + "\n".join(rows)
-        + "\n\nTarget: factored trace + compile <= 1.2x full fine-tuning's.\n")
+        f"{what}, Adam step; medians of {args.reps} interleaved reps, each "
+        f"with fresh jitted steps. `python benchmarks/compile_time.py "
+        f"{command}`\n\n" + "\n".join(rows) + f"\n\nTarget: {target}.\n")
   w1.save_results(name, report, md)
   print(md)
   return report
