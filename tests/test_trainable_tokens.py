@@ -207,6 +207,13 @@ def test_more_errors(setup):
     lj.merge({"embed": jnp.ones((VOCAB + 1, DIM))}, {"embed": delta["embed"]})
   with pytest.raises(ValueError, match="holds trainable tokens"):
     lj.stack([delta, delta])
+  # ids as a jax array (as a tokenizer may give them) act as the same list;
+  # traced ids cannot configure anything
+  assert lj.LoraConfig(trainable_tokens={"embed": jnp.array([[4], [1]])}) \
+      == lj.LoraConfig(trainable_tokens={"embed": [4, 1]})
+  with pytest.raises(TypeError, match=r"trainable_tokens\['embed'\].*concrete"):
+    jax.jit(lambda ids: lj.LoraConfig(trainable_tokens={"embed": ids}))(
+        jnp.array([1, 2]))
   # tokens alone: no LoRA target needed
   _, only = lj.split(params, lj.LoraConfig(targets="fc/kernel",
                                            exclude="fc/kernel",

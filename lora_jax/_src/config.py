@@ -9,6 +9,7 @@ import math
 import re
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from lora_jax._src.dtypes import is_float_dtype
@@ -472,6 +473,12 @@ def _dtype(v: Any) -> Any:
 
 def _token_ids(pattern: str, v: Any) -> tuple[int, ...]:
   where = f"LoraConfig.trainable_tokens[{pattern!r}]"
+  if isinstance(v, jax.Array):  # ids a tokenizer gave as a jax array
+    if isinstance(v, jax.core.Tracer):
+      raise TypeError(f"{where}: token ids are part of the configuration, "
+                      f"so they must be concrete; got a traced array (build "
+                      f"the LoraConfig outside jit/grad/vmap).")
+    v = np.asarray(v)
   if isinstance(v, (str, bytes)) or not isinstance(v, (Sequence, np.ndarray)):
     raise TypeError(f"{where} must be a list of token ids (ints), got {v!r}.")
   ids = list(np.asarray(v).reshape(-1).tolist()) if isinstance(
