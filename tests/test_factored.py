@@ -172,3 +172,44 @@ def test_both_factor_gradient_forms_equal_the_math(rank):
   np.testing.assert_allclose(gd["w"].b, want_db, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(gx, want_dx, rtol=1e-4, atol=1e-4)
   assert (rank <= factored.lowrank.REDUCE_MAX_RANK) == (rank == 8)
+
+
+@pytest.mark.parametrize("consts", [(0.5, 0.5, 0.5, 0.5), (0.5, 0.5, -0.5, 0.5),
+                                    (0.5, -0.5, 2.0, 0.0)])
+def test_plain_runs_of_equal_layers_share_one_traced_function(consts,
+                                                              monkeypatch):
+  """The equations between adapted matmuls are the same in every layer of a
+  deep model: each run of them is traced once, under a key that tells
+  apart anything the run computes with (here the literal each layer
+  multiplies by). Sharing wrongly would use another layer's constant;
+  gradients equal the merge engine's whatever is shared."""
+  from lora_jax._src.factored import segments
+  seen = {"runs": 0, "traced": 0}
+  real_eval, real_fn = segments.evaluate_run, segments._run_fn
+  monkeypatch.setattr(segments, "evaluate_run", lambda *a: (
+      seen.__setitem__("runs", seen["runs"] + 1), real_eval(*a))[1])
+  monkeypatch.setattr(segments, "_run_fn", lambda *a: (
+      seen.__setitem__("traced", seen["traced"] + 1), real_fn(*a))[1])
+  c0, c1, c2, c3 = consts
+
+  def fn(p, x):
+    for i, c in enumerate((c0, c1, c2, c3)):  # literals: static per layer
+      h = x @ p[f"w{i}"]
+      x = x + jnp.tanh(h) * c - jnp.sin(h) * 0.25
+    return x
+
+  params = {f"w{i}": jax.random.normal(jax.random.key(i), (8, 8)) * 0.3
+            for i in range(4)}
+  base, delta = lj.split(params, lj.LoraConfig(rank=2, targets=r"w\d"),
+                         jax.random.key(9))
+  delta = randomize(delta, scale=0.3)
+  x = jax.random.normal(jax.random.key(5), (4, 8))
+  loss = lambda mode: lambda d: jnp.sum(jnp.cos(lj.wrap(
+      fn, mode, recompute=False)(base, d, x)))
+  g = jax.jit(jax.grad(loss("factored")))(delta)
+  g_merge = jax.grad(loss("merge"))(delta)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_merge)):
+    assert_close(a, b, rtol=1e-4, atol=1e-5)
+  # a run after each matmul (to the next one, or to the output): the same
+  # equations, so the layers multiplying by the same literal share one
+  assert seen == {"runs": 4, "traced": len({repr(c) for c in consts})}, seen

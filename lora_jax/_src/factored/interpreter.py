@@ -19,6 +19,7 @@ from lora_jax._src.factored import plan as plans
 from lora_jax._src.factored import programs
 from lora_jax._src.factored import recompute
 from lora_jax._src.factored import rows
+from lora_jax._src.factored import segments
 from lora_jax._src.factored import views
 from lora_jax._src.factored.siblings import project_group
 from lora_jax._src.factored.values import NO_SITE
@@ -197,9 +198,31 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
       return jc.bind(eqn, invals)
     return _apply(eqn, invals, ctx, _site(plan, i, projected), plan, i)
 
-  for i, eqn in enumerate(jaxpr.eqns):
+  eqns = jaxpr.eqns
+  last = segments.last_uses(jaxpr)
+  for i, head in plan.heads.items():  # a region's roots are read at its head
+    for r in () if head.region is None else head.region[1]:
+      last[r] = max(last.get(r, -1), i)
+
+  def plain(k: int) -> bool:
+    e = eqns[k]
+    return (k not in done and not segments.breaks_run(e) and not any(
+        isinstance(env.get(v), Lora) for v in e.invars
+        if not jc.is_literal(v)))
+
+  i = 0
+  while i < len(eqns):
+    eqn = eqns[i]
     if i in done:
       assign(eqn, done.pop(i))
+      i += 1
+      continue
+    end = i
+    while end < len(eqns) and plain(end):
+      end += 1  # values made in the run are plain: env has no entry yet
+    if end - i >= segments.MIN_RUN:
+      segments.evaluate_run(eqns[i:end], env, last, end, ctx.shared)
+      i = end
       continue
     invals = [jc.read(env, v) for v in eqn.invars]
     computed = None
@@ -216,6 +239,7 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
       outs = computed.pop(i)
       done.update(computed)
     assign(eqn, outs)
+    i += 1
   outs = [jc.read(env, v) for v in jaxpr.outvars]
   return outs if symbolic_outputs else [ctx.concrete(x, "output")
                                         for x in outs]
