@@ -14,6 +14,10 @@ kernel, both factors, the scale and a layout relative to the value's axes).
 * ``siblings``: kernels reading the same input share one projection.
 * ``lowrank``: the low-rank products (2-D, with a CPU-friendly backward).
 * ``cost``: ``mode="auto"``'s choice between merging and factoring.
+* ``segments``: runs of plain equations between the adapted matmuls, and
+  (``recompute``) regions recomputed in the backward pass, are each traced
+  once per structure (``jaxpr_core.equations_key``) and shared by the
+  layers that repeat them.
 
 Any other consumer gets the kernel merged (``W0 + scale * a @ b``) for that
 use only; that fallback is counted, warned about once, and an error under
