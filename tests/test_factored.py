@@ -213,3 +213,24 @@ def test_plain_runs_of_equal_layers_share_one_traced_function(consts,
   # a run after each matmul (to the next one, or to the output): the same
   # equations, so the layers multiplying by the same literal share one
   assert seen == {"runs": 4, "traced": len({repr(c) for c in consts})}, seen
+
+
+def test_plain_runs_of_an_eager_call_compute_as_merge_binds_them():
+  """Called eagerly (concrete values), runs of plain equations are bound one
+  by one, as the merge engine binds them: a run compiled on its own would
+  compute with XLA's algebra (``a + 0.0`` folded to ``a``, so the sign of a
+  zero, and of ``1 / 0``, flips) and compile again at every call."""
+  def fn(p, x):
+    for i, c in enumerate((0.0, -0.0)):
+      h = x @ p[f"w{i}"]
+      x = x + jnp.tanh(1.0 / (jnp.sin(h) * 0.0 + c)) + jnp.sin(h)
+    return x
+
+  params = {f"w{i}": jax.random.normal(jax.random.key(i), (4, 4))
+            for i in range(2)}
+  base, delta = lj.split(params, lj.LoraConfig(rank=2, targets=r"w\d"),
+                         jax.random.key(9))
+  x = jax.random.normal(jax.random.key(5), (3, 4))
+  got = lj.wrap(fn, "factored")(base, randomize(delta), x)
+  want = lj.wrap(fn, "merge")(base, randomize(delta), x)
+  assert_close(got, want, rtol=1e-6, atol=1e-6)

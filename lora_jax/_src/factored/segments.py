@@ -12,7 +12,10 @@ it stages is the one binding each equation would stage.
 
 A run stops at an equation with a kernel among its operands, at one with
 effects, and at ``custom_jvp`` / ``custom_vjp`` calls (their rules are new
-functions at every call, so they never share; bound as they are).
+functions at every call, so they never share; bound as they are). A run on
+concrete values (an eager call, nothing traced) is bound equation by
+equation: there is nothing to trace once, and a function compiled per call
+would compute with XLA's algebra where the merge engine binds op by op.
 """
 
 from __future__ import annotations
@@ -62,6 +65,13 @@ def evaluate_run(eqns: list, env: dict, last: dict, end: int,
       if not jc.is_literal(v) and v not in defined and v not in seen:
         seen.add(v)
         inputs.append(v)
+  if not any(isinstance(env[v], jax.core.Tracer) for v in inputs):
+    # concrete values (an eager call): bound one by one, as the merge
+    # engine's eager call binds them. A run compiled on its own gets XLA's
+    # algebra (x + 0.0 folded to x: 1 / (-0.0 + 0.0) is -inf), and compiles
+    # again at every call (the shared functions live for one call).
+    _bind_all(eqns, env)
+    return
   outputs = [v for e in eqns for v in e.outvars
              if not jc.is_dropvar(v) and last.get(v, -1) >= end]
   try:
