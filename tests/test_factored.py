@@ -1,5 +1,6 @@
 """The factored engine computes what the merge engine computes."""
 
+import collections
 import warnings
 
 from cases import CASES
@@ -184,6 +185,7 @@ def test_plain_runs_of_equal_layers_share_one_traced_function(consts,
   multiplies by). Sharing wrongly would use another layer's constant;
   gradients equal the merge engine's whatever is shared."""
   from lora_jax._src.factored import segments
+  monkeypatch.setattr(segments, "_RUNS", collections.OrderedDict())
   seen = {"runs": 0, "traced": 0}
   real_eval, real_fn = segments.evaluate_run, segments._run_fn
   monkeypatch.setattr(segments, "evaluate_run", lambda *a: (

@@ -221,7 +221,7 @@ def evaluate(program: jc.Program, args, ctx: Context, *,
     while end < len(eqns) and plain(end):
       end += 1  # values made in the run are plain: env has no entry yet
     if end - i >= segments.MIN_RUN:
-      segments.evaluate_run(eqns[i:end], env, last, end, ctx.shared)
+      segments.evaluate_run(eqns[i:end], env, last, end)
       i = end
       continue
     invals = [jc.read(env, v) for v in eqn.invars]
