@@ -579,6 +579,15 @@ def bind(eqn, invals: Sequence[Any]) -> list:
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def bind_into(eqns: Sequence[Any], env: dict) -> None:
+  """Evaluates ``eqns`` in order, reading operands from and writing results
+  (dropped outputs aside) to ``env``."""
+  for e in eqns:
+    for v, x in zip(e.outvars, bind(e, [read(env, v) for v in e.invars])):
+      if not is_dropvar(v):
+        env[v] = x
+
+
 def context(eqn):
   """The context the equation was traced in (its abstract mesh: inside an
   ``auto_axes`` region, as ``.at[ids].get(out_sharding=...)`` makes, the

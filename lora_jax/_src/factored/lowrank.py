@@ -70,8 +70,14 @@ def a_matrix(a, in_pos, contract, r_pos, lead: int = 0):
   at ``in_pos[k]`` in ``a``) flattened into ``K`` in that order, the rank
   axis ``r_pos`` last, and the first ``lead`` axes (a per-row factor's row
   axis) kept in front."""
-  f = jnp.transpose(a, list(range(lead)) + [lead + in_pos[k] for k in contract]
-                    + [lead + r_pos])
+  return as_matrix(a, tuple([in_pos[k] for k in contract] + [r_pos]), lead)
+
+
+def as_matrix(f, perm: tuple, lead: int = 0):
+  """``f`` with its axes after the first ``lead`` put in the order ``perm``
+  (positions among those axes) and all but the last flattened: ``(*lead,
+  K, last)``."""
+  f = jnp.transpose(f, list(range(lead)) + [lead + p for p in perm])
   return jc.reshape(f, (*f.shape[:lead], math.prod(f.shape[lead:-1]),
                         f.shape[-1]))
 
@@ -83,8 +89,7 @@ def _low_2d(x, first, second, scale, projected, *, f_perm, s_perm, n_x,
   """The 2-D fast path of :func:`lowrank_dot`, jitted so that its trace and
   its linearization are made once per shape, not once per kernel."""
   dtype = x.dtype
-  f1 = jnp.transpose(first, f_perm)
-  f1 = jc.reshape(f1, (math.prod(f1.shape[:-1]), f1.shape[-1]))
+  f1 = as_matrix(first, f_perm)
   k_size = f1.shape[0]
   f2 = jnp.transpose(second, s_perm)
   n_shape = f2.shape[1:]

@@ -133,10 +133,7 @@ def apply_recomputing(region, x_var, members, env: dict,
 
   def region_fn(c, root_vals, flat_vals):
     local = dict(zip(roots, root_vals))
-    for e in eqns:
-      for v, out in zip(e.outvars, jc.bind(e, [jc.read(local, v)
-                                                for v in e.invars])):
-        local[v] = out
+    jc.bind_into(eqns, local)
     x, vals = local[x_var], iter(rebuild(flat_vals))
     lists = [[x if v is x_var else val for v, val in zip(vs, vals)]
              for vs in member_vars]
@@ -208,8 +205,9 @@ def _sharing_key(region, members, values, ctx, static):
   if static is None or ctx.keys is not None:
     return None
   eqns, roots = region
+  made = {v for e in eqns for v in e.outvars}
   outside = [v for e in members for v in e.invars
-             if v not in _outputs(eqns) and not jc.is_literal(v)]
+             if v not in made and not jc.is_literal(v)]
   try:
     structure = jc.equations_key(list(eqns) + list(members),
                                  list(roots) + outside)
@@ -219,7 +217,3 @@ def _sharing_key(region, members, values, ctx, static):
   except (jc.NoKey, jc.UnknownSchemaError):
     return None
   return structure, kernels, settings, static
-
-
-def _outputs(eqns) -> set:
-  return {v for e in eqns for v in e.outvars}

@@ -75,14 +75,14 @@ def evaluate_run(eqns: list, env: dict, last: dict, end: int) -> None:
     # concrete values (an eager call): bound one by one, as the merge
     # engine's eager call binds them. A run compiled on its own gets XLA's
     # algebra (x + 0.0 folded to x: 1 / (-0.0 + 0.0) is -inf).
-    _bind_all(eqns, env)
+    jc.bind_into(eqns, env)
     return
   outputs = [v for e in eqns for v in e.outvars
              if not jc.is_dropvar(v) and last.get(v, -1) >= end]
   try:
     structure = jc.equations_key(eqns, inputs)
   except (jc.NoKey, jc.UnknownSchemaError):
-    _bind_all(eqns, env)
+    jc.bind_into(eqns, env)
     return
   position = {v: len(inputs) + k for k, v in enumerate(
       v for e in eqns for v in e.outvars)}
@@ -100,14 +100,7 @@ def evaluate_run(eqns: list, env: dict, last: dict, end: int) -> None:
 def _run_fn(eqns: list, inputs: list, outputs: list) -> Callable:
   def run(*vals: Any) -> list:
     local = dict(zip(inputs, vals))
-    _bind_all(eqns, local)
+    jc.bind_into(eqns, local)
     return [local[v] for v in outputs]
   return run
 
-
-def _bind_all(eqns: list, env: dict) -> None:
-  for e in eqns:
-    outs = jc.bind(e, [jc.read(env, v) for v in e.invars])
-    for v, x in zip(e.outvars, outs):
-      if not jc.is_dropvar(v):
-        env[v] = x

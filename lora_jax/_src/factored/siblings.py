@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from lora_jax._src import jaxpr_core as jc
+from lora_jax._src.factored.lowrank import as_matrix
 from lora_jax._src.factored.lowrank import project
 from lora_jax._src.factored.values import Context
 
@@ -80,11 +80,7 @@ def _project(x, factors, scales, *, perms, dtype, r):
   lead = [] if r is None else [0]  # per-row factors: the row axis first
   firsts = []
   for a, perm in zip(factors, perms):
-    f = jnp.transpose(a, list(range(len(lead))) + [len(lead) + p
-                                                   for p in perm])
-    firsts.append(jc.reshape(f, (*f.shape[:len(lead)],
-                                 math.prod(f.shape[len(lead):-1]),
-                                 f.shape[-1])).astype(dtype))
+    firsts.append(as_matrix(a, perm, len(lead)).astype(dtype))
   a = jnp.concatenate(firsts, axis=-1)
   if r is None:
     t = project(jc.reshape(x.astype(dtype), (-1, a.shape[0])), a)
