@@ -29,8 +29,8 @@ instructions of the compiled one.
 
 ``--model w1`` measures the same steps on W1 (``benchmarks/w1.py``'s
 decoder; target <= 1.0x full fine-tuning's). W1's own table times
-``lower`` + ``compile`` once per variant, with the LoRA steps carrying a
-PRNG key for dropout; this one interleaves reps of identical steps.
+``lower`` + ``compile`` once per variant; this one interleaves reps of
+fresh steps and times the trace too.
 
 Writes ``results/compile_time[_w1]_<platform>.json`` and ``.md``.
 """
@@ -116,7 +116,23 @@ def hlo_size(lowered, compiled) -> dict:
           "stablehlo_dots": ops["stablehlo.dot_general"],
           "hlo_instructions": len(re.findall(r"^\s+(?:ROOT )?%\S+ = ", hlo,
                                              re.M)),
-          "hlo_fusions": len(re.findall(r" fusion\(", hlo))}
+          "hlo_fusions": len(re.findall(r" fusion\(", hlo)),
+          "hlo_entry_ops": entry_ops(hlo)}
+
+
+# entry instructions that do no work of their own (no thunk on XLA:CPU)
+_NO_WORK = ("parameter", "constant", "bitcast", "get-tuple-element", "tuple")
+
+
+def entry_ops(hlo: str) -> int:
+  """Instructions of the optimised module's entry computation that do work
+  (fusions, dots, copies, ...): on XLA:CPU each becomes a thunk of the
+  executable, and building the thunks' dependency graph grows faster than
+  their number (benchmarks/README.md, "Compile time")."""
+  entry = hlo[hlo.find("\nENTRY"):]
+  entry = entry[:entry.find("\n}")]
+  ops = re.findall(r"^\s+(?:ROOT )?%\S+ = \S+ ([a-z-]+)\(", entry, re.M)
+  return sum(op not in _NO_WORK for op in ops)
 
 
 def main(argv=None):
@@ -178,11 +194,12 @@ def main(argv=None):
                 f"{r['compile_cpu_s']:.2f} | {r['total_cpu_s']:.2f} | "
                 f"{r.get('total_cpu_over_full', nan):.2f} |")
   rows += ["", "| variant | StableHLO ops | dot_general | HLO instructions "
-           "(optimised) | fusions |", "|---|---|---|---|---|"]
+           "(optimised) | fusions | entry ops (thunks) |",
+           "|---|---|---|---|---|---|"]
   for v, r in results.items():
     rows.append(f"| {v} | {r['stablehlo_ops']:.0f} | "
                 f"{r['stablehlo_dots']:.0f} | {r['hlo_instructions']:.0f} | "
-                f"{r['hlo_fusions']:.0f} |")
+                f"{r['hlo_fusions']:.0f} | {r['hlo_entry_ops']:.0f} |")
   command = " ".join(sys.argv[1:] if argv is None else argv)
   md = (f"# {name}\n\n{json.dumps(report['environment'])}\n\n"
         f"{what}, Adam step; medians of {args.reps} interleaved reps, each "

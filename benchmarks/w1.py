@@ -158,7 +158,8 @@ def make_steps(apply, params, base, delta, tokens, variants,
   Each step's arguments are exactly what its training loop holds, nothing
   more (benchmarks/README.md, "Memory is counted honestly"): ``state`` is what the step updates (and
   donates), ``frozen`` what it only reads. Full fine-tuning: params + Adam
-  state, nothing frozen. LoRA: delta + its Adam state + key, the base frozen.
+  state, nothing frozen. LoRA: delta + its Adam state (+ a PRNG key with
+  dropout), the base frozen.
   Floor: the position table + its Adam state, the other params frozen.
   Forward: the params, frozen.
   """
@@ -170,16 +171,23 @@ def make_steps(apply, params, base, delta, tokens, variants,
     wrapped = lj.wrap(apply, mode, recompute=recompute)
 
     def step(state, base, x):
-      d, opt, key = state
-      key, sub = jax.random.split(key)
-      kw = {"lora_rng": sub} if dropout else {}
+      if dropout:  # only a dropout loop holds a PRNG key
+        d, opt, key = state
+        key, sub = jax.random.split(key)
+        kw = {"lora_rng": sub}
+      else:
+        d, opt = state
+        kw = {}
       l, g = jax.value_and_grad(
           lambda d: cross_entropy(wrapped(base, d, x, **kw), x))(d)
       u, opt = tx.update(g, opt, d)
-      return (optax.apply_updates(d, u), opt, key), l
+      new = (optax.apply_updates(d, u), opt)
+      return (new + (key,) if dropout else new), l
     own = jax.tree.map(jnp.copy, delta)  # each variant donates its own state
-    return (jax.jit(step, donate_argnums=0),
-            (own, tx.init(own), jax.random.key(0)), (base,))
+    state = (own, tx.init(own))
+    if dropout:
+      state += (jax.random.key(0),)
+    return jax.jit(step, donate_argnums=0), state, (base,)
 
   def full_step(state, x):
     p, opt = state
