@@ -102,7 +102,9 @@ def after(values: Any, anchor: Any) -> Any:
   """``values`` (a pytree), bit for bit, computed after ``anchor`` exists.
 
   Every array leaf of ``values`` is returned unchanged whatever ``anchor``
-  holds (NaN and inf included); the dependency is on the schedule only.
+  holds (NaN and inf included); the dependency is on the schedule only. A
+  NaN comes back a NaN, its payload as float arithmetic leaves it (JAX 0.12
+  canonicalises float8_e5m2's; ``tests/test_ordering.py``).
   """
   values, anchor = jax.lax.optimization_barrier((values, anchor))
   counts = _counts(anchor)
