@@ -167,22 +167,19 @@ def per_row(apply, base, stacked, ids, args, kwargs, out_axes: list,
   return jax.tree.unflatten(out_tree, flat)
 
 
-def _row_lead(*trees) -> Any:
-  """The first array of ``trees`` whose rows (axis 0) are sharded by type
-  (a batch on ``"data"`` under Explicit mesh axes), or None."""
-  return next((x for x in jax.tree.leaves(trees) if hasattr(x, "shape")
-               and x.ndim and (jc.type_spec(x) or (None,))[0] is not None),
-              None)
-
-
-def _typed_rows(*trees) -> Any:
-  """The first array of ``trees`` with rows whose type names a mesh with
-  Explicit axes (its rows sharded or not), or None: such a batch runs per
+def _typed_rows(*trees, sharded: bool = False) -> Any:
+  """The first array of ``trees`` with rows (axis 0) whose type names a
+  mesh with Explicit axes, or None; with ``sharded``, the first whose rows
+  are sharded by type (a batch on ``"data"``). Such a batch runs per
   adapter, as a program written for it may name the rows' sharding (an
   ``out_sharding=P("data", ...)``) that a row alone under ``vmap`` cannot
   have."""
-  return next((x for x in jax.tree.leaves(trees) if hasattr(x, "shape")
-               and x.ndim and jc.type_spec(x) is not None), None)
+  def typed(x) -> bool:
+    if not (hasattr(x, "shape") and x.ndim):
+      return False
+    spec = jc.type_spec(x)
+    return spec is not None and (not sharded or spec[0] is not None)
+  return next((x for x in jax.tree.leaves(trees) if typed(x)), None)
 
 
 def _rows_alike(row_leaves: list, ids, positions) -> tuple:
@@ -191,7 +188,7 @@ def _rows_alike(row_leaves: list, ids, positions) -> tuple:
   as the first argument whose rows are sharded by type, other axes as they
   are. The values are unchanged; without Explicit axes, all is returned as
   given."""
-  lead = _row_lead(row_leaves)
+  lead = _typed_rows(row_leaves, sharded=True)
   if lead is None:
     return row_leaves, ids, positions
   alike = lambda v: jc.align(v, lead, {0: 0})
@@ -223,7 +220,7 @@ def per_adapter(apply, base, stacked, ids, args, kwargs, out_axes: list,
   """
   n = next(iter(stacks(stacked).values())).size
   norms = base_norms(base, stacked)
-  lead = _row_lead(args, kwargs)
+  lead = _typed_rows(args, kwargs, sharded=True)
   lead = _typed_rows(args, kwargs) if lead is None else lead
   if lead is not None:  # the ids' masks live on the rows' mesh, sharded so
     ids = onto_mesh_of(ids, lead, (jc.type_spec(lead) or (None,))[:1])
@@ -334,8 +331,8 @@ def row_axes(fn, base, stacked, args, kwargs, n_rows: int
     # is n_rows long on the whole batch and 1 long on one row, if one is
     # (2 * n_rows long on the batch twice over where one row cannot be cut
     # from rows split over a mesh axis or split by a shard_map).
-    size = (2 * n_rows if shard_mapped or _row_lead(args, kwargs) is not None
-            else 1)
+    split = shard_mapped or _typed_rows(args, kwargs, sharded=True) is not None
+    size = 2 * n_rows if split else 1
     one = jax.tree.map(lambda x: _resized(x, size)
                        if is_array(x) and x.ndim else x, (args, kwargs))
     one_args, one_kwargs = one
