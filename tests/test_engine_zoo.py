@@ -698,7 +698,8 @@ def test_a_mixed_batch_run_whole_equals_each_row_alone(monkeypatch, make,
   grouped = []
   real = interpreter.project_group
   monkeypatch.setattr(interpreter, "project_group",
-                      lambda g, x, r=None: grouped.append(r) or real(g, x, r))
+                      lambda g, x, r=None, known=None: grouped.append(r)
+                      or real(g, x, r, known))
   taken = []
   from lora_jax._src import mixed
   real_per_row = mixed.per_row

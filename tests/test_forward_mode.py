@@ -7,8 +7,9 @@ With ``recompute=False`` every transform works, eagerly and under ``jit``:
 a narrow kernel's product is then a ``custom_jvp`` whose tangent is linear.
 With ``recompute=True`` (the default) the narrow products and recomputed
 regions are ``custom_vjp`` functions; an eager ``jvp`` and ``jacfwd`` (eager
-or jitted) fall back by themselves, ``jvp`` under ``jit`` and ``linearize``
-raise JAX's forward-mode error (README, Limitations)."""
+or jitted) fall back by themselves, a Hessian-vector product (``jvp`` of
+``grad``) differentiates their rules, ``jvp`` under ``jit`` and
+``linearize`` raise JAX's forward-mode error (README, Limitations)."""
 
 import jax
 import jax.numpy as jnp
@@ -100,9 +101,10 @@ def test_with_recompute_as_documented(case):
   # fall back by themselves (JAX refuses the custom_vjp while tracing):
   # an eager jvp, jacfwd under jit; reverse mode as ever
   _close(fs["jvp"](delta, x, td, tx), want["jvp"])
-  got = _all(g, ["jacfwd", "grad"])(delta, x, td, tx)
-  _close(got["jacfwd"], want["jacfwd"])
-  _close(got["grad"], want["grad"])
+  # forward over reverse runs the custom_vjps' rules, which are plain code
+  got = _all(g, ["jacfwd", "hvp", "grad"])(delta, x, td, tx)
+  for name in ("jacfwd", "hvp", "grad"):
+    _close(got[name], want[name])
   # JAX raises once the program is lowered or the linear map evaluated
   with pytest.raises(TypeError, match="forward-mode"):
     jax.jit(fs["jvp"])(delta, x, td, tx)

@@ -92,7 +92,7 @@ def _branch(eqn, invals, plan: Plan, ctx: Context) -> list:
     return fallback(eqn, invals, ctx)
   # under Explicit mesh axes: the base product's own sharding type
   low = jc.reshard_like(low, eqn.outvars[0].aval)
-  base = _frozen(eqn, invals, plan, ctx.recompute)
+  base = _frozen(eqn, invals, plan, ctx.recompute and not ctx.in_region)
   out_dtype = eqn.outvars[0].aval.dtype
   if lora.magnitude is None or place is None:
     ctx.report.record(lora.path, plan.rule)

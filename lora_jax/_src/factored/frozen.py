@@ -54,7 +54,9 @@ def _reverse_only(op, x, kernel, dtype) -> jax.Array:
     return op(x, float_kernel(kernel, x, dtype))
 
   def forward(x, kernel):
-    return apply(x, kernel), kernel
+    # the product itself, not ``apply``: a custom_vjp called inside its own
+    # forward rule is what forward-over-reverse (jvp of grad) cannot trace
+    return op(x, float_kernel(kernel, x, dtype)), kernel
 
   def backward(kernel, g):
     w = float_kernel(kernel, g, dtype)

@@ -143,23 +143,28 @@ def _head(plan: plans.Plan, i: int, invals, env: dict, ctx: Context,
     with _bugs_named(eqn, invals):
       projected.update(project_group(
           [(j, e, _kernel_at(e, env)) for j, e in members],
-          jc.read(env, eqn.invars[0]), head.x_rows))
+          jc.read(env, eqn.invars[0]), head.x_rows)[0])
     return None
   positions, roots = head.region
   x_var = eqn.invars[1] if isinstance(invals[0], Lora) else eqn.invars[0]
 
-  def compute(c: Context, x, member_invals):
+  def compute(c: Context, x, member_invals, known=None):
+    """The members' outputs and their joint ``x @ a`` (None where the
+    members do not project jointly or have per-row factors); ``known``:
+    that product from the forward pass, reused in the backward pass."""
     proj: dict = {}
-    if head.grouped:  # with the kernel values passed in, not the outer ones
+    product = None
+    if head.project:  # with the kernel values passed in, not the outer ones
       with _bugs_named(eqn, invals):
-        proj = project_group(
+        proj, product = project_group(
             [(j, e, next(v for v in vals if isinstance(v, Lora)))
              for (j, e), vals in zip(members, member_invals)], x,
-            head.x_rows)
-    return [_apply(e, vals, c, _site(plan, j, proj))
+            head.x_rows, known)
+    outs = [_apply(e, vals, c, _site(plan, j, proj))
             for (j, e), vals in zip(members, member_invals)]
+    return outs, (product if head.x_rows is None else None)
   # what compute reads besides the equations and kernels: the plan's
-  static = (head.grouped, head.x_rows,
+  static = (head.project, head.x_rows,
             tuple(plan.dots.get(j) for j, _ in members))
   outs = recompute.apply_recomputing(
       ([eqns[k] for k in positions], list(roots)), x_var,

@@ -40,10 +40,9 @@ def project(x, a):
   return jc.matmul(x, a)
 
 
-def _project_jvp(primals, tangents):
-  x, a = primals
-  dx, da = tangents
-  out = jc.matmul(x, a)
+def _tangent(x, a, dx, da):
+  """The tangent of ``x @ a`` (:func:`project`'s JVP), None when both
+  tangents are symbolic zeros."""
   terms = []
   if not isinstance(dx, SymbolicZero):
     terms.append(jc.matmul(dx, a))
@@ -56,12 +55,38 @@ def _project_jvp(primals, tangents):
     else:
       terms.append(jc.matmul(x, da))
   if not terms:
-    return out, jnp.zeros_like(out)
-  tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-  return out, tangent
+    return None
+  return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _project_jvp(primals, tangents):
+  x, a = primals
+  out = jc.matmul(x, a)
+  tangent = _tangent(x, a, *tangents)
+  return out, jnp.zeros_like(out) if tangent is None else tangent
 
 
 project.defjvp(_project_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
+def reuse(x, a, product):
+  """``x @ a`` already computed: ``product``, with :func:`project`'s
+  derivatives with respect to ``x`` and ``a`` (none with respect to
+  ``product``, which must be ``x @ a``). A recomputed region's backward
+  pass (:mod:`recompute`) gets the low-rank product the forward pass kept
+  instead of multiplying again."""
+  del x, a
+  return product
+
+
+def _reuse_jvp(primals, tangents):
+  x, a, product = primals
+  tangent = _tangent(x, a, *tangents[:2])
+  return product, jnp.zeros_like(product) if tangent is None else tangent
+
+
+reuse.defjvp(_reuse_jvp, symbolic_zeros=True)
 
 
 def a_matrix(a, in_pos, contract, r_pos, lead: int = 0):

@@ -97,12 +97,17 @@ class Head:
     early: positions of later view equations (a widening cast or transpose
       of a member's kernel next to its matmul, as Flax layers write it)
       that the head evaluates first, so that every member's kernel exists.
+    project: the members' ``x @ a`` are computed by the head
+      (:func:`siblings.project_group`): siblings, or a lone plain projection
+      whose input is recomputed (its backward pass then reuses the forward
+      pass's product instead of computing it again).
   """
   members: tuple[int, ...]
   kernels: tuple[Kernel, ...]
   x_rows: int | None = None
   region: tuple | None = None
   early: tuple[int, ...] = ()
+  project: bool = False
 
   @property
   def grouped(self) -> bool:
@@ -358,10 +363,11 @@ class _Planner(walk.Walker):
         if found is not None:
           region = (tuple(found[0]), tuple(found[1]))
       if len(members) > 1 or region is not None:
+        project = len(members) > 1 or i in keys
         heads[i] = Head(members,
                         tuple(_kernel_of(dot_ins[j]) for j in members),
-                        keys[i][2] if len(members) > 1 else None, region,
-                        hoist.get(i, ()))
+                        keys[i][2] if project else None, region,
+                        hoist.get(i, ()), project)
     return heads, grouped
 
 

@@ -7,7 +7,9 @@ Each adapter must keep its input ``x`` for ``dA = x^T g``. When ``x`` is, say,
 ``x`` *and* GELU's own intermediates (``tanh(...)``) next to ``y``; with the
 region ``y -> gelu -> (x @ W0, x @ A)`` recomputed in the backward pass, only
 ``y`` is kept and the recomputation is a few elementwise ops (the frozen
-matmul's output is not needed by the backward pass, so it is not recomputed).
+matmul's output is not needed by the backward pass, so it is not recomputed,
+and the low-rank product ``x @ a``, r columns, is kept from the forward
+pass: :func:`lowrank.reuse`).
 LayerNorm's scale-and-shift before q/k/v (siblings sharing ``x``) is handled
 the same way, all the siblings in one region. On W3 the LoRA step's temp
 memory drops from 160 to 106 MiB (``benchmarks/results/w3_cpu.md``).
@@ -113,12 +115,14 @@ def input_region(x_var, eqns, producers: dict, uses, is_kernel: Callable,
 
 def apply_recomputing(region, x_var, members, env: dict,
                       compute: Callable, ctx, static=None) -> list:
-  """``compute(ctx, x, [invals of each member])`` (the adapted matmuls
-  ``members``, all reading ``x_var``) with ``x`` recomputed from the region's
-  roots in the backward pass: a ``custom_vjp`` that keeps only the roots and
-  the operands, and whose backward pass ties the recomputation to the
-  incoming cotangent, so that the backend can neither run it in the forward
-  pass nor merge it with the forward pass's copy (XLA:CPU does both with
+  """``compute(ctx, x, [invals of each member], known)`` (the adapted
+  matmuls ``members``, all reading ``x_var``; it returns their outputs and
+  their joint low-rank product ``x @ a``, or None, and reuses ``known``, that
+  product, when given) with ``x`` recomputed from the region's roots in the
+  backward pass: a ``custom_vjp`` that keeps only the roots, the operands
+  and the low-rank product, and whose backward pass ties the recomputation
+  to the incoming cotangent, so that the backend can neither run it in the
+  forward pass nor merge it with the forward pass's copy (XLA:CPU does both with
   ``jax.checkpoint``'s recomputation; see :mod:`ordering`, which leaves
   every value as it is). Returns each member's outputs.
 
@@ -127,39 +131,46 @@ def apply_recomputing(region, x_var, members, env: dict,
   kernel settings on values of the same types: every layer of a deep
   model) share one traced backward pass (:func:`_sharing_key`)."""
   eqns, roots = region
+  ctx = ctx.region()  # narrow frozen products: the region widens them
   member_vars = [list(e.invars) for e in members]
   flat, rebuild = flatten([None if v is x_var else jc.read(env, v)
                            for vs in member_vars for v in vs], scales=True)
 
-  def region_fn(c, root_vals, flat_vals):
+  def region_fn(c, root_vals, flat_vals, known=None):
     local = dict(zip(roots, root_vals))
     jc.bind_into(eqns, local)
     x, vals = local[x_var], iter(rebuild(flat_vals))
     lists = [[x if v is x_var else val for v, val in zip(vs, vals)]
              for vs in member_vars]
-    return compute(c, x, lists)
+    return compute(c, x, lists, known)
 
   @jax.custom_vjp
   def run(root_vals, flat_vals):
-    return region_fn(ctx, root_vals, flat_vals)
+    return region_fn(ctx, root_vals, flat_vals)[0]
 
   def forward(root_vals, flat_vals):
-    return run(root_vals, flat_vals), (root_vals, flat_vals)
+    # keeps the roots, the operands and the low-rank product x @ a (r
+    # columns: the backward pass reuses it rather than multiply again).
+    # region_fn itself, not run: a custom_vjp called inside its own forward
+    # rule is what forward-over-reverse (jvp of grad) cannot trace
+    outs, product = region_fn(ctx, root_vals, flat_vals)
+    return outs, (root_vals, flat_vals, product)
 
   key = _sharing_key(region, members, [
       jc.read(env, v) for vs in member_vars for v in vs if v is not x_var],
                      ctx, static)
 
   def backward(saved, g):
-    root_vals, flat_vals = saved
+    root_vals, flat_vals, product = saved
     if key is None:
-      return _backward(region_fn, ctx.quiet())(root_vals, flat_vals, g)
+      return _backward(region_fn, ctx.quiet())(root_vals, flat_vals, product,
+                                               g)
     # traced (and linearized, and transposed) once per key
     shared = ctx.shared.get(key)
     if shared is None:
       shared = ctx.shared.setdefault(key, jax.jit(
           _backward(region_fn, ctx.quiet()), inline=True))
-    return shared(root_vals, flat_vals, g)
+    return shared(root_vals, flat_vals, product, g)
 
   run.defvjp(forward, backward)
   root_vals = [env[r] for r in roots]
@@ -170,16 +181,17 @@ def apply_recomputing(region, x_var, members, env: dict,
   except TypeError as e:  # an eager jvp, jacfwd: JAX refuses it here
     if "forward-mode" not in str(e):
       raise
-    return region_fn(ctx, root_vals, flat)
+    return region_fn(ctx, root_vals, flat)[0]
 
 
 def _backward(region_fn: Callable, quiet) -> Callable:
   """The region's backward pass: the recomputation waits for the cotangent
-  (:func:`ordering.after`), then the vjp of the whole region."""
-  def backward(root_vals, flat_vals, g):
+  (:func:`ordering.after`), then the vjp of the whole region, reusing the
+  forward pass's low-rank product ``product`` (None: recomputed)."""
+  def backward(root_vals, flat_vals, product, g):
     root_vals = after(root_vals, g)  # in the backward pass, unchanged
-    _, vjp = jax.vjp(lambda r, f: region_fn(quiet, r, f), root_vals,
-                     flat_vals)
+    _, vjp = jax.vjp(lambda r, f: region_fn(quiet, r, f, product)[0],
+                     root_vals, flat_vals)
     return vjp(g)
   return backward
 

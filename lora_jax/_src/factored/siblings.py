@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from lora_jax._src import jaxpr_core as jc
 from lora_jax._src.factored.lowrank import as_matrix
 from lora_jax._src.factored.lowrank import project
+from lora_jax._src.factored.lowrank import reuse
 from lora_jax._src.factored.values import Context
 
 
@@ -56,10 +57,13 @@ def projection(eqn, ins, ctx: Context, rows: tuple | None):
   return lhs, lc, r, kernel
 
 
-def project_group(group, x, r: int | None = None) -> dict:
-  """``{index: scale * x @ a}`` for the group's equations, computed in one
-  matmul against the concatenated ``a``s. With per-row factors (``r``: x's
-  row axis): ``(rows, M, rank)`` each, one batched product over rows."""
+def project_group(group, x, r: int | None = None, known=None) -> tuple:
+  """``({index: scale * x @ a}, product)`` for the group's equations,
+  computed in one matmul against the concatenated ``a``s; ``product`` is
+  that matmul's result, which a later call given it as ``known`` reuses
+  (:func:`lowrank.reuse`) instead of multiplying again. With per-row
+  factors (``r``: x's row axis): ``(rows, M, rank)`` each, one batched
+  product over rows, and ``known`` must be None."""
   dtype = jnp.result_type(x.dtype, *(lora.a.dtype for _, _, lora in group))
   perms = []
   for _, eqn, lora in group:
@@ -67,14 +71,15 @@ def project_group(group, x, r: int | None = None) -> dict:
     perms.append(tuple([in_a[k] for k in jc.dot_dims(eqn).rhs_contract]
                        + [r_a]))
   scales = [jnp.asarray(lora.scale, dtype) for _, _, lora in group]
-  parts = _project(x, [lora.a for _, _, lora in group], scales,
-                   perms=tuple(perms), dtype=jnp.dtype(dtype), r=r)
-  return {j: part for (j, _, _), part in zip(group, parts)}
+  parts, product = _project(x, [lora.a for _, _, lora in group], scales,
+                            known, perms=tuple(perms),
+                            dtype=jnp.dtype(dtype), r=r)
+  return {j: part for (j, _, _), part in zip(group, parts)}, product
 
 
 @functools.partial(jax.jit, inline=True,
                    static_argnames=("perms", "dtype", "r"))
-def _project(x, factors, scales, *, perms, dtype, r):
+def _project(x, factors, scales, known, *, perms, dtype, r):
   """:func:`project_group`'s products, jitted so that its trace and its
   linearization are made once per shape, not once per group."""
   lead = [] if r is None else [0]  # per-row factors: the row axis first
@@ -83,8 +88,12 @@ def _project(x, factors, scales, *, perms, dtype, r):
     firsts.append(as_matrix(a, perm, len(lead)).astype(dtype))
   a = jnp.concatenate(firsts, axis=-1)
   if r is None:
-    t = project(jc.reshape(x.astype(dtype), (-1, a.shape[0])), a)
+    x2 = jc.reshape(x.astype(dtype), (-1, a.shape[0]))
+    t = project(x2, a) if known is None else reuse(x2, a, known)
   else:
+    if known is not None:
+      raise AssertionError("lora_jax: a per-row product given as known (a "
+                           "bug in lora_jax)")
     xm = jnp.moveaxis(x.astype(dtype), r, 0)
     t = jc.dot(jc.reshape(xm, (xm.shape[0], -1, a.shape[1])), a,
                (((2,), (1,)), ((0,), (0,))))
@@ -92,4 +101,4 @@ def _project(x, factors, scales, *, perms, dtype, r):
   parts = jnp.split(t, offsets, axis=-1)
   return [part * (scale if r is None
                   else jc.align(scale, t, {0: 0})[:, None, None])
-          for part, scale in zip(parts, scales)]
+          for part, scale in zip(parts, scales)], t

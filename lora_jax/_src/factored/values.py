@@ -231,6 +231,11 @@ class Context:
       ``mode="auto"``, or None (always factored).
     keys: LoRA dropout's key stream, or None (no dropout: inference).
     recompute: recompute adapters' inputs (:mod:`recompute`).
+    in_region: evaluating a recomputed region's members, whose narrow
+      frozen products take the form that supports both modes
+      (:func:`frozen.frozen_linear`, ``reverse_only=False``): the region's
+      own ``custom_vjp`` already widens them in the backward pass, tied to
+      the cotangent through the recomputed input.
     shared: backward passes that recompute regions of the same structure
       share, by :func:`recompute._sharing_key` (a memo of traced functions
       for one call: what a rule computes never depends on it).
@@ -240,6 +245,7 @@ class Context:
   choose: Callable | None = None
   keys: KeyStream | None = None
   recompute: bool = False
+  in_region: bool = False
   shared: dict = dataclasses.field(default_factory=dict, compare=False,
                                    repr=False)
 
@@ -254,6 +260,10 @@ class Context:
     """This context with dropout keys drawn from ``rng``."""
     return dataclasses.replace(
         self, keys=None if rng is None else KeyStream(rng))
+
+  def region(self) -> Context:
+    """This context for a recomputed region's members (``in_region``)."""
+    return dataclasses.replace(self, in_region=True)
 
   def quiet(self) -> Context:
     """A copy that records into a fresh report and draws the keys this one
