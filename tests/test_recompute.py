@@ -180,6 +180,20 @@ def test_forward_mode():
       # entry of 0.21 was 3e-4 off on jax 0.6.2 without LLVM's optimisations
       np.testing.assert_allclose(a, b, rtol=1e-3,
                                  atol=1e-4 + 2e-6 * np.abs(b).max())
+  # reverse over forward (grad of a jvp) needs recompute=False: with it on,
+  # JAX cannot transpose the custom_vjp's linearization (README,
+  # Limitations)
+  tx = jnp.cos(x)
+  rof = lambda mode, **kw: jax.jit(jax.grad(lambda d: jnp.sum(jnp.sin(
+      jax.jvp(lambda x: lj.wrap(fn, mode, **kw)(base, d, x), (x,),
+              (tx,))[1]))))
+  want = rof("merge")(delta)
+  got = rof("factored", recompute=False)(delta)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3,
+                               atol=1e-4 + 2e-6 * np.abs(b).max())
+  with pytest.raises(NotImplementedError, match="custom_lin"):
+    rof("factored")(delta)
 
 
 def test_mixed_adapter_batch_with_recomputed_inputs():
