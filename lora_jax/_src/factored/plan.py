@@ -109,10 +109,6 @@ class Head:
   early: tuple[int, ...] = ()
   project: bool = False
 
-  @property
-  def grouped(self) -> bool:
-    return len(self.members) > 1
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
