@@ -122,7 +122,8 @@ def _low_2d(x, first, second, scale, projected, *, f_perm, s_perm, n_x,
   m_shape = x.shape[:n_x]
   if projected is None:
     x2 = jc.reshape(x, (math.prod(m_shape), k_size))
-    t = project(x2, f1.astype(dtype)) * scale
+    # the scale folded into the factor (r x K multiplies, not M x r)
+    t = project(x2, (f1 * scale).astype(dtype))
   else:
     t = projected.astype(dtype)
   u = jc.reshape(jc.matmul(t, f2.astype(dtype)), (*m_shape, *n_shape))
@@ -165,7 +166,9 @@ def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
     # 2-D fast path: (M, K) @ (K, r) @ (r, N), no transposes of activations.
     f_perm = tuple([f_pos[k] for k in k_contract] + [f_r])
     s_perm = tuple([s_r] + [s_pos[k] for k in free_sorted])
-    u = _low_2d(x, first, second, scale if projected is None else None,
+    u = _low_2d(x, first, second,
+                None if projected is not None
+                else jnp.asarray(lora.scale, first.dtype),
                 projected, f_perm=f_perm, s_perm=s_perm,
                 n_x=x.ndim - len(x_contract), kernel_is_lhs=kernel_is_lhs)
     return u, rule
