@@ -84,11 +84,8 @@ def _project(x, factors, scales, known, *, perms, dtype, r):
   linearization are made once per shape, not once per group."""
   lead = [] if r is None else [0]  # per-row factors: the row axis first
   firsts = []
-  for a, perm, scale in zip(factors, perms, scales):
-    f = as_matrix(a, perm, len(lead))
-    if r is None:  # the scale folded into the factor: no multiply per part
-      f = f * scale.astype(f.dtype)
-    firsts.append(f.astype(dtype))
+  for a, perm in zip(factors, perms):
+    firsts.append(as_matrix(a, perm, len(lead)).astype(dtype))
   a = jnp.concatenate(firsts, axis=-1)
   if r is None:
     x2 = jc.reshape(x.astype(dtype), (-1, a.shape[0]))
@@ -102,7 +99,6 @@ def _project(x, factors, scales, known, *, perms, dtype, r):
                (((2,), (1,)), ((0,), (0,))))
   offsets = list(itertools.accumulate(f.shape[-1] for f in firsts))[:-1]
   parts = jnp.split(t, offsets, axis=-1)
-  if r is None:
-    return parts, t
-  return [part * jc.align(scale, t, {0: 0})[:, None, None]
+  return [part * (scale if r is None
+                  else jc.align(scale, t, {0: 0})[:, None, None])
           for part, scale in zip(parts, scales)], t
