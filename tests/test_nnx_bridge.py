@@ -532,3 +532,128 @@ def test_state_of_another_rank_loaded_by_nnx_update_is_an_error(adapted):
       b=np.ones((3, HEADS, HD)).tolist())})
   with pytest.raises(ValueError, match=r"q/kernel/b is a list, not an array"):
     ljn.set_delta(big, listed)
+
+
+def _sharded_param(value, names):
+  """``nnx.Param(value)`` with sharding metadata ``names``, as tunix's
+  models declare it (``nnx.Param(..., sharding=...)``), on flax 0.11 and
+  0.12 (whose ``sharding=`` at construction would reshard eagerly and want
+  a mesh in context; a model built under one is the next test's)."""
+  var = nnx.Param(value)
+  if hasattr(var, "set_metadata"):
+    var.set_metadata(out_sharding=names)
+    return var
+  return nnx.Param(value, sharding=names)
+
+
+class Sharded(nnx.Module):
+  """tunix-shaped: einsum kernels with per-axis sharding names, an MLP
+  kernel, and a head without metadata."""
+
+  def __init__(self, rngs):
+    init = nnx.initializers.normal(0.3)
+    self.q = _sharded_param(init(rngs.params(), (D, HEADS, HD)),
+                            ("fsdp", "tp", None))
+    self.o = _sharded_param(init(rngs.params(), (HEADS, HD, D)),
+                            ("tp", None, "fsdp"))
+    self.up = _sharded_param(init(rngs.params(), (D, 2 * D)), ("fsdp", "tp"))
+    self.head = nnx.Param(init(rngs.params(), (2 * D, VOCAB)))
+
+  def __call__(self, x):
+    h = jnp.einsum("btnh,nhd->btd", jnp.einsum("btd,dnh->btnh", x,
+                                               self.q.value), self.o.value)
+    return jnp.tanh(h @ self.up.value) @ self.head.value
+
+
+def _spec_names(state):
+  return {"/".join(map(str, k)): tuple(v.value if hasattr(v, "value") else v)
+          for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
+
+
+def test_factors_carry_their_kernels_sharding_metadata():
+  """Trainers that shard by metadata (tunix's PeftTrainer shards the
+  optimizer state by ``nnx.get_partition_spec``) see each factor sharded as
+  its kernel: ``a`` by the kernel's input (and batch) axes, ``b`` by its
+  output axes, the rank axis by none; a kernel without metadata gives
+  factors without. The optimizer state inherits it. Placed by those specs
+  on a 2 x 2 mesh, a training step equals the unsharded one."""
+  model = Sharded(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (4, 3, D))
+  config = lj.LoraConfig(rank=2, targets=r"q|o|up|head")
+  m = ljn.apply_lora(model, config, jax.random.key(1), x)
+  ljn.set_delta(m, randomize(ljn.get_delta(m), scale=0.5))
+  specs = _spec_names(nnx.state(m, nnx.LoRAParam))
+  assert specs == {
+      "lora/q/a": ("fsdp", None), "lora/q/b": (None, "tp", None),
+      "lora/o/a": ("tp", None, None), "lora/o/b": (None, "fsdp"),
+      "lora/up/a": ("fsdp", None), "lora/up/b": (None, "tp"),
+      "lora/head/a": (), "lora/head/b": ()}, specs
+  tx = optax.adam(1e-2)
+  opt = nnx.Optimizer(m, tx, wrt=nnx.LoRAParam)
+  opt_specs = _spec_names(nnx.state(opt, nnx.optimizer.OptState))
+  mu = {k: v for k, v in opt_specs.items() if "/mu/" in f"/{k}/"}
+  assert mu and all(v == specs["lora/" + k.split("/lora/", 1)[1]]
+                    for k, v in mu.items()), mu
+
+  def loss(mm, x):
+    return jnp.mean((mm(x) - 1.0) ** 2)
+
+  def step(mm, opt, x):
+    value, grads = nnx.value_and_grad(
+        loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(mm, x)
+    opt.update(mm, grads)
+    return value
+  plain = nnx.clone((m, opt))
+  want = [float(nnx.jit(step)(*plain, x)) for _ in range(2)]
+  # as tunix does: every state placed by its metadata's partition spec
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
+                           ("fsdp", "tp"))
+  for tree in (m, opt):
+    state = nnx.state(tree)
+    pspecs = nnx.get_partition_spec(state)
+    nnx.update(tree, jax.tree.map(
+        lambda v, p: jax.device_put(v, jax.sharding.NamedSharding(
+            mesh, p if p is not None else jax.sharding.PartitionSpec())),
+        state, pspecs))
+  a = nnx.state(m, nnx.LoRAParam)["lora"]["q"]["a"]
+  a = a.value if hasattr(a, "value") else a
+  assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  got = [float(nnx.jit(step)(m, opt, x)) for _ in range(2)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for path, d in lj.adapters(ljn.get_delta(m)).items():
+    ref = lj.adapters(ljn.get_delta(plain[0]))[path]
+    # sharded sums add in another order; Adam's step is ~lr wherever the
+    # gradient is small, whatever its rounding
+    np.testing.assert_allclose(d.a, ref.a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d.b, ref.b, rtol=1e-4, atol=1e-4)
+
+
+def test_sharding_metadata_longer_than_the_kernel_is_an_error():
+  model = Sharded(nnx.Rngs(0))
+  if hasattr(model.up, "set_metadata"):
+    model.up.set_metadata(out_sharding=("fsdp", "tp", None))
+  else:
+    model.up = nnx.Param(model.up.value, sharding=("fsdp", "tp", None))
+  x = jax.random.normal(jax.random.key(2), (4, 3, D))
+  with pytest.raises(ValueError, match=r"kernel 'up' has sharding metadata "
+                     r".*3 names for its 2 axes"):
+    ljn.apply_lora(model, lj.LoraConfig(rank=2, targets="up"),
+                   jax.random.key(1), x)
+
+
+@pytest.mark.skipif(not hasattr(nnx.Param(jnp.zeros(())), "set_metadata"),
+                    reason="flax 0.11 has no sharding_rules metadata")
+def test_factors_take_the_kernels_logical_names_and_rules():
+  """Logical axis names with the kernel's own ``sharding_rules`` (flax
+  0.12): the factors keep the logical names and the rules, so
+  ``nnx.get_partition_spec`` maps them to the mesh's axes as it maps the
+  kernel's."""
+  model = Sharded(nnx.Rngs(0))
+  model.up.set_metadata(out_sharding=("embed", "mlp"),
+                        sharding_rules=(("embed", "fsdp"), ("mlp", "tp")))
+  x = jax.random.normal(jax.random.key(2), (4, 3, D))
+  m = ljn.apply_lora(model, lj.LoraConfig(rank=2, targets="up"),
+                     jax.random.key(1), x)
+  assert _spec_names(nnx.state(m, nnx.LoRAParam)) == {
+      "lora/up/a": ("fsdp", None), "lora/up/b": (None, "tp")}
+  assert tuple(nnx.get_partition_spec(model.up).value) == ("fsdp", "tp")

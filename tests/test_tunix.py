@@ -230,6 +230,7 @@ def trained(fam, tx, tmp_path_factory):
     delta, state, value = step(delta, state, fam.inputs)
     func_losses.append(float(value))
   return dict(m=m, frozen=frozen, lora0=lora0, losses=losses, ckpt=ckpt,
+              optimizer=trainer.optimizer,
               func_delta=delta, func_losses=np.asarray(func_losses),
               final=float(step(delta, state, fam.inputs)[2]))
 
@@ -382,3 +383,30 @@ def test_delta_round_trip_and_checkpoint(fam, tx, trained, tmp_path):
   p = next(iter(lj.adapters(bad)))
   with pytest.raises(ValueError, match="missing"):
     ljn.set_delta(other, {k: v for k, v in lj.adapters(bad).items() if k != p})
+
+
+def _specs(state):
+  """{path: partition spec entries} of a state, by its Variables' metadata."""
+  return {"/".join(map(str, k)): tuple(v.value if hasattr(v, "value") else v)
+          for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
+
+
+def test_factors_carry_tunix_sharding_metadata(fam, trained):
+  """tunix declares how each kernel is sharded (its ``ShardingConfig``);
+  each factor carries what ``lj.factor_specs`` derives from its kernel's
+  names, and so does the state of PeftTrainer's optimizer, which the
+  trainer shards by ``nnx.get_partition_spec``."""
+  kernels = _specs(nnx.state(fam.model, nnx.Param))
+  factors = _specs(nnx.state(fam.m, nnx.LoRAParam))
+  adapted = lj.adapters(fam.delta0)
+  assert any(any(kernels[p]) for p in adapted), "no sharding names to carry"
+  for path, d in adapted.items():
+    a, b, _ = lj.factor_specs(jax.sharding.PartitionSpec(*kernels[path]),
+                              d.layout)
+    assert factors[f"lora/{path}/a"] == tuple(a), path
+    assert factors[f"lora/{path}/b"] == tuple(b), path
+  opt = _specs(nnx.state(trained["optimizer"], nnx.optimizer.OptState))
+  moments = {k: v for k, v in opt.items() if "/lora/" in k}
+  assert moments, sorted(opt)
+  for k, v in moments.items():
+    assert v == factors["lora/" + k.split("/lora/", 1)[1]], k

@@ -33,6 +33,7 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from lora_jax._src.config import LoraConfig
@@ -45,6 +46,7 @@ from lora_jax._src.merge import merge as merge_trees
 from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import preview
 from lora_jax._src.quant import dequantize
+from lora_jax._src.sharding import factor_specs
 from lora_jax._src.split import split
 from lora_jax._src.wrap import MODES
 from lora_jax._src.wrap import wrap
@@ -84,13 +86,78 @@ class _Node(nnx.Module):
 
 class _Adapter(nnx.Module):
   """One kernel's factors, trainable: ``a``, ``b`` (and DoRA's
-  ``magnitude``) as ``nnx.LoRAParam``."""
+  ``magnitude``) as ``nnx.LoRAParam``, each with the Variable metadata
+  ``metadata[name]`` where given (:func:`_factor_metadata`)."""
 
-  def __init__(self, d: LoraDelta):
-    self.a = nnx.LoRAParam(d.a)
-    self.b = nnx.LoRAParam(d.b)
-    if d.magnitude is not None:
-      self.magnitude = nnx.LoRAParam(d.magnitude)
+  def __init__(self, d: LoraDelta, metadata: dict | None = None):
+    for name in _FACTORS:
+      value = getattr(d, name)
+      if value is not None:
+        setattr(self, name, _lora_param(value, (metadata or {}).get(name)))
+
+
+# The Variable metadata saying how a kernel is sharded (the axis names
+# ``nnx.get_partition_spec`` reads): flax 0.12 stores ``sharding=`` under
+# ``out_sharding``, flax 0.11 under ``sharding``.
+_SHARDING_KEYS = ("out_sharding", "sharding")
+# What else a factor takes from its kernel's metadata as it is: the rules
+# that map logical axis names to the mesh's (flax 0.12) and the mesh.
+_SHARDING_CONTEXT = ("sharding_rules", "mesh")
+
+
+def _lora_param(value: Any, metadata: dict | None) -> nnx.LoRAParam:
+  """``nnx.LoRAParam(value)`` with ``metadata``.
+
+  ``value`` is already placed like its kernel (:func:`split`), so the
+  metadata only tells trainers how the factor is sharded. On flax 0.12 it
+  is set after construction, with ``eager_sharding=False``: an eagerly
+  sharded Variable wants a mesh in context whenever flax makes one like it,
+  and ``nnx.Optimizer`` makes its state like the parameters, so without
+  this an optimizer built outside ``jax.set_mesh`` would fail where it
+  works for factors without metadata."""
+  if not metadata:
+    return nnx.LoRAParam(value)
+  var = nnx.LoRAParam(value)
+  if hasattr(var, "set_metadata"):  # flax >= 0.12
+    extra = ({"eager_sharding": False}
+             if "eager_sharding" in var.get_metadata() else {})
+    var.set_metadata(**metadata, **extra)
+    return var
+  return nnx.LoRAParam(value, **metadata)
+
+
+def _factor_metadata(params: Any, deltas: dict[str, LoraDelta]) -> dict:
+  """``{kernel path: {factor name: metadata}}`` for the adapted kernels
+  whose ``nnx.Param`` carries sharding metadata: ``a`` takes the kernel's
+  axis names on its batch and input axes, ``b`` on its batch and output
+  axes, DoRA's magnitude on its batch and output axes, the rank axis none
+  (:func:`lora_jax.factor_specs`, as for the arrays), and each the
+  kernel's sharding rules and mesh. Trainers that shard by metadata
+  (tunix's ``PeftTrainer``: ``nnx.get_partition_spec`` of the optimizer
+  state) then shard the factors and their optimizer state as the factors
+  are, instead of replicating them."""
+  out: dict = {}
+  for keys, var in nnx.to_flat_state(params):
+    path = "/".join(str(k) for k in keys)
+    d = deltas.get(path)
+    if d is None:
+      continue
+    meta = var.get_metadata()
+    key = next((k for k in _SHARDING_KEYS if meta.get(k)), None)
+    if key is None:
+      continue
+    names = tuple(meta[key])
+    if len(names) > d.layout.ndim:
+      raise ValueError(
+          f"lora_jax.nnx.apply_lora: the kernel {path!r} has sharding "
+          f"metadata {key}={names}, {len(names)} names for its "
+          f"{d.layout.ndim} axes. Give the nnx.Param one name (or None) per "
+          f"axis.")
+    context = {k: meta[k] for k in _SHARDING_CONTEXT if meta.get(k)}
+    specs = factor_specs(PartitionSpec(*names), d.layout)
+    out[path] = {name: {key: tuple(spec), **context}
+                 for name, spec in zip(_FACTORS, specs)}
+  return out
 
 
 class LoraModule(nnx.Module):
@@ -354,7 +421,8 @@ def _node_at(root: _Node, path: str) -> Any:
   return node
 
 
-def _adapter_tree(deltas: dict[str, LoraDelta]) -> _Node:
+def _adapter_tree(deltas: dict[str, LoraDelta],
+                  metadata: dict | None = None) -> _Node:
   root = _Node()
   reserved = set(dir(_Node)) | set(dir(_Adapter))
   for path, d in deltas.items():
@@ -373,7 +441,7 @@ def _adapter_tree(deltas: dict[str, LoraDelta]) -> _Node:
         child = _Node()
         setattr(node, seg, child)
       node = child
-    setattr(node, segs[-1], _Adapter(d))
+    setattr(node, segs[-1], _Adapter(d, (metadata or {}).get(path)))
   return root
 
 
@@ -438,6 +506,12 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
   * ``nnx.variables(m)``'s first leaf is ``model``'s first leaf.
   * Factors are float32 for bf16 kernels unless ``config.dtype`` says
     otherwise (as :func:`lora_jax.split`).
+  * A kernel whose ``nnx.Param`` has sharding metadata (``sharding=`` at
+    construction: ``out_sharding`` on flax 0.12, ``sharding`` on 0.11)
+    gives its factors the names :func:`lora_jax.factor_specs` gives their
+    arrays: ``a`` the kernel's batch and input axes' names, ``b`` its batch
+    and output axes', the rank axis None. ``nnx.get_partition_spec`` of the
+    factors and of their optimizer state then says how they are sharded.
 
   A QLoRA base: give ``model`` :class:`lora_jax.QArray` weights first, e.g.
   ``graph, state = nnx.split(model); qmodel = nnx.merge(graph,
@@ -540,8 +614,8 @@ def apply_lora(model: nnx.Module, config: LoraConfig, key: jax.Array,
   dropout_key = None
   if any(d.dropout for d in deltas.values()):
     dropout_key = jax.random.fold_in(key, _DROPOUT_STREAM)
-  return _class_for(type(model))(inner, _adapter_tree(deltas), specs, mode,
-                                 dropout_key)
+  lora = _adapter_tree(deltas, _factor_metadata(params, deltas))
+  return _class_for(type(model))(inner, lora, specs, mode, dropout_key)
 
 
 def _lora_module(m: Any, who: str) -> LoraModule:
