@@ -287,3 +287,53 @@ def test_scale_multiplies_the_factor_not_the_activations(recompute):
   for nm in delta:
     assert_close(gd[nm].a, wd[nm].a, rtol=1e-4, atol=1e-5)
     assert_close(gd[nm].b, wd[nm].b, rtol=1e-4, atol=1e-5)
+
+
+def test_scale_folds_in_the_compute_dtype_or_wider():
+  """Factors narrower than the activations (``LoraConfig(dtype=bf16)`` or
+  float16 on a float32 model): the scale is not rounded to the factor's
+  dtype before it multiplies (16 / 6 in bf16 is 0.4% low, the same error on
+  every element), nor does a scale past float16's range overflow there.
+  The low-rank branch equals the float64 math to float32 rounding."""
+  m, k, n = 6, 16, 12
+  keys = jax.random.split(jax.random.key(4), 4)
+  w = {"w": jax.random.normal(keys[0], (k, n))}
+  x = jax.random.normal(keys[1], (m, k))
+  fn = lambda p, x: x @ p["w"]
+  f64 = lambda v: np.asarray(jnp.asarray(v, jnp.float32), np.float64)
+  for dtype, scale in ((jnp.bfloat16, 16 / 6), (jnp.float16, 1e5)):
+    d = lj.LoraDelta((jax.random.normal(keys[2], (k, 4)) / 1e3).astype(dtype),
+                     jax.random.normal(keys[3], (4, n)).astype(dtype),
+                     scale=scale)
+    got = lj.wrap(fn, "factored", strict=True)(w, {"w": d}, x)
+    want = f64(x) @ (f64(w["w"]) + scale * f64(d.a) @ f64(d.b))
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mixed_batch_one_hot_keeps_x_at_a_one_shared_matmul():
+  """``rows="one-hot"`` runs each row on all the stack's factors with a
+  per-row, per-rank scale vector: the scale multiplies each row's (M, n R)
+  product, never the shared factor (which would make a (rows, K, n R)
+  factor per row and batch ``x @ a`` over the rows)."""
+  from lora_jax._src.wrap import wrap_rows
+  rows, m, k, n = 3, 5, 16, 12
+  keys = jax.random.split(jax.random.key(6), 3)
+  w = {"w": jax.random.normal(keys[0], (k, n))}
+  ds = [randomize(lj.split(w, lj.LoraConfig(rank=2, alpha=alpha, targets="w"),
+                           jax.random.key(i))[1], seed=i)
+        for i, alpha in enumerate((3.0, 7.0))]
+  stacked = lj.stack(ds)
+  ids = jnp.array([1, -1, 0])
+  x = jax.random.normal(keys[1], (rows, m, k))
+  fn = lambda p, x: x @ p["w"]
+  run = jax.jit(wrap_rows(fn, "factored", rows="one-hot", strict=True))
+  lowered = run.lower(w, stacked, x, adapter_ids=ids)
+  assert not re.search(rf"tensor<{rows}x{k}x4xf32>", lowered.as_text())
+  got = lowered.compile()(w, stacked, x, adapter_ids=ids)
+  f64 = lambda v: np.asarray(v, np.float64)
+  for i, j in enumerate(ids.tolist()):
+    want = f64(x[i]) @ f64(w["w"])
+    if j >= 0:
+      d = ds[j]["w"]
+      want = want + d.scale * f64(x[i]) @ f64(d.a) @ f64(d.b)
+    assert_close(got[i], want, rtol=1e-5, atol=1e-5)

@@ -108,11 +108,13 @@ def as_matrix(f, perm: tuple, lead: int = 0):
 
 
 @functools.partial(jax.jit, inline=True, static_argnames=(
-    "f_perm", "s_perm", "n_x", "kernel_is_lhs"))
+    "f_perm", "s_perm", "n_x", "kernel_is_lhs", "fold"))
 def _low_2d(x, first, second, scale, projected, *, f_perm, s_perm, n_x,
-            kernel_is_lhs):
+            kernel_is_lhs, fold):
   """The 2-D fast path of :func:`lowrank_dot`, jitted so that its trace and
-  its linearization are made once per shape, not once per kernel."""
+  its linearization are made once per shape, not once per kernel. ``fold``:
+  ``scale`` multiplies the factor (in ``scale``'s dtype, the wider of the
+  factor's and ``x``'s), else ``x @ a`` (in ``x``'s)."""
   dtype = x.dtype
   f1 = as_matrix(first, f_perm)
   k_size = f1.shape[0]
@@ -122,8 +124,10 @@ def _low_2d(x, first, second, scale, projected, *, f_perm, s_perm, n_x,
   m_shape = x.shape[:n_x]
   if projected is None:
     x2 = jc.reshape(x, (math.prod(m_shape), k_size))
-    # the scale folded into the factor (r x K multiplies, not M x r)
-    t = project(x2, (f1 * scale).astype(dtype))
+    if fold:  # the scale folded into the factor (r x K multiplies, not M x r)
+      t = project(x2, (f1.astype(scale.dtype) * scale).astype(dtype))
+    else:
+      t = project(x2, f1.astype(dtype)) * scale
   else:
     t = projected.astype(dtype)
   u = jc.reshape(jc.matmul(t, f2.astype(dtype)), (*m_shape, *n_shape))
@@ -166,11 +170,18 @@ def lowrank_dot(x, lora, x_contract, k_contract, x_batch, k_batch,
     # 2-D fast path: (M, K) @ (K, r) @ (r, N), no transposes of activations.
     f_perm = tuple([f_pos[k] for k in k_contract] + [f_r])
     s_perm = tuple([s_r] + [s_pos[k] for k in free_sorted])
+    # A Python scale folds into the factor, in the wider of its dtype and
+    # x's (never rounded to a narrower factor's); a scale that is data (a
+    # stack's row under vmap, per rank for the one-hot form) multiplies the
+    # product, so that factors shared by the rows stay shared.
+    fold = isinstance(lora.scale, (int, float))
     u = _low_2d(x, first, second,
-                None if projected is not None
-                else jnp.asarray(lora.scale, first.dtype),
+                None if projected is not None else jnp.asarray(
+                    lora.scale, jnp.promote_types(first.dtype, dtype)
+                    if fold else dtype),
                 projected, f_perm=f_perm, s_perm=s_perm,
-                n_x=x.ndim - len(x_contract), kernel_is_lhs=kernel_is_lhs)
+                n_x=x.ndim - len(x_contract), kernel_is_lhs=kernel_is_lhs,
+                fold=fold)
     return u, rule
   # General case: batched dot_generals.
   t = jc.dot(
