@@ -641,6 +641,38 @@ def test_sharding_metadata_longer_than_the_kernel_is_an_error():
                    jax.random.key(1), x)
 
 
+def test_sharding_metadata_as_a_named_sharding():
+  """A kernel whose metadata is a NamedSharding (flax 0.12 takes one, its
+  mesh in place of one in context): the factors get NamedShardings on that
+  mesh with the specs lj.factor_specs gives, and compute as merge; metadata
+  of another kind is an error naming the kernel."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
+                           ("fsdp", "tp"))
+  named = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      "fsdp", "tp"))
+  x = jax.random.normal(jax.random.key(2), (4, 3, D))
+  config = lj.LoraConfig(rank=2, targets="up")
+  for given in (named, "fsdp"):
+    model = Sharded(nnx.Rngs(0))
+    if hasattr(model.up, "set_metadata"):
+      model.up.set_metadata(out_sharding=given)
+    else:
+      model.up = nnx.Param(model.up.value, sharding=given)
+    if given != named:
+      with pytest.raises(ValueError, match=r"kernel 'up' has sharding "
+                         r"metadata .*'fsdp'; expected a tuple"):
+        ljn.apply_lora(model, config, jax.random.key(1), x)
+      continue
+    m = ljn.apply_lora(model, config, jax.random.key(1), x)
+    key = "out_sharding" if hasattr(model.up, "set_metadata") else "sharding"
+    for name, spec in (("a", ("fsdp", None)), ("b", (None, "tp"))):
+      got = getattr(m.lora.up, name).get_metadata()[key]
+      assert got == jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(*spec)), (name, got)
+    ljn.set_delta(m, randomize(ljn.get_delta(m), scale=0.5))
+    np.testing.assert_allclose(m(x), ljn.merge(m)(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not hasattr(nnx.Param(jnp.zeros(())), "set_metadata"),
                     reason="flax 0.11 has no sharding_rules metadata")
 def test_factors_take_the_kernels_logical_names_and_rules():

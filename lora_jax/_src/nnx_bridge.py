@@ -47,6 +47,7 @@ from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import preview
 from lora_jax._src.quant import dequantize
 from lora_jax._src.sharding import factor_specs
+from lora_jax._src.sharding import unpack_sharding
 from lora_jax._src.split import split
 from lora_jax._src.wrap import MODES
 from lora_jax._src.wrap import wrap
@@ -146,7 +147,18 @@ def _factor_metadata(params: Any, deltas: dict[str, LoraDelta]) -> dict:
     key = next((k for k in _SHARDING_KEYS if meta.get(k)), None)
     if key is None:
       continue
-    names = tuple(meta[key])
+    given = meta[key]
+    # flax 0.12 also takes a NamedSharding (its mesh in place of one in
+    # context): the factors get NamedShardings on that mesh
+    wrap: Any = tuple
+    if isinstance(given, jax.sharding.NamedSharding):
+      given, wrap, _ = unpack_sharding(given, "lora_jax.nnx.apply_lora")
+    elif not isinstance(given, (tuple, list, PartitionSpec)):
+      raise ValueError(
+          f"lora_jax.nnx.apply_lora: the kernel {path!r} has sharding "
+          f"metadata {key}={given!r}; expected a tuple of axis names (or "
+          f"None per axis), a PartitionSpec or a NamedSharding.")
+    names = tuple(given)
     if len(names) > d.layout.ndim:
       raise ValueError(
           f"lora_jax.nnx.apply_lora: the kernel {path!r} has sharding "
@@ -155,7 +167,7 @@ def _factor_metadata(params: Any, deltas: dict[str, LoraDelta]) -> dict:
           f"axis.")
     context = {k: meta[k] for k in _SHARDING_CONTEXT if meta.get(k)}
     specs = factor_specs(PartitionSpec(*names), d.layout)
-    out[path] = {name: {key: tuple(spec), **context}
+    out[path] = {name: {key: wrap(spec), **context}
                  for name, spec in zip(_FACTORS, specs)}
   return out
 
