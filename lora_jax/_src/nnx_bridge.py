@@ -47,7 +47,6 @@ from lora_jax._src.paths import leaves_with_paths
 from lora_jax._src.paths import preview
 from lora_jax._src.quant import dequantize
 from lora_jax._src.sharding import factor_specs
-from lora_jax._src.sharding import unpack_sharding
 from lora_jax._src.split import split
 from lora_jax._src.wrap import MODES
 from lora_jax._src.wrap import wrap
@@ -148,11 +147,14 @@ def _factor_metadata(params: Any, deltas: dict[str, LoraDelta]) -> dict:
     if key is None:
       continue
     given = meta[key]
+    context = {k: meta[k] for k in _SHARDING_CONTEXT if meta.get(k)}
     # flax 0.12 also takes a NamedSharding (its mesh in place of one in
-    # context): the factors get NamedShardings on that mesh
-    wrap: Any = tuple
+    # context): the factors get its spec's names and its mesh as ``mesh``
+    # (names, which nnx.get_partition_spec reads where it cannot read a
+    # NamedSharding: the optimizer state of the factors alone)
     if isinstance(given, jax.sharding.NamedSharding):
-      given, wrap, _ = unpack_sharding(given, "lora_jax.nnx.apply_lora")
+      context.setdefault("mesh", given.mesh)
+      given = given.spec
     elif not isinstance(given, (tuple, list, PartitionSpec)):
       raise ValueError(
           f"lora_jax.nnx.apply_lora: the kernel {path!r} has sharding "
@@ -165,9 +167,8 @@ def _factor_metadata(params: Any, deltas: dict[str, LoraDelta]) -> dict:
           f"metadata {key}={names}, {len(names)} names for its "
           f"{d.layout.ndim} axes. Give the nnx.Param one name (or None) per "
           f"axis.")
-    context = {k: meta[k] for k in _SHARDING_CONTEXT if meta.get(k)}
     specs = factor_specs(PartitionSpec(*names), d.layout)
-    out[path] = {name: {key: wrap(spec), **context}
+    out[path] = {name: {key: tuple(spec), **context}
                  for name, spec in zip(_FACTORS, specs)}
   return out
 
