@@ -219,7 +219,9 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
 
   Args:
     delta: one :class:`lora_jax.LoraDelta`.
-    dtype: the dtype of the product; None keeps the factors'.
+    dtype: the dtype of the product; None keeps the factors'. A wider
+      dtype than the factors' is also the one the product is computed in
+      (bf16 factors on a float32 kernel are not rounded to bf16 on the way).
 
   Returns:
     An array of the kernel's shape.
@@ -233,6 +235,9 @@ def delta_weight(delta: LoraDelta, dtype: Any = None) -> jax.Array:
   """
   layout = delta.layout
   a, b = layout.flatten_factors(delta.a, delta.b)
+  if dtype is not None:  # computed in the wider of the factors' and dtype
+    a = a.astype(jnp.promote_types(a.dtype, dtype))
+    b = b.astype(jnp.promote_types(b.dtype, dtype))
   scale: Any = jnp.asarray(delta.scale)
   if scale.ndim:  # one scale per rank (a stack's row: LoraStack.row_of_all)
     a, scale = a * scale.astype(a.dtype), 1

@@ -113,7 +113,8 @@ def adapted_weight(w0: jax.Array, delta: Any) -> jax.Array:
     delta: its adapter.
 
   Returns:
-    The adapted kernel, computed in the factors' precision and rounded once.
+    The adapted kernel, computed in the wider of the base's and the
+    factors' precision and rounded once.
 
   >>> import jax.numpy as jnp, lora_jax as lj
   >>> d = lj.LoraDelta(jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
