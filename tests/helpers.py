@@ -124,3 +124,11 @@ def safetensors_bytes(header: bytes, data: bytes) -> bytes:
   multiple of 8, the data."""
   header += b" " * (-len(header) % 8)
   return struct.pack("<Q", len(header)) + header + data
+
+
+def spec_names(state):
+  """``{path: partition spec entries}`` of an NNX state, read from its
+  Variables' sharding metadata (``nnx.get_partition_spec``)."""
+  from flax import nnx  # only the NNX tests need flax here
+  return {"/".join(map(str, k)): tuple(v.value if hasattr(v, "value") else v)
+          for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}

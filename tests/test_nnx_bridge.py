@@ -6,6 +6,7 @@ import inspect
 
 from flax import nnx
 from helpers import randomize
+from helpers import spec_names
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,6 +219,16 @@ def test_gradients_equal_wrap(adapted):
                                  getattr(d, name), rtol=1e-5, atol=1e-6)
 
 
+def _lora_step(mm, opt, x):
+  """One optimizer step on the factors only (as tunix's PeftTrainer):
+  the loss mean((m(x) - 1)^2), its value returned."""
+  value, grads = nnx.value_and_grad(
+      lambda mm, x: jnp.mean((mm(x) - 1.0) ** 2),
+      argnums=nnx.DiffState(0, nnx.LoRAParam))(mm, x)
+  opt.update(mm, grads)
+  return value
+
+
 def test_optimizer_steps_train_only_the_factors(adapted):
   """nnx.Optimizer(wrt=nnx.LoRAParam) under nnx.jit / nnx.cached_partial
   (tunix's PeftTrainer) against the functional lj.wrap loop."""
@@ -230,15 +241,7 @@ def test_optimizer_steps_train_only_the_factors(adapted):
   tx = optax.adam(1e-2)
   opt = nnx.Optimizer(m, tx, wrt=nnx.LoRAParam)
 
-  def loss(mm, tok):
-    return jnp.mean((mm(tok) - 1.0) ** 2)
-
-  def step(mm, opt, tok):
-    value, grads = nnx.value_and_grad(
-        loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(mm, tok)
-    opt.update(mm, grads)
-    return value
-  train = nnx.cached_partial(nnx.jit(step), m, opt)
+  train = nnx.cached_partial(nnx.jit(_lora_step), m, opt)
   losses = [float(train(TOK)) for _ in range(3)]
   assert losses[2] < losses[0]
 
@@ -565,11 +568,6 @@ class Sharded(nnx.Module):
     return jnp.tanh(h @ self.up.value) @ self.head.value
 
 
-def _spec_names(state):
-  return {"/".join(map(str, k)): tuple(v.value if hasattr(v, "value") else v)
-          for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
-
-
 def test_factors_carry_their_kernels_sharding_metadata():
   """Trainers that shard by metadata (tunix's PeftTrainer shards the
   optimizer state by ``nnx.get_partition_spec``) see each factor sharded as
@@ -582,7 +580,7 @@ def test_factors_carry_their_kernels_sharding_metadata():
   config = lj.LoraConfig(rank=2, targets=r"q|o|up|head")
   m = ljn.apply_lora(model, config, jax.random.key(1), x)
   ljn.set_delta(m, randomize(ljn.get_delta(m), scale=0.5))
-  specs = _spec_names(nnx.state(m, nnx.LoRAParam))
+  specs = spec_names(nnx.state(m, nnx.LoRAParam))
   assert specs == {
       "lora/q/a": ("fsdp", None), "lora/q/b": (None, "tp", None),
       "lora/o/a": ("tp", None, None), "lora/o/b": (None, "fsdp"),
@@ -590,21 +588,12 @@ def test_factors_carry_their_kernels_sharding_metadata():
       "lora/head/a": (), "lora/head/b": ()}, specs
   tx = optax.adam(1e-2)
   opt = nnx.Optimizer(m, tx, wrt=nnx.LoRAParam)
-  opt_specs = _spec_names(nnx.state(opt, nnx.optimizer.OptState))
+  opt_specs = spec_names(nnx.state(opt, nnx.optimizer.OptState))
   mu = {k: v for k, v in opt_specs.items() if "/mu/" in f"/{k}/"}
   assert mu and all(v == specs["lora/" + k.split("/lora/", 1)[1]]
                     for k, v in mu.items()), mu
-
-  def loss(mm, x):
-    return jnp.mean((mm(x) - 1.0) ** 2)
-
-  def step(mm, opt, x):
-    value, grads = nnx.value_and_grad(
-        loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(mm, x)
-    opt.update(mm, grads)
-    return value
   plain = nnx.clone((m, opt))
-  want = [float(nnx.jit(step)(*plain, x)) for _ in range(2)]
+  want = [float(nnx.jit(_lora_step)(*plain, x)) for _ in range(2)]
   # as tunix does: every state placed by its metadata's partition spec
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
                            ("fsdp", "tp"))
@@ -618,7 +607,7 @@ def test_factors_carry_their_kernels_sharding_metadata():
   a = nnx.state(m, nnx.LoRAParam)["lora"]["q"]["a"]
   a = a.value if hasattr(a, "value") else a
   assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
-  got = [float(nnx.jit(step)(m, opt, x)) for _ in range(2)]
+  got = [float(nnx.jit(_lora_step)(m, opt, x)) for _ in range(2)]
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for path, d in lj.adapters(ljn.get_delta(m)).items():
     ref = lj.adapters(ljn.get_delta(plain[0]))[path]
@@ -667,7 +656,7 @@ def test_sharding_metadata_as_a_named_sharding():
     m = ljn.apply_lora(model, config, jax.random.key(1), x)
     for name in ("a", "b"):
       assert getattr(m.lora.up, name).get_metadata()["mesh"] is mesh
-    assert _spec_names(nnx.state(m, nnx.LoRAParam)) == {
+    assert spec_names(nnx.state(m, nnx.LoRAParam)) == {
         "lora/up/a": ("fsdp", None), "lora/up/b": (None, "tp")}
     ljn.set_delta(m, randomize(ljn.get_delta(m), scale=0.5))
     np.testing.assert_allclose(m(x), ljn.merge(m)(x), rtol=1e-5, atol=1e-5)
@@ -686,6 +675,6 @@ def test_factors_take_the_kernels_logical_names_and_rules():
   x = jax.random.normal(jax.random.key(2), (4, 3, D))
   m = ljn.apply_lora(model, lj.LoraConfig(rank=2, targets="up"),
                      jax.random.key(1), x)
-  assert _spec_names(nnx.state(m, nnx.LoRAParam)) == {
+  assert spec_names(nnx.state(m, nnx.LoRAParam)) == {
       "lora/up/a": ("fsdp", None), "lora/up/b": (None, "tp")}
   assert tuple(nnx.get_partition_spec(model.up).value) == ("fsdp", "tp")

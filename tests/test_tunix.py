@@ -17,6 +17,7 @@ import os
 import re
 
 from flax import nnx
+from helpers import spec_names
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -385,19 +386,13 @@ def test_delta_round_trip_and_checkpoint(fam, tx, trained, tmp_path):
     ljn.set_delta(other, {k: v for k, v in lj.adapters(bad).items() if k != p})
 
 
-def _specs(state):
-  """{path: partition spec entries} of a state, by its Variables' metadata."""
-  return {"/".join(map(str, k)): tuple(v.value if hasattr(v, "value") else v)
-          for k, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
-
-
 def test_factors_carry_tunix_sharding_metadata(fam, trained):
   """tunix declares how each kernel is sharded (its ``ShardingConfig``);
   each factor carries what ``lj.factor_specs`` derives from its kernel's
   names, and so does the state of PeftTrainer's optimizer, which the
   trainer shards by ``nnx.get_partition_spec``."""
-  kernels = _specs(nnx.state(fam.model, nnx.Param))
-  factors = _specs(nnx.state(fam.m, nnx.LoRAParam))
+  kernels = spec_names(nnx.state(fam.model, nnx.Param))
+  factors = spec_names(nnx.state(fam.m, nnx.LoRAParam))
   adapted = lj.adapters(fam.delta0)
   assert any(any(kernels[p]) for p in adapted), "no sharding names to carry"
   for path, d in adapted.items():
@@ -405,7 +400,7 @@ def test_factors_carry_tunix_sharding_metadata(fam, trained):
                               d.layout)
     assert factors[f"lora/{path}/a"] == tuple(a), path
     assert factors[f"lora/{path}/b"] == tuple(b), path
-  opt = _specs(nnx.state(trained["optimizer"], nnx.optimizer.OptState))
+  opt = spec_names(nnx.state(trained["optimizer"], nnx.optimizer.OptState))
   moments = {k: v for k, v in opt.items() if "/lora/" in k}
   assert moments, sorted(opt)
   for k, v in moments.items():

@@ -115,9 +115,9 @@ def _lora_param(value: Any, metadata: dict | None) -> nnx.LoRAParam:
   and ``nnx.Optimizer`` makes its state like the parameters, so without
   this an optimizer built outside ``jax.set_mesh`` would fail where it
   works for factors without metadata."""
-  if not metadata:
-    return nnx.LoRAParam(value)
   var = nnx.LoRAParam(value)
+  if not metadata:
+    return var
   if hasattr(var, "set_metadata"):  # flax >= 0.12
     extra = ({"eager_sharding": False}
              if "eager_sharding" in var.get_metadata() else {})
@@ -434,8 +434,7 @@ def _node_at(root: _Node, path: str) -> Any:
   return node
 
 
-def _adapter_tree(deltas: dict[str, LoraDelta],
-                  metadata: dict | None = None) -> _Node:
+def _adapter_tree(deltas: dict[str, LoraDelta], metadata: dict) -> _Node:
   root = _Node()
   reserved = set(dir(_Node)) | set(dir(_Adapter))
   for path, d in deltas.items():
@@ -454,7 +453,7 @@ def _adapter_tree(deltas: dict[str, LoraDelta],
         child = _Node()
         setattr(node, seg, child)
       node = child
-    setattr(node, segs[-1], _Adapter(d, (metadata or {}).get(path)))
+    setattr(node, segs[-1], _Adapter(d, metadata.get(path)))
   return root
 
 
